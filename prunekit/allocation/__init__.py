@@ -1,0 +1,9 @@
+"""Allocators, by name: `prunekit.allocation.ALLOCATORS.names()` lists them."""
+from ..registry import Registry
+from .base import Allocator, exact_counts, fit_to_budget
+
+ALLOCATORS: Registry[Allocator] = Registry("allocator")
+
+from . import owl, uniform  # noqa: E402,F401  (each file registers its allocator)
+
+__all__ = ["ALLOCATORS", "Allocator", "exact_counts", "fit_to_budget"]

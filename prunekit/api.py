@@ -1,0 +1,173 @@
+"""prune(): targets -> (allocator's dense pass) -> allocation -> sequential importance + masking -> report."""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import masks
+from .allocation import ALLOCATORS, Allocator, exact_counts
+from .budget import Budget, BudgetLike
+from .calibration.inputs import as_batches
+from .calibration.runner import full_pass, model_device, sequential
+from .calibration.stats import LayerStats, Needs
+from .errors import BudgetError, CalibrationError, TargetError
+from .importance import ESTIMATORS, Estimator
+from .masking import check_nm
+from .report import LayerRow, PruneReport
+from .targets import Target, find_blocks, find_targets
+
+
+def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "wanda",
+          allocator: str | Allocator = "uniform", calibration=None, *, device=None, progress: bool = True,
+          rollback: bool = True) -> PruneReport:
+    """Prunes `model` in place to `budget` and returns the per-layer report.
+
+    budget: a Budget, a fraction of the targeted weights to remove (0.5), or an N:M pattern ("2:4").
+    importance: estimator name (see prunekit.importance.ESTIMATORS.names()) or an Estimator instance.
+    allocator: allocator name (see prunekit.allocation.ALLOCATORS.names()) or an Allocator instance.
+    calibration: a LongTensor of token windows [N, L], an iterable of model-input dicts, or a DataLoader;
+        needed by every estimator and allocator except magnitude and uniform.
+    device: where each block runs during calibration (e.g. "cuda") while the model stays where it is.
+    rollback: keep a CPU copy of each weight until pruning finishes, so that an error or an interrupt part way
+        restores the model exactly; turn off when memory is too tight for one copy of the targeted weights.
+
+    Everything is validated before the first weight changes. Masks stay on the model: pruned entries remain
+    zero through later training until prunekit.remove_masks(model).
+    """
+    start = time.perf_counter()
+    budget = Budget.coerce(budget)
+    estimator = ESTIMATORS.create(importance)
+    allocator = ALLOCATORS.create(allocator)
+    targets = find_targets(model, budget.include, budget.exclude)
+    sizes = [t.numel for t in targets]
+    _check_plan(targets, budget, estimator, allocator)
+    needs = estimator.needs | allocator.needs
+    if needs != Needs.NONE and calibration is None:
+        users = [f"{kind} {obj.name!r}" for kind, obj in (("importance", estimator), ("allocator", allocator))
+                 if obj.needs != Needs.NONE]
+        raise CalibrationError(f"{' and '.join(users)} need calibration data; pass calibration=<token windows [N, L] "
+                               f"or input dicts>, e.g. from prunekit.data.calibration_windows(tokenizer)")
+    batches = as_batches(calibration, model) if needs != Needs.NONE else []
+    seconds: dict[str, float] = {}
+    with torch.no_grad():
+        clock = time.perf_counter()
+        scores = None
+        if allocator.needs != Needs.NONE:
+            scores = _allocator_scores(model, targets, batches, allocator, device, progress)
+        nm = budget.nm
+        sparsities = [budget.sparsity] * len(targets) if nm else allocator.allocate(sizes, budget, scores)
+        counts = ([n * (nm[1] - nm[0]) // nm[1] for n in sizes] if nm else exact_counts(sizes, sparsities, budget))
+        seconds["allocation"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        timings = _prune_targets(model, targets, counts, nm, batches, estimator, device, progress, rollback)
+        seconds["pruning"] = time.perf_counter() - clock
+    seconds["total"] = time.perf_counter() - start
+    rows = [LayerRow(t.name, t.shape, sparsity, count / t.numel, count, timings[t],
+                     None if scores is None else scores[i])
+            for i, (t, sparsity, count) in enumerate(zip(targets, sparsities, counts))]
+    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                 for b in batches if "input_ids" in b)
+    return PruneReport(model=type(model).__name__, importance=repr(estimator), allocator=repr(allocator),
+                       granularity=budget.granularity, requested=budget.sparsity, layers=rows, seconds=seconds,
+                       calibration={"batches": len(batches), "samples": sum(len(next(iter(b.values()))) for b in batches),
+                                    "tokens": tokens} if batches else {})
+
+
+def _check_plan(targets: list[Target], budget: Budget, estimator: Estimator, allocator: Allocator) -> None:
+    """Everything that can be known wrong before calibration starts."""
+    if budget.nm is not None:
+        for t in targets:
+            check_nm(t.shape[1], *budget.nm, t.name)
+        if allocator.name != "uniform":
+            raise BudgetError(f"N:M sparsity prunes every layer alike; allocator {allocator.name!r} does not apply, "
+                              f"use allocator='uniform'")
+    for t in targets:
+        if masks.BUFFER in t.module._buffers:
+            raise TargetError(f"{t.name} is already pruned; prune the dense model, or prunekit.remove_masks(model) "
+                              f"first to prune again on top of the zeros")
+        if not torch.isfinite(t.module.weight).all():
+            raise TargetError(f"{t.name}.weight holds NaN or Inf; the model is broken before pruning")
+
+
+def _by_block(targets: list[Target]) -> tuple[dict[int, list[Target]], list[Target]]:
+    groups = defaultdict(list)
+    for t in targets:
+        if t.block is not None:
+            groups[t.block].append(t)
+    return groups, [t for t in targets if t.block is None]
+
+
+def _collect(targets: list[Target], needs: Needs, device, run) -> dict[Target, LayerStats]:
+    """LayerStats per target from one pass; run(hooks) makes the pass (a block step, or the full model)."""
+    stats = {t: LayerStats(needs, t.shape[1], device or model_device(t.module)) for t in targets}
+    run({t.module: stats[t].update for t in targets})
+    for t, st in stats.items():
+        if st.count == 0:
+            raise CalibrationError(f"{t.name} received no calibration tokens (every token masked as padding?)")
+    return stats
+
+
+def _passes(model, targets, batches, needs, device, progress, desc, keep_outputs):
+    """Yields (targets, their stats) block by block in a sequential pass, then for layers outside the blocks
+    from a full-model pass. The consumer may prune each group before the next is gathered."""
+    groups, outside = _by_block(targets)
+    _, blocks = find_blocks(model)
+    for step in sequential(model, blocks, batches, device=device, desc=desc, progress=progress):
+        if step.index in groups:
+            group = groups[step.index]
+            yield group, _collect(group, needs, device, lambda hooks: step.run(hooks, keep_outputs=keep_outputs))
+    if outside:
+        yield outside, _collect(outside, needs, None, lambda hooks: full_pass(model, batches, hooks))
+
+
+def _allocator_scores(model, targets, batches, allocator, device, progress) -> list[float]:
+    """The allocator's layer scores from one pass over the dense model (dense outputs feed the next block)."""
+    found: dict[Target, float] = {}
+    for group, stats in _passes(model, targets, batches, allocator.needs, device, progress,
+                                f"{allocator.name} scores", keep_outputs=True):
+        values = allocator.block_scores([t.weight.float() for t in group], [stats[t] for t in group])
+        found.update(zip(group, values))
+    return [found[t] for t in targets]
+
+
+def _prune_targets(model, targets, counts, nm, batches, estimator, device, progress, rollback) -> dict:
+    """Prunes every target; sequentially block by block when the estimator needs data. Returns seconds per target."""
+    count_of = dict(zip(targets, counts))
+    seconds = {}
+
+    def prune_one(t: Target, stats: LayerStats | None):
+        clock = time.perf_counter()
+        # Computed where the weight is: inside the sequential pass its block sits on the compute device.
+        new, keep = estimator.prune(t.weight.float(), stats, count_of[t], nm)
+        t.module.weight.data.copy_(t.to_native(new))
+        masks.attach(t.module, t.to_native(keep))
+        seconds[t] = time.perf_counter() - clock
+
+    with _transaction(targets, rollback):
+        if estimator.needs == Needs.NONE:
+            for t in tqdm(targets, desc=estimator.name, disable=not progress, unit="layer"):
+                prune_one(t, None)
+            return seconds
+        for group, stats in _passes(model, targets, batches, estimator.needs, device, progress, estimator.name,
+                                    keep_outputs=False):
+            for t in group:
+                prune_one(t, stats[t])
+    return seconds
+
+
+@contextlib.contextmanager
+def _transaction(targets: list[Target], enabled: bool):
+    """On any exception (Ctrl-C included) restores every target's weight and removes its mask, then re-raises."""
+    backup = {t: t.module.weight.detach().to("cpu", copy=True) for t in targets} if enabled else {}
+    try:
+        yield
+    except BaseException:
+        for t, saved in backup.items():
+            masks.detach(t.module)
+            t.module.weight.data.copy_(saved)
+        raise

@@ -1,0 +1,103 @@
+"""Budget: how much of which layers to prune, and in what pattern."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import Union
+
+from .errors import BudgetError
+
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What to prune.
+
+    sparsity: fraction of the targeted weights to remove, in (0, 1). Implied by an N:M granularity.
+    granularity: "unstructured", or "N:M" (keep N of every M consecutive input weights, e.g. "2:4").
+    min_layer_sparsity, max_layer_sparsity: floor and cap for every layer's sparsity; allocators respect them.
+    include: regex (re.search on module names) choosing the layers to prune among all Linear/Conv1D layers
+        of the model; by default every Linear inside the model's repeated blocks.
+    exclude: regex of module names to leave alone.
+    """
+
+    sparsity: float | None = None
+    granularity: str = "unstructured"
+    min_layer_sparsity: float = 0.0
+    max_layer_sparsity: float = 1.0
+    include: str | None = None
+    exclude: str | None = None
+
+    def __post_init__(self):
+        nm = _parse_nm(self.granularity)
+        if nm is None and self.granularity != "unstructured":
+            raise BudgetError(f"unknown granularity {self.granularity!r}; use 'unstructured' or 'N:M' such as '2:4'")
+        if nm is not None:
+            implied = 1 - nm[0] / nm[1]
+            if self.sparsity is not None and not math.isclose(self.sparsity, implied):
+                raise BudgetError(
+                    f"sparsity={self.sparsity} contradicts granularity {self.granularity!r}, which prunes exactly "
+                    f"{implied:g}; give only the granularity")
+            object.__setattr__(self, "sparsity", implied)
+        if self.sparsity is None:
+            raise BudgetError("a Budget needs a sparsity (e.g. Budget(sparsity=0.5)) or an N:M granularity ('2:4')")
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 < self.sparsity < 1:
+            raise BudgetError(f"sparsity must be a number in (0, 1), the fraction of weights removed; got {self.sparsity!r}")
+        lo, hi = self.min_layer_sparsity, self.max_layer_sparsity
+        if not 0 <= lo <= hi <= 1:
+            raise BudgetError(f"need 0 <= min_layer_sparsity <= max_layer_sparsity <= 1; got {lo} and {hi}")
+        if not lo <= self.sparsity <= hi:
+            raise BudgetError(
+                f"sparsity {self.sparsity:g} cannot be met: every layer must stay within "
+                f"[min_layer_sparsity={lo:g}, max_layer_sparsity={hi:g}], so the overall sparsity must too")
+        if nm is not None and (lo > 0 or hi < 1):
+            raise BudgetError("per-layer floors and caps do not apply to N:M, which prunes every layer alike")
+        for field in ("include", "exclude"):
+            pattern = getattr(self, field)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise BudgetError(f"{field}={pattern!r} is not a valid regular expression: {e}") from None
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) for an N:M granularity, else None."""
+        return _parse_nm(self.granularity)
+
+    @classmethod
+    def coerce(cls, budget: "BudgetLike") -> "Budget":
+        """A Budget from a Budget, a fraction (0.5), a percentage string ('50%') or an N:M string ('2:4')."""
+        if isinstance(budget, Budget):
+            return budget
+        if isinstance(budget, str):
+            text = budget.strip()
+            if _parse_nm(text):
+                return cls(granularity=text)
+            try:
+                value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+            except ValueError:
+                raise BudgetError(f"cannot read budget {budget!r}; write a fraction ('0.5'), a percentage ('50%') "
+                                  f"or an N:M pattern ('2:4')") from None
+            return cls(sparsity=value)
+        if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+            return cls(sparsity=float(budget))
+        raise BudgetError(f"budget must be a Budget, a fraction in (0, 1) or 'N:M'; got {type(budget).__name__}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _parse_nm(text: str) -> tuple[int, int] | None:
+    match = _NM.match(text) if isinstance(text, str) else None
+    if not match:
+        return None
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise BudgetError(f"N:M needs 0 < N < M; got {text!r}")
+    return n, m
+
+
+BudgetLike = Union[Budget, float, str]

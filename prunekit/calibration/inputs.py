@@ -1,0 +1,102 @@
+"""Turn what users pass as `calibration` into a list of model-input dicts, validated before anything changes."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import CalibrationError
+
+WINDOW_BATCH = 8  # rows per forward when calibration is a [N, L] tensor of token windows
+
+
+def as_batches(calibration, model: nn.Module) -> list[dict[str, torch.Tensor]]:
+    """Accepts a LongTensor of token windows [N, L], one input dict, or an iterable (DataLoader included) of
+    input dicts, tensors or (tensor, ...) tuples. Returns validated input dicts on the CPU, without labels."""
+    main = getattr(model, "main_input_name", "input")  # plain modules are called as model(x)
+    if isinstance(calibration, torch.Tensor):
+        _check_windows(calibration, main)
+        items = [{main: chunk} for chunk in calibration.split(WINDOW_BATCH)]
+    elif isinstance(calibration, Mapping):
+        items = [calibration]
+    elif isinstance(calibration, Iterable) and not isinstance(calibration, (str, bytes)):
+        items = list(calibration)
+    else:
+        raise CalibrationError(
+            f"calibration must be a LongTensor of token windows [N, L], an iterable of model-input dicts or a "
+            f"DataLoader; got {type(calibration).__name__}")
+    batches = [_as_dict(item, main, i) for i, item in enumerate(items)]
+    if not batches:
+        raise CalibrationError("calibration data is empty; give at least one batch")
+    vocab = _vocab_size(model)
+    for i, batch in enumerate(batches):
+        _check_batch(batch, i, vocab)
+    return batches
+
+
+def _check_windows(windows: torch.Tensor, main: str) -> None:
+    if main == "input_ids":
+        if windows.dtype not in (torch.int64, torch.int32):
+            raise CalibrationError(
+                f"calibration tensor must hold token ids (torch.long), got dtype {windows.dtype}; for embeddings "
+                f"or images pass dicts such as {{'pixel_values': x}}")
+        if windows.dim() != 2:
+            raise CalibrationError(
+                f"calibration tensor must be token windows of shape [N, L], got shape {tuple(windows.shape)}; "
+                f"cut a token stream into windows, e.g. tokens[: n * L].view(n, L)")
+    if windows.shape[0] == 0 or windows.numel() == 0:
+        raise CalibrationError("calibration tensor is empty")
+
+
+def _as_dict(item, main: str, index: int) -> dict[str, torch.Tensor]:
+    if isinstance(item, Mapping):
+        batch = dict(item)
+    elif isinstance(item, torch.Tensor):
+        batch = {main: item}
+    elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+        batch = {main: item[0]}  # TensorDataset-style (inputs, labels) batches
+    else:
+        raise CalibrationError(f"calibration batch {index} is a {type(item).__name__}; expected a dict of tensors, "
+                               f"a tensor or a (tensor, ...) tuple")
+    batch.pop("labels", None)  # the runner never reaches the head; a loss would be wasted work
+    for key, value in batch.items():
+        if not isinstance(value, torch.Tensor):
+            raise CalibrationError(f"calibration batch {index}: {key!r} is a {type(value).__name__}, not a tensor; "
+                                   f"tokenize with return_tensors='pt'")
+        if value.dim() == 1:  # a single unbatched sequence
+            batch[key] = value.unsqueeze(0)
+    return {key: value.cpu() for key, value in batch.items()}
+
+
+def _check_batch(batch: dict[str, torch.Tensor], index: int, vocab: int | None) -> None:
+    for key, value in batch.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CalibrationError(f"calibration batch {index}: {key!r} holds NaN or Inf; clean the data first")
+        if key.endswith("input_ids"):
+            if value.is_floating_point() or value.dtype == torch.bool:
+                raise CalibrationError(f"calibration batch {index}: {key!r} must be integer token ids, got {value.dtype}")
+            if value.numel() and (value.min() < 0 or (vocab is not None and value.max() >= vocab)):
+                raise CalibrationError(
+                    f"calibration batch {index}: token ids span [{int(value.min())}, {int(value.max())}] but the "
+                    f"model's vocabulary has {vocab} entries; was it tokenized for another model?")
+    mask = batch.get("attention_mask")
+    ids = batch.get("input_ids")
+    if mask is not None and ids is not None and mask.shape != ids.shape:
+        raise CalibrationError(f"calibration batch {index}: attention_mask {tuple(mask.shape)} does not match "
+                               f"input_ids {tuple(ids.shape)}")
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = get() if get is not None else None
+    except NotImplementedError:
+        return None
+    return embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
+
+
+def token_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """[B, L] bool of real (non-padding) tokens, if the batch says which they are."""
+    mask = batch.get("attention_mask")
+    return mask.bool() if mask is not None and mask.dim() == 2 else None

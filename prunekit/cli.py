@@ -1,0 +1,136 @@
+"""`prunekit prune|eval|report`: the pipeline on the command line, with the protocol's data as defaults."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .errors import PrunekitError
+
+
+def load_model(spec: str | None):
+    """(model, tokenizer) from a Hugging Face id or directory, a pruned directory, a .gguf file, or None for the
+    bundled SmolLM2."""
+    from . import data, io
+
+    if spec is None:
+        return data.load_smollm2()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(spec)
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval(), tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+        if (path / io.MANIFEST).is_file():
+            return io.load_pruned(path).eval(), tokenizer
+        return AutoModelForCausalLM.from_pretrained(spec).eval(), tokenizer
+    except (OSError, ValueError) as e:
+        if isinstance(e, PrunekitError):
+            raise
+        where = "a directory without a loadable model" if path.is_dir() else "not a local directory, and the " \
+            "Hugging Face Hub could not provide it"
+        raise PrunekitError(f"cannot load model {spec!r}: {where} ({str(e).splitlines()[0]})") from None
+
+
+def _budget(args):
+    from .budget import Budget
+
+    base = Budget.coerce(args.budget)
+    return Budget(sparsity=None if base.nm else base.sparsity, granularity=base.granularity,
+                  min_layer_sparsity=args.min_layer_sparsity, max_layer_sparsity=args.max_layer_sparsity,
+                  include=args.include, exclude=args.exclude)
+
+
+def cmd_prune(args) -> None:
+    import prunekit
+    from . import data
+    from .evaluate import perplexity
+
+    budget = _budget(args)  # a bad budget fails before the model loads
+    prunekit.importance.ESTIMATORS.create(args.importance)
+    prunekit.allocation.ALLOCATORS.create(args.allocator)
+    model, tokenizer = load_model(args.model)
+    windows = data.eval_windows(tokenizer, args.eval_windows, args.seq_len) if args.eval_windows else None
+    before = perplexity(model, windows) if windows is not None else None
+    calibration = data.calibration_windows(tokenizer, args.calibration_windows, args.seq_len, args.seed)
+    report = prunekit.prune(model, budget, importance=args.importance, allocator=args.allocator,
+                            calibration=calibration, device=args.device)
+    after = perplexity(model, windows) if windows is not None else None
+    print(report)
+    if before is not None:
+        print(f"\nperplexity on {args.eval_windows} x {args.seq_len} Wikipedia eval tokens: dense {before:.3f} -> "
+              f"pruned {after:.3f} ({after / before:.3f}x)")
+    if args.out:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = prunekit.save_pruned(model, args.out, report, tokenizer)
+        for w in caught:
+            print(f"note: {w.message}")
+        print(f"saved to {out}; load with prunekit.load_pruned({str(out)!r})")
+
+
+def cmd_eval(args) -> None:
+    from . import data
+    from .evaluate import perplexity
+
+    model, tokenizer = load_model(args.model)
+    windows = data.eval_windows(tokenizer, args.eval_windows, args.seq_len)
+    print(f"perplexity on {args.eval_windows} x {args.seq_len} Wikipedia eval tokens: {perplexity(model, windows):.3f}")
+
+
+def cmd_report(args) -> None:
+    from .report import PruneReport
+
+    print(PruneReport.load(args.dir))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="prunekit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def protocol(p, eval_default):
+        p.add_argument("--eval-windows", type=int, default=eval_default, help="eval windows (0 skips evaluation)")
+        p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+
+    p = sub.add_parser("prune", help="prune a causal LM and save it")
+    p.add_argument("model", nargs="?", help="Hugging Face id or directory, or a .gguf file (default: bundled SmolLM2)")
+    p.add_argument("--budget", default="0.5", help="fraction of weights to remove (0.5), or N:M ('2:4')")
+    p.add_argument("--importance", default="wanda")
+    p.add_argument("--allocator", default="uniform")
+    p.add_argument("--min-layer-sparsity", type=float, default=0.0)
+    p.add_argument("--max-layer-sparsity", type=float, default=1.0)
+    p.add_argument("--include", help="regex of layers to prune (default: every Linear in the repeated blocks)")
+    p.add_argument("--exclude", help="regex of layers to leave alone")
+    p.add_argument("--calibration-windows", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="run each block here during calibration, e.g. cuda")
+    p.add_argument("--out", help="directory to save the pruned model in")
+    protocol(p, 32)
+    p.set_defaults(run=cmd_prune)
+
+    p = sub.add_parser("eval", help="perplexity on the Wikipedia eval split (PROTOCOL.md)")
+    p.add_argument("model", nargs="?", help="pruned directory, Hugging Face id or directory (default: bundled SmolLM2)")
+    protocol(p, 32)
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("report", help="print the per-layer report of a saved pruned model")
+    p.add_argument("dir")
+    p.set_defaults(run=cmd_report)
+
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        args.run(args)
+    except PrunekitError as e:
+        print(f"prunekit: error: {e}", file=sys.stderr)
+        return 2
+    print(f"done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

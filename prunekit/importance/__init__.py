@@ -1,0 +1,9 @@
+"""Importance estimators, by name: `prunekit.importance.ESTIMATORS.names()` lists them."""
+from ..registry import Registry
+from .base import Estimator
+
+ESTIMATORS: Registry[Estimator] = Registry("importance")
+
+from . import magnitude, sparsegpt, wanda  # noqa: E402,F401  (each file registers its estimator)
+
+__all__ = ["ESTIMATORS", "Estimator"]

@@ -1,0 +1,126 @@
+"""Save and load pruned models: Hugging Face save_pretrained plus bit-packed masks and the report."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from . import __version__, masks
+from .errors import MaskMismatchError, PrunekitError
+from .report import PruneReport
+
+MANIFEST = "prunekit.json"
+MASK_FILE = "prunekit_masks.safetensors"
+PLAIN_WEIGHTS = "model.safetensors"
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool tensor -> uint8, 8 entries per byte (a mask costs 1/32 of an fp32 weight on disk)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).view(-1, 8)
+    return (flat << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
+    bits = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    return bits.reshape(-1)[: torch.Size(shape).numel()].bool().view(shape)
+
+
+def clear_gguf_marker(model: nn.Module) -> bool:
+    """Models loaded from GGUF hold dequantized weights but keep a quantization marker that makes
+    save_pretrained refuse; drop it. Returns True if there was one."""
+    config = getattr(model, "config", None)
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() != "gguf":
+        return False
+    del config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    return True
+
+
+def save_pruned(model: nn.Module, out_dir, report: PruneReport | None = None, tokenizer=None) -> Path:
+    """Writes the model (save_pretrained for Hugging Face models, safetensors otherwise), its masks, the report
+    and, if given, the tokenizer to out_dir."""
+    found = masks.masks(model)
+    if not found:
+        raise PrunekitError("the model carries no prunekit masks; prune it with prunekit.prune first")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_pretrained"):
+        if clear_gguf_marker(model):
+            warnings.warn("cleared the model's GGUF quantization marker: its weights are dequantized float tensors "
+                          "and are saved as such", stacklevel=2)
+        model.save_pretrained(out)
+    else:
+        save_model(model, str(out / PLAIN_WEIGHTS))
+    save_file({name: pack_bits(m.cpu()) for name, m in found.items()}, str(out / MASK_FILE))
+    manifest = {"prunekit_version": __version__, "model_class": type(model).__name__,
+                "masks": {name: list(m.shape) for name, m in found.items()},
+                "report": report.to_dict() if report is not None else None}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def load_pruned(path, model: nn.Module | None = None, **from_pretrained_kwargs) -> nn.Module:
+    """Loads a model written by save_pruned and re-attaches its masks, so pruned entries stay zero in training.
+
+    For a Hugging Face model the class comes from the saved config; for a plain nn.Module pass `model`, a
+    freshly built instance of the same architecture, whose weights are replaced.
+    """
+    path = Path(path)
+    if not (path / MANIFEST).is_file() or not (path / MASK_FILE).is_file():
+        raise PrunekitError(f"{path} is not a pruned model written by prunekit.save_pruned "
+                            f"(missing {MANIFEST} or {MASK_FILE})")
+    manifest = json.loads((path / MANIFEST).read_text())
+    if model is None:
+        model = _load_hf(path, manifest, from_pretrained_kwargs)
+    elif (path / PLAIN_WEIGHTS).is_file():
+        missing, unexpected = load_model(model, str(path / PLAIN_WEIGHTS), strict=False)
+        if missing or unexpected:
+            raise MaskMismatchError(f"the given model does not match the saved weights: missing {missing[:5]}, "
+                                    f"unexpected {unexpected[:5]}")
+    else:
+        raise PrunekitError(f"{path} holds a Hugging Face model; call load_pruned without `model`")
+    packed = load_file(str(path / MASK_FILE))
+    keeps = {}
+    for name, shape in manifest["masks"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise MaskMismatchError(f"saved mask for {name!r} has no module of that name in the model") from None
+        weight = getattr(module, "weight", None)
+        if weight is None or list(weight.shape) != shape:
+            raise MaskMismatchError(f"saved mask for {name} has shape {shape} but the weight is "
+                                    f"{None if weight is None else list(weight.shape)}")
+        keep = unpack_bits(packed[name], shape).to(weight.device)
+        stray = int((weight.detach()[~keep] != 0).sum())
+        if stray:
+            raise MaskMismatchError(f"masks do not match the weights: {stray} entries of {name} that the mask "
+                                    f"prunes are nonzero; the weights were changed after pruning, or come from "
+                                    f"another model")
+        keeps[module] = keep
+    for module, keep in keeps.items():  # only after every mask checked out
+        masks.attach(module, keep)
+    return model
+
+
+def _load_hf(path: Path, manifest: dict, kwargs: dict) -> nn.Module:
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    names = (config.architectures or []) + [manifest.get("model_class")]
+    cls = next((getattr(transformers, n) for n in names if n and hasattr(transformers, n)), None)
+    if cls is None:
+        raise PrunekitError(f"cannot find the model class {names} in transformers; pass `model=` to load into")
+    return cls.from_pretrained(path, **kwargs)

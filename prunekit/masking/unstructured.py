@@ -1,0 +1,43 @@
+"""Unstructured masks with an exact number of pruned weights. Masks are bool, True = keep."""
+from __future__ import annotations
+
+import torch
+
+
+def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Keep-mask that prunes exactly `count` lowest scores of the whole tensor (ties broken by position)."""
+    flat = scores.reshape(-1)
+    prune = torch.zeros_like(flat, dtype=torch.bool)
+    if count > 0:
+        threshold = flat.kthvalue(count).values
+        prune = flat < threshold
+        ties = (flat == threshold).nonzero().squeeze(1)
+        prune[ties[: count - int(prune.sum())]] = True
+    return ~prune.view_as(scores)
+
+
+def lowest_per_row(scores: torch.Tensor, count: int, chunk: int = 4096) -> torch.Tensor:
+    """Keep-mask pruning exactly `count` weights of a [rows, cols] score matrix, compared within each row.
+
+    Each row prunes count // rows of its lowest scores; the count % rows leftover prunings go to the rows whose
+    next-lowest score is lowest overall. This keeps Wanda's per-output comparison group (Sun et al., 2024) and
+    still meets the budget to the weight, where pruning int(cols * s) per row can miss it by up to one per row.
+    """
+    rows, cols = scores.shape
+    base, extra = divmod(count, rows)
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if count == 0:
+        return keep
+    take = base + (extra > 0)
+    order = torch.empty(rows, take, dtype=torch.long, device=scores.device)
+    next_score = torch.empty(rows, dtype=scores.dtype, device=scores.device)
+    for r in range(0, rows, chunk):  # row chunks bound the sort's memory on large layers
+        values, idx = scores[r:r + chunk].sort(dim=1, stable=True)
+        order[r:r + chunk] = idx[:, :take]
+        next_score[r:r + chunk] = values[:, base] if base < cols else float("inf")
+    per_row = torch.full((rows,), base, dtype=torch.long, device=scores.device)
+    if extra:
+        per_row[next_score.topk(extra, largest=False, sorted=True).indices] += 1
+    rank = torch.arange(take, device=scores.device).expand(rows, take)
+    keep.scatter_(1, order, rank >= per_row.unsqueeze(1))
+    return keep
