@@ -86,10 +86,13 @@ def load_pruned(path, model: nn.Module | None = None, **from_pretrained_kwargs) 
     if model is None:
         model = _load_hf(path, manifest, from_pretrained_kwargs)
     elif (path / PLAIN_WEIGHTS).is_file():
-        missing, unexpected = load_model(model, str(path / PLAIN_WEIGHTS), strict=False)
+        try:
+            missing, unexpected = load_model(model, str(path / PLAIN_WEIGHTS), strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise MaskMismatchError(f"the given model does not match the saved weights: {e}") from None
         if missing or unexpected:
-            raise MaskMismatchError(f"the given model does not match the saved weights: missing {missing[:5]}, "
-                                    f"unexpected {unexpected[:5]}")
+            raise MaskMismatchError(f"the given model does not match the saved weights: missing "
+                                    f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     else:
         raise PrunekitError(f"{path} holds a Hugging Face model; call load_pruned without `model`")
     packed = load_file(str(path / MASK_FILE))

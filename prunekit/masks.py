@@ -1,13 +1,15 @@
 """Masks are the truth: pruned entries stay zero through further training until the masks are removed.
 
 A mask lives on its module as a non-persistent bool buffer `prune_mask` (it moves with .to(), stays out of
-state_dict so a pruned Hugging Face model still loads with plain from_pretrained). Two hooks keep it true:
+state_dict so a pruned Hugging Face model still loads with plain from_pretrained). Hooks keep it true:
 a gradient hook zeroes the gradient of pruned entries, so optimizers see no signal and keep no state there,
 and a global optimizer step hook re-applies the mask after every step, which also covers weight decay and
-momentum built up before pruning.
+momentum built up before pruning. Both need a link from the weight Parameter to its module, which a deep copy
+or pickling drops; a forward pre-hook (which survives both) restores the link on the next forward.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -18,6 +20,7 @@ from .errors import MaskMismatchError
 
 BUFFER = "prune_mask"
 _OWNER = "_prunekit_owner"  # attribute on a masked Parameter: weakref to its module
+_HANDLE = "_prunekit_grad_hook"
 _step_hook = None
 
 
@@ -30,20 +33,42 @@ def attach(module: nn.Module, keep: torch.Tensor) -> None:
     module.register_buffer(BUFFER, keep.to(device=weight.device, dtype=torch.bool), persistent=False)
     with torch.no_grad():
         weight.mul_(module.prune_mask)
-    owner = weakref.ref(module)
-    setattr(weight, _OWNER, owner)
-    module._prunekit_grad_hook = weight.register_hook(lambda grad: grad * owner().prune_mask)
+    _link(module)
+    module.register_forward_pre_hook(_relink)
     _ensure_step_hook()
 
 
 def detach(module: nn.Module) -> None:
     """Removes the module's mask and hooks; the weights keep their zeros but may train again."""
-    handle = module.__dict__.pop("_prunekit_grad_hook", None)
-    if handle is not None:
+    handle = module.__dict__.pop(_HANDLE, None)
+    if _linked(module):  # a deep copy carries a handle that belongs to the original's weight: leave that alone
         handle.remove()
-    if hasattr(module.weight, _OWNER):
         delattr(module.weight, _OWNER)
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if hook is _relink:
+            del module._forward_pre_hooks[key]
     module._buffers.pop(BUFFER, None)
+
+
+def _linked(module: nn.Module) -> bool:
+    owner = getattr(module.weight, _OWNER, None)
+    return owner is not None and owner() is module
+
+
+def _link(module: nn.Module) -> None:
+    owner = weakref.ref(module)
+    setattr(module.weight, _OWNER, owner)
+    module.__dict__[_HANDLE] = module.weight.register_hook(functools.partial(_mask_grad, owner))
+
+
+def _relink(module: nn.Module, args) -> None:
+    if not _linked(module):
+        _link(module)
+
+
+def _mask_grad(owner, grad: torch.Tensor) -> torch.Tensor:
+    module = owner()
+    return grad * module.prune_mask if module is not None and BUFFER in module._buffers else grad
 
 
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:

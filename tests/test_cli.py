@@ -1,0 +1,85 @@
+"""The command line end to end on a tiny random Llama that uses SmolLM2's real tokenizer and Wikipedia text."""
+import subprocess
+
+import pytest
+import torch
+import transformers as tf
+
+import prunekit
+from prunekit import data
+from prunekit.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-lm")
+    gguf = data.smollm2_path()
+    tokenizer = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    tf.LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+SMALL = ["--calibration-windows", "4", "--seq-len", "32", "--eval-windows", "2"]
+
+
+def test_prune_eval_report(model_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", str(model_dir), "--budget", "0.5", "--importance", "sparsegpt", "--allocator", "owl",
+                 "--out", str(out)] + SMALL) == 0
+    printed = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in printed and "exact to the weight" in printed
+    assert "dense" in printed and "-> pruned" in printed and "saved to" in printed
+    model = prunekit.load_pruned(out)
+    assert len(prunekit.masks(model)) == 14
+    report = prunekit.PruneReport.load(out)
+    assert report.exact and report.importance.startswith("SparseGPT") and report.allocator.startswith("OWL")
+
+    assert main(["eval", str(out), "--eval-windows", "2", "--seq-len", "32"]) == 0
+    assert "perplexity on 2 x 32" in capsys.readouterr().out
+    assert main(["report", str(out)]) == 0
+    assert report.summary() in capsys.readouterr().out
+
+
+def test_two_four_from_the_command_line(model_dir, capsys):
+    assert main(["prune", str(model_dir), "--budget", "2:4", "--importance", "magnitude"] + SMALL) == 0
+    assert "2:4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--importance", "nope"], "unknown importance 'nope'; known: magnitude, sparsegpt, wanda"),
+    (["--budget", "1.5"], "sparsity must be a number in (0, 1)"),
+    (["--budget", "2:4", "--max-layer-sparsity", "0.9"], "floors and caps do not apply"),
+])
+def test_errors_are_one_clear_line(model_dir, capsys, argv, message):
+    assert main(["prune", str(model_dir)] + argv + SMALL) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and err[0].startswith("prunekit: error:")
+
+
+def test_a_model_that_is_not_there(tmp_path, capsys):
+    assert main(["prune", str(tmp_path / "missing-model")] + SMALL) == 2
+    assert "cannot load model" in capsys.readouterr().err
+
+
+def test_the_installed_console_script(model_dir, tmp_path):
+    out = tmp_path / "pruned"
+    main(["prune", str(model_dir), "--importance", "magnitude", "--out", str(out)] + SMALL)
+    result = subprocess.run(["prunekit", "report", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0 and "exact to the weight" in result.stdout
+
+
+def test_the_example_script(model_dir, tmp_path):
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "prune_llm.py"
+    result = subprocess.run([sys.executable, str(script), str(model_dir), "--importance", "sparsegpt",
+                             "--budget", "2:4", "--calibration-windows", "4", "--eval-windows", "2", "--seq-len", "32",
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "perplexity" in result.stdout and "50.0%" in result.stdout
+    assert prunekit.PruneReport.load(tmp_path / "out").exact

@@ -1,0 +1,137 @@
+"""Bad input fails with a message that says what is wrong, before any weight changes."""
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from prunekit import BudgetError, CalibrationError, PrunekitError, TargetError
+from prunekit.importance.wanda import Wanda
+from conftest import VOCAB, calibration_for, tiny
+
+
+def untouched(model, fn, error=PrunekitError):
+    """Runs fn (which must raise `error`) and checks the model kept every weight and got no mask."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error) as info:
+        fn()
+    assert prunekit.masks(model) == {}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    return str(info.value)
+
+
+@pytest.fixture
+def model():
+    return tiny("llama")
+
+
+@pytest.fixture
+def windows():
+    return calibration_for("llama")
+
+
+@pytest.mark.parametrize("budget", [0, 1, 1.2, -0.5, "3:2", "nonsense"])
+def test_budget_outside_the_unit_interval(model, windows, budget):
+    untouched(model, lambda: prunekit.prune(model, budget, calibration=windows), BudgetError)
+
+
+def test_nm_that_does_not_divide_the_input(windows):
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    msg = untouched(model, lambda: prunekit.prune(model, "2:4", importance="magnitude"))
+    assert "multiple of 4" in msg and "0 has 6 inputs" in msg
+
+
+def test_nm_with_a_non_uniform_allocator(model, windows):
+    msg = untouched(model, lambda: prunekit.prune(model, "2:4", allocator="owl", calibration=windows))
+    assert "allocator='uniform'" in msg
+
+
+@pytest.mark.parametrize("kind,name", [("importance", "wandaa"), ("allocator", "owl2")])
+def test_unknown_names_list_the_known_ones(model, windows, kind, name):
+    msg = untouched(model, lambda: prunekit.prune(model, 0.5, calibration=windows, **{kind: name}))
+    assert f"unknown {kind} {name!r}" in msg
+    assert ("magnitude, sparsegpt, wanda" in msg) if kind == "importance" else ("owl, uniform" in msg)
+
+
+def test_a_model_with_nothing_to_prune():
+    model = nn.Sequential(nn.ReLU(), nn.Tanh())
+    msg = untouched(model, lambda: prunekit.prune(model, 0.5, importance="magnitude"), TargetError)
+    assert "no Linear or Conv1D layer" in msg
+
+
+def test_include_that_matches_nothing(model):
+    msg = untouched(model, lambda: prunekit.prune(model, prunekit.Budget(sparsity=0.5, include="nope"),
+                                                  importance="magnitude"))
+    assert "include='nope'" in msg
+
+
+def test_methods_that_need_data_say_so(model):
+    msg = untouched(model, lambda: prunekit.prune(model, 0.5, importance="wanda"))
+    assert "importance 'wanda'" in msg and "need calibration data" in msg
+    msg = untouched(model, lambda: prunekit.prune(model, 0.5, importance="magnitude", allocator="owl"))
+    assert "allocator 'owl'" in msg
+
+
+@pytest.mark.parametrize("calibration,match", [
+    (torch.rand(4, 16), "token ids \\(torch.long\\)"),
+    (torch.randint(0, VOCAB, (64,)), "shape \\[N, L\\]"),
+    (torch.randint(0, VOCAB, (0, 8)), "empty"),
+    ([], "empty"),
+    (torch.full((2, 8), VOCAB + 5), "vocabulary has 128 entries"),
+    ([{"input_ids": torch.ones(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 7)}], "does not match"),
+    ([{"input_ids": "hello world"}], "not a tensor"),
+    ("some text", "must be a LongTensor"),
+])
+def test_bad_calibration(model, calibration, match):
+    msg = untouched(model, lambda: prunekit.prune(model, 0.5, calibration=calibration), CalibrationError)
+    assert re.search(match, msg), msg
+
+
+def test_nan_in_calibration_inputs():
+    model = tiny("vit")
+    pixels = torch.randn(4, 3, 16, 16)
+    pixels[1, 0, 2, 3] = float("nan")
+    msg = untouched(model, lambda: prunekit.prune(model, 0.5, calibration=[{"pixel_values": pixels}]))
+    assert "NaN or Inf" in msg
+
+
+def test_nan_in_weights(model, windows):
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    msg = untouched(model, lambda: prunekit.prune(model, 0.5, calibration=windows))
+    assert "model.layers.1.mlp.up_proj.weight holds NaN or Inf" in msg
+
+
+def test_pruning_twice_is_refused(model, windows):
+    prunekit.prune(model, 0.5, importance="magnitude", progress=False)
+    with pytest.raises(TargetError, match="already pruned"):
+        prunekit.prune(model, 0.6, importance="magnitude", progress=False)
+
+
+def test_options_need_a_name():
+    with pytest.raises(PrunekitError, match="bad options for importance 'sparsegpt'"):
+        prunekit.importance.ESTIMATORS.create("sparsegpt", blocks=3)
+
+
+def test_a_failure_part_way_rolls_the_model_back(model, windows):
+    class FailsOnThirdLayer(Wanda):
+        calls = 0
+
+        def prune(self, *args):
+            FailsOnThirdLayer.calls += 1
+            if FailsOnThirdLayer.calls == 3:
+                raise KeyboardInterrupt
+            return super().prune(*args)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(KeyboardInterrupt):
+        prunekit.prune(model, 0.5, importance=FailsOnThirdLayer(), calibration=windows, progress=False)
+    assert FailsOnThirdLayer.calls == 3 and prunekit.masks(model) == {}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training is False  # the fixture's eval mode is back too
+
+
+def test_budget_error_type_is_specific():
+    with pytest.raises(BudgetError):
+        prunekit.Budget(sparsity=2)

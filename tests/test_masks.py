@@ -1,0 +1,88 @@
+"""Pruned entries stay zero through training (any optimizer, copies included) until masks are removed."""
+import copy
+
+import pytest
+import torch
+
+import prunekit
+from conftest import calibration_for, tiny
+
+
+def train(model, x, optimizer, steps=3):
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def pruned_nonzeros(model):
+    return sum(int((model.get_submodule(name).weight[~keep] != 0).sum())
+               for name, keep in prunekit.masks(model).items())
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    lambda p: torch.optim.Adagrad(p, lr=0.1),
+])
+def test_a_training_step_keeps_pruned_entries_zero(make_optimizer):
+    model = tiny("llama")
+    x = calibration_for("llama")
+    prunekit.prune(model, 0.5, importance="wanda", calibration=x, progress=False)
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in prunekit.masks(model)}
+    train(model, x, make_optimizer(model.parameters()))
+    assert pruned_nonzeros(model) == 0
+    changed = [n for n, w in before.items() if not torch.equal(model.get_submodule(n).weight, w)]
+    assert len(changed) == len(before)  # kept weights did train
+
+
+def test_gradients_of_pruned_entries_are_zero():
+    model = tiny("llama")
+    x = calibration_for("llama")
+    prunekit.prune(model, 0.5, importance="magnitude", progress=False)
+    model(input_ids=x, labels=x).loss.backward()
+    for name, keep in prunekit.masks(model).items():
+        grad = model.get_submodule(name).weight.grad
+        assert (grad[~keep] == 0).all() and (grad[keep] != 0).any()
+
+
+def test_momentum_from_before_pruning_cannot_revive_weights():
+    model = tiny("llama")
+    x = calibration_for("llama")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train(model, x, optimizer, steps=2)  # momentum now nonzero everywhere
+    prunekit.prune(model, 0.5, importance="magnitude", progress=False)
+    train(model, x, optimizer, steps=2)
+    assert pruned_nonzeros(model) == 0
+
+
+def test_a_deep_copy_keeps_its_masks_enforced():
+    model = tiny("llama")
+    x = calibration_for("llama")
+    prunekit.prune(model, 0.5, importance="magnitude", progress=False)
+    clone = copy.deepcopy(model)
+    train(clone, x, torch.optim.AdamW(clone.parameters(), lr=1e-2, weight_decay=0.1))
+    assert pruned_nonzeros(clone) == 0 and len(prunekit.masks(clone)) == 14
+    assert prunekit.remove_masks(clone) == 14 and len(prunekit.masks(model)) == 14  # original unaffected
+
+
+def test_masks_move_with_the_model_and_survive_dtype_changes():
+    model = tiny("llama")
+    prunekit.prune(model, 0.5, importance="magnitude", progress=False)
+    model.to(torch.float64)
+    keep = prunekit.masks(model)["model.layers.0.mlp.up_proj"]
+    assert keep.dtype == torch.bool
+    assert "prune_mask" not in "".join(model.state_dict())  # masks stay out of the checkpoint
+
+
+def test_removed_masks_free_the_weights():
+    model = tiny("llama")
+    x = calibration_for("llama")
+    prunekit.prune(model, 0.5, importance="magnitude", progress=False)
+    keeps = prunekit.masks(model)
+    assert prunekit.remove_masks(model) == 14 and prunekit.masks(model) == {}
+    train(model, x, torch.optim.SGD(model.parameters(), lr=0.1))
+    revived = sum(int((model.get_submodule(n).weight[~k] != 0).sum()) for n, k in keeps.items())
+    assert revived > 0
