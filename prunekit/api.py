@@ -15,7 +15,7 @@ from .budget import Budget, BudgetLike
 from .calibration.inputs import as_batches
 from .calibration.runner import full_pass, model_device, sequential
 from .calibration.stats import LayerStats, Needs
-from .errors import BudgetError, CalibrationError, TargetError
+from .errors import BudgetError, CalibrationError, PrunekitError, TargetError
 from .importance import ESTIMATORS, Estimator
 from .masking import check_nm
 from .report import LayerRow, PruneReport
@@ -23,8 +23,8 @@ from .targets import Target, find_blocks, find_targets
 
 
 def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "wanda",
-          allocator: str | Allocator = "uniform", calibration=None, *, device=None, progress: bool = True,
-          rollback: bool = True) -> PruneReport:
+          allocator: str | Allocator = "uniform", calibration=None, *, order: str = "layer", device=None,
+          progress: bool = True, rollback: bool = True) -> PruneReport:
     """Prunes `model` in place to `budget` and returns the per-layer report.
 
     budget: a Budget, a fraction of the targeted weights to remove (0.5), or an N:M pattern ("2:4").
@@ -32,6 +32,10 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
     allocator: allocator name (see prunekit.allocation.ALLOCATORS.names()) or an Allocator instance.
     calibration: a LongTensor of token windows [N, L], an iterable of model-input dicts, or a DataLoader;
         needed by every estimator and allocator except magnitude and uniform.
+    order: "layer" calibrates each layer on the inputs it gets with the layers before it in its block already
+        pruned (SparseGPT's true-sequential order), in one forward per block; "block" calibrates all layers of
+        a block on the dense block and then recomputes its outputs (the Wanda/SparseGPT reference code and
+        llm-compressor), two passes per block but only one batch's activations alive at a time.
     device: where each block runs during calibration (e.g. "cuda") while the model stays where it is.
     rollback: keep a CPU copy of each weight until pruning finishes, so that an error or an interrupt part way
         restores the model exactly; turn off when memory is too tight for one copy of the targeted weights.
@@ -40,6 +44,8 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
     zero through later training until prunekit.remove_masks(model).
     """
     start = time.perf_counter()
+    if order not in ("layer", "block"):
+        raise PrunekitError(f"order must be 'layer' or 'block', got {order!r}")
     budget = Budget.coerce(budget)
     estimator = ESTIMATORS.create(importance)
     allocator = ALLOCATORS.create(allocator)
@@ -64,7 +70,7 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
         counts = ([n * (nm[1] - nm[0]) // nm[1] for n in sizes] if nm else exact_counts(sizes, sparsities, budget))
         seconds["allocation"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        timings = _prune_targets(model, targets, counts, nm, batches, estimator, device, progress, rollback)
+        timings = _prune_targets(model, targets, counts, nm, batches, estimator, order, device, progress, rollback)
         seconds["pruning"] = time.perf_counter() - clock
     seconds["total"] = time.perf_counter() - start
     rows = [LayerRow(t.name, t.shape, sparsity, count / t.numel, count, timings[t],
@@ -103,42 +109,39 @@ def _by_block(targets: list[Target]) -> tuple[dict[int, list[Target]], list[Targ
 
 
 def _collect(targets: list[Target], needs: Needs, device, run) -> dict[Target, LayerStats]:
-    """LayerStats per target from one pass; run(hooks) makes the pass (a block step, or the full model)."""
-    stats = {t: LayerStats(needs, t.shape[1], device or model_device(t.module)) for t in targets}
-    run({t.module: stats[t].update for t in targets})
-    for t, st in stats.items():
-        if st.count == 0:
-            raise CalibrationError(f"{t.name} received no calibration tokens (every token masked as padding?)")
-    return stats
+    """LayerStats per target from one pass; run(stats by module) makes the pass (a block step, or the model)."""
+    by_module = {t.module: LayerStats(needs, t.shape[1], device or model_device(t.module)) for t in targets}
+    run(by_module)  # may make layers that share an input share one LayerStats
+    return {t: _seen(t, by_module) for t in targets}
 
 
-def _passes(model, targets, batches, needs, device, progress, desc, keep_outputs):
-    """Yields (targets, their stats) block by block in a sequential pass, then for layers outside the blocks
-    from a full-model pass. The consumer may prune each group before the next is gathered."""
+def _dense_passes(model, targets, batches, needs, device, progress, desc):
+    """Yields (targets, their stats) block by block from the dense model (outputs of a pass feed the next block),
+    then for layers outside the blocks from a full-model pass."""
     groups, outside = _by_block(targets)
     _, blocks = find_blocks(model)
     for step in sequential(model, blocks, batches, device=device, desc=desc, progress=progress):
         if step.index in groups:
             group = groups[step.index]
-            yield group, _collect(group, needs, device, lambda hooks: step.run(hooks, keep_outputs=keep_outputs))
+            yield group, _collect(group, needs, device, lambda stats: step.run(stats, keep_outputs=True))
     if outside:
-        yield outside, _collect(outside, needs, None, lambda hooks: full_pass(model, batches, hooks))
+        yield outside, _collect(outside, needs, None, lambda stats: full_pass(model, batches, stats))
 
 
 def _allocator_scores(model, targets, batches, allocator, device, progress) -> list[float]:
     """The allocator's layer scores from one pass over the dense model (dense outputs feed the next block)."""
     found: dict[Target, float] = {}
-    for group, stats in _passes(model, targets, batches, allocator.needs, device, progress,
-                                f"{allocator.name} scores", keep_outputs=True):
+    for group, stats in _dense_passes(model, targets, batches, allocator.needs, device, progress,
+                                      f"{allocator.name} scores"):
         values = allocator.block_scores([t.weight.float() for t in group], [stats[t] for t in group])
         found.update(zip(group, values))
     return [found[t] for t in targets]
 
 
-def _prune_targets(model, targets, counts, nm, batches, estimator, device, progress, rollback) -> dict:
+def _prune_targets(model, targets, counts, nm, batches, estimator, order, device, progress, rollback) -> dict:
     """Prunes every target; sequentially block by block when the estimator needs data. Returns seconds per target."""
     count_of = dict(zip(targets, counts))
-    seconds = {}
+    seconds: dict[Target, float] = {}
 
     def prune_one(t: Target, stats: LayerStats | None):
         clock = time.perf_counter()
@@ -148,16 +151,41 @@ def _prune_targets(model, targets, counts, nm, batches, estimator, device, progr
         masks.attach(t.module, t.to_native(keep))
         seconds[t] = time.perf_counter() - clock
 
+    def new_stats(group):
+        return {t.module: LayerStats(estimator.needs, t.shape[1], device or model_device(t.module)) for t in group}
+
     with _transaction(targets, rollback):
         if estimator.needs == Needs.NONE:
             for t in tqdm(targets, desc=estimator.name, disable=not progress, unit="layer"):
                 prune_one(t, None)
             return seconds
-        for group, stats in _passes(model, targets, batches, estimator.needs, device, progress, estimator.name,
-                                    keep_outputs=False):
-            for t in group:
-                prune_one(t, stats[t])
+        groups, outside = _by_block(targets)
+        _, blocks = find_blocks(model)
+        for step in sequential(model, blocks, batches, device=device, desc=estimator.name, progress=progress):
+            group = groups.get(step.index, [])
+            if group and order == "layer":
+                stats, target_of = new_stats(group), {t.module: t for t in group}
+                step.run_layerwise(stats, lambda module: prune_one(target_of[module], _seen(target_of[module], stats)))
+            rest = [t for t in group if t not in seconds]  # all of them in "block" order, or after a fallback
+            if rest:
+                stats = new_stats(rest)
+                step.run(stats)
+                for t in rest:
+                    prune_one(t, _seen(t, stats))
+        if outside:
+            stats = new_stats(outside)
+            full_pass(model, batches, stats)
+            for t in outside:
+                prune_one(t, _seen(t, stats))
     return seconds
+
+
+def _seen(t: Target, stats: dict[nn.Module, LayerStats]) -> LayerStats:
+    """The target's statistics, refusing a layer that no calibration token reached."""
+    st = stats[t.module]
+    if st.count == 0:
+        raise CalibrationError(f"{t.name} received no calibration tokens (every token masked as padding?)")
+    return st
 
 
 @contextlib.contextmanager

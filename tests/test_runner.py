@@ -84,3 +84,25 @@ def test_pruned_outputs_feed_the_next_block():
     # What the statistics saw is what the pruned model feeds that layer, and not what the dense model does.
     torch.testing.assert_close(during[0], after[0])
     assert not torch.allclose(during[0], before[0], atol=1e-3)
+
+
+def test_layers_fed_one_tensor_share_statistics_and_passes_stop_early():
+    from prunekit.calibration import LayerStats, Needs
+
+    model = tiny("llama")
+    x = calibration_for("llama", n=8, length=16)
+    _, blocks = find_blocks(model)
+    attn, mlp = blocks[0].self_attn, blocks[0].mlp
+    layers = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    stats = {m: LayerStats(Needs.HESSIAN, m.in_features) for m in layers}
+    ran = []
+    handle = mlp.down_proj.register_forward_hook(lambda *a: ran.append(1) and None)
+    for step in sequential(model, blocks, as_batches(x, model), progress=False):
+        if step.index == 0:
+            step.run(stats)
+            assert ran == []  # the statistics pass stopped at down_proj's input
+    handle.remove()
+    assert stats[attn.q_proj] is stats[attn.k_proj] is stats[attn.v_proj]
+    assert stats[mlp.gate_proj] is stats[mlp.up_proj] and stats[mlp.up_proj] is not stats[mlp.down_proj]
+    assert stats[attn.q_proj].count == 8 * 16  # counted once, not three times
+    assert ran == [1]  # block 0's output pass; the last block gets none

@@ -15,13 +15,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError
+from .hooks import Stop, hooked
 from .inputs import token_mask
+from .lockstep import lockstep
+from .stats import LayerStats
 
-Hook = Callable[[torch.Tensor], None]
-
-
-class _Stop(Exception):
-    """Raised by the last block's recorder: nothing after the blocks needs to run."""
 
 
 _HIDDEN_NAMES = ("hidden_states", "x", "input", "inputs_embeds")
@@ -75,28 +73,6 @@ def evaluating(model: nn.Module):
         model.train(was_training)
 
 
-@contextlib.contextmanager
-def hooked(hooks: dict[nn.Module, Hook], mask_of: Callable[[], torch.Tensor | None]):
-    """Calls hooks[module](x) with each hooked module's input x, padding tokens removed."""
-
-    def make(fn):
-        def pre_hook(module, args):
-            x = args[0]
-            mask = mask_of()
-            if mask is not None and x.shape[:-1] == mask.shape:
-                x = x[mask]
-            fn(x.detach())
-
-        return pre_hook
-
-    handles = [module.register_forward_pre_hook(make(fn)) for module, fn in hooks.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def capture(model: nn.Module, blocks: list[nn.Module], batches: list[dict], device: torch.device):
     """Per batch, the first block's hidden-state input and, per block, the (args, kwargs, slot) it is called with
     (the hidden-state argument set to None). Everything moved to `device`."""
@@ -107,7 +83,7 @@ def capture(model: nn.Module, blocks: list[nn.Module], batches: list[dict], devi
         def forward(*args, **kwargs):
             calls[current][i] = (args, kwargs)
             if i == len(blocks) - 1:
-                raise _Stop
+                raise Stop
             slot = _hidden_slot(args, kwargs)
             return args[0] if slot == 0 else kwargs[slot]
 
@@ -119,7 +95,7 @@ def capture(model: nn.Module, blocks: list[nn.Module], batches: list[dict], devi
         for current, batch in enumerate(batches):
             try:
                 call_model(model, batch)
-            except _Stop:
+            except Stop:
                 pass
     finally:
         for block in blocks:
@@ -161,20 +137,42 @@ class BlockStep:
         self._batch = 0
         self.outputs: list | None = None
 
-    def run(self, hooks: dict[nn.Module, Hook] | None = None, keep_outputs: bool = False) -> None:
-        """Forward all batches; hooked modules' inputs go to their hooks. keep_outputs=True promises the block's
-        weights will not change afterwards, so these outputs feed the next block without another pass."""
+    def run(self, stats: dict[nn.Module, LayerStats] | None = None, keep_outputs: bool = False) -> None:
+        """Forward all batches, feeding hooked modules' inputs to their LayerStats (see `hooked`).
+
+        keep_outputs=True promises the block's weights will not change afterwards, so these outputs feed the next
+        block without another pass. Without it, each forward stops once every hooked module has its input."""
         outputs = []
-        with hooked(hooks or {}, lambda: self._masks[self._batch]):
-            for self._batch, (x, (args, kwargs, slot)) in enumerate(zip(self._hidden, self._calls)):
-                if slot == 0:
-                    args = (x,) + args[1:]
-                elif slot is not None:
-                    kwargs = {**kwargs, slot: x}
-                out = self.block(*args, **kwargs)
-                outputs.append(out[0] if isinstance(out, tuple) else out)
+        with hooked(stats or {}, lambda: self._masks[self._batch], stop_after_all=not keep_outputs) as new_forward:
+            for self._batch, (args, kwargs) in enumerate(self.inputs()):
+                new_forward()
+                try:
+                    out = self.block(*args, **kwargs)
+                    outputs.append(out[0] if isinstance(out, tuple) else out)
+                except Stop:
+                    continue
         if keep_outputs:
             self.outputs = outputs
+
+    def run_layerwise(self, stats: dict[nn.Module, LayerStats], ready: Callable[[nn.Module], None]) -> bool:
+        """One pass in which every hooked module is calibrated on the inputs it gets with the modules before it
+        already pruned: all batches wait at a module's input until `ready(module)` (the consumer prunes it) has
+        run. The outputs are then those of the pruned block. Returns False, with some modules perhaps already
+        handed to `ready`, if the batches do not reach the modules in one common order (data-dependent routing);
+        the caller then finishes with `run`."""
+        outputs = lockstep(self.block, list(self.inputs()), stats, self._masks, ready)
+        if outputs is not None:
+            self.outputs = outputs
+        return outputs is not None
+
+    def inputs(self):
+        """(args, kwargs) of the block's call for each batch."""
+        for x, (args, kwargs, slot) in zip(self._hidden, self._calls):
+            if slot == 0:
+                args = (x,) + args[1:]
+            elif slot is not None:
+                kwargs = {**kwargs, slot: x}
+            yield args, kwargs
 
 
 def sequential(model: nn.Module, blocks: list[nn.Module], batches: list[dict], *, device=None,
@@ -186,28 +184,33 @@ def sequential(model: nn.Module, blocks: list[nn.Module], batches: list[dict], *
         hidden, calls = capture(model, blocks, batches, device)
         masks = [None if (m := token_mask(b)) is None else m.to(device) for b in batches]
         for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress, unit="block")):
+            last = i + 1 == len(blocks)
             with on_device(block, device):
                 step = BlockStep(i, block, hidden, [per_batch[i] for per_batch in calls], masks)
                 yield step
-                if step.outputs is None:
+                if step.outputs is None and not last:  # nothing consumes the last block's outputs
                     step.run(keep_outputs=True)
-            if i + 1 < len(blocks):
-                for out in step.outputs:
-                    if out.is_floating_point() and not torch.isfinite(out).all():
+            if not last:
+                for out in step.outputs:  # a float32 sum is NaN/Inf iff some entry is, and costs one read
+                    if out.is_floating_point() and not torch.isfinite(out.sum(dtype=torch.float32)):
                         raise CalibrationError(f"block {i} produced NaN/Inf activations; the model is unstable in "
                                                f"this dtype on this data (try float32)")
             hidden = step.outputs
 
 
-def full_pass(model: nn.Module, batches: list[dict], hooks: dict[nn.Module, Hook]) -> None:
-    """Runs the whole model over the batches with hooks (for layers outside the blocks, such as lm_head)."""
+def full_pass(model: nn.Module, batches: list[dict], stats: dict[nn.Module, LayerStats]) -> None:
+    """Runs the whole model over the batches gathering stats (for layers outside the blocks, such as lm_head)."""
     with evaluating(model):
         current = {"mask": None}
-        with hooked(hooks, lambda: current["mask"]):
+        with hooked(stats, lambda: current["mask"], stop_after_all=True) as new_forward:
             for batch in batches:
                 mask = token_mask(batch)
                 current["mask"] = None if mask is None else mask.to(model_device(model))
-                call_model(model, batch)
+                new_forward()
+                try:
+                    call_model(model, batch)
+                except Stop:
+                    pass
 
 
 @contextlib.contextmanager
@@ -222,3 +225,4 @@ def on_device(module: nn.Module, device: torch.device):
         yield
     finally:
         module.to(home)
+

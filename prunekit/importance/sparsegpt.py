@@ -65,29 +65,28 @@ class SparseGPT(Estimator):
 
     def prune(self, weight: torch.Tensor, stats: LayerStats, count: int,
               nm: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        w = weight.float().clone()
-        rows, cols = w.shape
-        u = self.inverse_cholesky(stats.hessian().to(w.device))
+        # Work on W^T so that a column of W is a contiguous row: two vector ops per column in the inner loop.
+        wt = weight.float().t().contiguous()
+        cols, rows = wt.shape
+        u = self.inverse_cholesky(stats.hessian().to(wt.device))
         bs = self.blocksize if nm is None else max(nm[1], self.blocksize // nm[1] * nm[1])
-        keep = torch.ones_like(w, dtype=torch.bool)
+        keep = torch.ones_like(wt, dtype=torch.bool)
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
-            w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
-            d = torch.diagonal(u1)
-            keep1 = keep[:, i1:i2]
+            w1, u1, keep1 = wt[i1:i2], u[i1:i2, i1:i2], keep[i1:i2]
+            d = torch.diagonal(u1).unsqueeze(1)
             if nm is None:  # this block's exact share of the layer's count, rounded on cumulative sums
                 share = (count * i2 + cols // 2) // cols - (count * i1 + cols // 2) // cols
                 keep1.copy_(masking.lowest(w1.square() / d.square(), share))
-            err1 = torch.zeros_like(w1)
+            scale = (~keep1) / d  # error of column i is w_i / d_i where pruned, 0 where kept
+            err1 = torch.empty_like(w1)
             for i in range(i2 - i1):
                 if nm is not None and i % nm[1] == 0:
-                    group = w1[:, i:i + nm[1]].square() / d[i:i + nm[1]].square()
-                    keep1[:, i:i + nm[1]] = masking.nm_mask(group, *nm)
-                col = w1[:, i]
-                err = torch.where(keep1[:, i], 0.0, col) / d[i]
-                w1[:, i:].addr_(err, u1[i, i:], alpha=-1.0)  # OBS update of the columns still to come
-                w1[:, i] = col * keep1[:, i]  # exact zeros where pruned, whatever rounding left
-                err1[:, i] = err
-            w[:, i1:i2] = w1
-            w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)  # lazy update of the later blocks
-        return w, keep
+                    group = slice(i, i + nm[1])
+                    keep1[group] = masking.nm_mask((w1[group].square() / d[group].square()).t(), *nm).t()
+                    scale[group] = (~keep1[group]) / d[group]
+                torch.mul(w1[i], scale[i], out=err1[i])
+                w1[i:].addr_(u1[i, i:], err1[i], alpha=-1.0)  # OBS update of the columns still to come
+            w1.mul_(keep1)  # exact zeros where pruned, whatever rounding left
+            wt[i2:].addmm_(u[i1:i2, i2:].t(), err1, alpha=-1.0)  # lazy update of the later blocks
+        return wt.t(), keep.t()

@@ -30,14 +30,13 @@ def lowest_per_row(scores: torch.Tensor, count: int, chunk: int = 4096) -> torch
         return keep
     take = base + (extra > 0)
     order = torch.empty(rows, take, dtype=torch.long, device=scores.device)
-    next_score = torch.empty(rows, dtype=scores.dtype, device=scores.device)
-    for r in range(0, rows, chunk):  # row chunks bound the sort's memory on large layers
-        values, idx = scores[r:r + chunk].sort(dim=1, stable=True)
-        order[r:r + chunk] = idx[:, :take]
-        next_score[r:r + chunk] = values[:, base] if base < cols else float("inf")
-    per_row = torch.full((rows,), base, dtype=torch.long, device=scores.device)
+    next_lowest = torch.empty(rows, dtype=scores.dtype, device=scores.device)
+    for r in range(0, rows, chunk):  # row chunks bound the memory of the selection on large layers
+        values, idx = scores[r:r + chunk].topk(take, dim=1, largest=False, sorted=True)
+        order[r:r + chunk] = idx
+        next_lowest[r:r + chunk] = values[:, -1]
+    keep.scatter_(1, order[:, :base], False)
     if extra:
-        per_row[next_score.topk(extra, largest=False, sorted=True).indices] += 1
-    rank = torch.arange(take, device=scores.device).expand(rows, take)
-    keep.scatter_(1, order, rank >= per_row.unsqueeze(1))
+        extra_rows = next_lowest.topk(extra, largest=False).indices
+        keep[extra_rows, order[extra_rows, base]] = False
     return keep

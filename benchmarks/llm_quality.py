@@ -1,0 +1,252 @@
+"""PROTOCOL.md's LLM quality benchmark on SmolLM2-135M: prunekit and llm-compressor side by side.
+
+    python benchmarks/llm_quality.py                    # everything (about 2 hours on 2 cores)
+    python benchmarks/llm_quality.py --configs wanda-50 sparsegpt-2:4 --repeats 1
+
+Every (tool, configuration) runs in a fresh process of this same script on the same calibration windows
+(64 x 512 tokens drawn with random.Random(0) from the calibration split) and is evaluated on the same 32 x 512
+eval windows. Pruning wall time is the minimum over --repeats runs (this shared VM stalls at random), and
+perplexity comes from the first run. Writes benchmarks/results/llm_quality.{json,md}.
+
+llm-compressor runs its `oneshot` with WandaPruningModifier / SparseGPTModifier targeting every
+LlamaDecoderLayer (q, k, v, o, gate, up, down; lm_head, tied to the embeddings, untouched), its default batch
+size of 1 (faster here than 8), and for OWL `sparsity_profile="owl", owl_m=5, owl_lmbda=0.08`. Version 0.14.0.1
+needs three patches to run at all, applied below and nowhere else: its model validation re-reads a config.json
+that a GGUF-loaded model does not have, and its OWL profile fires pipeline events before its session starts
+and returns a dict where a list is used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# name: (importance, budget, allocator)
+CONFIGS = {
+    "dense": (None, None, None),
+    "magnitude-50": ("magnitude", "0.5", "uniform"),
+    "wanda-50": ("wanda", "0.5", "uniform"),
+    "sparsegpt-50": ("sparsegpt", "0.5", "uniform"),
+    "magnitude-2:4": ("magnitude", "2:4", "uniform"),
+    "wanda-2:4": ("wanda", "2:4", "uniform"),
+    "sparsegpt-2:4": ("sparsegpt", "2:4", "uniform"),
+    "wanda-70": ("wanda", "0.7", "uniform"),
+    "sparsegpt-70": ("sparsegpt", "0.7", "uniform"),
+    "wanda-70-owl": ("wanda", "0.7", "owl"),
+    "sparsegpt-70-owl": ("sparsegpt", "0.7", "owl"),
+}
+PEER_OFFERS = {"wanda", "sparsegpt"}  # llm-compressor's one-shot pruning modifiers
+# tool -> prunekit's calibration order (None: the peer)
+TOOLS = {"prunekit": "layer", "prunekit-block": "block", "llmcompressor": None}
+
+
+def target_sparsity(model) -> tuple[float, list[float]]:
+    """Fraction of exact zeros over the decoder Linears (the same count for both tools), and per decoder layer."""
+    zeros = total = 0
+    per_layer: dict[int, list[int]] = {}
+    for name, module in model.named_modules():
+        if name.startswith("model.layers.") and name.endswith(TARGETS):
+            z, n = int((module.weight == 0).sum()), module.weight.numel()
+            zeros, total = zeros + z, total + n
+            acc = per_layer.setdefault(int(name.split(".")[2]), [0, 0])
+            acc[0], acc[1] = acc[0] + z, acc[1] + n
+    return zeros / total, [z / n for _, (z, n) in sorted(per_layer.items())]
+
+
+def run_prunekit(model, windows, importance, budget, allocator, order):
+    import prunekit
+
+    report = prunekit.prune(model, budget, importance=importance, allocator=allocator, calibration=windows,
+                            order=order, progress=False)
+    return {"exact": report.exact, "report_sparsity": report.sparsity}
+
+
+def run_llmcompressor(model, tokenizer, windows, importance, budget, allocator):
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
+    import llmcompressor.pipelines.basic.pipeline as basic
+    from llmcompressor import oneshot
+    from llmcompressor.entrypoints.oneshot import Oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+    from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
+    from torch.utils.data import DataLoader
+
+    Oneshot.validate_model = lambda self, model: None
+
+    class NoEvents:
+        calibration_start = sequential_epoch_end = calibration_end = staticmethod(lambda *a, **k: None)
+
+    basic.LifecycleCallbacks = NoEvents
+    infer = SparsityModifierBase._infer_owl_layer_sparsity
+    SparsityModifierBase._infer_owl_layer_sparsity = lambda self, m, layers, dl: list(infer(self, m, layers, dl).values())
+
+    cls = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}[importance]
+    options = {"targets": ["LlamaDecoderLayer"]}
+    if budget == "2:4":
+        options.update(sparsity=0.5, mask_structure="2:4")
+    else:
+        options.update(sparsity=float(budget), mask_structure="0:0")
+    if allocator == "owl":
+        options.update(sparsity_profile="owl", owl_m=5, owl_lmbda=0.08)
+    loader = DataLoader([{"input_ids": w} for w in windows], batch_size=1, shuffle=False)
+    oneshot(model=model, processor=tokenizer, dataset=loader, recipe=cls(**options))
+    return {}
+
+
+def worker(tool: str, name: str, args) -> dict:
+    """One (tool, config): load, prune --repeats times on fresh copies, evaluate the first. Prints one JSON line."""
+    import copy
+
+    import torch
+
+    from prunekit import data
+    from prunekit.evaluate import perplexity
+
+    model, tokenizer = data.load_smollm2()
+    windows = data.calibration_windows(tokenizer, args.calibration_windows, args.seq_len)
+    eval_windows = data.eval_windows(tokenizer, args.eval_windows, args.seq_len)
+    importance, budget, allocator = CONFIGS[name]
+    result = {"tool": tool, "config": name, "threads": torch.get_num_threads()}
+    if importance is not None:
+        times, pruned = [], None
+        for _ in range(args.repeats):
+            candidate = copy.deepcopy(model)
+            start = time.perf_counter()
+            if tool == "llmcompressor":
+                extra = run_llmcompressor(candidate, tokenizer, windows, importance, budget, allocator)
+            else:
+                extra = run_prunekit(candidate, windows, importance, budget, allocator, TOOLS[tool])
+            times.append(time.perf_counter() - start)
+            pruned = pruned or (candidate, extra)
+        model, extra = pruned
+        result.update(extra, seconds=min(times), seconds_all=times)
+        result["sparsity"], result["per_layer_sparsity"] = target_sparsity(model)
+    result["perplexity"] = perplexity(model, eval_windows, progress=False)
+    return result
+
+
+def run_worker(tool: str, name: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", tool, name, "--repeats", str(args.repeats),
+           "--calibration-windows", str(args.calibration_windows), "--eval-windows", str(args.eval_windows),
+           "--seq-len", str(args.seq_len)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        return {"tool": tool, "config": name, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    found = {}
+    for dist in ("prunekit", "torch", "transformers", "llmcompressor", "compressed-tensors"):
+        try:
+            found[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            found[dist] = None
+    return found
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def markdown(doc: dict) -> str:
+    rows = {(r["tool"], r["config"]): r for r in doc["results"]}
+    dense = rows.get(("prunekit", "dense"), {}).get("perplexity")
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    ratio = lambda a, b: a / b if a and b else None  # noqa: E731
+    out = ["# LLM quality: SmolLM2-135M, PROTOCOL.md", "",
+           f"Command: `{doc['command']}`  ",
+           f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores, {doc['machine']['threads']} torch "
+           f"threads, Python {doc['machine']['python']}  ",
+           "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items() if v) + "  ",
+           f"Date: {doc['date']}  ",
+           f"Calibration: {doc['protocol']['calibration']}; eval: {doc['protocol']['eval']}  ",
+           f"Dense perplexity: {fmt(dense, '.3f')}", "",
+           "prunekit runs in its default order (`layer`: each layer calibrated on the inputs it gets once the layers "
+           "before it in its block are pruned, one forward per block) and, where llm-compressor offers the method, "
+           "also in `block` order (every layer of a block calibrated on the dense block, then the block re-run: "
+           "the reference code's and llm-compressor's scheme). Ratios are prunekit / llm-compressor. Sparsity is "
+           "the fraction of exact zeros over the 210 decoder Linears (the dequantized GGUF weights start with 0.03% "
+           f"zeros). Seconds: pruning wall time, minimum over {doc['protocol']['repeats']} run(s), each in a fresh "
+           "process.", "",
+           "| config | ppl prunekit | ppl prunekit block | ppl llm-compressor | ppl ratio | ppl ratio block "
+           "| s prunekit | s prunekit block | s llm-compressor | time ratio | time ratio block | sparsity prunekit "
+           "| sparsity llm-compressor |",
+           "|---|" + "---|" * 12]
+    for name in CONFIGS:
+        ours, block, peer = (rows.get((tool, name), {}) for tool in TOOLS)
+        if name == "dense" or not (ours or peer):
+            continue
+        ppl = [r.get("perplexity") for r in (ours, block, peer)]
+        sec = [r.get("seconds") for r in (ours, block, peer)]
+        out.append(f"| {name} | " + " | ".join(
+            [fmt(p, ".3f") for p in ppl] + [fmt(ratio(ppl[0], ppl[2]), ".3f"), fmt(ratio(ppl[1], ppl[2]), ".3f")]
+            + [fmt(s_, ".1f") for s_ in sec] + [fmt(ratio(sec[0], sec[2]), ".2f"), fmt(ratio(sec[1], sec[2]), ".2f")]
+            + [fmt(ours.get("sparsity"), ".4f"), fmt(peer.get("sparsity"), ".4f")]) + " |")
+    errors = [r for r in doc["results"] if "error" in r]
+    if errors:
+        out += ["", "Failed runs:"] + [f"- {r['tool']} {r['config']}: {r['error']}" for r in errors]
+    return "\n".join(out) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--tools", nargs="*", default=list(TOOLS), choices=list(TOOLS))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--calibration-windows", type=int, default=64)
+    parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--out", type=Path, default=RESULTS / "llm_quality")
+    parser.add_argument("--worker", nargs=2, metavar=("TOOL", "CONFIG"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(*args.worker, args)), flush=True)
+        return
+    results = []
+    for name in args.configs:
+        for tool in args.tools:
+            if tool != "prunekit" and (name == "dense" or CONFIGS[name][0] not in PEER_OFFERS):
+                continue  # one dense row; prunekit's block order only where it has a peer to match
+            start = time.perf_counter()
+            results.append(run_worker(tool, name, args))
+            shown = {k: v for k, v in results[-1].items() if k not in ("per_layer_sparsity", "seconds_all")}
+            print(f"[{time.perf_counter() - start:5.0f} s] {shown}", flush=True)
+    import torch
+
+    doc = {
+        "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "python": platform.python_version()},
+        "versions": versions(),
+        "protocol": {"calibration": f"{args.calibration_windows} x {args.seq_len} tokens, random.Random(0)",
+                     "eval": f"first {args.eval_windows} x {args.seq_len} tokens of the eval split",
+                     "repeats": args.repeats},
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(doc))
+    print(markdown(doc))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Forward hooks that feed layer inputs to their statistics."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .stats import LayerStats
+
+
+class Stop(Exception):
+    """Cuts a forward short once nothing after this point is needed."""
+
+
+def record(stats: dict[nn.Module, LayerStats], seen: dict, module: nn.Module, x: torch.Tensor,
+           mask: torch.Tensor | None) -> None:
+    """Adds module's input x (padding tokens removed) to its LayerStats.
+
+    `seen` holds the inputs of the current forward (kept alive, so their ids stay unique). Modules called with
+    the very same input tensor (q, k and v; gate and up) end up sharing one LayerStats, updated once.
+    """
+    first = seen.get(id(x))
+    if first is None:
+        seen[id(x)] = (x, module)
+    elif stats[module] is stats[first[1]]:
+        return
+    elif stats[module].count == 0:
+        stats[module] = stats[first[1]]
+        return
+    stats[module].update((x[mask] if mask is not None and x.shape[:-1] == mask.shape else x).detach())
+
+
+@contextlib.contextmanager
+def hooked(stats: dict[nn.Module, LayerStats], mask_of: Callable[[], torch.Tensor | None],
+           stop_after_all: bool = False):
+    """Records each hooked module's input into `stats` during the forwards run inside (see `record`).
+
+    Yields a function to call before each forward. With stop_after_all, a forward is cut short (raising Stop)
+    as soon as every hooked module has received its input: nothing after it is needed for statistics.
+    """
+    seen: dict = {}
+    fired: set[nn.Module] = set()
+
+    def pre_hook(module, args):
+        record(stats, seen, module, args[0], mask_of())
+        fired.add(module)
+        if stop_after_all and len(fired) == len(stats):
+            raise Stop
+
+    def new_forward():
+        seen.clear()
+        fired.clear()
+
+    handles = [module.register_forward_pre_hook(pre_hook) for module in stats]
+    try:
+        yield new_forward
+    finally:
+        for handle in handles:
+            handle.remove()
