@@ -108,33 +108,32 @@ def _by_block(targets: list[Target]) -> tuple[dict[int, list[Target]], list[Targ
     return groups, [t for t in targets if t.block is None]
 
 
-def _collect(targets: list[Target], needs: Needs, device, run) -> dict[Target, LayerStats]:
-    """LayerStats per target from one pass; run(stats by module) makes the pass (a block step, or the model)."""
-    by_module = {t.module: LayerStats(needs, t.shape[1], device or model_device(t.module)) for t in targets}
-    run(by_module)  # may make layers that share an input share one LayerStats
-    return {t: _seen(t, by_module) for t in targets}
-
-
-def _dense_passes(model, targets, batches, needs, device, progress, desc):
-    """Yields (targets, their stats) block by block from the dense model (outputs of a pass feed the next block),
-    then for layers outside the blocks from a full-model pass."""
-    groups, outside = _by_block(targets)
-    _, blocks = find_blocks(model)
-    for step in sequential(model, blocks, batches, device=device, desc=desc, progress=progress):
-        if step.index in groups:
-            group = groups[step.index]
-            yield group, _collect(group, needs, device, lambda stats: step.run(stats, keep_outputs=True))
-    if outside:
-        yield outside, _collect(outside, needs, None, lambda stats: full_pass(model, batches, stats))
+def _new_stats(targets: list[Target], needs: Needs, device) -> dict[nn.Module, LayerStats]:
+    """Empty statistics per target module; a pass may make layers that share an input share one."""
+    return {t.module: LayerStats(needs, t.shape[1], device or model_device(t.module)) for t in targets}
 
 
 def _allocator_scores(model, targets, batches, allocator, device, progress) -> list[float]:
-    """The allocator's layer scores from one pass over the dense model (dense outputs feed the next block)."""
+    """The allocator's layer scores from one pass over the dense model (dense outputs feed the next block), and
+    for layers outside the blocks from a full-model pass."""
+    groups, outside = _by_block(targets)
     found: dict[Target, float] = {}
-    for group, stats in _dense_passes(model, targets, batches, allocator.needs, device, progress,
-                                      f"{allocator.name} scores"):
-        values = allocator.block_scores([t.weight.float() for t in group], [stats[t] for t in group])
+
+    def score(group, stats):
+        values = allocator.block_scores([t.weight.float() for t in group], [_seen(t, stats) for t in group])
         found.update(zip(group, values))
+
+    _, blocks = find_blocks(model)
+    for step in sequential(model, blocks, batches, device=device, desc=f"{allocator.name} scores",
+                           progress=progress):
+        if step.index in groups:
+            stats = _new_stats(groups[step.index], allocator.needs, device)
+            step.run(stats, keep_outputs=True)
+            score(groups[step.index], stats)
+    if outside:
+        stats = _new_stats(outside, allocator.needs, None)
+        full_pass(model, batches, stats)
+        score(outside, stats)
     return [found[t] for t in targets]
 
 
@@ -151,9 +150,6 @@ def _prune_targets(model, targets, counts, nm, batches, estimator, order, device
         masks.attach(t.module, t.to_native(keep))
         seconds[t] = time.perf_counter() - clock
 
-    def new_stats(group):
-        return {t.module: LayerStats(estimator.needs, t.shape[1], device or model_device(t.module)) for t in group}
-
     with _transaction(targets, rollback):
         if estimator.needs == Needs.NONE:
             for t in tqdm(targets, desc=estimator.name, disable=not progress, unit="layer"):
@@ -164,16 +160,16 @@ def _prune_targets(model, targets, counts, nm, batches, estimator, order, device
         for step in sequential(model, blocks, batches, device=device, desc=estimator.name, progress=progress):
             group = groups.get(step.index, [])
             if group and order == "layer":
-                stats, target_of = new_stats(group), {t.module: t for t in group}
+                stats, target_of = _new_stats(group, estimator.needs, device), {t.module: t for t in group}
                 step.run_layerwise(stats, lambda module: prune_one(target_of[module], _seen(target_of[module], stats)))
             rest = [t for t in group if t not in seconds]  # all of them in "block" order, or after a fallback
             if rest:
-                stats = new_stats(rest)
+                stats = _new_stats(rest, estimator.needs, device)
                 step.run(stats)
                 for t in rest:
                     prune_one(t, _seen(t, stats))
         if outside:
-            stats = new_stats(outside)
+            stats = _new_stats(outside, estimator.needs, None)
             full_pass(model, batches, stats)
             for t in outside:
                 prune_one(t, _seen(t, stats))

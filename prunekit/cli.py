@@ -58,7 +58,7 @@ def cmd_prune(args) -> None:
     before = perplexity(model, windows) if windows is not None else None
     calibration = data.calibration_windows(tokenizer, args.calibration_windows, args.seq_len, args.seed)
     report = prunekit.prune(model, budget, importance=args.importance, allocator=args.allocator,
-                            calibration=calibration, device=args.device)
+                            calibration=calibration, order=args.order, device=args.device)
     after = perplexity(model, windows) if windows is not None else None
     print(report)
     if before is not None:
@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-layer-sparsity", type=float, default=1.0)
     p.add_argument("--include", help="regex of layers to prune (default: every Linear in the repeated blocks)")
     p.add_argument("--exclude", help="regex of layers to leave alone")
+    p.add_argument("--order", default="layer", choices=["layer", "block"],
+                   help="layer: calibrate each layer with the earlier ones pruned, one pass per block; "
+                        "block: the reference scheme, two passes per block, less memory")
     p.add_argument("--calibration-windows", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="run each block here during calibration, e.g. cuda")

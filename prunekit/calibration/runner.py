@@ -2,8 +2,10 @@
 
 The model runs once with every block replaced by a recorder, which captures the first block's input and
 the other arguments (attention masks, rotary embeddings...) each block receives. After that, blocks run one
-at a time on the captured activations: a consumer gathers statistics from a block, prunes it, and the
-runner feeds the pruned block's outputs to the next one. Only one block's activations are held at a time.
+at a time on the captured activations: a consumer gathers statistics from a block and prunes it, either after
+a statistics pass (`BlockStep.run`, then an output pass) or layer by layer inside one pass
+(`BlockStep.run_layerwise`, see lockstep.py), and the runner feeds the pruned block's outputs to the next one.
+Only one block's activations are held at a time.
 """
 from __future__ import annotations
 
@@ -19,8 +21,6 @@ from .hooks import Stop, hooked
 from .inputs import token_mask
 from .lockstep import lockstep
 from .stats import LayerStats
-
-
 
 _HIDDEN_NAMES = ("hidden_states", "x", "input", "inputs_embeds")
 
@@ -191,7 +191,7 @@ def sequential(model: nn.Module, blocks: list[nn.Module], batches: list[dict], *
                 if step.outputs is None and not last:  # nothing consumes the last block's outputs
                     step.run(keep_outputs=True)
             if not last:
-                for out in step.outputs:  # a float32 sum is NaN/Inf iff some entry is, and costs one read
+                for out in step.outputs:  # any NaN/Inf entry makes the float32 sum non-finite: one read, no mask
                     if out.is_floating_point() and not torch.isfinite(out.sum(dtype=torch.float32)):
                         raise CalibrationError(f"block {i} produced NaN/Inf activations; the model is unstable in "
                                                f"this dtype on this data (try float32)")
