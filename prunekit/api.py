@@ -13,8 +13,9 @@ from . import masks
 from .allocation import ALLOCATORS, Allocator, exact_counts
 from .budget import Budget, BudgetLike
 from .calibration.inputs import as_batches
-from .calibration.runner import full_pass, model_device, sequential
-from .calibration.stats import LayerStats, Needs
+from .calibration.runner import full_pass, sequential
+from .allocation.context import DenseModel
+from .calibration.stats import LayerStats, Needs, empty_stats, gathered
 from .errors import BudgetError, CalibrationError, PrunekitError, TargetError
 from .importance import ESTIMATORS, Estimator
 from .masking import check_nm
@@ -52,34 +53,38 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
     targets = find_targets(model, budget.include, budget.exclude)
     sizes = [t.numel for t in targets]
     _check_plan(targets, budget, estimator, allocator)
-    needs = estimator.needs | allocator.needs
-    if needs != Needs.NONE and calibration is None:
-        users = [f"{kind} {obj.name!r}" for kind, obj in (("importance", estimator), ("allocator", allocator))
-                 if obj.needs != Needs.NONE]
+    nm = budget.nm
+    users = [f"{kind} {name!r}" for kind, name, needed in (
+        ("importance", estimator.name, estimator.needs != Needs.NONE),
+        ("allocator", allocator.name, allocator.needs_data and nm is None)) if needed]
+    if users and calibration is None:
         raise CalibrationError(f"{' and '.join(users)} need calibration data; pass calibration=<token windows [N, L] "
                                f"or input dicts>, e.g. from prunekit.data.calibration_windows(tokenizer)")
-    batches = as_batches(calibration, model) if needs != Needs.NONE else []
+    batches = as_batches(calibration, model) if users else []
     seconds: dict[str, float] = {}
     with torch.no_grad():
         clock = time.perf_counter()
-        scores = None
-        if allocator.needs != Needs.NONE:
-            scores = _allocator_scores(model, targets, batches, allocator, device, progress)
-        nm = budget.nm
-        sparsities = [budget.sparsity] * len(targets) if nm else allocator.allocate(sizes, budget, scores)
+        dense = DenseModel(model, targets, batches, estimator, device, progress)
+        # FLOPs per weight: measured when the budget is in FLOPs and there is data to measure it on
+        rows = dense.rows() if budget.metric == "flops" and batches else None
+        costs = [float(rows[t]) for t in targets] if rows else [1.0] * len(targets)
+        measured = allocator.measure(dense) if nm is None else None
+        sparsities = [budget.sparsity] * len(targets) if nm else allocator.allocate(sizes, costs, budget, measured)
         counts = ([n * (nm[1] - nm[0]) // nm[1] for n in sizes] if nm else exact_counts(sizes, sparsities, budget))
         seconds["allocation"] = time.perf_counter() - clock
         clock = time.perf_counter()
         timings = _prune_targets(model, targets, counts, nm, batches, estimator, order, device, progress, rollback)
         seconds["pruning"] = time.perf_counter() - clock
     seconds["total"] = time.perf_counter() - start
-    rows = [LayerRow(t.name, t.shape, sparsity, count / t.numel, count, timings[t],
-                     None if scores is None else scores[i])
-            for i, (t, sparsity, count) in enumerate(zip(targets, sparsities, counts))]
+    layers = [LayerRow(name=t.name, shape=t.shape, target=sparsity, achieved=count / t.numel, pruned=count,
+                       seconds=timings[t], block=t.block, flops_per_weight=costs[i] if rows else None,
+                       score=None if measured is None else allocator.layer_score(measured[i], sparsity))
+              for i, (t, sparsity, count) in enumerate(zip(targets, sparsities, counts))]
     tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                  for b in batches if "input_ids" in b)
     return PruneReport(model=type(model).__name__, importance=repr(estimator), allocator=repr(allocator),
-                       granularity=budget.granularity, requested=budget.sparsity, layers=rows, seconds=seconds,
+                       granularity=budget.granularity, requested=budget.sparsity, metric=budget.metric, layers=layers,
+                       seconds=seconds,
                        calibration={"batches": len(batches), "samples": sum(len(next(iter(b.values()))) for b in batches),
                                     "tokens": tokens} if batches else {})
 
@@ -108,35 +113,6 @@ def _by_block(targets: list[Target]) -> tuple[dict[int, list[Target]], list[Targ
     return groups, [t for t in targets if t.block is None]
 
 
-def _new_stats(targets: list[Target], needs: Needs, device) -> dict[nn.Module, LayerStats]:
-    """Empty statistics per target module; a pass may make layers that share an input share one."""
-    return {t.module: LayerStats(needs, t.shape[1], device or model_device(t.module)) for t in targets}
-
-
-def _allocator_scores(model, targets, batches, allocator, device, progress) -> list[float]:
-    """The allocator's layer scores from one pass over the dense model (dense outputs feed the next block), and
-    for layers outside the blocks from a full-model pass."""
-    groups, outside = _by_block(targets)
-    found: dict[Target, float] = {}
-
-    def score(group, stats):
-        values = allocator.block_scores([t.weight.float() for t in group], [_seen(t, stats) for t in group])
-        found.update(zip(group, values))
-
-    _, blocks = find_blocks(model)
-    for step in sequential(model, blocks, batches, device=device, desc=f"{allocator.name} scores",
-                           progress=progress):
-        if step.index in groups:
-            stats = _new_stats(groups[step.index], allocator.needs, device)
-            step.run(stats, keep_outputs=True)
-            score(groups[step.index], stats)
-    if outside:
-        stats = _new_stats(outside, allocator.needs, None)
-        full_pass(model, batches, stats)
-        score(outside, stats)
-    return [found[t] for t in targets]
-
-
 def _prune_targets(model, targets, counts, nm, batches, estimator, order, device, progress, rollback) -> dict:
     """Prunes every target; sequentially block by block when the estimator needs data. Returns seconds per target."""
     count_of = dict(zip(targets, counts))
@@ -160,28 +136,20 @@ def _prune_targets(model, targets, counts, nm, batches, estimator, order, device
         for step in sequential(model, blocks, batches, device=device, desc=estimator.name, progress=progress):
             group = groups.get(step.index, [])
             if group and order == "layer":
-                stats, target_of = _new_stats(group, estimator.needs, device), {t.module: t for t in group}
-                step.run_layerwise(stats, lambda module: prune_one(target_of[module], _seen(target_of[module], stats)))
+                stats, target_of = empty_stats(group, estimator.needs, device), {t.module: t for t in group}
+                step.run_layerwise(stats, lambda module: prune_one(target_of[module], gathered(target_of[module], stats)))
             rest = [t for t in group if t not in seconds]  # all of them in "block" order, or after a fallback
             if rest:
-                stats = _new_stats(rest, estimator.needs, device)
+                stats = empty_stats(rest, estimator.needs, device)
                 step.run(stats)
                 for t in rest:
-                    prune_one(t, _seen(t, stats))
+                    prune_one(t, gathered(t, stats))
         if outside:
-            stats = _new_stats(outside, estimator.needs, None)
+            stats = empty_stats(outside, estimator.needs, None)
             full_pass(model, batches, stats)
             for t in outside:
-                prune_one(t, _seen(t, stats))
+                prune_one(t, gathered(t, stats))
     return seconds
-
-
-def _seen(t: Target, stats: dict[nn.Module, LayerStats]) -> LayerStats:
-    """The target's statistics, refusing a layer that no calibration token reached."""
-    st = stats[t.module]
-    if st.count == 0:
-        raise CalibrationError(f"{t.name} received no calibration tokens (every token masked as padding?)")
-    return st
 
 
 @contextlib.contextmanager

@@ -15,7 +15,14 @@ _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 class Budget:
     """What to prune.
 
+    Give one of:
     sparsity: fraction of the targeted weights to remove, in (0, 1). Implied by an N:M granularity.
+    params: fraction of the targeted weights to keep (params=0.4 is sparsity=0.6).
+    flops: fraction of the targeted layers' FLOPs to keep. Each layer's FLOPs per weight is measured as the
+        rows (tokens, positions) it processes on the calibration data, so an allocator may trade a cheap layer's
+        weights against an expensive one's; for the Linears of a transformer all rows are alike and this equals
+        params.
+
     granularity: "unstructured", or "N:M" (keep N of every M consecutive input weights, e.g. "2:4").
     min_layer_sparsity, max_layer_sparsity: floor and cap for every layer's sparsity; allocators respect them.
     include: regex (re.search on module names) choosing the layers to prune among all Linear/Conv1D layers
@@ -24,6 +31,8 @@ class Budget:
     """
 
     sparsity: float | None = None
+    params: float | None = None
+    flops: float | None = None
     granularity: str = "unstructured"
     min_layer_sparsity: float = 0.0
     max_layer_sparsity: float = 1.0
@@ -31,11 +40,24 @@ class Budget:
     exclude: str | None = None
 
     def __post_init__(self):
+        if self.params is not None and self.flops is not None:
+            raise BudgetError("give a params or a flops budget, not both")
+        for name in ("params", "flops"):
+            kept = getattr(self, name)
+            if kept is None:
+                continue
+            if isinstance(kept, bool) or not isinstance(kept, (int, float)) or not 0 < kept < 1:
+                raise BudgetError(f"{name} must be the fraction kept, in (0, 1); got {kept!r}")
+            if self.sparsity is not None and not math.isclose(self.sparsity, 1 - kept):  # agreeing is fine
+                raise BudgetError(f"sparsity={self.sparsity} contradicts {name}={kept}; give one of them")
+            object.__setattr__(self, "sparsity", 1 - kept)
         nm = _parse_nm(self.granularity)
         if nm is None and self.granularity != "unstructured":
             raise BudgetError(f"unknown granularity {self.granularity!r}; use 'unstructured' or 'N:M' such as '2:4'")
         if nm is not None:
             implied = 1 - nm[0] / nm[1]
+            if self.flops is not None:
+                raise BudgetError("N:M fixes the sparsity of every layer; a flops budget does not apply")
             if self.sparsity is not None and not math.isclose(self.sparsity, implied):
                 raise BudgetError(
                     f"sparsity={self.sparsity} contradicts granularity {self.granularity!r}, which prunes exactly "
@@ -63,6 +85,11 @@ class Budget:
                     raise BudgetError(f"{field}={pattern!r} is not a valid regular expression: {e}") from None
 
     @property
+    def metric(self) -> str:
+        """What `sparsity` is a fraction of: "params" (weights) or "flops"."""
+        return "flops" if self.flops is not None else "params"
+
+    @property
     def nm(self) -> tuple[int, int] | None:
         """(N, M) for an N:M granularity, else None."""
         return _parse_nm(self.granularity)
@@ -87,7 +114,7 @@ class Budget:
         raise BudgetError(f"budget must be a Budget, a fraction in (0, 1) or 'N:M'; got {type(budget).__name__}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "metric": self.metric}
 
 
 def _parse_nm(text: str) -> tuple[int, int] | None:

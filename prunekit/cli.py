@@ -83,9 +83,13 @@ def cmd_eval(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .report import PruneReport
+    from .report import PruneReport, plot_sparsity
 
-    print(PruneReport.load(args.dir))
+    reports = {Path(d).name: PruneReport.load(d) for d in args.dirs}
+    for name, report in reports.items():
+        print(f"== {name}\n{report}\n" if len(reports) > 1 else report)
+    if args.plot:
+        print(f"per-layer sparsity plot: {plot_sparsity(reports, args.plot)}")
 
 
 def main(argv=None) -> int:
@@ -120,8 +124,9 @@ def main(argv=None) -> int:
     protocol(p, 32)
     p.set_defaults(run=cmd_eval)
 
-    p = sub.add_parser("report", help="print the per-layer report of a saved pruned model")
-    p.add_argument("dir")
+    p = sub.add_parser("report", help="print the per-layer report of saved pruned models, and plot them")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="directories written by prunekit prune --out (or report JSONs)")
+    p.add_argument("--plot", metavar="PNG", help="write the per-layer sparsity of every DIR side by side to PNG")
     p.set_defaults(run=cmd_report)
 
     args = parser.parse_args(argv)

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .errors import PrunekitError
 
 
 @dataclass
@@ -15,6 +18,8 @@ class LayerRow:
     pruned: int
     seconds: float  # time to choose this layer's mask (and reconstruct)
     score: float | None = None  # the allocator's layer score, if it used one
+    block: int | None = None  # index of the block the layer belongs to
+    flops_per_weight: float | None = None  # rows the layer processes per calibration batch, under a flops budget
 
     @property
     def numel(self) -> int:
@@ -27,8 +32,9 @@ class PruneReport:
     importance: str
     allocator: str
     granularity: str
-    requested: float  # the budget's sparsity over the targeted weights
+    requested: float  # the budget's sparsity: the fraction of the targeted weights (or FLOPs) to remove
     layers: list[LayerRow]
+    metric: str = "params"  # what `requested` is a fraction of: "params" or "flops"
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds ("total" included)
     calibration: dict[str, int] = field(default_factory=dict)  # batches, tokens
 
@@ -46,18 +52,38 @@ class PruneReport:
         return self.pruned / self.total
 
     @property
+    def flops_sparsity(self) -> float | None:
+        """Achieved fraction of the targeted FLOPs removed, when FLOPs per weight were measured."""
+        if any(row.flops_per_weight is None for row in self.layers):
+            return None
+        return (sum(row.pruned * row.flops_per_weight for row in self.layers)
+                / sum(row.numel * row.flops_per_weight for row in self.layers))
+
+    @property
     def exact(self) -> bool:
-        """True when the pruned count equals the request rounded to a whole weight."""
+        """Budget met to the weight: the pruned count equals the request rounded to a whole weight, or for a flops
+        budget the removed FLOPs are within one weight's FLOPs per layer of the request."""
+        if self.metric == "flops" and self.flops_sparsity is not None:
+            slack = sum(row.flops_per_weight for row in self.layers)
+            total = sum(row.numel * row.flops_per_weight for row in self.layers)
+            return abs(self.flops_sparsity - self.requested) * total <= slack
         return self.pruned == round(self.requested * self.total)
 
     def summary(self) -> str:
         off = self.pruned - round(self.requested * self.total)
         data = (f", calibration {self.calibration['batches']} batches / {self.calibration['tokens']:,} tokens"
                 if self.calibration else "")
+        if self.metric == "flops":
+            achieved = self.flops_sparsity
+            budget = (f"FLOPs removed {achieved:.4%} (requested {self.requested:.4%}, "
+                      + ("within one weight per layer" if self.exact else "NOT within one weight per layer") + ")"
+                      if achieved is not None else f"FLOPs removed: requested {self.requested:.4%}")
+        else:
+            budget = (f"requested {self.requested:.4%}, "
+                      + ("exact to the weight" if off == 0 else f"off by {off:+,} weights"))
         return (f"{self.model}: {self.importance} + {self.allocator}, {self.granularity}{data}\n"
                 f"pruned {self.pruned:,} of {self.total:,} targeted weights in {len(self.layers)} layers: "
-                f"{self.sparsity:.4%} (requested {self.requested:.4%}, "
-                + ("exact to the weight" if off == 0 else f"off by {off:+,} weights") + ")"
+                f"{self.sparsity:.4%} ({budget})"
                 + (f" in {self.seconds['total']:.1f} s" if "total" in self.seconds else ""))
 
     def table(self) -> str:
@@ -75,8 +101,8 @@ class PruneReport:
         return f"{self.table()}\n\n{self.summary()}"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "sparsity": self.sparsity, "pruned": self.pruned, "total": self.total,
-                "exact": self.exact}
+        return {**asdict(self), "sparsity": self.sparsity, "flops_sparsity": self.flops_sparsity,
+                "pruned": self.pruned, "total": self.total, "exact": self.exact}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
@@ -84,7 +110,7 @@ class PruneReport:
     @classmethod
     def from_dict(cls, data: dict) -> "PruneReport":
         known = {k: data[k] for k in ("model", "importance", "allocator", "granularity", "requested", "seconds",
-                                      "calibration")}
+                                      "calibration", "metric") if k in data}
         rows = [LayerRow(**{**row, "shape": tuple(row["shape"])}) for row in data["layers"]]
         return cls(layers=rows, **known)
 
@@ -95,3 +121,42 @@ class PruneReport:
         if path.is_dir():
             return cls.from_dict(json.loads((path / "prunekit.json").read_text())["report"])
         return cls.from_dict(json.loads(path.read_text()))
+
+
+def plot_sparsity(reports: dict[str, PruneReport], path: str | Path) -> Path:
+    """PNG of the per-layer sparsity each report chose (one line per report, e.g. one per allocator), and below it
+    the mean sparsity of each block, the reports side by side."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PrunekitError("plots need matplotlib: pip install matplotlib (or prunekit[plot])") from None
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 7), constrained_layout=True)
+    width = 0.8 / len(reports)
+    for k, (label, report) in enumerate(reports.items()):
+        top.plot(range(len(report.layers)), [row.achieved for row in report.layers], lw=1, marker=".", ms=3,
+                 label=f"{label} ({report.sparsity:.1%})")
+        per_block = defaultdict(list)
+        for row in report.layers:
+            if row.block is not None:
+                per_block[row.block].append((row.pruned, row.numel))
+        blocks = sorted(per_block)
+        bottom.bar([b + (k - (len(reports) - 1) / 2) * width for b in blocks],
+                   [sum(p for p, _ in per_block[b]) / sum(n for _, n in per_block[b]) for b in blocks],
+                   width=width, label=label)
+    first = next(iter(reports.values()))
+    starts = [i for i, row in enumerate(first.layers) if i and row.block != first.layers[i - 1].block]
+    for x in starts:
+        top.axvline(x - 0.5, color="0.85", lw=0.5, zorder=0)
+    top.set(xlabel="layer (in order; grey lines separate blocks)", ylabel="sparsity", xlim=(-1, len(first.layers)),
+            title=f"{first.model}: per-layer sparsity")
+    bottom.set(xlabel="block", ylabel="sparsity of the block", title="per block")
+    bottom.set_xticks(blocks)
+    top.legend(fontsize=8)
+    bottom.legend(fontsize=8)
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -23,15 +23,16 @@ def test_owl_outlier_ratio_by_hand():
 def test_owl_allocation_by_hand():
     budget = prunekit.Budget(sparsity=0.7)
     # D = 10, 20, 40: r = 0.16 * (D - 10) / 30 = 0, 0.05333.., 0.16; mean(r) = 0.07111..; s = 0.7 - r + mean(r)
-    out = OWL(lam=0.08).allocate([1000, 1000, 1000], budget, [10.0, 20.0, 40.0])
+    out = OWL(lam=0.08).allocate([1000, 1000, 1000], [1.0] * 3, budget, [10.0, 20.0, 40.0])
     assert out == pytest.approx([0.771111, 0.717778, 0.611111], abs=1e-6)
     # Unequal sizes: the size-weighted mean keeps the budget. r = 0, 0.2; weighted mean 0.15.
-    out = OWL(lam=0.1).allocate([100, 300], prunekit.Budget(sparsity=0.5), [0.0, 1.0])
+    out = OWL(lam=0.1).allocate([100, 300], [1.0, 1.0], prunekit.Budget(sparsity=0.5), [0.0, 1.0])
     assert out == pytest.approx([0.65, 0.45])
     # All layers alike: uniform (the reference code divides by zero here).
-    assert OWL().allocate([10, 10], budget, [3.0, 3.0]) == pytest.approx([0.7, 0.7])
+    assert OWL().allocate([10, 10], [1.0, 1.0], budget, [3.0, 3.0]) == pytest.approx([0.7, 0.7])
     # A cap binds: the shift is re-solved so the budget still holds.
-    out = OWL(lam=0.2).allocate([100, 100], prunekit.Budget(sparsity=0.7, max_layer_sparsity=0.8), [0.0, 1.0])
+    out = OWL(lam=0.2).allocate([100, 100], [1.0, 1.0], prunekit.Budget(sparsity=0.7, max_layer_sparsity=0.8),
+                               [0.0, 1.0])
     assert out == pytest.approx([0.8, 0.6])
 
 

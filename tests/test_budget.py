@@ -49,7 +49,7 @@ def test_exact_counts_hits_the_budget_to_the_weight():
         budget = Budget(sparsity=rng.uniform(0.05, 0.95), min_layer_sparsity=rng.choice([0.0, 0.02]),
                         max_layer_sparsity=rng.choice([1.0, 0.98]))
         raw = [budget.sparsity + rng.uniform(-0.2, 0.2) for _ in sizes]
-        sparsities = fit_to_budget(raw, sizes, budget)
+        sparsities = fit_to_budget(raw, sizes, [1.0] * len(sizes), budget)
         counts = exact_counts(sizes, sparsities, budget)
         assert sum(counts) == round(budget.sparsity * sum(sizes))
         for c, s, n in zip(counts, sparsities, sizes):
@@ -59,14 +59,14 @@ def test_exact_counts_hits_the_budget_to_the_weight():
 
 def test_fit_to_budget_is_a_clipped_shift():
     # Shift t: (0.2 + t) + (0.5 + t) + min(0.9 + t, 0.6) = 1.5 gives t = 0.1 with the third layer at its cap.
-    out = fit_to_budget([0.2, 0.5, 0.9], [100, 100, 100], Budget(sparsity=0.5, max_layer_sparsity=0.6))
+    out = fit_to_budget([0.2, 0.5, 0.9], [100] * 3, [1.0] * 3, Budget(sparsity=0.5, max_layer_sparsity=0.6))
     assert out == pytest.approx([0.3, 0.6, 0.6])
     # Unequal sizes: the size-weighted mean is what must match; no clipping, so it is a plain shift.
-    out = fit_to_budget([0.4, 0.6], [300, 100], Budget(sparsity=0.5))
+    out = fit_to_budget([0.4, 0.6], [300, 100], [1.0, 1.0], Budget(sparsity=0.5))
     assert out == pytest.approx([0.45, 0.65])
 
 
 def test_budgets_that_cannot_fit_in_whole_weights_name_the_constraint():
     # Two 3-weight layers capped at 50% can lose at most 1 weight each, but 50% of 6 is 3.
-    with pytest.raises(BudgetError, match="max_layer_sparsity=0.5 allows: at most 2 of 6"):
-        fit_to_budget([0.5, 0.5], [3, 3], Budget(sparsity=0.5, max_layer_sparsity=0.5))
+    with pytest.raises(BudgetError, match="max_layer_sparsity=0.5 allows: at most 33.3333% of the targeted params"):
+        fit_to_budget([0.5, 0.5], [3, 3], [1.0, 1.0], Budget(sparsity=0.5, max_layer_sparsity=0.5))

@@ -83,3 +83,16 @@ def test_the_example_script(model_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "perplexity" in result.stdout and "50.0%" in result.stdout
     assert prunekit.PruneReport.load(tmp_path / "out").exact
+
+
+def test_report_plots_several_allocators_side_by_side(model_dir, tmp_path, capsys):
+    dirs = []
+    for allocator in ("uniform", "owl", "dp"):
+        dirs.append(str(tmp_path / allocator))
+        assert main(["prune", str(model_dir), "--budget", "0.6", "--allocator", allocator, "--out", dirs[-1]]
+                    + SMALL) == 0
+    png = tmp_path / "sparsity.png"
+    assert main(["report", *dirs, "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert all(f"== {name}" in printed for name in ("uniform", "owl", "dp"))

@@ -7,26 +7,31 @@ from typing import ClassVar, Sequence
 import torch
 
 from ..budget import Budget
-from ..calibration.stats import LayerStats, Needs
 from ..errors import BudgetError
 
 
 class Allocator:
-    """Turns a model-wide budget into one sparsity per target.
+    """Turns a model-wide budget into one sparsity per target, in two steps.
 
-    needs: statistics of a dense calibration pass the allocator scores layers from (Needs.NONE: no pass).
-    `block_scores` sees one block's targets (weights and stats) and returns a score per target; `allocate`
-    turns sizes and those scores into sparsities whose size-weighted mean is the budget.
+    measure(dense): one measurement per target (a score, a distortion curve), taken on the dense model before
+        anything is pruned; None when the rule needs none. See allocation.context.DenseModel.
+    allocate(sizes, costs, budget, measured): a pure rule. sizes are weights per target, costs the FLOPs per
+        weight (all 1 unless the budget is in FLOPs); it returns sparsities whose cost-weighted mean is the
+        budget, each within the budget's per-layer floor and cap.
     """
 
     name: ClassVar[str]
-    needs: ClassVar[Needs] = Needs.NONE
+    needs_data: ClassVar[bool] = False  # does measure() need calibration data?
 
-    def block_scores(self, weights: Sequence[torch.Tensor], stats: Sequence[LayerStats]) -> list[float]:
+    def measure(self, dense) -> list | None:
+        return None
+
+    def allocate(self, sizes: Sequence[int], costs: Sequence[float], budget: Budget, measured) -> list[float]:
         raise NotImplementedError
 
-    def allocate(self, sizes: Sequence[int], budget: Budget, scores: Sequence[float] | None) -> list[float]:
-        raise NotImplementedError
+    def layer_score(self, measured, sparsity: float) -> float | None:
+        """What the report shows in its score column for one target."""
+        return measured if isinstance(measured, (int, float)) else None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -39,17 +44,19 @@ def layer_bounds(sizes: Sequence[int], budget: Budget) -> tuple[list[int], list[
     return lo, hi
 
 
-def fit_to_budget(raw: Sequence[float], sizes: Sequence[int], budget: Budget) -> list[float]:
+def fit_to_budget(raw: Sequence[float], sizes: Sequence[int], costs: Sequence[float], budget: Budget) -> list[float]:
     """Shifts raw per-layer sparsities by one constant t, clipping each layer to its floor and cap (in whole
-    weights), so that the size-weighted mean equals the budget. The pruned total is continuous and
-    non-decreasing in t, so t is found by bisection; when nothing clips this is the plain mean shift OWL uses."""
+    weights), so that the cost-weighted mean equals the budget. The pruned cost is continuous and non-decreasing in
+    t, so t is found by bisection; when nothing clips this is the plain mean shift OWL uses."""
     s = torch.tensor(raw, dtype=torch.float64)
     n = torch.tensor(sizes, dtype=torch.float64)
+    f = torch.tensor(costs, dtype=torch.float64)
     lo, hi = (torch.tensor(b, dtype=torch.float64) for b in layer_bounds(sizes, budget))
-    goal = budget.sparsity * float(n.sum())
-    if float(hi.sum()) < goal - 0.5:
+    goal = budget.sparsity * float((n * f).sum())
+    if float((hi * f).sum()) < goal - 0.5 * float(f.max()):
         raise BudgetError(f"budget {budget.sparsity:g} needs more than max_layer_sparsity={budget.max_layer_sparsity:g} "
-                          f"allows: at most {int(hi.sum()):,} of {int(n.sum()):,} weights may go")
+                          f"allows: at most {float((hi * f).sum() / (n * f).sum()):.4%} of the targeted "
+                          f"{budget.metric} may go")
 
     def pruned(t: float) -> torch.Tensor:
         return torch.minimum(torch.maximum((s + t) * n, lo), hi)
@@ -57,14 +64,15 @@ def fit_to_budget(raw: Sequence[float], sizes: Sequence[int], budget: Budget) ->
     a, b = -1.0 - float(s.max()), 2.0 - float(s.min())
     for _ in range(200):
         mid = (a + b) / 2
-        a, b = (mid, b) if float(pruned(mid).sum()) < goal else (a, mid)
+        a, b = (mid, b) if float((pruned(mid) * f).sum()) < goal else (a, mid)
     return (pruned(b) / n).tolist()
 
 
 def exact_counts(sizes: Sequence[int], sparsities: Sequence[float], budget: Budget) -> list[int]:
-    """Weights to prune per layer: summing to round(budget * total) exactly, each within one weight of
-    sparsity * size and inside the layer's bounds (largest-remainder rounding)."""
-    total = round(budget.sparsity * sum(sizes))
+    """Weights to prune per layer: summing to round(sum of sparsity * size) exactly (for a params budget that is
+    round(budget * total)), each within one weight of sparsity * size and inside the layer's bounds
+    (largest-remainder rounding)."""
+    total = round(sum(s * n for s, n in zip(sparsities, sizes)))
     lo, hi = layer_bounds(sizes, budget)
     ideal = [min(max(s * n, a), b) for s, n, a, b in zip(sparsities, sizes, lo, hi)]
     counts = [math.floor(x) for x in ideal]

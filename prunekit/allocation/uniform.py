@@ -13,5 +13,5 @@ class Uniform(Allocator):
     """The same sparsity in every layer, the baseline of SparseGPT and Wanda (adjusted only where a layer's cap,
     in whole weights, cannot hold it)."""
 
-    def allocate(self, sizes: Sequence[int], budget: Budget, scores=None) -> list[float]:
-        return fit_to_budget([budget.sparsity] * len(sizes), sizes, budget)
+    def allocate(self, sizes: Sequence[int], costs: Sequence[float], budget: Budget, measured=None) -> list[float]:
+        return fit_to_budget([budget.sparsity] * len(sizes), sizes, costs, budget)

@@ -13,7 +13,8 @@ WINDOW_BATCH = 8  # rows per forward when calibration is a [N, L] tensor of toke
 
 def as_batches(calibration, model: nn.Module) -> list[dict[str, torch.Tensor]]:
     """Accepts a LongTensor of token windows [N, L], one input dict, or an iterable (DataLoader included) of
-    input dicts, tensors or (tensor, ...) tuples. Returns validated input dicts on the CPU, without labels."""
+    input dicts, tensors or (tensor, ...) tuples. Returns validated input dicts on the CPU. Labels are kept for
+    measurements that need the model's loss; the block-by-block runner leaves them out."""
     main = getattr(model, "main_input_name", "input")  # plain modules are called as model(x)
     if isinstance(calibration, torch.Tensor):
         _check_windows(calibration, main)
@@ -59,7 +60,6 @@ def _as_dict(item, main: str, index: int) -> dict[str, torch.Tensor]:
     else:
         raise CalibrationError(f"calibration batch {index} is a {type(item).__name__}; expected a dict of tensors, "
                                f"a tensor or a (tensor, ...) tuple")
-    batch.pop("labels", None)  # the runner never reaches the head; a loss would be wasted work
     for key, value in batch.items():
         if not isinstance(value, torch.Tensor):
             raise CalibrationError(f"calibration batch {index}: {key!r} is a {type(value).__name__}, not a tensor; "
@@ -100,3 +100,15 @@ def token_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """[B, L] bool of real (non-padding) tokens, if the batch says which they are."""
     mask = batch.get("attention_mask")
     return mask.bool() if mask is not None and mask.dim() == 2 else None
+
+
+def split_first(batches: list[dict[str, torch.Tensor]], rows: int) -> list[dict[str, torch.Tensor]]:
+    """The same samples with the first batch cut to `rows` rows (the rest of it becomes the second batch), so that
+    a measurement can run on a small first batch without a pass of its own."""
+    first = batches[0]
+    size = len(next(iter(first.values())))
+    if rows >= size:
+        return batches
+    head = {k: v[:rows] for k, v in first.items()}
+    tail = {k: v[rows:] for k, v in first.items()}
+    return [head, tail] + batches[1:]

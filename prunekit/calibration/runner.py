@@ -52,8 +52,9 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def call_model(model: nn.Module, batch: dict[str, torch.Tensor]):
-    """model(**batch) for Hugging Face models (without a KV cache), model(x) for plain modules fed {"input": x}."""
-    batch = {k: v.to(model_device(model)) for k, v in batch.items()}
+    """model(**batch) for Hugging Face models (without a KV cache, without labels: no loss is needed), model(x)
+    for plain modules fed {"input": x}."""
+    batch = {k: v.to(model_device(model)) for k, v in batch.items() if k != "labels"}
     if set(batch) == {"input"}:
         return model(batch["input"])
     if getattr(getattr(model, "config", None), "use_cache", None) is not None:
@@ -164,6 +165,24 @@ class BlockStep:
         if outputs is not None:
             self.outputs = outputs
         return outputs is not None
+
+    def forward(self, batches: int | None = None) -> list[torch.Tensor]:
+        """The block's outputs on the first `batches` batches (all by default), as its weights are now."""
+        outputs = []
+        for _, (args, kwargs) in zip(range(len(self._hidden) if batches is None else batches), self.inputs()):
+            out = self.block(*args, **kwargs)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        return outputs
+
+    @property
+    def hidden(self) -> list:
+        """The block's hidden-state input, per batch."""
+        return self._hidden
+
+    @property
+    def masks(self) -> list:
+        """Per batch, a [B, L] bool of real (non-padding) tokens, or None."""
+        return self._masks
 
     def inputs(self):
         """(args, kwargs) of the block's call for each batch."""

@@ -9,6 +9,8 @@ import enum
 import torch
 from scipy.linalg.blas import ssyrk
 
+from ..errors import CalibrationError
+
 
 class Needs(enum.Flag):
     """What an estimator or allocator needs the runner to gather for each layer."""
@@ -61,3 +63,17 @@ class LayerStats:
     def hessian(self) -> torch.Tensor:
         """H = 2 X^T X / n, the Hessian of the layer-wise squared error ||W X - W' X||^2 / n (SparseGPT)."""
         return self.gram() * (2.0 / max(self.count, 1))
+
+
+def empty_stats(targets, needs: Needs, device=None) -> dict:
+    """Fresh LayerStats per target module (on `device`, else where the module is); a pass may make layers that
+    share an input share one."""
+    return {t.module: LayerStats(needs, t.shape[1], device or next(t.module.parameters()).device) for t in targets}
+
+
+def gathered(target, stats: dict) -> LayerStats:
+    """The target's statistics after a pass, refusing a layer that no calibration token reached."""
+    st = stats[target.module]
+    if st.count == 0:
+        raise CalibrationError(f"{target.name} received no calibration tokens (every token masked as padding?)")
+    return st

@@ -1,0 +1,64 @@
+"""What an allocator may measure on the dense model, before anything is pruned."""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..calibration.inputs import split_first
+from ..calibration.runner import BlockStep, call_model, evaluating, full_pass, sequential
+from ..calibration.stats import LayerStats, Needs, empty_stats, gathered
+from ..targets import Target, find_blocks
+
+
+@dataclass
+class DenseModel:
+    """The dense model, its targets, the calibration batches and the local estimator that will prune them."""
+
+    model: nn.Module
+    targets: list[Target]
+    batches: list[dict]
+    estimator: object
+    device: object = None
+    progress: bool = True
+
+    def blocks(self, needs: Needs, desc: str, first_rows: int | None = None
+               ) -> Iterator[tuple[BlockStep | None, list[Target], dict[Target, LayerStats]]]:
+        """Block by block over the dense model: the step (whose `outputs` already hold the dense block's outputs,
+        which feed the next block), the block's targets, and their statistics over every batch. A consumer may
+        run the step again with weights changed for the purpose, as long as it restores them; with first_rows,
+        the first batch holds only that many samples, for cheap repeated runs (`step.forward(1)`). Layers
+        outside the blocks come last, with step None and statistics from a full-model pass."""
+        groups, outside = defaultdict(list), []
+        for t in self.targets:
+            (groups[t.block] if t.block is not None else outside).append(t)
+        _, blocks = find_blocks(self.model)
+        batches = self.batches if first_rows is None else split_first(self.batches, first_rows)
+        for step in sequential(self.model, blocks, batches, device=self.device, desc=desc,
+                               progress=self.progress):
+            if step.index in groups:
+                group = groups[step.index]
+                stats = empty_stats(group, needs, self.device)
+                step.run(stats, keep_outputs=True)
+                yield step, group, {t: gathered(t, stats) for t in group}
+        if outside:
+            stats = empty_stats(outside, needs)
+            full_pass(self.model, self.batches, stats)
+            yield None, outside, {t: gathered(t, stats) for t in outside}
+
+    def rows(self) -> dict[Target, int]:
+        """Rows (tokens, positions) each target processes in one forward of the first calibration batch. A layer's
+        FLOPs are 2 x rows x weights, so this is its FLOPs per weight, up to a common factor."""
+        counts = {t: 0 for t in self.targets}
+        hooks = [t.module.register_forward_pre_hook(
+            lambda m, args, t=t: counts.__setitem__(t, counts[t] + args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+            for t in self.targets]
+        try:
+            with evaluating(self.model):
+                call_model(self.model, self.batches[0])
+        finally:
+            for h in hooks:
+                h.remove()
+        return counts

@@ -1,0 +1,209 @@
+"""ECoFLaP: layer sparsities from (zeroth-order) gradient scores of the model's loss."""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..budget import Budget
+from ..calibration.inputs import split_first
+from ..calibration.runner import model_device, sequential
+from ..errors import BudgetError, CalibrationError
+from ..targets import Target, find_blocks
+from . import ALLOCATORS
+from .base import Allocator, fit_to_budget
+
+Loss = Callable[[nn.Module, dict], torch.Tensor]
+
+
+def model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own loss: with the batch's labels, or next-token labels for a causal LM (padding ignored)."""
+    device = model_device(model)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if "labels" not in batch and "input_ids" in batch:
+        labels = batch["input_ids"].clone()
+        if "attention_mask" in batch:
+            labels[batch["attention_mask"] == 0] = -100
+        batch["labels"] = labels
+    try:
+        out = model(**batch, use_cache=False) if getattr(model.config, "use_cache", None) is not None \
+            else model(**batch)
+    except TypeError as e:
+        raise CalibrationError(f"cannot get a loss from {type(model).__name__} ({e}); pass ECoFLaP(loss=fn), "
+                               f"fn(model, batch) -> scalar tensor") from None
+    loss = getattr(out, "loss", None)
+    if loss is None:
+        raise CalibrationError(f"{type(model).__name__} returns no loss for these inputs; give calibration batches "
+                               f"with labels, or ECoFLaP(loss=fn), fn(model, batch) -> scalar tensor")
+    return loss
+
+
+@contextlib.contextmanager
+def _skipping(blocks: list[nn.Module], upto: int, hidden: torch.Tensor):
+    """Blocks before `upto` skipped: each returns `hidden`, the dense input of block `upto`, so a forward pays
+    only for the blocks from `upto` on (and the embeddings, which are cheap)."""
+    for block in blocks[:upto]:
+        block.forward = lambda *args, **kwargs: hidden
+    try:
+        yield
+    finally:
+        for block in blocks[:upto]:
+            del block.forward
+
+
+def _perturb(targets: list[Target], seed: int, scale: float) -> None:
+    """W += scale * z with z ~ N(0, I) regenerated from `seed`: the same z on every call, never stored."""
+    generator = torch.Generator(device=targets[0].module.weight.device).manual_seed(seed)
+    for t in targets:
+        weight = t.module.weight.data
+        weight.add_(torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype),
+                    alpha=scale)
+
+
+def zeroth_order_scores(dense, samples: int, noises: int, eps: float, seed: int, loss: Loss) -> dict[int, float]:
+    """Per block, sum over `noises` Gaussian perturbations z of |L(W + eps z) - L(W - eps z)| / (2 eps), the
+    two-point (SPSA/MeZO) estimate of |z . grad|, whose mean is sqrt(2/pi) times the norm of the loss gradient
+    with respect to the block's targets. Forward passes only; perturbations are regenerated from seeds."""
+    model, (batch, *_) = dense.model, split_first(dense.batches, samples)
+    _, blocks = find_blocks(model)
+    groups = defaultdict(list)
+    for t in dense.targets:
+        groups[t.block].append(t)
+    inputs = {}
+    for step in sequential(model, blocks, [batch], progress=False):  # dense inputs of every block
+        inputs[step.index] = step.hidden[0]
+    scores = {}
+    with torch.no_grad():
+        for i in tqdm(sorted(groups), desc="ecoflap zeroth-order", disable=not dense.progress, unit="block"):
+            group = groups[i]
+            backup = [t.module.weight.detach().clone() for t in group]
+            total = 0.0
+            with _skipping(blocks, i, inputs[i]):
+                for n in range(noises):
+                    draw = seed * 1_000_003 + i * 1_009 + n
+                    _perturb(group, draw, eps)
+                    plus = float(loss(model, batch))
+                    _perturb(group, draw, -2 * eps)
+                    minus = float(loss(model, batch))
+                    for t, w in zip(group, backup):  # exact restore: float round trips would not be
+                        t.module.weight.data.copy_(w)
+                    total += abs(plus - minus) / (2 * eps)
+            scores[i] = total
+    return scores
+
+
+def first_order_scores(dense, samples: int, loss: Loss) -> dict[Target, float]:
+    """Per target, sum over its weights of (dL/dw * w)^2, on the first `samples` calibration samples."""
+    model = dense.model
+    weights = [t.module.weight for t in dense.targets]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    scores = {t: 0.0 for t in dense.targets}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        model.eval()  # no dropout: the scores should not depend on a random mask
+        for batch in split_first(dense.batches, samples)[:1]:
+            with torch.enable_grad():  # prune() measures under no_grad
+                grads = torch.autograd.grad(loss(model, batch), weights)
+            for t, w, g in zip(dense.targets, weights, grads):
+                scores[t] += float((g * w.detach()).square().sum())
+    finally:
+        model.train(was_training)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return scores
+
+
+@ALLOCATORS.register("ecoflap")
+class ECoFLaP(Allocator):
+    """Sung, Yoon, Bansal, "ECoFLaP: Efficient Coarse-to-Fine Layer-Wise Pruning for Vision-Language Models"
+    (ICLR 2024). Coarse stage here, fine stage by the local estimator.
+
+    Scores. method="zeroth" (default): per block, the two-point zeroth-order estimate of the loss gradient's norm
+    (see zeroth_order_scores), from forward passes only, so memory stays at inference level. Unlike the reference
+    code, which perturbs one weight matrix at a time over the whole model, all targets of a block are perturbed
+    together and each perturbed forward starts at that block from its cached dense input: 2 * noises partial
+    forwards per block. method="first": per target, sum of (gradient * weight)^2 from one backward pass on the
+    same samples, summed per block when per="block".
+
+    Allocation (water-filling, as the reference): every group keeps at least 1 - max_sparsity of its weights
+    (default max_sparsity: the budget's sparsity + 0.1, the rule of every released script, capped by the budget's
+    max_layer_sparsity); the rest of the keep budget goes to the groups in proportion to their scores (not to
+    score times size), each capped at the whole group, the overflow poured into the others. Every layer of a group
+    gets the group's sparsity; the result meets the budget exactly (the reference rounds with ceil and can miss).
+    """
+
+    needs_data = True
+
+    def __init__(self, method: str = "zeroth", per: str = "block", max_sparsity: float | None = None,
+                 samples: int = 4, noises: int = 2, eps: float = 1e-3, seed: int = 0, loss: Loss | None = None):
+        if method not in ("zeroth", "first") or per not in ("block", "layer"):
+            raise ValueError(f"method must be 'zeroth' or 'first', per 'block' or 'layer'; got {method!r}, {per!r}")
+        if method == "zeroth" and per == "layer":
+            raise ValueError("zeroth-order scores are per block (one perturbed pass per block); use per='block'")
+        if samples < 1 or noises < 1 or not eps > 0:
+            raise ValueError(f"need samples >= 1, noises >= 1, eps > 0; got {samples}, {noises}, {eps}")
+        self.method, self.per, self.max_sparsity = method, per, max_sparsity
+        self.samples, self.noises, self.eps, self.seed = samples, noises, eps, seed
+        self.loss = loss or model_loss
+
+    def measure(self, dense) -> list[tuple[object, float]]:
+        """(group, score) per target; the group is the target's block, or the target itself when per="layer"."""
+        outside = [t.name for t in dense.targets if t.block is None]
+        if outside:
+            raise CalibrationError(f"ecoflap scores blocks, and {', '.join(outside)} lie outside the model's blocks; "
+                                   f"exclude them or use another allocator")
+        if self.method == "zeroth":
+            by_block = zeroth_order_scores(dense, self.samples, self.noises, self.eps, self.seed, self.loss)
+            return [(t.block, by_block[t.block]) for t in dense.targets]
+        by_target = first_order_scores(dense, self.samples, self.loss)
+        if self.per == "layer":
+            return [(t.name, by_target[t]) for t in dense.targets]
+        by_block = defaultdict(float)
+        for t, value in by_target.items():
+            by_block[t.block] += value
+        return [(t.block, by_block[t.block]) for t in dense.targets]
+
+    def allocate(self, sizes: Sequence[int], costs: Sequence[float], budget: Budget, measured) -> list[float]:
+        cap = min(budget.sparsity + 0.1 if self.max_sparsity is None else self.max_sparsity,
+                  budget.max_layer_sparsity)
+        if cap < budget.sparsity:
+            raise BudgetError(f"ECoFLaP(max_sparsity={cap:g}) is below the budget's sparsity {budget.sparsity:g}: "
+                              f"no group may lose that much, so the budget cannot be met")
+        names = list(dict.fromkeys(group for group, _ in measured))
+        size = defaultdict(float)
+        for (group, _), n, f in zip(measured, sizes, costs):
+            size[group] += n * f
+        w = torch.tensor([size[g] for g in names], dtype=torch.float64)
+        score = torch.tensor([dict(measured)[g] for g in names], dtype=torch.float64)
+        floor = w * (1 - cap)
+        ceiling = w * (1 - budget.min_layer_sparsity)
+        goal = float(w.sum()) * (1 - budget.sparsity)
+        if float(score.sum()) <= 0:
+            keep = w * (1 - budget.sparsity)
+        else:
+            def kept(lam: float) -> torch.Tensor:
+                return torch.minimum(floor + lam * score / score.sum(), ceiling)
+
+            lo, hi = 0.0, goal + float(w.sum())
+            for _ in range(200):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if float(kept(mid).sum()) < goal else (lo, mid)
+            keep = kept(hi)
+        sparsity = dict(zip(names, (1 - keep / w).tolist()))
+        return fit_to_budget([sparsity[group] for group, _ in measured], sizes, costs, budget)
+
+    def layer_score(self, measured, sparsity: float) -> float:
+        return measured[1]
+
+    def __repr__(self) -> str:
+        options = f"samples={self.samples}, noises={self.noises}, eps={self.eps:g}" if self.method == "zeroth" \
+            else f"samples={self.samples}, per={self.per!r}"
+        return f"ECoFLaP(method={self.method!r}, {options})"
