@@ -1,12 +1,20 @@
-"""PROTOCOL.md's LLM quality benchmark on SmolLM2-135M: prunekit and llm-compressor side by side.
+"""PROTOCOL.md's LLM quality benchmark on SmolLM2-135M.
 
-    python benchmarks/llm_quality.py                    # everything (about 2 hours on 2 cores)
+    python benchmarks/llm_quality.py                    # prunekit vs llm-compressor (about 3 hours on 2 cores)
     python benchmarks/llm_quality.py --configs wanda-50 sparsegpt-2:4 --repeats 1
+    python benchmarks/llm_quality.py --suite allocators # uniform, OWL, DP, ECoFLaP at 60/70/80% (about 2 hours)
 
+Suite "peers" (results/llm_quality.*):
 Every (tool, configuration) runs in a fresh process of this same script on the same calibration windows
 (64 x 512 tokens drawn with random.Random(0) from the calibration split) and is evaluated on the same 32 x 512
 eval windows. Pruning wall time is the minimum over --repeats runs (this shared VM stalls at random), and
-perplexity comes from the first run. Writes benchmarks/results/llm_quality.{json,md}.
+perplexity comes from the first run.
+
+Suite "allocators" (results/llm_allocators.*): prunekit's allocators at 60%, 70% and 80% unstructured sparsity,
+each with Wanda and with SparseGPT pruning inside the layers. One process per (estimator, allocator) measures
+once (OWL's outliers, DP's curves, ECoFLaP's scores) and prunes a fresh copy for each budget from that
+measurement (Allocator.reuse); measurement time is reported beside pruning time. Also a PNG of the per-layer
+sparsities each allocator chose at 70%.
 
 llm-compressor runs its `oneshot` with WandaPruningModifier / SparseGPTModifier targeting every
 LlamaDecoderLayer (q, k, v, o, gate, up, down; lm_head, tied to the embeddings, untouched), its default batch
@@ -45,6 +53,8 @@ CONFIGS = {
     "sparsegpt-70-owl": ("sparsegpt", "0.7", "owl"),
 }
 PEER_OFFERS = {"wanda", "sparsegpt"}  # llm-compressor's one-shot pruning modifiers
+ALLOCATOR_SPARSITIES = (0.6, 0.7, 0.8)
+ALLOCATOR_SUITE = [(est, alloc) for est in ("wanda", "sparsegpt") for alloc in ("uniform", "owl", "dp", "ecoflap")]
 # tool -> prunekit's calibration order (None: the peer)
 TOOLS = {"prunekit": "layer", "prunekit-block": "block", "llmcompressor": None}
 
@@ -133,8 +143,38 @@ def worker(tool: str, name: str, args) -> dict:
     return result
 
 
+def allocator_worker(importance: str, allocator: str, args) -> list[dict]:
+    """One (estimator, allocator): measure once, prune a fresh copy at each sparsity, evaluate each."""
+    import copy
+
+    import prunekit
+    from prunekit import data
+    from prunekit.evaluate import perplexity
+
+    model, tokenizer = data.load_smollm2()
+    windows = data.calibration_windows(tokenizer, args.calibration_windows, args.seq_len)
+    eval_windows = data.eval_windows(tokenizer, args.eval_windows, args.seq_len)
+    chosen, measure_seconds, results = allocator, None, []
+    for sparsity in ALLOCATOR_SPARSITIES:
+        candidate = copy.deepcopy(model)
+        start = time.perf_counter()
+        report = prunekit.prune(candidate, sparsity, importance=importance, allocator=chosen, calibration=windows,
+                                progress=False)
+        seconds = time.perf_counter() - start
+        if measure_seconds is None:  # the first run measured; the others reuse its measurements
+            measure_seconds = report.seconds["allocation"]
+            chosen = prunekit.allocation.ALLOCATORS.create(allocator).reuse(report.measured)
+        kept = {k: v for k, v in report.to_dict().items() if k != "measured"}
+        results.append({"importance": importance, "allocator": allocator, "sparsity": sparsity,
+                        "perplexity": perplexity(candidate, eval_windows, progress=False),
+                        "measure_seconds": measure_seconds, "prune_seconds": report.seconds["pruning"],
+                        "seconds": seconds, "report": kept})
+        del candidate
+    return results
+
+
 def run_worker(tool: str, name: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", tool, name, "--repeats", str(args.repeats),
+    cmd = [sys.executable, __file__, "--worker", tool, name, "--suite", args.suite, "--repeats", str(args.repeats),
            "--calibration-windows", str(args.calibration_windows), "--eval-windows", str(args.eval_windows),
            "--seq-len", str(args.seq_len)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -208,18 +248,25 @@ def markdown(doc: dict) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default="peers", choices=["peers", "allocators"])
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--tools", nargs="*", default=list(TOOLS), choices=list(TOOLS))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--calibration-windows", type=int, default=64)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--out", type=Path, default=RESULTS / "llm_quality")
+    parser.add_argument("--out", type=Path, help="results path without suffix (default: results/llm_quality or "
+                                                    "results/llm_allocators)")
     parser.add_argument("--worker", nargs=2, metavar=("TOOL", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(*args.worker, args)), flush=True)
+        run = allocator_worker(*args.worker[1].split("/"), args) if args.suite == "allocators" else \
+            worker(*args.worker, args)
+        print("RESULT " + json.dumps(run), flush=True)
         return
+    if args.suite == "allocators":
+        return allocators_main(args)
+    args.out = args.out or RESULTS / "llm_quality"
     results = []
     for name in args.configs:
         for tool in args.tools:
@@ -229,9 +276,14 @@ def main():
             results.append(run_worker(tool, name, args))
             shown = {k: v for k, v in results[-1].items() if k not in ("per_layer_sparsity", "seconds_all")}
             print(f"[{time.perf_counter() - start:5.0f} s] {shown}", flush=True)
+    write(args, results, markdown)
+
+
+def header(args, results) -> dict:
     import torch
 
-    doc = {
+    return {
+        "name": args.out.name,
         "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
@@ -242,10 +294,77 @@ def main():
                      "repeats": args.repeats},
         "results": results,
     }
+
+
+def write(args, results, render) -> None:
+    doc = header(args, results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(doc))
-    print(markdown(doc))
+    args.out.with_suffix(".md").write_text(render(doc))
+    print(render(doc))
+
+
+def allocators_main(args) -> None:
+    from prunekit.report import PruneReport, plot_sparsity
+
+    args.out = args.out or RESULTS / "llm_allocators"
+    results = []
+    for importance, allocator in ALLOCATOR_SUITE:
+        start = time.perf_counter()
+        got = run_worker("prunekit", f"{importance}/{allocator}", args)
+        results += got if isinstance(got, list) else [got]
+        print(f"[{time.perf_counter() - start:5.0f} s] {importance} + {allocator}: "
+              + ", ".join(f"{r['sparsity']:.0%} ppl {r['perplexity']:.2f}" for r in results[-3:] if "perplexity" in r),
+              flush=True)
+    for importance in ("wanda", "sparsegpt"):
+        reports = {r["allocator"]: PruneReport.from_dict(r["report"]) for r in results
+                   if r.get("importance") == importance and r.get("sparsity") == 0.7 and "report" in r}
+        if reports:
+            plot_sparsity(reports, args.out.parent / f"{args.out.name}_{importance}_70.png")
+    write(args, results, allocators_markdown)
+
+
+def allocators_markdown(doc: dict) -> str:
+    rows = {(r["importance"], r["allocator"], r["sparsity"]): r for r in doc["results"] if "perplexity" in r}
+    out = ["# Allocators: SmolLM2-135M, PROTOCOL.md", "",
+           f"Command: `{doc['command']}`  ",
+           f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores, {doc['machine']['threads']} torch "
+           f"threads, Python {doc['machine']['python']}  ",
+           "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items() if v) + "  ",
+           f"Date: {doc['date']}  ",
+           f"Calibration: {doc['protocol']['calibration']}; eval: {doc['protocol']['eval']}", "",
+           "Each (estimator, allocator) measures once on the dense model (OWL: outlier ratios; DP: distortion "
+           "curves; ECoFLaP: zeroth-order block scores) and prunes at every sparsity from that measurement. "
+           "Measure s: that one measurement. Prune s: the sequential pruning pass of this budget. vs OWL: "
+           "perplexity relative to OWL with the same estimator and sparsity (negative is better).", "",
+           "| sparsity | estimator | allocator | perplexity | vs OWL | measure s | prune s |",
+           "|---|---|---|---|---|---|---|"]
+    for sparsity in ALLOCATOR_SPARSITIES:
+        for importance, allocator in ALLOCATOR_SUITE:
+            r = rows.get((importance, allocator, sparsity))
+            if r is None:
+                continue
+            owl = rows.get((importance, "owl", sparsity), {}).get("perplexity")
+            versus = f"{r['perplexity'] / owl - 1:+.1%}" if owl else "-"
+            out.append(f"| {sparsity:.0%} | {importance} | {allocator} | {r['perplexity']:.2f} | {versus} | "
+                       f"{r['measure_seconds']:.0f} | {r['prune_seconds']:.0f} |")
+    out += ["", "Target: at 70% and 80%, the best of DP and ECoFLaP beats OWL with the same estimator by at least "
+            "10% relative perplexity.", "", "| sparsity | estimator | OWL | best of DP, ECoFLaP | relative | met |",
+            "|---|---|---|---|---|---|"]
+    for sparsity in (0.7, 0.8):
+        for importance in ("wanda", "sparsegpt"):
+            owl = rows.get((importance, "owl", sparsity), {}).get("perplexity")
+            best = min((rows[(importance, a, sparsity)]["perplexity"], a) for a in ("dp", "ecoflap")
+                       if (importance, a, sparsity) in rows) if owl else None
+            if owl and best:
+                gain = 1 - best[0] / owl
+                out.append(f"| {sparsity:.0%} | {importance} | {owl:.2f} | {best[0]:.2f} ({best[1]}) | "
+                           f"{-gain:+.1%} | {'yes' if gain >= 0.10 else 'no'} |")
+    errors = [r for r in doc["results"] if "error" in r]
+    if errors:
+        out += ["", "Failed runs:"] + [f"- {r['config']}: {r['error']}" for r in errors]
+    plots = [f"![{imp} at 70%]({doc['name']}_{imp}_70.png)" for imp in ("wanda", "sparsegpt")]
+    return "\n".join(out + ["", "Per-layer sparsity each allocator chose at 70%:", ""] + plots) + "\n"
 
 
 if __name__ == "__main__":

@@ -54,9 +54,13 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
     sizes = [t.numel for t in targets]
     _check_plan(targets, budget, estimator, allocator)
     nm = budget.nm
+    if allocator.measured is not None and len(allocator.measured) != len(targets):
+        raise PrunekitError(f"the allocator reuses {len(allocator.measured)} measurements but the model has "
+                            f"{len(targets)} targets; measure on this model (without reuse)")
+    measuring = allocator.needs_data and nm is None and allocator.measured is None
     users = [f"{kind} {name!r}" for kind, name, needed in (
-        ("importance", estimator.name, estimator.needs != Needs.NONE),
-        ("allocator", allocator.name, allocator.needs_data and nm is None)) if needed]
+        ("importance", estimator.name, estimator.needs != Needs.NONE), ("allocator", allocator.name, measuring))
+        if needed]
     if users and calibration is None:
         raise CalibrationError(f"{' and '.join(users)} need calibration data; pass calibration=<token windows [N, L] "
                                f"or input dicts>, e.g. from prunekit.data.calibration_windows(tokenizer)")
@@ -68,7 +72,7 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
         # FLOPs per weight: measured when the budget is in FLOPs and there is data to measure it on
         rows = dense.rows() if budget.metric == "flops" and batches else None
         costs = [float(rows[t]) for t in targets] if rows else [1.0] * len(targets)
-        measured = allocator.measure(dense) if nm is None else None
+        measured = None if nm else allocator.measured if allocator.measured is not None else allocator.measure(dense)
         sparsities = [budget.sparsity] * len(targets) if nm else allocator.allocate(sizes, costs, budget, measured)
         counts = ([n * (nm[1] - nm[0]) // nm[1] for n in sizes] if nm else exact_counts(sizes, sparsities, budget))
         seconds["allocation"] = time.perf_counter() - clock
@@ -84,7 +88,7 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
                  for b in batches if "input_ids" in b)
     return PruneReport(model=type(model).__name__, importance=repr(estimator), allocator=repr(allocator),
                        granularity=budget.granularity, requested=budget.sparsity, metric=budget.metric, layers=layers,
-                       seconds=seconds,
+                       seconds=seconds, measured=measured,
                        calibration={"batches": len(batches), "samples": sum(len(next(iter(b.values()))) for b in batches),
                                     "tokens": tokens} if batches else {})
 

@@ -37,6 +37,7 @@ class PruneReport:
     metric: str = "params"  # what `requested` is a fraction of: "params" or "flops"
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds ("total" included)
     calibration: dict[str, int] = field(default_factory=dict)  # batches, tokens
+    measured: list | None = None  # the allocator's measurements per layer, for Allocator.reuse
 
     @property
     def total(self) -> int:
@@ -110,7 +111,7 @@ class PruneReport:
     @classmethod
     def from_dict(cls, data: dict) -> "PruneReport":
         known = {k: data[k] for k in ("model", "importance", "allocator", "granularity", "requested", "seconds",
-                                      "calibration", "metric") if k in data}
+                                      "calibration", "metric", "measured") if k in data}
         rows = [LayerRow(**{**row, "shape": tuple(row["shape"])}) for row in data["layers"]]
         return cls(layers=rows, **known)
 

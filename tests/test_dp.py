@@ -173,3 +173,20 @@ def test_a_flops_budget_weighs_layers_by_their_cost(allocator):
     assert report.flops_sparsity == pytest.approx(0.6, abs=sum(r.flops_per_weight for r in report.layers) / (
         sum(r.numel * r.flops_per_weight for r in report.layers)))
     assert report.exact and "FLOPs removed" in report.summary()
+
+
+def test_measurements_can_be_reused_for_another_budget(tmp_path):
+    """One measurement, several budgets: reusing report.measured (through its JSON) gives exactly what a fresh
+    measurement gives."""
+    x = calibration_for("llama", n=8, length=16)
+    first = prunekit.prune(tiny("llama"), 0.5, importance="wanda", allocator="dp", calibration=x, progress=False)
+    first.save(tmp_path / "report.json")
+    measured = prunekit.PruneReport.load(tmp_path / "report.json").measured
+    fresh, reused = tiny("llama"), tiny("llama")
+    prunekit.prune(fresh, 0.7, importance="wanda", allocator="dp", calibration=x, progress=False)
+    report = prunekit.prune(reused, 0.7, importance="wanda", allocator=DP().reuse(measured), calibration=x,
+                            progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(prunekit.masks(fresh).values(), prunekit.masks(reused).values()))
+    assert report.measured == measured
+    with pytest.raises(prunekit.PrunekitError, match="reuses 3 measurements but the model has 14 targets"):
+        prunekit.prune(tiny("llama"), 0.7, allocator=DP().reuse(measured[:3]), calibration=x, progress=False)

@@ -1,6 +1,7 @@
 """The allocator protocol and the arithmetic every allocator shares: fitting to a budget, exact rounding."""
 from __future__ import annotations
 
+import copy
 import math
 from typing import ClassVar, Sequence
 
@@ -22,9 +23,17 @@ class Allocator:
 
     name: ClassVar[str]
     needs_data: ClassVar[bool] = False  # does measure() need calibration data?
+    measured: list | None = None  # measurements to allocate from instead of measuring (see reuse)
 
     def measure(self, dense) -> list | None:
         return None
+
+    def reuse(self, measured: Sequence) -> "Allocator":
+        """A copy that allocates from earlier measurements (`report.measured` of a run on the same model and
+        calibration data) instead of measuring again: several budgets for the cost of one measurement."""
+        clone = copy.copy(self)
+        clone.measured = list(measured)
+        return clone
 
     def allocate(self, sizes: Sequence[int], costs: Sequence[float], budget: Budget, measured) -> list[float]:
         raise NotImplementedError

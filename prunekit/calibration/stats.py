@@ -26,11 +26,13 @@ class LayerStats:
     def __init__(self, needs: Needs, in_features: int, device: torch.device | str = "cpu"):
         self.needs = needs
         self.count = 0
+        self.derived: dict = {}  # quantities estimators compute from these statistics; cleared by update()
         # X^T X; on the CPU only its lower triangle is accumulated (see `update`), read through `gram()`.
         self._xtx = torch.zeros(in_features, in_features, device=device) if Needs.HESSIAN in needs else None
         self.sq = torch.zeros(in_features, device=device) if self._xtx is None and Needs.INPUT_NORMS in needs else None
 
     def update(self, x: torch.Tensor) -> None:
+        self.derived.clear()
         x = x.reshape(-1, x.shape[-1]).float()
         self.count += x.shape[0]
         if self._xtx is None:

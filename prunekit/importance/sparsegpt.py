@@ -68,7 +68,10 @@ class SparseGPT(Estimator):
         # Work on W^T so that a column of W is a contiguous row: two vector ops per column in the inner loop.
         wt = weight.float().t().contiguous()
         cols, rows = wt.shape
-        u = self.inverse_cholesky(stats.hessian().to(wt.device))
+        key = ("sparsegpt inverse cholesky", self.damp, wt.device)
+        if key not in stats.derived:  # pruning one layer at several levels (DP's curves) factors once
+            stats.derived[key] = self.inverse_cholesky(stats.hessian().to(wt.device))
+        u = stats.derived[key]
         bs = self.blocksize if nm is None else max(nm[1], self.blocksize // nm[1] * nm[1])
         keep = torch.ones_like(wt, dtype=torch.bool)
         for i1 in range(0, cols, bs):
