@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -51,50 +52,71 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
     estimator = ESTIMATORS.create(importance)
     allocator = ALLOCATORS.create(allocator)
     targets = find_targets(model, budget.include, budget.exclude)
-    sizes = [t.numel for t in targets]
     _check_plan(targets, budget, estimator, allocator)
-    nm = budget.nm
-    if allocator.measured is not None and len(allocator.measured) != len(targets):
-        raise PrunekitError(f"the allocator reuses {len(allocator.measured)} measurements but the model has "
-                            f"{len(targets)} targets; measure on this model (without reuse)")
-    measuring = allocator.needs_data and nm is None and allocator.measured is None
+    batches = _calibration(calibration, model, budget, estimator, allocator)
+    seconds: dict[str, float] = {}
+    with torch.no_grad():
+        clock = time.perf_counter()
+        plan = _allocate(DenseModel(model, targets, batches, estimator, device, progress), budget, allocator)
+        seconds["allocation"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        timings = _prune_targets(model, targets, plan.counts, budget.nm, batches, estimator, order, device, progress,
+                                 rollback)
+        seconds["pruning"] = time.perf_counter() - clock
+    seconds["total"] = time.perf_counter() - start
+    layers = [LayerRow(name=t.name, shape=t.shape, target=sparsity, achieved=count / t.numel, pruned=count,
+                       seconds=timings[t], block=t.block, flops_per_weight=None if plan.rows is None else plan.costs[i],
+                       score=None if plan.measured is None else allocator.layer_score(plan.measured[i], sparsity))
+              for i, (t, sparsity, count) in enumerate(zip(targets, plan.sparsities, plan.counts))]
+    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                 for b in batches if "input_ids" in b)
+    samples = sum(len(next(iter(b.values()))) for b in batches)
+    return PruneReport(model=type(model).__name__, importance=repr(estimator), allocator=repr(allocator),
+                       granularity=budget.granularity, requested=budget.sparsity, metric=budget.metric, layers=layers,
+                       seconds=seconds, measured=plan.measured,
+                       calibration={"batches": len(batches), "samples": samples, "tokens": tokens} if batches else {})
+
+
+@dataclass
+class _Plan:
+    sparsities: list[float]  # per target, as allocated
+    counts: list[int]  # weights to prune per target, exact
+    costs: list[float]  # FLOPs per weight (1 unless measured)
+    rows: dict | None  # rows per target, when measured for a flops budget
+    measured: list | None  # the allocator's measurements
+
+
+def _allocate(dense: DenseModel, budget: Budget, allocator: Allocator) -> _Plan:
+    targets, nm = dense.targets, budget.nm
+    sizes = [t.numel for t in targets]
+    if nm:
+        return _Plan([budget.sparsity] * len(targets), [n * (nm[1] - nm[0]) // nm[1] for n in sizes],
+                     [1.0] * len(targets), None, None)
+    # FLOPs per weight: measured when the budget is in FLOPs and there is data to measure it on
+    rows = dense.rows() if budget.metric == "flops" and dense.batches else None
+    costs = [float(rows[t]) for t in targets] if rows else [1.0] * len(targets)
+    measured = allocator.measured if allocator.measured is not None else allocator.measure(dense)
+    sparsities = allocator.allocate(sizes, costs, budget, measured)
+    return _Plan(sparsities, exact_counts(sizes, sparsities, budget), costs, rows, measured)
+
+
+def _calibration(calibration, model, budget: Budget, estimator: Estimator, allocator: Allocator) -> list[dict]:
+    """Validated batches, or [] when nothing needs data; refuses a method that needs data and got none."""
+    measuring = allocator.needs_data and budget.nm is None and allocator.measured is None
     users = [f"{kind} {name!r}" for kind, name, needed in (
         ("importance", estimator.name, estimator.needs != Needs.NONE), ("allocator", allocator.name, measuring))
         if needed]
     if users and calibration is None:
         raise CalibrationError(f"{' and '.join(users)} need calibration data; pass calibration=<token windows [N, L] "
                                f"or input dicts>, e.g. from prunekit.data.calibration_windows(tokenizer)")
-    batches = as_batches(calibration, model) if users else []
-    seconds: dict[str, float] = {}
-    with torch.no_grad():
-        clock = time.perf_counter()
-        dense = DenseModel(model, targets, batches, estimator, device, progress)
-        # FLOPs per weight: measured when the budget is in FLOPs and there is data to measure it on
-        rows = dense.rows() if budget.metric == "flops" and batches else None
-        costs = [float(rows[t]) for t in targets] if rows else [1.0] * len(targets)
-        measured = None if nm else allocator.measured if allocator.measured is not None else allocator.measure(dense)
-        sparsities = [budget.sparsity] * len(targets) if nm else allocator.allocate(sizes, costs, budget, measured)
-        counts = ([n * (nm[1] - nm[0]) // nm[1] for n in sizes] if nm else exact_counts(sizes, sparsities, budget))
-        seconds["allocation"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        timings = _prune_targets(model, targets, counts, nm, batches, estimator, order, device, progress, rollback)
-        seconds["pruning"] = time.perf_counter() - clock
-    seconds["total"] = time.perf_counter() - start
-    layers = [LayerRow(name=t.name, shape=t.shape, target=sparsity, achieved=count / t.numel, pruned=count,
-                       seconds=timings[t], block=t.block, flops_per_weight=costs[i] if rows else None,
-                       score=None if measured is None else allocator.layer_score(measured[i], sparsity))
-              for i, (t, sparsity, count) in enumerate(zip(targets, sparsities, counts))]
-    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                 for b in batches if "input_ids" in b)
-    return PruneReport(model=type(model).__name__, importance=repr(estimator), allocator=repr(allocator),
-                       granularity=budget.granularity, requested=budget.sparsity, metric=budget.metric, layers=layers,
-                       seconds=seconds, measured=measured,
-                       calibration={"batches": len(batches), "samples": sum(len(next(iter(b.values()))) for b in batches),
-                                    "tokens": tokens} if batches else {})
+    return as_batches(calibration, model) if users else []
 
 
 def _check_plan(targets: list[Target], budget: Budget, estimator: Estimator, allocator: Allocator) -> None:
     """Everything that can be known wrong before calibration starts."""
+    if allocator.measured is not None and len(allocator.measured) != len(targets):
+        raise PrunekitError(f"the allocator reuses {len(allocator.measured)} measurements but the model has "
+                            f"{len(targets)} targets; measure on this model (without reuse)")
     if budget.nm is not None:
         for t in targets:
             check_nm(t.shape[1], *budget.nm, t.name)
