@@ -183,7 +183,15 @@ def run_worker(tool: str, name: str, args) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         return {"tool": tool, "config": name, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
-    return json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT "):])
+    for row in result if isinstance(result, list) else [result]:
+        row["commit"] = commit()  # --resume can mix runs of different code
+    return result
+
+
+def commit() -> str:
+    git = ["git", "-C", str(Path(__file__).parent)]
+    return subprocess.run(git + ["describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
 
 
 def versions() -> dict:
@@ -206,19 +214,24 @@ def cpu_name() -> str:
         return platform.processor()
 
 
+def preamble(doc: dict, title: str) -> list[str]:
+    commits = sorted({r["commit"] for r in doc["results"] if r.get("commit")})
+    return [f"# {title}: SmolLM2-135M, PROTOCOL.md", "",
+            f"Command: `{doc['command']}`  ",
+            f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores, {doc['machine']['threads']} torch "
+            f"threads, Python {doc['machine']['python']}  ",
+            "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items() if v) + "  ",
+            f"Date: {doc['date']}  ",
+            f"prunekit commit(s) of the rows: {', '.join(commits) or '-'}  ",
+            f"Calibration: {doc['protocol']['calibration']}; eval: {doc['protocol']['eval']}  "]
+
+
 def markdown(doc: dict) -> str:
     rows = {(r["tool"], r["config"]): r for r in doc["results"]}
     dense = rows.get(("prunekit", "dense"), {}).get("perplexity")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     ratio = lambda a, b: a / b if a and b else None  # noqa: E731
-    out = ["# LLM quality: SmolLM2-135M, PROTOCOL.md", "",
-           f"Command: `{doc['command']}`  ",
-           f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores, {doc['machine']['threads']} torch "
-           f"threads, Python {doc['machine']['python']}  ",
-           "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items() if v) + "  ",
-           f"Date: {doc['date']}  ",
-           f"Calibration: {doc['protocol']['calibration']}; eval: {doc['protocol']['eval']}  ",
-           f"Dense perplexity: {fmt(dense, '.3f')}", "",
+    out = preamble(doc, "LLM quality") + [f"Dense perplexity: {fmt(dense, '.3f')}", "",
            "prunekit runs in its default order (`layer`: each layer calibrated on the inputs it gets once the layers "
            "before it in its block are pruned, one forward per block) and, where llm-compressor offers the method, "
            "also in `block` order (every layer of a block calibrated on the dense block, then the block re-run: "
@@ -257,6 +270,9 @@ def main():
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--out", type=Path, help="results path without suffix (default: results/llm_quality or "
                                                     "results/llm_allocators)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the results already in --out and run only what is missing (results are saved "
+                             "after every worker, so an interrupted run loses at most one)")
     parser.add_argument("--worker", nargs=2, metavar=("TOOL", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -267,16 +283,28 @@ def main():
     if args.suite == "allocators":
         return allocators_main(args)
     args.out = args.out or RESULTS / "llm_quality"
-    results = []
+    results = previous(args)
+    done = {(r["tool"], r["config"]) for r in results}
     for name in args.configs:
         for tool in args.tools:
             if tool != "prunekit" and (name == "dense" or CONFIGS[name][0] not in PEER_OFFERS):
                 continue  # one dense row; prunekit's block order only where it has a peer to match
+            if (tool, name) in done:
+                continue
             start = time.perf_counter()
             results.append(run_worker(tool, name, args))
             shown = {k: v for k, v in results[-1].items() if k not in ("per_layer_sparsity", "seconds_all")}
             print(f"[{time.perf_counter() - start:5.0f} s] {shown}", flush=True)
+            write(args, results, markdown, quiet=True)
     write(args, results, markdown)
+
+
+def previous(args) -> list[dict]:
+    """Results already saved at --out (with --resume), minus failed workers, which run again."""
+    path = args.out.with_suffix(".json")
+    if not (args.resume and path.exists()):
+        return []
+    return [r for r in json.loads(path.read_text())["results"] if "error" not in r]
 
 
 def header(args, results) -> dict:
@@ -296,26 +324,31 @@ def header(args, results) -> dict:
     }
 
 
-def write(args, results, render) -> None:
+def write(args, results, render, quiet=False) -> None:
     doc = header(args, results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     args.out.with_suffix(".md").write_text(render(doc))
-    print(render(doc))
+    if not quiet:
+        print(render(doc))
 
 
 def allocators_main(args) -> None:
     from prunekit.report import PruneReport, plot_sparsity
 
     args.out = args.out or RESULTS / "llm_allocators"
-    results = []
+    results = previous(args)
+    done = {(r["importance"], r["allocator"]) for r in results}
     for importance, allocator in ALLOCATOR_SUITE:
+        if (importance, allocator) in done:
+            continue
         start = time.perf_counter()
         got = run_worker("prunekit", f"{importance}/{allocator}", args)
         results += got if isinstance(got, list) else [got]
         print(f"[{time.perf_counter() - start:5.0f} s] {importance} + {allocator}: "
               + ", ".join(f"{r['sparsity']:.0%} ppl {r['perplexity']:.2f}" for r in results[-3:] if "perplexity" in r),
               flush=True)
+        write(args, results, allocators_markdown, quiet=True)
     for importance in ("wanda", "sparsegpt"):
         reports = {r["allocator"]: PruneReport.from_dict(r["report"]) for r in results
                    if r.get("importance") == importance and r.get("sparsity") == 0.7 and "report" in r}
@@ -326,13 +359,8 @@ def allocators_main(args) -> None:
 
 def allocators_markdown(doc: dict) -> str:
     rows = {(r["importance"], r["allocator"], r["sparsity"]): r for r in doc["results"] if "perplexity" in r}
-    out = ["# Allocators: SmolLM2-135M, PROTOCOL.md", "",
-           f"Command: `{doc['command']}`  ",
-           f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores, {doc['machine']['threads']} torch "
-           f"threads, Python {doc['machine']['python']}  ",
-           "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items() if v) + "  ",
-           f"Date: {doc['date']}  ",
-           f"Calibration: {doc['protocol']['calibration']}; eval: {doc['protocol']['eval']}", "",
+    out = preamble(doc, "Allocators") + [
+           "",
            "Each (estimator, allocator) measures once on the dense model (OWL: outlier ratios; DP: distortion "
            "curves; ECoFLaP: zeroth-order block scores) and prunes at every sparsity from that measurement. "
            "Measure s: that one measurement. Prune s: the sequential pruning pass of this budget. vs OWL: "
