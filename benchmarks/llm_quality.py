@@ -382,8 +382,8 @@ def allocators_markdown(doc: dict) -> str:
     for sparsity in (0.7, 0.8):
         for importance in ("wanda", "sparsegpt"):
             owl = rows.get((importance, "owl", sparsity), {}).get("perplexity")
-            best = min((rows[(importance, a, sparsity)]["perplexity"], a) for a in ("dp", "ecoflap")
-                       if (importance, a, sparsity) in rows) if owl else None
+            best = min(((rows[(importance, a, sparsity)]["perplexity"], a) for a in ("dp", "ecoflap")
+                        if (importance, a, sparsity) in rows), default=None)
             if owl and best:
                 gain = 1 - best[0] / owl
                 out.append(f"| {sparsity:.0%} | {importance} | {owl:.2f} | {best[0]:.2f} ({best[1]}) | "
