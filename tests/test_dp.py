@@ -190,3 +190,15 @@ def test_measurements_can_be_reused_for_another_budget(tmp_path):
     assert report.measured == measured
     with pytest.raises(prunekit.PrunekitError, match="reuses 3 measurements but the model has 14 targets"):
         prunekit.prune(tiny("llama"), 0.7, allocator=DP().reuse(measured[:3]), calibration=x, progress=False)
+
+
+def test_a_rule_that_measures_nothing_reuses_nothing():
+    """Uniform measures nothing (report.measured is None); reusing that is a plain copy, as callers that reuse
+    every allocator's measurement in one loop expect."""
+    from prunekit.allocation.uniform import Uniform
+
+    report = prunekit.prune(tiny("llama"), 0.5, importance="magnitude", progress=False)
+    assert report.measured is None
+    again = prunekit.prune(tiny("llama"), 0.5, importance="magnitude", allocator=Uniform().reuse(report.measured),
+                           progress=False)
+    assert again.measured is None and [r.target for r in again.layers] == [r.target for r in report.layers]

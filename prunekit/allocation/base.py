@@ -28,11 +28,12 @@ class Allocator:
     def measure(self, dense) -> list | None:
         return None
 
-    def reuse(self, measured: Sequence) -> "Allocator":
+    def reuse(self, measured: Sequence | None) -> "Allocator":
         """A copy that allocates from earlier measurements (`report.measured` of a run on the same model and
-        calibration data) instead of measuring again: several budgets for the cost of one measurement."""
+        calibration data) instead of measuring again: several budgets for the cost of one measurement. None
+        (a rule that measures nothing, such as uniform) gives a plain copy."""
         clone = copy.copy(self)
-        clone.measured = list(measured)
+        clone.measured = None if measured is None else list(measured)
         return clone
 
     def allocate(self, sizes: Sequence[int], costs: Sequence[float], budget: Budget, measured) -> list[float]:
