@@ -70,10 +70,14 @@ def test_load_refuses_a_directory_that_is_not_a_pruned_model(tmp_path):
         prunekit.load_pruned(tmp_path)
 
 
-def test_load_refuses_weights_that_no_longer_fit_their_masks(tmp_path):
+def save_pruned_tiny(path) -> None:
     model = tiny("llama")
     prunekit.prune(model, 0.5, importance="magnitude", progress=False)
-    prunekit.save_pruned(model, tmp_path)
+    prunekit.save_pruned(model, path)
+
+
+def test_load_refuses_weights_that_no_longer_fit_their_masks(tmp_path):
+    save_pruned_tiny(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     weights["model.layers.1.mlp.up_proj.weight"] += 1.0  # pruned entries no longer zero
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
@@ -82,9 +86,7 @@ def test_load_refuses_weights_that_no_longer_fit_their_masks(tmp_path):
 
 
 def test_load_refuses_masks_of_another_shape(tmp_path):
-    model = tiny("llama")
-    prunekit.prune(model, 0.5, importance="magnitude", progress=False)
-    prunekit.save_pruned(model, tmp_path)
+    save_pruned_tiny(tmp_path)
     manifest = json.loads((tmp_path / MANIFEST).read_text())
     manifest["masks"]["model.layers.0.mlp.up_proj"] = [32, 64]
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
