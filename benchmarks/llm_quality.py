@@ -2,7 +2,8 @@
 
     python benchmarks/llm_quality.py                    # prunekit vs llm-compressor (about 3 hours on 2 cores)
     python benchmarks/llm_quality.py --configs wanda-50 sparsegpt-2:4 --repeats 1
-    python benchmarks/llm_quality.py --suite allocators # uniform, OWL, DP, ECoFLaP at 60/70/80% (about 2 hours)
+    python benchmarks/llm_quality.py --suite allocators # uniform, OWL, DP, ECoFLaP at 60/70/80% (about 2.5 hours)
+    python benchmarks/llm_quality.py --suite allocators --resume --sparsities 0.7 0.8 --allocators owl dp
 
 Suite "peers" (results/llm_quality.*):
 Every (tool, configuration) runs in a fresh process of this same script on the same calibration windows
@@ -155,7 +156,7 @@ def allocator_worker(importance: str, allocator: str, args) -> list[dict]:
     windows = data.calibration_windows(tokenizer, args.calibration_windows, args.seq_len)
     eval_windows = data.eval_windows(tokenizer, args.eval_windows, args.seq_len)
     chosen, measure_seconds, results = allocator, None, []
-    for sparsity in ALLOCATOR_SPARSITIES:
+    for sparsity in args.sparsities:
         candidate = copy.deepcopy(model)
         start = time.perf_counter()
         report = prunekit.prune(candidate, sparsity, importance=importance, allocator=chosen, calibration=windows,
@@ -176,7 +177,7 @@ def allocator_worker(importance: str, allocator: str, args) -> list[dict]:
 def run_worker(tool: str, name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", tool, name, "--suite", args.suite, "--repeats", str(args.repeats),
            "--calibration-windows", str(args.calibration_windows), "--eval-windows", str(args.eval_windows),
-           "--seq-len", str(args.seq_len)]
+           "--seq-len", str(args.seq_len), "--sparsities", *map(str, args.sparsities)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -270,6 +271,10 @@ def main():
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--out", type=Path, help="results path without suffix (default: results/llm_quality or "
                                                     "results/llm_allocators)")
+    parser.add_argument("--sparsities", nargs="*", type=float, default=list(ALLOCATOR_SPARSITIES),
+                        help="allocators suite: the sparsities each (estimator, allocator) prunes to")
+    parser.add_argument("--allocators", nargs="*", default=["uniform", "owl", "dp", "ecoflap"],
+                        help="allocators suite: which allocators to run")
     parser.add_argument("--resume", action="store_true",
                         help="keep the results already in --out and run only what is missing (results are saved "
                              "after every worker, so an interrupted run loses at most one)")
@@ -340,7 +345,7 @@ def allocators_main(args) -> None:
     results = previous(args)
     done = {(r["importance"], r["allocator"]) for r in results}
     for importance, allocator in ALLOCATOR_SUITE:
-        if (importance, allocator) in done:
+        if (importance, allocator) in done or allocator not in args.allocators:
             continue
         start = time.perf_counter()
         got = run_worker("prunekit", f"{importance}/{allocator}", args)
