@@ -275,6 +275,8 @@ def main():
                         help="allocators suite: the sparsities each (estimator, allocator) prunes to")
     parser.add_argument("--allocators", nargs="*", default=["uniform", "owl", "dp", "ecoflap"],
                         help="allocators suite: which allocators to run")
+    parser.add_argument("--estimators", nargs="*", default=["wanda", "sparsegpt"],
+                        help="allocators suite: which local estimators to run")
     parser.add_argument("--resume", action="store_true",
                         help="keep the results already in --out and run only what is missing (results are saved "
                              "after every worker, so an interrupted run loses at most one)")
@@ -345,7 +347,7 @@ def allocators_main(args) -> None:
     results = previous(args)
     done = {(r["importance"], r["allocator"]) for r in results}
     for importance, allocator in ALLOCATOR_SUITE:
-        if (importance, allocator) in done or allocator not in args.allocators:
+        if (importance, allocator) in done or allocator not in args.allocators or importance not in args.estimators:
             continue
         start = time.perf_counter()
         got = run_worker("prunekit", f"{importance}/{allocator}", args)
