@@ -5,10 +5,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..budget import Budget
+from ..calibration.inputs import split_first, token_mask
+from ..calibration.runner import call_model, evaluating
 from ..errors import BudgetError, TargetError
 from . import ALLOCATORS
+from ..targets import find_blocks
 from .base import Allocator, fit_to_budget
 
 
@@ -57,12 +61,17 @@ class DP(Allocator):
     distortions each causes alone, so choosing one sparsity per layer is a knapsack solved exactly by DP.
 
     Curves: for every target and each of `levels` sparsities (0, 1/levels, ..., (levels-1)/levels), the layer
-    alone is pruned to that level by the local estimator that will prune it for real, and the distortion is the
-    mean over tokens of the squared L2 error of its block's output, on the first `samples` calibration samples
-    of the dense model. The paper measures the network's output; the block output is what the block-by-block
-    runner has at hand, so a curve costs `levels` block forwards on a few samples instead of as many full-model
-    passes. Blocks write into one residual stream, which carries an error at a block's output on to the final
-    norm, so squared errors there are on a common scale across blocks.
+    alone is pruned to that level by the local estimator that will prune it for real, on the first `samples`
+    calibration samples of the dense model. The paper measures the distortion of the network's output (its
+    logits); a full-model pass per (layer, level) costs L times more than what the block-by-block runner has at
+    hand, the block's output. So each curve is measured at its block's output (mean over tokens of the squared
+    L2 error) and converted to the network's output by the block's propagation gain: the squared error of the
+    network's output divided by the squared error at the block's output, for the error that pruning all of the
+    block's layers to `probe` sparsity puts there (one full forward per block). Unscaled block-output errors are
+    not comparable across blocks: the residual stream grows with depth, so the same absolute error matters far
+    more early on, and an allocation on them piles sparsity onto the first blocks (on SmolLM2-135M at 60%,
+    perplexity 846 against uniform's 105). Curves cost `levels` block forwards per layer plus one model
+    forward per block, on `samples` samples.
 
     Allocation: costs and the budget are counted on a grid of `grid` units of the total (weights, or FLOPs under
     a flops budget). The DP takes O(L * levels * grid) time and O(L * grid) bytes, whatever the model's size.
@@ -71,29 +80,40 @@ class DP(Allocator):
 
     needs_data = True
 
-    def __init__(self, levels: int = 20, samples: int = 2, grid: int = 10_000):
-        if levels < 2 or samples < 1 or grid < 10:
-            raise ValueError(f"need levels >= 2, samples >= 1, grid >= 10; got {levels}, {samples}, {grid}")
+    def __init__(self, levels: int = 20, samples: int = 2, grid: int = 10_000, probe: float = 0.5):
+        if levels < 2 or samples < 1 or grid < 10 or not 0 < probe < 1:
+            raise ValueError(f"need levels >= 2, samples >= 1, grid >= 10, 0 < probe < 1; got {levels}, {samples}, "
+                             f"{grid}, {probe}")
         self.levels = [k / levels for k in range(levels)]
-        self.samples, self.grid = samples, grid
+        self.samples, self.grid, self.probe = samples, grid, probe
 
     def measure(self, dense) -> list[list[float]]:
-        curves = {}
+        curves, errors = {}, {}
         for step, group, stats in dense.blocks(dense.estimator.needs, "dp curves", first_rows=self.samples):
             if step is None:
                 raise TargetError(f"dp measures distortion at block outputs, and {', '.join(t.name for t in group)} "
                                   f"lie outside the model's blocks; exclude them or use another allocator")
             reference, mask = step.outputs[0], step.masks[0]
+            originals = {t: t.module.weight.detach().clone() for t in group}
+
+            def pruned_to(t, level):
+                pruned, _ = dense.estimator.prune(t.weight.float(), stats[t], round(level * t.numel), None)
+                t.module.weight.data.copy_(t.to_native(pruned))
+
             for t in group:
-                original = t.module.weight.detach().clone()
                 curve = [0.0]
                 for level in self.levels[1:]:
-                    pruned, _ = dense.estimator.prune(t.weight.float(), stats[t], round(level * t.numel), None)
-                    t.module.weight.data.copy_(t.to_native(pruned))
+                    pruned_to(t, level)
                     curve.append(_distortion(step.forward(1)[0], reference, mask))
-                    t.module.weight.data.copy_(original)
+                    t.module.weight.data.copy_(originals[t])
                 curves[t] = curve
-        return [curves[t] for t in dense.targets]
+            for t in group:
+                pruned_to(t, self.probe)
+            errors[step.index] = step.forward(1)[0] - reference
+            for t in group:
+                t.module.weight.data.copy_(originals[t])
+        gains = propagation_gains(dense.model, split_first(dense.batches, self.samples)[0], errors)
+        return [[d * gains[t.block] for d in curves[t]] for t in dense.targets]
 
     def allocate(self, sizes: Sequence[int], costs: Sequence[float], budget: Budget,
                  measured: Sequence[Sequence[float]]) -> list[float]:
@@ -111,7 +131,39 @@ class DP(Allocator):
         return float(np.interp(sparsity, self.levels, measured))
 
     def __repr__(self) -> str:
-        return f"DP(levels={len(self.levels)}, samples={self.samples}, grid={self.grid})"
+        return f"DP(levels={len(self.levels)}, samples={self.samples}, grid={self.grid}, probe={self.probe:g})"
+
+
+def propagation_gains(model: nn.Module, batch: dict, errors: dict[int, torch.Tensor]) -> dict[int, float]:
+    """Per block index b: squared error of the model's output (logits, or the last hidden state) when
+    errors[b] is added to block b's output, over the squared error added, both as means over real tokens."""
+    _, blocks = find_blocks(model)
+    mask = token_mask(batch)
+    with evaluating(model):
+        reference = _model_output(call_model(model, batch))
+        gains = {}
+        for b, error in errors.items():
+            hook = blocks[b].register_forward_hook(lambda m, args, out, e=error: _add_to_hidden(out, e))
+            try:
+                output = _model_output(call_model(model, batch))
+            finally:
+                hook.remove()
+            added = _distortion(error, torch.zeros_like(error), mask)
+            gains[b] = _distortion(output, reference, mask) / added if added > 0 else 1.0
+    return gains
+
+
+def _add_to_hidden(out, error: torch.Tensor):
+    if isinstance(out, tuple):
+        return (out[0] + error.to(out[0]),) + out[1:]
+    return out + error.to(out)
+
+
+def _model_output(out) -> torch.Tensor:
+    for name in ("logits", "last_hidden_state"):
+        if getattr(out, name, None) is not None:
+            return getattr(out, name)
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _distortion(output: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor | None) -> float:
