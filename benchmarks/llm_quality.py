@@ -180,13 +180,14 @@ def run_worker(tool: str, name: str, args) -> dict:
            "--seq-len", str(args.seq_len), "--sparsities", *map(str, args.sparsities)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error"}
+    code = commit()  # before the run: the worker imports the code as it is now
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         return {"tool": tool, "config": name, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
     result = json.loads(lines[-1][len("RESULT "):])
     for row in result if isinstance(result, list) else [result]:
-        row["commit"] = commit()  # --resume can mix runs of different code
+        row["commit"] = code  # --resume can mix runs of different code
     return result
 
 
