@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -12,16 +11,16 @@ from tqdm.auto import tqdm
 
 from . import masks
 from .allocation import ALLOCATORS, Allocator, exact_counts
+from .allocation.context import DenseModel
 from .budget import Budget, BudgetLike
 from .calibration.inputs import as_batches
 from .calibration.runner import full_pass, sequential
-from .allocation.context import DenseModel
 from .calibration.stats import LayerStats, Needs, empty_stats, gathered
 from .errors import BudgetError, CalibrationError, PrunekitError, TargetError
 from .importance import ESTIMATORS, Estimator
 from .masking import check_nm
 from .report import LayerRow, PruneReport
-from .targets import Target, find_blocks, find_targets
+from .targets import Target, by_block, find_blocks, find_targets
 
 
 def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "wanda",
@@ -131,14 +130,6 @@ def _check_plan(targets: list[Target], budget: Budget, estimator: Estimator, all
             raise TargetError(f"{t.name}.weight holds NaN or Inf; the model is broken before pruning")
 
 
-def _by_block(targets: list[Target]) -> tuple[dict[int, list[Target]], list[Target]]:
-    groups = defaultdict(list)
-    for t in targets:
-        if t.block is not None:
-            groups[t.block].append(t)
-    return groups, [t for t in targets if t.block is None]
-
-
 def _prune_targets(model, targets, counts, nm, batches, estimator, order, device, progress, rollback) -> dict:
     """Prunes every target; sequentially block by block when the estimator needs data. Returns seconds per target."""
     count_of = dict(zip(targets, counts))
@@ -157,13 +148,13 @@ def _prune_targets(model, targets, counts, nm, batches, estimator, order, device
             for t in tqdm(targets, desc=estimator.name, disable=not progress, unit="layer"):
                 prune_one(t, None)
             return seconds
-        groups, outside = _by_block(targets)
+        groups, outside = by_block(targets)
         _, blocks = find_blocks(model)
         for step in sequential(model, blocks, batches, device=device, desc=estimator.name, progress=progress):
             group = groups.get(step.index, [])
             if group and order == "layer":
                 stats, target_of = empty_stats(group, estimator.needs, device), {t.module: t for t in group}
-                step.run_layerwise(stats, lambda module: prune_one(target_of[module], gathered(target_of[module], stats)))
+                step.run_layerwise(stats, lambda m: prune_one(target_of[m], gathered(target_of[m], stats)))
             rest = [t for t in group if t not in seconds]  # all of them in "block" order, or after a fallback
             if rest:
                 stats = empty_stats(rest, estimator.needs, device)

@@ -65,6 +65,15 @@ def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
     return best if best is not None else ("", [model])
 
 
+def by_block(targets: list[Target]) -> tuple[dict[int, list[Target]], list[Target]]:
+    """Targets grouped by the index of the block they sit in, in order, and those outside every block."""
+    groups: dict[int, list[Target]] = {}
+    for t in targets:
+        if t.block is not None:
+            groups.setdefault(t.block, []).append(t)
+    return groups, [t for t in targets if t.block is None]
+
+
 def find_targets(model: nn.Module, include: str | None = None, exclude: str | None = None) -> list[Target]:
     """Prunable layers in forward order of their blocks; layers outside the blocks come last with block=None."""
     prefix, blocks = find_blocks(model)

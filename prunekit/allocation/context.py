@@ -1,7 +1,6 @@
 """What an allocator may measure on the dense model, before anything is pruned."""
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -10,7 +9,7 @@ from torch import nn
 from ..calibration.inputs import split_first
 from ..calibration.runner import BlockStep, call_model, evaluating, full_pass, sequential
 from ..calibration.stats import LayerStats, Needs, empty_stats, gathered
-from ..targets import Target, find_blocks
+from ..targets import Target, by_block, find_blocks
 
 
 @dataclass
@@ -31,9 +30,7 @@ class DenseModel:
         run the step again with weights changed for the purpose, as long as it restores them; with first_rows,
         the first batch holds only that many samples, for cheap repeated runs (`step.forward(1)`). Layers
         outside the blocks come last, with step None and statistics from a full-model pass."""
-        groups, outside = defaultdict(list), []
-        for t in self.targets:
-            (groups[t.block] if t.block is not None else outside).append(t)
+        groups, outside = by_block(self.targets)
         _, blocks = find_blocks(self.model)
         batches = self.batches if first_rows is None else split_first(self.batches, first_rows)
         for step in sequential(self.model, blocks, batches, device=self.device, desc=desc,

@@ -100,8 +100,8 @@ class DP(Allocator):
                 pruned, _ = dense.estimator.prune(t.weight.float(), stats[t], round(level * t.numel), None)
                 t.module.weight.data.copy_(t.to_native(pruned))
 
-            def restore():
-                for t in group:
+            def restore(*changed):
+                for t in changed:
                     t.module.weight.data.copy_(originals[t])
 
             try:
@@ -110,13 +110,13 @@ class DP(Allocator):
                     for level in self.levels[1:]:
                         pruned_to(t, level)
                         curve.append(_distortion(step.forward(1)[0], reference, mask))
-                        restore()
+                        restore(t)
                     curves[t] = curve
                 for t in group:
                     pruned_to(t, self.probe)
                 errors[step.index] = step.forward(1)[0] - reference
             finally:  # the dense model leaves measuring as it came, even on Ctrl-C
-                restore()
+                restore(*group)
         gains = propagation_gains(dense.model, split_first(dense.batches, self.samples)[0], errors)
         return [[d * gains[t.block] for d in curves[t]] for t in dense.targets]
 

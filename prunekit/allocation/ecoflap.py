@@ -11,9 +11,9 @@ from tqdm.auto import tqdm
 
 from ..budget import Budget
 from ..calibration.inputs import split_first
-from ..calibration.runner import model_device, sequential
+from ..calibration.runner import call_model, sequential
 from ..errors import BudgetError, CalibrationError
-from ..targets import Target, find_blocks
+from ..targets import Target, by_block, find_blocks
 from . import ALLOCATORS
 from .base import Allocator, fit_to_budget
 
@@ -22,16 +22,13 @@ Loss = Callable[[nn.Module, dict], torch.Tensor]
 
 def model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's own loss: with the batch's labels, or next-token labels for a causal LM (padding ignored)."""
-    device = model_device(model)
-    batch = {k: v.to(device) for k, v in batch.items()}
     if "labels" not in batch and "input_ids" in batch:
         labels = batch["input_ids"].clone()
         if "attention_mask" in batch:
             labels[batch["attention_mask"] == 0] = -100
-        batch["labels"] = labels
+        batch = {**batch, "labels": labels}
     try:
-        out = model(**batch, use_cache=False) if getattr(model.config, "use_cache", None) is not None \
-            else model(**batch)
+        out = call_model(model, batch, labels=True)
     except TypeError as e:
         raise CalibrationError(f"cannot get a loss from {type(model).__name__} ({e}); pass ECoFLaP(loss=fn), "
                                f"fn(model, batch) -> scalar tensor") from None
@@ -70,9 +67,7 @@ def zeroth_order_scores(dense, samples: int, noises: int, eps: float, seed: int,
     with respect to the block's targets. Forward passes only; perturbations are regenerated from seeds."""
     model, (batch, *_) = dense.model, split_first(dense.batches, samples)
     _, blocks = find_blocks(model)
-    groups = defaultdict(list)
-    for t in dense.targets:
-        groups[t.block].append(t)
+    groups, _ = by_block(dense.targets)
     inputs = {}
     for step in sequential(model, blocks, [batch], progress=False):  # dense inputs of every block
         inputs[step.index] = step.hidden[0]
@@ -156,20 +151,20 @@ class ECoFLaP(Allocator):
 
     def measure(self, dense) -> list[tuple[object, float]]:
         """(group, score) per target; the group is the target's block, or the target itself when per="layer"."""
-        outside = [t.name for t in dense.targets if t.block is None]
+        _, outside = by_block(dense.targets)
         if outside:
-            raise CalibrationError(f"ecoflap scores blocks, and {', '.join(outside)} lie outside the model's blocks; "
-                                   f"exclude them or use another allocator")
+            raise CalibrationError(f"ecoflap scores blocks, and {', '.join(t.name for t in outside)} lie outside the "
+                                   f"model's blocks; exclude them or use another allocator")
         if self.method == "zeroth":
-            by_block = zeroth_order_scores(dense, self.samples, self.noises, self.eps, self.seed, self.loss)
-            return [(t.block, by_block[t.block]) for t in dense.targets]
-        by_target = first_order_scores(dense, self.samples, self.loss)
+            per_block = zeroth_order_scores(dense, self.samples, self.noises, self.eps, self.seed, self.loss)
+            return [(t.block, per_block[t.block]) for t in dense.targets]
+        per_target = first_order_scores(dense, self.samples, self.loss)
         if self.per == "layer":
-            return [(t.name, by_target[t]) for t in dense.targets]
-        by_block = defaultdict(float)
-        for t, value in by_target.items():
-            by_block[t.block] += value
-        return [(t.block, by_block[t.block]) for t in dense.targets]
+            return [(t.name, per_target[t]) for t in dense.targets]
+        per_block = defaultdict(float)
+        for t, value in per_target.items():
+            per_block[t.block] += value
+        return [(t.block, per_block[t.block]) for t in dense.targets]
 
     def allocate(self, sizes: Sequence[int], costs: Sequence[float], budget: Budget, measured) -> list[float]:
         cap = min(budget.sparsity + 0.1 if self.max_sparsity is None else self.max_sparsity,

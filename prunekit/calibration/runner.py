@@ -51,10 +51,10 @@ def model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def call_model(model: nn.Module, batch: dict[str, torch.Tensor]):
-    """model(**batch) for Hugging Face models (without a KV cache, without labels: no loss is needed), model(x)
-    for plain modules fed {"input": x}."""
-    batch = {k: v.to(model_device(model)) for k, v in batch.items() if k != "labels"}
+def call_model(model: nn.Module, batch: dict[str, torch.Tensor], labels: bool = False):
+    """model(**batch) for Hugging Face models (without a KV cache; without the batch's labels unless `labels`,
+    since only a loss needs them), model(x) for plain modules fed {"input": x}."""
+    batch = {k: v.to(model_device(model)) for k, v in batch.items() if labels or k != "labels"}
     if set(batch) == {"input"}:
         return model(batch["input"])
     if getattr(getattr(model, "config", None), "use_cache", None) is not None:
