@@ -130,9 +130,10 @@ MEMORY_PROBE = textwrap.dedent("""
 def test_zeroth_order_scoring_needs_about_the_memory_of_one_forward():
     """Peak RSS (VmHWM, reset once the model is built) above the model's own weights and inputs, each in a fresh
     process whose large allocations are mapped and returned at once (so RSS follows live memory). Measured (MiB,
-    runs in two environments): one forward with the loss 40.6-41.0; zeroth-order scoring 59.1-59.4, i.e. one forward plus its fixed costs (every block's input
-    for one batch, 12.6, and a copy of one block's weights, 4.2); first-order scoring 318.5, the activations of a
-    whole backward pass. ru_maxrss would not do: with some transformers versions building the model peaks higher."""
+    runs in two environments): one forward with the loss 40.6-41.0; zeroth-order scoring 59.1-59.4, i.e. one forward
+    plus its fixed costs (every block's input for one batch, 12.6, and a copy of one block's weights, 4.2);
+    first-order scoring 318.5, the activations of a whole backward pass. ru_maxrss would not do: with some
+    transformers versions building the model peaks higher."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
     def peak(mode):

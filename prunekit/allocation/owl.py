@@ -20,9 +20,10 @@ class OWL(Allocator):
     the reference code) or taken per target (`per="layer"`). Sparsity falls as D rises:
         r = 2 * lam * (D - min D) / (max D - min D),   s_l = S - r_l + mean(r),
     which spans 2*lam centred on the budget S, as the reference code does (the paper words the range as
-    [S - lam, S + lam]). Two changes make the budget exact for any model: the mean is weighted by layer size (and FLOPs per weight under a flops budget)
-    (equal to the reference's plain mean when all blocks are alike), and sparsities are clipped to the budget's
-    per-layer floor and cap with the shift re-solved (the reference floors at 0.01 and may miss the budget).
+    [S - lam, S + lam]). Two changes make the budget exact for any model: the mean is weighted by layer size
+    (and FLOPs per weight under a flops budget; equal to the reference's plain mean when all blocks are alike),
+    and sparsities are clipped to the budget's per-layer floor and cap with the shift re-solved (the reference
+    floors at 0.01 and may miss the budget).
     When every D is equal (the reference divides by zero), the allocation is uniform.
     """
 
