@@ -37,7 +37,8 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
         pruned (SparseGPT's true-sequential order), in one forward per block; "block" calibrates all layers of
         a block on the dense block and then recomputes its outputs (the Wanda/SparseGPT reference code and
         llm-compressor), two passes per block but only one batch's activations alive at a time.
-    device: where each block runs during calibration (e.g. "cuda") while the model stays where it is.
+    device: where each block runs during calibration (e.g. "cuda") while the model stays where it is. Estimators
+        that score on the whole model (gradients, relevance, loss) run where the model is.
     rollback: keep a CPU copy of each weight until pruning finishes, so that an error or an interrupt part way
         restores the model exactly; turn off when memory is too tight for one copy of the targeted weights.
 
@@ -147,6 +148,11 @@ def _prune_targets(model, targets, counts, nm, batches, estimator, order, device
         if estimator.needs == Needs.NONE:
             for t in tqdm(targets, desc=estimator.name, disable=not progress, unit="layer"):
                 prune_one(t, None)
+            return seconds
+        if estimator.needs & Needs.WHOLE_MODEL:  # scored on the dense model where it is, then pruned
+            stats_of = estimator.gather(model, targets, batches, progress=progress)
+            for t in tqdm(targets, desc=estimator.name, disable=not progress, unit="layer"):
+                prune_one(t, stats_of[t.module])
             return seconds
         groups, outside = by_block(targets)
         _, blocks = find_blocks(model)

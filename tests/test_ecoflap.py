@@ -98,7 +98,8 @@ def test_water_filling_by_hand():
 MEMORY_PROBE = textwrap.dedent("""
     import json, sys, torch, transformers as tf
     from prunekit.allocation.context import DenseModel
-    from prunekit.allocation.ecoflap import first_order_scores, model_loss, zeroth_order_scores
+    from prunekit.allocation.ecoflap import first_order_scores, zeroth_order_scores
+    from prunekit.calibration.loss import model_loss
     from prunekit.calibration import as_batches
     from prunekit.targets import find_targets
     torch.manual_seed(0)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -11,32 +11,12 @@ from tqdm.auto import tqdm
 
 from ..budget import Budget
 from ..calibration.inputs import split_first
-from ..calibration.runner import call_model, sequential
+from ..calibration.loss import Loss, grads_for, model_loss
+from ..calibration.runner import sequential
 from ..errors import BudgetError, CalibrationError
 from ..targets import Target, by_block, find_blocks
 from . import ALLOCATORS
 from .base import Allocator, fit_to_budget
-
-Loss = Callable[[nn.Module, dict], torch.Tensor]
-
-
-def model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's own loss: with the batch's labels, or next-token labels for a causal LM (padding ignored)."""
-    if "labels" not in batch and "input_ids" in batch:
-        labels = batch["input_ids"].clone()
-        if "attention_mask" in batch:
-            labels[batch["attention_mask"] == 0] = -100
-        batch = {**batch, "labels": labels}
-    try:
-        out = call_model(model, batch, labels=True)
-    except TypeError as e:
-        raise CalibrationError(f"cannot get a loss from {type(model).__name__} ({e}); pass ECoFLaP(loss=fn), "
-                               f"fn(model, batch) -> scalar tensor") from None
-    loss = getattr(out, "loss", None)
-    if loss is None:
-        raise CalibrationError(f"{type(model).__name__} returns no loss for these inputs; give calibration batches "
-                               f"with labels, or ECoFLaP(loss=fn), fn(model, batch) -> scalar tensor")
-    return loss
 
 
 @contextlib.contextmanager
@@ -95,24 +75,12 @@ def first_order_scores(dense, samples: int, loss: Loss) -> dict[Target, float]:
     """Per target, sum over its weights of (dL/dw * w)^2, on the first `samples` calibration samples."""
     model = dense.model
     weights = [t.module.weight for t in dense.targets]
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
     scores = {t: 0.0 for t in dense.targets}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for w in weights:
-            w.requires_grad_(True)
-        model.eval()  # no dropout: the scores should not depend on a random mask
+    with grads_for(model, weights):
         for batch in split_first(dense.batches, samples)[:1]:
-            with torch.enable_grad():  # prune() measures under no_grad
-                grads = torch.autograd.grad(loss(model, batch), weights)
+            grads = torch.autograd.grad(loss(model, batch), weights)
             for t, w, g in zip(dense.targets, weights, grads):
                 scores[t] += float((g * w.detach()).square().sum())
-    finally:
-        model.train(was_training)
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
     return scores
 
 

@@ -18,6 +18,13 @@ class Needs(enum.Flag):
     NONE = 0
     INPUT_NORMS = enum.auto()  # per input feature: sum over tokens of x_j^2
     HESSIAN = enum.auto()  # X^T X over tokens (its diagonal gives the norms too)
+    # Gathered by the estimator itself (Estimator.gather) from whole-model passes over the dense model:
+    GRADIENTS = enum.auto()  # gradients of the model's loss (labels, or next tokens for an LM)
+    LOSS = enum.auto()  # the model's loss, forward passes only
+    RELEVANCE = enum.auto()  # relevance propagated back from the output (LRP)
+    ACTIVATIONS = enum.auto()  # statistics of layer inputs and outputs on the dense model
+    TRAINING = enum.auto()  # a short training phase (the estimator changes the model)
+    WHOLE_MODEL = GRADIENTS | LOSS | RELEVANCE | ACTIVATIONS | TRAINING
 
 
 class LayerStats:

@@ -1,9 +1,12 @@
-"""The estimator protocol: per-weight scores (higher = more important) from a weight and its layer statistics."""
+"""The estimator protocol: scores per weight, per group (channel, head, filter) and per layer (higher = more
+important)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from .. import masking
 from ..calibration.stats import LayerStats, Needs
@@ -12,17 +15,39 @@ from ..calibration.stats import LayerStats, Needs
 class Estimator:
     """Subclass, set `needs` and `group`, implement `scores`; register with `@ESTIMATORS.register("name")`.
 
-    needs: statistics the runner must gather for each layer (Needs.NONE: no calibration data at all).
+    needs: what must be gathered for each layer. Needs.NONE: weights only, no calibration data. INPUT_NORMS and
+        HESSIAN: input statistics the block-by-block runner gathers (each layer sees the inputs it gets with
+        the layers before it already pruned). Anything in Needs.WHOLE_MODEL (gradients, loss, relevance,
+        activations, training): the estimator gathers it itself in `gather`, on the dense model, before
+        anything is pruned.
     group: where unstructured scores compete, "layer" or "row" (each output row keeps the same share).
+
+    Weights are seen with output channels first: [out, in] for a Linear, [out, in, kh, kw] for a Conv2d.
     """
 
     name: ClassVar[str]
     needs: ClassVar[Needs] = Needs.NONE
     group: ClassVar[str] = "layer"
 
-    def scores(self, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
-        """Importance of each entry of a [out, in] float32 weight."""
+    def gather(self, model: nn.Module, targets: Sequence, batches: list[dict], progress: bool = True) -> dict:
+        """For WHOLE_MODEL needs: {target module: what `scores` gets as `stats` for that layer}. The model must be
+        as it was on return (an estimator that trains, Needs.TRAINING, leaves only the changes it documents)."""
+        raise NotImplementedError(f"{type(self).__name__} declares {self.needs} but has no gather()")
+
+    def scores(self, weight: torch.Tensor, stats) -> torch.Tensor:
+        """Importance of each entry of the (float32) weight."""
         raise NotImplementedError
+
+    def group_scores(self, weight: torch.Tensor, stats, size: int = 1, dim: int = 0) -> torch.Tensor:
+        """Importance of each group of `size` consecutive slices along `dim`: dim=0 with size=1 gives output
+        channels (conv filters), dim=0 with size=head_dim the heads of a q/k/v projection, dim=1 with
+        size=head_dim the heads feeding an output projection. By default the sum of the group's weight scores
+        (estimators with a group-level definition override this)."""
+        return group_sum(self.scores(weight, stats), size, dim)
+
+    def layer_score(self, weight: torch.Tensor, stats) -> float:
+        """One number per layer for an allocator; by default the mean weight score."""
+        return float(self.scores(weight, stats).mean())
 
     def prune(self, weight: torch.Tensor, stats: LayerStats | None, count: int,
               nm: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,3 +57,12 @@ class Estimator:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def group_sum(values: torch.Tensor, size: int = 1, dim: int = 0) -> torch.Tensor:
+    """values summed over each group of `size` consecutive slices along `dim` (and over every other dim)."""
+    n = values.shape[dim]
+    if size < 1 or n % size:
+        raise ValueError(f"groups of {size} do not tile dimension {dim} of length {n}")
+    per_slice = values.transpose(0, dim).reshape(n, -1).sum(1)
+    return per_slice.view(n // size, size).sum(1)
