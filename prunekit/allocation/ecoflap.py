@@ -1,74 +1,32 @@
 """ECoFLaP: layer sparsities from (zeroth-order) gradient scores of the model's loss."""
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 from typing import Sequence
 
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
 from ..budget import Budget
 from ..calibration.inputs import split_first
 from ..calibration.loss import Loss, grads_for, model_loss
-from ..calibration.runner import sequential
 from ..errors import BudgetError, CalibrationError
-from ..targets import Target, by_block, find_blocks
+from ..importance.zeroth_order import gaussian, two_point
+from ..targets import Target, by_block
 from . import ALLOCATORS
 from .base import Allocator, fit_to_budget
-
-
-@contextlib.contextmanager
-def _skipping(blocks: list[nn.Module], upto: int, hidden: torch.Tensor):
-    """Blocks before `upto` skipped: each returns `hidden`, the dense input of block `upto`, so a forward pays
-    only for the blocks from `upto` on (and the embeddings, which are cheap)."""
-    for block in blocks[:upto]:
-        block.forward = lambda *args, **kwargs: hidden
-    try:
-        yield
-    finally:
-        for block in blocks[:upto]:
-            del block.forward
-
-
-def _perturb(targets: list[Target], seed: int, scale: float) -> None:
-    """W += scale * z with z ~ N(0, I) regenerated from `seed`: the same z on every call, never stored."""
-    generator = torch.Generator(device=targets[0].module.weight.device).manual_seed(seed)
-    for t in targets:
-        weight = t.module.weight.data
-        weight.add_(torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype),
-                    alpha=scale)
 
 
 def zeroth_order_scores(dense, samples: int, noises: int, eps: float, seed: int, loss: Loss) -> dict[int, float]:
     """Per block, sum over `noises` Gaussian perturbations z of |L(W + eps z) - L(W - eps z)| / (2 eps), the
     two-point (SPSA/MeZO) estimate of |z . grad|, whose mean is sqrt(2/pi) times the norm of the loss gradient
     with respect to the block's targets. Forward passes only; perturbations are regenerated from seeds."""
-    model, (batch, *_) = dense.model, split_first(dense.batches, samples)
-    _, blocks = find_blocks(model)
-    groups, _ = by_block(dense.targets)
-    inputs = {}
-    for step in sequential(model, blocks, [batch], progress=False):  # dense inputs of every block
-        inputs[step.index] = step.hidden[0]
-    scores = {}
-    with torch.no_grad():
-        for i in tqdm(sorted(groups), desc="ecoflap zeroth-order", disable=not dense.progress, unit="block"):
-            group = groups[i]
-            backup = [t.module.weight.detach().clone() for t in group]
-            total = 0.0
-            with _skipping(blocks, i, inputs[i]):
-                for n in range(noises):
-                    draw = seed * 1_000_003 + i * 1_009 + n
-                    _perturb(group, draw, eps)
-                    plus = float(loss(model, batch))
-                    _perturb(group, draw, -2 * eps)
-                    minus = float(loss(model, batch))
-                    for t, w in zip(group, backup):  # exact restore: float round trips would not be
-                        t.module.weight.data.copy_(w)
-                    total += abs(plus - minus) / (2 * eps)
-            scores[i] = total
-    return scores
+    def direction(k, index, weight):
+        return gaussian(seed, k, index, weight.shape, weight.device)
+
+    batch = split_first(dense.batches, samples)[0]
+    measured = two_point(dense.model, dense.targets, batch, noises, eps, direction, loss, dense.progress,
+                         desc="ecoflap zeroth-order")
+    return {t.block: sum(abs(d) for d in measured[t]) for t in dense.targets}
 
 
 def first_order_scores(dense, samples: int, loss: Loss) -> dict[Target, float]:

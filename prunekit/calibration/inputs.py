@@ -57,6 +57,8 @@ def _as_dict(item, main: str, index: int) -> dict[str, torch.Tensor]:
         batch = {main: item}
     elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
         batch = {main: item[0]}  # TensorDataset-style (inputs, labels) batches
+        if len(item) > 1 and isinstance(item[1], torch.Tensor):
+            batch["labels"] = item[1]  # for estimators that need the loss; the runner leaves labels out
     else:
         raise CalibrationError(f"calibration batch {index} is a {type(item).__name__}; expected a dict of tensors, "
                                f"a tensor or a (tensor, ...) tuple")
@@ -64,8 +66,9 @@ def _as_dict(item, main: str, index: int) -> dict[str, torch.Tensor]:
         if not isinstance(value, torch.Tensor):
             raise CalibrationError(f"calibration batch {index}: {key!r} is a {type(value).__name__}, not a tensor; "
                                    f"tokenize with return_tensors='pt'")
-        if value.dim() == 1:  # a single unbatched sequence
-            batch[key] = value.unsqueeze(0)
+    lead = batch.get(main, batch.get("input_ids"))
+    if isinstance(lead, torch.Tensor) and lead.dim() == 1:  # a single unbatched sequence (its labels too)
+        batch = {key: value.unsqueeze(0) if value.dim() == 1 else value for key, value in batch.items()}
     return {key: value.cpu() for key, value in batch.items()}
 
 

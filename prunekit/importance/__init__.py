@@ -4,6 +4,6 @@ from .base import Estimator
 
 ESTIMATORS: Registry[Estimator] = Registry("importance")
 
-from . import magnitude, sparsegpt, wanda  # noqa: E402,F401  (each file registers its estimator)
+from . import hessian, magnitude, sparsegpt, wanda, zeroth_order  # noqa: E402,F401  (each file registers its estimator)
 
 __all__ = ["ESTIMATORS", "Estimator"]
