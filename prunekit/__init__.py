@@ -1,12 +1,12 @@
 """prunekit: prune PyTorch models to a budget, run them fast, fine-tune them cheaply."""
 __version__ = "0.1.0"
 
-from .api import prune
+from .api import prune, score
 from .budget import Budget
 from .errors import BudgetError, CalibrationError, MaskMismatchError, PrunekitError, TargetError
 from .io import load_pruned, save_pruned
 from .masks import masks, remove_masks
 from .report import LayerRow, PruneReport
 
-__all__ = ["prune", "Budget", "PruneReport", "LayerRow", "save_pruned", "load_pruned", "masks", "remove_masks",
+__all__ = ["prune", "score", "Budget", "PruneReport", "LayerRow", "save_pruned", "load_pruned", "masks", "remove_masks",
            "PrunekitError", "BudgetError", "CalibrationError", "TargetError", "MaskMismatchError"]

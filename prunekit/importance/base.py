@@ -3,6 +3,7 @@ important)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -66,3 +67,32 @@ def group_sum(values: torch.Tensor, size: int = 1, dim: int = 0) -> torch.Tensor
         raise ValueError(f"groups of {size} do not tile dimension {dim} of length {n}")
     per_slice = values.transpose(0, dim).reshape(n, -1).sum(1)
     return per_slice.view(n // size, size).sum(1)
+
+
+@dataclass
+class Scores:
+    """An estimator's measurements of a model's targets (see prunekit.score), read by target name."""
+
+    estimator: Estimator
+    targets: list
+    stats: dict  # target module -> what the estimator gathered for it
+
+    def _find(self, name: str):
+        for t in self.targets:
+            if t.name == name:
+                return t, self.stats[t.module]
+        raise KeyError(f"{name!r} is not a scored layer; scored: {', '.join(t.name for t in self.targets[:5])}...")
+
+    def weights(self, name: str) -> torch.Tensor:
+        """Per weight, [out, in]."""
+        t, st = self._find(name)
+        return self.estimator.scores(t.weight.float(), st)
+
+    def groups(self, name: str, size: int = 1, dim: int = 0) -> torch.Tensor:
+        """Per group of `size` output (dim=0) or input (dim=1) channels; see Estimator.group_scores."""
+        t, st = self._find(name)
+        return self.estimator.group_scores(t.weight.float(), st, size, dim)
+
+    def layers(self) -> dict[str, float]:
+        """{layer name: layer score}."""
+        return {t.name: self.estimator.layer_score(t.weight.float(), self.stats[t.module]) for t in self.targets}
