@@ -93,15 +93,7 @@ def score(model: nn.Module, importance: str | Estimator = "wanda", calibration=N
     targets = find_targets(model, include, exclude)
     batches = _calibration(calibration, model, None, estimator, ALLOCATORS.create("uniform"))
     with torch.no_grad():
-        if estimator.needs == Needs.NONE:
-            stats = {t.module: None for t in targets}
-        elif estimator.needs & Needs.WHOLE_MODEL:
-            stats = estimator.gather(model, targets, batches, progress=progress)
-        else:
-            stats = {}
-            for _, _, got in DenseModel(model, targets, batches, estimator, device, progress).blocks(
-                    estimator.needs, desc=estimator.name):
-                stats.update({t.module: st for t, st in got.items()})
+        stats = DenseModel(model, targets, batches, estimator, device, progress).stats(estimator)
     return Scores(estimator, targets, stats)
 
 

@@ -146,3 +146,17 @@ def test_zeroth_order_scoring_needs_about_the_memory_of_one_forward():
     fixed = 6 * 8 * 256 * 256 * 4 / 2**20 + (256 * 1024 * 3 + 4 * 256 * 256) * 4 / 2**20
     assert zeroth <= forward + fixed + 8, (forward, zeroth, first)
     assert first > 4 * zeroth, (forward, zeroth, first)
+
+
+def test_any_estimators_layer_scores_can_drive_the_allocation():
+    from conftest import calibration_for, tiny
+
+    model = tiny("llama")
+    windows = calibration_for("llama", n=4)
+    expected = prunekit.score(model, "fisher", windows, progress=False).layers()
+    report = prunekit.prune(model, 0.5, importance="wanda", allocator=ECoFLaP(method="fisher", per="layer"),
+                            calibration=windows, progress=False)
+    assert [score for _, score in report.measured] == pytest.approx(list(expected.values()), rel=1e-5)
+    assert report.sparsity == pytest.approx(0.5, abs=1e-4)
+    with pytest.raises(prunekit.PrunekitError, match="unknown importance 'fishr'"):
+        ECoFLaP(method="fishr")

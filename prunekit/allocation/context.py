@@ -45,6 +45,18 @@ class DenseModel:
             full_pass(self.model, self.batches, stats)
             yield None, outside, {t: gathered(t, stats) for t in outside}
 
+    def stats(self, estimator) -> dict:
+        """{target module: what `estimator` needs for it}, all measured on the dense model: gathered by the
+        estimator itself for whole-model needs, block by block for input statistics, None for weights only."""
+        if estimator.needs == Needs.NONE:
+            return {t.module: None for t in self.targets}
+        if estimator.needs & Needs.WHOLE_MODEL:
+            return estimator.gather(self.model, self.targets, self.batches, progress=self.progress)
+        found = {}
+        for _, _, got in self.blocks(estimator.needs, desc=estimator.name):
+            found.update({t.module: st for t, st in got.items()})
+        return found
+
     def rows(self) -> dict[Target, int]:
         """Rows (tokens, positions) each target processes in one forward of the first calibration batch. A layer's
         FLOPs are 2 x rows x weights, so this is its FLOPs per weight, up to a common factor."""

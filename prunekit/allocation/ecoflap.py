@@ -10,6 +10,7 @@ from ..budget import Budget
 from ..calibration.inputs import split_first
 from ..calibration.loss import Loss, grads_for, model_loss
 from ..errors import BudgetError, CalibrationError
+from ..importance import ESTIMATORS
 from ..importance.zeroth_order import gaussian, two_point
 from ..targets import Target, by_block
 from . import ALLOCATORS
@@ -52,7 +53,8 @@ class ECoFLaP(Allocator):
     code, which perturbs one weight matrix at a time over the whole model, all targets of a block are perturbed
     together and each perturbed forward starts at that block from its cached dense input: 2 * noises partial
     forwards per block. method="first": per target, sum of (gradient * weight)^2 from one backward pass on the
-    same samples, summed per block when per="block".
+    same samples, summed per block when per="block". Any other importance estimator (a name such as "hutchinson"
+    or "fisher", or an instance) gives its layer scores (Estimator.layer_score), summed per block when per="block".
 
     Allocation (water-filling, as the reference): every group keeps at least 1 - max_sparsity of its weights
     (default max_sparsity: the budget's sparsity + 0.1, the rule of every released script, capped by the budget's
@@ -65,8 +67,10 @@ class ECoFLaP(Allocator):
 
     def __init__(self, method: str = "zeroth", per: str = "block", max_sparsity: float | None = None,
                  samples: int = 4, noises: int = 2, eps: float = 1e-3, seed: int = 0, loss: Loss | None = None):
-        if method not in ("zeroth", "first") or per not in ("block", "layer"):
-            raise ValueError(f"method must be 'zeroth' or 'first', per 'block' or 'layer'; got {method!r}, {per!r}")
+        if per not in ("block", "layer"):
+            raise ValueError(f"per must be 'block' or 'layer', got {per!r}")
+        # an estimator's layer scores, or None for the two built-in gradient scores
+        self.estimator = None if method in ("zeroth", "first") else ESTIMATORS.create(method)
         if method == "zeroth" and per == "layer":
             raise ValueError("zeroth-order scores are per block (one perturbed pass per block); use per='block'")
         if samples < 1 or noises < 1 or not eps > 0:
@@ -84,7 +88,11 @@ class ECoFLaP(Allocator):
         if self.method == "zeroth":
             per_block = zeroth_order_scores(dense, self.samples, self.noises, self.eps, self.seed, self.loss)
             return [(t.block, per_block[t.block]) for t in dense.targets]
-        per_target = first_order_scores(dense, self.samples, self.loss)
+        if self.estimator is None:
+            per_target = first_order_scores(dense, self.samples, self.loss)
+        else:
+            stats = dense.stats(self.estimator)
+            per_target = {t: self.estimator.layer_score(t.weight.float(), stats[t.module]) for t in dense.targets}
         if self.per == "layer":
             return [(t.name, per_target[t]) for t in dense.targets]
         per_block = defaultdict(float)
@@ -125,6 +133,8 @@ class ECoFLaP(Allocator):
         return measured[1]
 
     def __repr__(self) -> str:
+        if self.estimator is not None:
+            return f"ECoFLaP(method={self.estimator!r}, per={self.per!r})"
         options = f"samples={self.samples}, noises={self.noises}, eps={self.eps:g}" if self.method == "zeroth" \
             else f"samples={self.samples}, per={self.per!r}"
         return f"ECoFLaP(method={self.method!r}, {options})"
