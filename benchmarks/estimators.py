@@ -48,7 +48,7 @@ def estimator(name: str, loss=None, start=None):
     from prunekit.importance import ESTIMATORS
 
     options = {
-        "hutchinson": {"probes": 2},
+        "hutchinson": {"probes": 1, "samples": 32},
         "zeroth_order": {"probes": 8, "samples": 4},
     }.get(name, {})
     if loss is not None and name in ("fisher", "structural_hessian", "hutchinson", "zeroth_order", "mask_sparsity"):

@@ -89,36 +89,33 @@ def test_structural_saliency_squares_each_samples_sum_over_the_structure():
 
 def test_hutchinson_trace_within_its_statistical_error_of_the_exact_trace():
     model, targets, batches, batch = setup()
-    probes = 300
+    probes = 400
     stats = Hutchinson(probes=probes, loss=cross_entropy).gather(model, targets, batches, progress=False)
-    params = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-    shapes = [p.shape for p in params]
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    shapes = [t.module.weight.shape for t in targets]
+    sizes = [s.numel() for s in shapes]
+    flat = torch.cat([t.module.weight.detach().reshape(-1) for t in targets])
+    first, second = model.blocks[0][0], model.blocks[1][0]
 
-    def loss_of(vector):  # the mean loss over the two calibration batches, as a function of the target weights
-        chunks = vector.split([s.numel() for s in shapes])
-        total = 0
-        for b in batches:
-            h = torch.tanh(nn.functional.linear(b["input"], chunks[0].view(shapes[0]), model.blocks[0][0].bias))
-            total = total + nn.functional.cross_entropy(
-                nn.functional.linear(h, chunks[1].view(shapes[1]), model.blocks[1][0].bias), b["labels"])
-        return total
+    def loss_of(vector, i):  # sample i's loss as a function of both target weights
+        w1, w2 = (c.view(s) for c, s in zip(vector.split(sizes), shapes))
+        h = torch.tanh(nn.functional.linear(batch["input"][i:i + 1], w1, first.bias))
+        return nn.functional.cross_entropy(nn.functional.linear(h, w2, second.bias), batch["labels"][i:i + 1])
 
-    hessian = torch.autograd.functional.hessian(loss_of, flat)
+    per_sample = [torch.autograd.functional.hessian(lambda v: loss_of(v, i), flat) for i in range(len(batch["labels"]))]
     start = 0
-    for t, shape in zip(targets, shapes):
-        n = shape.numel()
-        block = hessian[start:start + n, start:start + n]
-        full_row = hessian[start:start + n]
+    for t, n in zip(targets, sizes):
+        exact = float(sum(torch.trace(h[start:start + n, start:start + n]) for h in per_sample)) / len(per_sample)
+        var = 0.0  # of one product v . Hv over this layer, per sample, summed
+        for h in per_sample:
+            block, rows = h[start:start + n, start:start + n], h[start:start + n]
+            var += 2 * float(block.square().sum() - torch.diagonal(block).square().sum())
+            var += float(rows.square().sum() - block.square().sum())
         start += n
-        exact = float(torch.trace(block))
-        # each probe's v_l . (Hv)_l has variance 2 (||H_ll||_F^2 - sum diag^2) + ||H_l,other||_F^2 (cross terms)
-        cross = float(full_row.square().sum() - block.square().sum())
-        var = 2 * float(block.square().sum() - torch.diagonal(block).square().sum()) + cross
-        sigma = math.sqrt(var / (probes * len(batches)))  # both batches' products are averaged
-        got = stats[t.module].trace * len(batches)  # per-batch Hessians average; loss_of sums them
-        assert abs(got - exact) < 4 * sigma + 1e-6, (got, exact, sigma)
-        assert Hutchinson().layer_score(t.weight, stats[t.module]) == pytest.approx(stats[t.module].trace / n)
+        sigma = math.sqrt(var / probes) / len(per_sample)  # the mean over probes x samples products
+        got = stats[t.module].trace
+        assert abs(got - exact) < 4 * sigma + 1e-7, (got, exact, sigma)
+        assert sigma < 0.5 * abs(exact)  # the test can tell a wrong trace from a right one
+        assert Hutchinson().layer_score(t.weight, stats[t.module]) == pytest.approx(got / n)
 
 
 def test_hutchinson_seed_repeats_and_leaves_the_model_alone():

@@ -160,37 +160,43 @@ class Hutchinson(Estimator):
     """Hessian-trace sensitivity per layer, by Hutchinson's estimator tr(H) = E[v^T H v] with Rademacher v
     (Hutchinson 1990; per layer for allocation as in HAWQ-V2, Dong et al., NeurIPS 2020).
 
-    One probe draws v over every target at once and takes one Hessian-vector product (double backward) per
-    calibration batch; v_l . (Hv)_l is unbiased for each layer's own trace, cross-layer terms averaging out. Layer
-    score: the mean curvature tr(H_l) / n_l. Per weight: the Hutchinson diagonal v * Hv (unbiased for H_ii) in the
-    OBD saliency w^2 H_ii / 2. The estimate's variance per probe is 2 (||H||_F^2 - sum H_ii^2), so its error falls
-    as 1 / sqrt(probes).
+    H is the Hessian of the mean loss over the calibration samples. Each probe draws, per sample, one v over every
+    target at once and takes one Hessian-vector product (a double backward) of that sample's loss; v_l . (Hv)_l is
+    unbiased for each layer's own trace, cross-layer terms averaging out, and samples one at a time keep memory at
+    one sample's double-backward graph. Layer score: the mean curvature tr(H_l) / n_l. Per weight: the Hutchinson
+    diagonal v * Hv (unbiased for H_ii) in the OBD saliency w^2 H_ii / 2. Each product's variance is
+    2 (||H_ll||_F^2 - sum diag^2) plus the cross-layer ||H_l,other||_F^2, so the error falls as
+    1 / sqrt(probes * samples).
     """
 
     needs = Needs.GRADIENTS
 
-    def __init__(self, probes: int = 8, seed: int = 0, loss: Loss | None = None):
-        if probes < 1:
-            raise ValueError(f"probes must be >= 1, got {probes}")
-        self.probes, self.seed, self.loss = probes, seed, loss or model_loss
+    def __init__(self, probes: int = 1, samples: int | None = None, seed: int = 0, loss: Loss | None = None):
+        if probes < 1 or (samples is not None and samples < 1):
+            raise ValueError(f"need probes >= 1 and samples >= 1 (or None for all); got {probes}, {samples}")
+        self.probes, self.samples, self.seed, self.loss = probes, samples, seed, loss or model_loss
 
     def gather(self, model, targets, batches, progress=True) -> dict:
         weights = [t.module.weight for t in targets]
         stats = {t.module: HutchinsonStats(t.weight) for t in targets}
         generator = torch.Generator(device=weights[0].device).manual_seed(self.seed)
+        total = sum(len(next(iter(b.values()))) for b in batches)
+        steps = self.probes * min(total, self.samples or total)
         # fused attention kernels have no double backward; the math kernel computes the same attention
-        with grads_for(model, weights), sdpa_kernel(SDPBackend.MATH):
-            for _ in tqdm(range(self.probes), desc=self.name, disable=not progress, unit="probe"):
-                for batch in batches:
+        with grads_for(model, weights), sdpa_kernel(SDPBackend.MATH), \
+                tqdm(total=steps, desc=self.name, disable=not progress, unit="product") as bar:
+            for _ in range(self.probes):
+                for sample in samples(batches, self.samples):
                     vs = [torch.randint(0, 2, w.shape, generator=generator, device=w.device).to(w.dtype) * 2 - 1
                           for w in weights]
-                    grads = torch.autograd.grad(self.loss(model, batch), weights, create_graph=True)
+                    grads = torch.autograd.grad(self.loss(model, sample), weights, create_graph=True)
                     hvs = torch.autograd.grad(grads, weights, grad_outputs=vs)
                     for t, v, hv in zip(targets, vs, hvs):
                         st, vhv = stats[t.module], (v * hv).detach().float()
                         st.trace += float(vhv.sum())
                         st.diagonal += vhv.t() if t.transposed else vhv  # as [out, in]
                         st.count += 1
+                    bar.update()
         for st in stats.values():
             st.trace /= st.count
             st.diagonal /= st.count
@@ -203,4 +209,4 @@ class Hutchinson(Estimator):
         return stats.trace / weight.numel()
 
     def __repr__(self) -> str:
-        return f"Hutchinson(probes={self.probes}, seed={self.seed})"
+        return f"Hutchinson(probes={self.probes}, samples={self.samples}, seed={self.seed})"
