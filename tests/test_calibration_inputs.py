@@ -28,3 +28,16 @@ def test_forms_agree_with_token_windows(form):
     assert got.keys() == reference.keys()
     for name in got:
         assert torch.equal(got[name], reference[name]), name
+
+
+def test_labels_are_kept_and_not_mistaken_for_an_unbatched_sequence():
+    from prunekit.calibration import as_batches
+
+    model = tiny("vit")
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    (from_tuple,) = as_batches(DataLoader(TensorDataset(images, labels), batch_size=4), model)
+    assert from_tuple["labels"].shape == (4,) and torch.equal(from_tuple["labels"], labels)
+    (from_dict,) = as_batches({"pixel_values": images, "labels": labels}, model)
+    assert from_dict["labels"].shape == (4,)
+    (unbatched,) = as_batches({"input_ids": torch.arange(5), "labels": torch.arange(5)}, tiny("llama"))
+    assert unbatched["input_ids"].shape == unbatched["labels"].shape == (1, 5)
