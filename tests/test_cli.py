@@ -8,6 +8,7 @@ import transformers as tf
 import prunekit
 from prunekit import data
 from prunekit.cli import main
+from prunekit.importance import ESTIMATORS
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_two_four_from_the_command_line(model_dir, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--importance", "nope"], "unknown importance 'nope'; known: magnitude, sparsegpt, wanda"),
+    (["--importance", "nope"], "unknown importance 'nope'; known: " + ", ".join(ESTIMATORS.names())),
     (["--budget", "1.5"], "sparsity must be a number in (0, 1)"),
     (["--budget", "2:4", "--max-layer-sparsity", "0.9"], "floors and caps do not apply"),
 ])

@@ -4,6 +4,8 @@ from .base import Estimator, Scores
 
 ESTIMATORS: Registry[Estimator] = Registry("importance")
 
-from . import hessian, magnitude, sparsegpt, wanda, zeroth_order  # noqa: E402,F401  (each file registers its estimator)
+# Each file registers its estimator.
+from . import (beta_rank, hessian, lrp, magnitude, mask_sparsity, sparsegpt, wanda,  # noqa: E402,F401
+               zeroth_order)
 
 __all__ = ["ESTIMATORS", "Estimator", "Scores"]
