@@ -1,0 +1,7 @@
+"""Sparse fine-tuning: LIFT, S2FT, IST and SPT behind one `prepare(model, method, **options)`."""
+from .base import TUNERS, Method, load_deltas, prepare, save_deltas
+
+# Each file registers its method (one import line per method).
+from . import lift  # noqa: E402,F401
+
+__all__ = ["TUNERS", "Method", "prepare", "save_deltas", "load_deltas"]

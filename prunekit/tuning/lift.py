@@ -1,0 +1,129 @@
+"""LIFT: fine-tune only the principal weights, the largest entries of a low-rank approximation of each matrix.
+
+Liu, Pang, Balabanov, Yang, Huang, Yin, Yang, Liu, "LIFT the Veil for the Truth: Principal Weights Emerge after
+Rank Reduction for Reasoning-Focused Supervised Fine-Tuning", ICML 2025 (arXiv:2506.00772). For each weight
+matrix W of the model's blocks: W_r = the rank-`filter_rank` truncated SVD of W; the trainable entries are the
+top-K of |W_r|, with K = `rank` · (out + in), the parameter count of a rank-`rank` LoRA of that matrix (capped at
+the matrix size). Every `interval` optimizer steps the selection is recomputed from the current weights; Adam's
+moments carry over for entries that stay selected, new entries start from zero moments.
+
+Defaults are the paper's LLaMA-2-7B arithmetic configuration (reference scripts: LoRA-equivalent rank 128,
+filter rank 64, refresh every 400 steps, randomized SVD with q = 2 · filter_rank); embeddings and the LM head do
+not train. Where the reference keeps a dense gradient and dense-shaped buffers for every matrix and masks them
+in the optimizer, here gradients are reduced to the selected entries as autograd produces them and the optimizer
+holds state for the selected entries only (`prunekit.tuning.sparse`): memory close to LoRA's.
+Entries pruned by prunekit are never selected (they stay zero).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import PrunekitError
+from ..targets import find_targets
+from .base import TUNERS, Method, pruned, sparse_delta
+from .sparse import SparseAdam, change, reselect, select
+
+SVDS = ("randomized", "exact")
+
+
+def low_rank(weight: torch.Tensor, rank: int, svd: str = "randomized", niter: int = 2) -> torch.Tensor:
+    """The rank-`rank` truncated SVD approximation of a matrix, in float32: exact, or randomized (Halko et al.,
+    with q = 2 · rank oversampled directions and `niter` power iterations)."""
+    w = weight.detach().float()
+    rank = min(rank, *w.shape)
+    if svd == "exact":
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        v = vh.mT
+    else:
+        u, s, v = torch.svd_lowrank(w, q=min(2 * rank, *w.shape), niter=niter)
+    return (u[:, :rank] * s[:rank]) @ v[:, :rank].mT
+
+
+@TUNERS.register("lift")
+class LIFT(Method):
+    """Low-rank Informed sparse Fine-Tuning (Liu et al., ICML 2025); see the module docstring.
+
+    rank: trainable entries per matrix as a LoRA rank, K = rank · (out + in); filter_rank: rank of the
+    approximation whose magnitudes choose them; interval: optimizer steps between selections (0: never refresh);
+    svd: "randomized" or "exact"; include / exclude: regexes over module names (default: every Linear of the
+    repeated blocks, as prune() targets them).
+    Train with `optimizer(lr)` (SparseAdam; its step hook refreshes the selection), in a plain loop or as
+    `transformers.Trainer(..., optimizers=(tuned.optimizer(lr), None))`. Trainer's gradient clipping does not see
+    the reduced gradients; set max_grad_norm=0 there.
+    """
+
+    def __init__(self, rank: int = 128, filter_rank: int = 64, interval: int = 400, svd: str = "randomized",
+                 niter: int = 2, include: str | None = None, exclude: str | None = None):
+        super().__init__()
+        for what, value, low in (("rank", rank, 1), ("filter_rank", filter_rank, 1), ("interval", interval, 0),
+                                 ("niter", niter, 0)):
+            if not isinstance(value, int) or value < low:
+                raise PrunekitError(f"LIFT's {what} must be an integer >= {low}, got {value!r}")
+        if svd not in SVDS:
+            raise PrunekitError(f"LIFT's svd must be one of {', '.join(SVDS)}, got {svd!r}")
+        self.rank, self.filter_rank, self.interval, self.svd, self.niter = rank, filter_rank, interval, svd, niter
+        self.include, self.exclude = include, exclude
+        self.layers: dict[str, nn.Module] = {}
+        self._optimizer: SparseAdam | None = None
+
+    def options(self) -> dict:
+        return dict(rank=self.rank, filter_rank=self.filter_rank, interval=self.interval, svd=self.svd,
+                    niter=self.niter, include=self.include, exclude=self.exclude)
+
+    def budget(self, module: nn.Module) -> int:
+        """K for one matrix: a rank-`rank` LoRA's parameter count."""
+        return self.rank * sum(module.weight.shape)
+
+    def largest_rank(self, module: nn.Module) -> int:
+        """The largest rank whose K fits in the matrix's unpruned entries."""
+        keep = pruned(module)
+        return (module.weight.numel() if keep is None else int(keep.sum())) // sum(module.weight.shape)
+
+    def principal(self, module: nn.Module) -> torch.Tensor:
+        """Flat indices of the top-K entries of |low-rank approximation|, pruned entries excluded."""
+        score = low_rank(module.weight, self.filter_rank, self.svd, self.niter).abs()
+        keep = pruned(module)
+        if keep is not None:
+            score = score.masked_fill(~keep, -1.0)  # below every |value|: never chosen
+        return score.view(-1).topk(self.budget(module)).indices
+
+    def attach(self, model: nn.Module) -> None:
+        targets = find_targets(model, self.include, self.exclude)
+        tightest = min(targets, key=lambda t: self.largest_rank(t.module))
+        if self.largest_rank(tightest.module) < self.rank:
+            limit = self.largest_rank(tightest.module)
+            raise PrunekitError(f"LIFT rank {self.rank} trains more entries than {tightest.name} "
+                                f"({'x'.join(map(str, tightest.shape))}) has unpruned; pass rank <= {limit}, or "
+                                f"exclude the smallest layers")
+        indices = {t.name: self.principal(t.module) for t in tqdm(targets, desc="lift: principal weights",
+                                                                   leave=False)}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for t in targets:
+            select(t.module.weight, indices[t.name])
+            self.layers[t.name] = t.module
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [m.weight for m in self.layers.values()]
+
+    def optimizer(self, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8) -> SparseAdam:
+        self._optimizer = self.hooked(SparseAdam(self.trainable(), lr=lr, betas=betas, eps=eps,
+                                                 weight_decay=weight_decay))
+        return self._optimizer
+
+    def after_step(self) -> None:
+        if self.interval and self.steps % self.interval == 0:
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Chooses the principal weights again from the current weights (moments carry over where they stay)."""
+        for module in self.layers.values():
+            reselect(module.weight, self.principal(module), self._optimizer)
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, module in self.layers.items():
+            out.update(sparse_delta(f"{name}.weight", *change(module.weight)))
+        return out

@@ -1,0 +1,204 @@
+"""LIFT and the sparse update machinery (selection, reduced gradients, SparseAdam) against references in the test."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from torch import nn
+
+import prunekit
+from prunekit import PrunekitError, TargetError
+from prunekit.tuning import load_deltas, prepare, save_deltas
+from prunekit.tuning.sparse import SparseAdam, reselect, select, selection
+from conftest import VOCAB, tiny
+
+
+def batch(seed=0, n=2, length=12):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, length), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+def train(model, optimizer, steps, seed=0):
+    for i in range(steps):
+        model(**batch(seed + i)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def expected_principal(weight, filter_rank, k, keep=None):
+    """Top-k of |rank-r truncated SVD| computed with numpy."""
+    u, s, vt = np.linalg.svd(weight.detach().double().numpy(), full_matrices=False)
+    approx = np.abs((u[:, :filter_rank] * s[:filter_rank]) @ vt[:filter_rank])
+    if keep is not None:
+        approx[~keep.numpy()] = -1
+    return set(np.argsort(-approx.ravel(), kind="stable")[:k].tolist())
+
+
+def test_selection_is_the_top_k_of_the_low_rank_approximation():
+    model = tiny("llama")
+    tuned = prepare(model, "lift", rank=2, filter_rank=3, svd="exact")
+    for name, module in tuned.layers.items():
+        out, inp = module.weight.shape
+        chosen = set(selection(module.weight).indices.tolist())
+        assert len(chosen) == 2 * (out + inp)
+        assert chosen == expected_principal(module.weight, 3, 2 * (out + inp)), name
+    assert len(tuned.layers) == 2 * 7  # every Linear of the blocks, nothing else trains
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.weight" for n in tuned.layers}
+
+
+def test_randomized_svd_finds_the_same_principal_weights_on_a_low_rank_matrix():
+    torch.manual_seed(0)
+    w = torch.randn(40, 3) @ torch.randn(3, 30)  # rank 3: the randomized SVD is exact up to rounding
+    from prunekit.tuning.lift import low_rank
+    torch.testing.assert_close(low_rank(w, 3, "randomized"), low_rank(w, 3, "exact"), atol=1e-4, rtol=1e-4)
+
+
+def test_only_selected_entries_change_and_state_is_sized_by_the_selection():
+    model = tiny("llama")
+    before = copy.deepcopy(model.state_dict())
+    tuned = prepare(model, "lift", rank=2, filter_rank=4, interval=0)
+    optimizer = tuned.optimizer(lr=1e-2)
+    train(model, optimizer, 2)
+    k = sum(selection(m.weight).indices.numel() for m in tuned.layers.values())
+    assert optimizer.state_size() == 2 * k
+    for name, value in model.state_dict().items():
+        changed = (value != before[name]).view(-1)
+        module = tuned.layers.get(name.removesuffix(".weight"))
+        if module is None:
+            assert not changed.any(), name
+        else:
+            allowed = torch.zeros_like(changed)
+            allowed[selection(module.weight).indices] = True
+            assert changed.any() and not (changed & ~allowed).any(), name
+
+
+def test_sparse_adam_equals_adamw_on_the_selected_entries():
+    torch.manual_seed(0)
+    dense, sparse = nn.Linear(6, 5), nn.Linear(6, 5)
+    sparse.load_state_dict(dense.state_dict())
+    chosen = torch.tensor([0, 3, 7, 11, 29])
+    select(sparse.weight, chosen)
+    sparse.bias.requires_grad_(False)
+    reference = torch.optim.AdamW([dense.weight], lr=0.05, weight_decay=0.1, betas=(0.8, 0.9), eps=1e-6)
+    optimizer = SparseAdam([sparse.weight], lr=0.05, weight_decay=0.1, betas=(0.8, 0.9), eps=1e-6)
+    frozen = torch.ones(30, dtype=torch.bool)
+    frozen[chosen] = False
+    original = dense.weight.detach().view(-1)[frozen].clone()
+    for step in range(4):
+        x = torch.randn(8, 6)
+        for layer, opt in ((dense, reference), (sparse, optimizer)):
+            layer(x).square().sum().backward()
+            assert layer is dense or sparse.weight.grad is None  # the dense gradient is freed during backward
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():  # the reference trains the same entries: the others (decayed by AdamW) go back
+            dense.weight.view(-1)[frozen] = original
+        torch.testing.assert_close(sparse.weight.view(-1)[chosen], dense.weight.view(-1)[chosen])
+
+
+def test_gradients_accumulate_over_micro_batches():
+    layer = nn.Linear(4, 3)
+    select(layer.weight, torch.arange(12))
+    x1, x2 = torch.randn(5, 4), torch.randn(5, 4)
+    layer(x1).sum().backward()
+    layer(x2).sum().backward()
+    expected = torch.ones(5 + 5, 3).T @ torch.cat([x1, x2])
+    torch.testing.assert_close(selection(layer.weight).grad, expected.view(-1))
+
+
+def test_refresh_carries_moments_of_entries_that_stay():
+    layer = nn.Linear(4, 3)
+    select(layer.weight, torch.tensor([1, 2, 5]))
+    optimizer = SparseAdam([layer.weight], lr=0.1)
+    layer(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    old = {k: optimizer.state[layer.weight][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+    reselect(layer.weight, torch.tensor([2, 5, 9]), optimizer)
+    for key, value in old.items():
+        torch.testing.assert_close(optimizer.state[layer.weight][key], torch.stack([value[1], value[2],
+                                                                                   torch.tensor(0.0)]))
+
+
+def test_lift_refreshes_every_interval_steps():
+    model = tiny("llama")
+    tuned = prepare(model, "lift", rank=2, filter_rank=2, interval=2, svd="exact")
+    optimizer = tuned.optimizer(lr=0.05)
+    train(model, optimizer, 2)
+    for module in tuned.layers.values():  # after step 2 the selection is the principal weights of W now
+        out, inp = module.weight.shape
+        assert set(selection(module.weight).indices.tolist()) == expected_principal(module.weight, 2, 2 * (out + inp))
+
+
+def test_pruned_entries_are_never_selected_and_stay_zero():
+    model = tiny("llama")
+    prunekit.prune(model, 0.5, importance="magnitude")
+    masks = {n: m.clone() for n, m in prunekit.masks(model).items()}
+    tuned = prepare(model, "lift", rank=2, filter_rank=3, interval=1, svd="exact")
+    for name, module in tuned.layers.items():
+        keep = masks[name]
+        out, inp = keep.shape
+        assert keep.view(-1)[selection(module.weight).indices].all()
+        assert set(selection(module.weight).indices.tolist()) == expected_principal(module.weight, 3, 2 * (out + inp),
+                                                                                    keep)
+    train(model, tuned.optimizer(lr=0.05), 3)
+    for name, module in tuned.layers.items():
+        assert not module.weight[~masks[name]].any(), name
+
+
+def test_saved_deltas_reproduce_the_trained_model_on_a_fresh_base(tmp_path):
+    base = tiny("llama")
+    model = copy.deepcopy(base)
+    tuned = prepare(model, "lift", rank=2, filter_rank=3, interval=1)
+    train(model, tuned.optimizer(lr=0.05), 3)
+    meta = load_deltas(base, save_deltas(tuned, tmp_path / "lift.safetensors"))
+    assert meta["method"] == "lift"
+    ids = batch(99)["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).logits, model(ids).logits, atol=1e-6, rtol=1e-6)
+
+
+def test_deltas_onto_a_different_base_are_refused_before_anything_changes(tmp_path):
+    model = tiny("llama")
+    tuned = prepare(model, "lift", rank=1, filter_rank=2)
+    path = save_deltas(tuned, tmp_path / "d.safetensors")
+    torch.manual_seed(0)
+    other = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(PrunekitError, match="different base model"):
+        load_deltas(other, path)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_trains_through_transformers_trainer(tmp_path):
+    model = tiny("llama")
+    tuned = prepare(model, "lift", rank=2, filter_rank=2, interval=2)
+    data = [batch(i, n=1) for i in range(4)]
+    data = [{k: v[0] for k, v in b.items()} for b in data]
+    args = tf.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3,
+                                max_grad_norm=0, report_to=[], save_strategy="no", logging_strategy="no",
+                                use_cpu=True)
+    before = {n: m.weight.detach().clone() for n, m in tuned.layers.items()}
+    tf.Trainer(model=model, args=args, train_dataset=data, optimizers=(tuned.optimizer(lr=1e-2), None)).train()
+    assert tuned.steps == 3
+    assert all(not torch.equal(m.weight, before[n]) for n, m in tuned.layers.items())
+
+
+@pytest.mark.parametrize("options,error,message", [
+    (dict(method="lfit"), PrunekitError, "unknown tuning method 'lfit'"),
+    (dict(method="lift", ranks=4), PrunekitError, "bad options for tuning method 'lift'"),
+    (dict(method="lift", rank=0), PrunekitError, "rank must be an integer >= 1"),
+    (dict(method="lift", svd="qr"), PrunekitError, "svd must be one of"),
+    (dict(method="lift", rank=64), PrunekitError, r"than model.layers.0.self_attn.k_proj \(16x32\) has unpruned; pass rank <= 10"),
+    (dict(method="lift", include="nothing_matches"), TargetError, "no Linear or Conv1D layer"),
+])
+def test_bad_input_fails_before_the_model_changes(options, error, message):
+    model = tiny("llama")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=message):
+        prepare(model, **options)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
