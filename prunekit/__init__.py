@@ -8,5 +8,16 @@ from .io import load_pruned, save_pruned
 from .masks import masks, remove_masks
 from .report import LayerRow, PruneReport
 
+
+
+def __getattr__(name):
+    # prunekit.tuning loads on first use: it imports peft, which prune() users need not pay for.
+    if name == "tuning":
+        import importlib
+
+        return importlib.import_module(".tuning", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = ["prune", "score", "Budget", "PruneReport", "LayerRow", "save_pruned", "load_pruned", "masks", "remove_masks",
            "PrunekitError", "BudgetError", "CalibrationError", "TargetError", "MaskMismatchError"]

@@ -45,6 +45,7 @@ def test_selection_is_the_top_k_of_the_low_rank_approximation():
         assert len(chosen) == 2 * (out + inp)
         assert chosen == expected_principal(module.weight, 3, 2 * (out + inp)), name
     assert len(tuned.layers) == 2 * 7  # every Linear of the blocks, nothing else trains
+    assert tuned.trainable_count() == sum(2 * sum(m.weight.shape) for m in tuned.layers.values())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.weight" for n in tuned.layers}
 

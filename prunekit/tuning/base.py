@@ -50,6 +50,10 @@ class Method:
         """The parameters a dense optimizer should train (requires_grad after attach)."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def trainable_count(self) -> int:
+        """How many numbers training changes (for a sparse method, the selected entries, not whole weights)."""
+        return sum(p.numel() for p in self.trainable())
+
     def optimizer(self, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
         """AdamW over `trainable()`, with the method's step hooks registered on it."""
         params = self.trainable()

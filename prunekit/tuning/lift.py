@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..errors import PrunekitError
 from ..targets import find_targets
 from .base import TUNERS, Method, pruned, sparse_delta
-from .sparse import SparseAdam, change, reselect, select
+from .sparse import SparseAdam, change, reselect, select, selection
 
 SVDS = ("randomized", "exact")
 
@@ -107,6 +107,9 @@ class LIFT(Method):
 
     def trainable(self) -> list[nn.Parameter]:
         return [m.weight for m in self.layers.values()]
+
+    def trainable_count(self) -> int:
+        return sum(selection(m.weight).indices.numel() for m in self.layers.values())
 
     def optimizer(self, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8) -> SparseAdam:
         self._optimizer = self.hooked(SparseAdam(self.trainable(), lr=lr, betas=betas, eps=eps,

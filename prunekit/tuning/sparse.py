@@ -30,6 +30,7 @@ class Selection:
     grad: torch.Tensor | None
     touched: torch.Tensor
     original: torch.Tensor
+    hook: object = None  # the handle of the gradient-reducing hook
 
 
 def selection(param: torch.Tensor) -> Selection | None:
@@ -50,9 +51,10 @@ def select(param: nn.Parameter, indices: torch.Tensor) -> None:
     if selection(param) is not None:
         raise PrunekitError("this parameter already has a selection; use reselect to change it")
     flat = param.detach().view(-1)
-    setattr(param, _ATTR, Selection(indices, None, indices.clone(), flat[indices].clone()))
+    sel = Selection(indices, None, indices.clone(), flat[indices].clone())
+    setattr(param, _ATTR, sel)
     param.requires_grad_(True)
-    param.register_post_accumulate_grad_hook(_reduce_grad)
+    sel.hook = param.register_post_accumulate_grad_hook(_reduce_grad)
 
 
 def reselect(param: nn.Parameter, indices: torch.Tensor, optimizer: "SparseAdam | None" = None) -> None:
@@ -70,9 +72,11 @@ def reselect(param: nn.Parameter, indices: torch.Tensor, optimizer: "SparseAdam 
 
 
 def unselect(param: nn.Parameter) -> None:
-    """Removes the selection: the parameter stops training (the gradient hook then keeps gradients away)."""
+    """Removes the selection and its gradient hook; the parameter stops training."""
     param.requires_grad_(False)
-    if hasattr(param, _ATTR):
+    sel = selection(param)
+    if sel is not None:
+        sel.hook.remove()
         delattr(param, _ATTR)
 
 
