@@ -1,16 +1,18 @@
 """Layer statistics against plain tensor algebra."""
+import pytest
 import torch
 
 from prunekit.calibration import LayerStats, Needs
 
 
-def test_gram_and_norms_match_plain_products():
+@pytest.mark.parametrize("d", [24, 600])  # one panel; three panels, the last one ragged
+def test_gram_and_norms_match_plain_products(d):
     g = torch.Generator().manual_seed(0)
-    chunks = [torch.randn(3, 7, 24, generator=g), torch.randn(5, 24, generator=g),
-              torch.randn(24, 9, generator=g).t()]  # a non-contiguous chunk too
-    x = torch.cat([c.reshape(-1, 24) for c in chunks]).double()
-    full = LayerStats(Needs.HESSIAN, 24)
-    norms = LayerStats(Needs.INPUT_NORMS, 24)
+    chunks = [torch.randn(3, 7, d, generator=g), torch.randn(5, d, generator=g),
+              torch.randn(d, 9, generator=g).t()]  # a non-contiguous chunk too
+    x = torch.cat([c.reshape(-1, d) for c in chunks]).double()
+    full = LayerStats(Needs.HESSIAN, d)
+    norms = LayerStats(Needs.INPUT_NORMS, d)
     for c in chunks:
         full.update(c)
         norms.update(c)
