@@ -18,7 +18,7 @@ from .calibration.runner import full_pass, sequential
 from .calibration.stats import LayerStats, Needs, empty_stats, gathered
 from .errors import BudgetError, CalibrationError, PrunekitError, TargetError
 from .importance import ESTIMATORS, Estimator, Scores
-from .masking import check_nm
+from .masking import check_block, check_nm
 from .report import LayerRow, PruneReport
 from .targets import Target, by_block, find_blocks, find_targets
 
@@ -60,8 +60,8 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
         plan = _allocate(DenseModel(model, targets, batches, estimator, device, progress), budget, allocator)
         seconds["allocation"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        timings = _prune_targets(model, targets, plan.counts, budget.nm, batches, estimator, order, device, progress,
-                                 rollback)
+        timings = _prune_targets(model, targets, plan.counts, budget.nm, budget.block, batches, estimator, order,
+                                 device, progress, rollback)
         seconds["pruning"] = time.perf_counter() - clock
     seconds["total"] = time.perf_counter() - start
     layers = [LayerRow(name=t.name, shape=t.shape, target=sparsity, achieved=count / t.numel, pruned=count,
@@ -72,7 +72,7 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
                  for b in batches if "input_ids" in b)
     samples = sum(len(next(iter(b.values()))) for b in batches)
     return PruneReport(model=type(model).__name__, importance=repr(estimator), allocator=repr(allocator),
-                       granularity=budget.granularity, requested=budget.sparsity, metric=budget.metric, layers=layers,
+                       granularity=_granularity(budget), requested=budget.sparsity, metric=budget.metric, layers=layers,
                        seconds=seconds, measured=plan.measured,
                        calibration={"batches": len(batches), "samples": samples, "tokens": tokens} if batches else {})
 
@@ -117,7 +117,13 @@ def _allocate(dense: DenseModel, budget: Budget, allocator: Allocator) -> _Plan:
     costs = [float(rows[t]) for t in targets] if rows else [1.0] * len(targets)
     measured = allocator.measured if allocator.measured is not None else allocator.measure(dense)
     sparsities = allocator.allocate(sizes, costs, budget, measured)
-    return _Plan(sparsities, exact_counts(sizes, sparsities, budget), costs, rows, measured)
+    unit = budget.block[0] * budget.block[1] if budget.block else 1  # block budgets round in whole tiles
+    return _Plan(sparsities, exact_counts(sizes, sparsities, budget, unit), costs, rows, measured)
+
+
+def _granularity(budget: Budget) -> str:
+    """The report's name for the granularity, with the tile spelled out ("block" -> "block32x32")."""
+    return f"block{budget.block[0]}x{budget.block[1]}" if budget.block else budget.granularity
 
 
 def _calibration(calibration, model, budget: Budget | None, estimator: Estimator, allocator: Allocator) -> list[dict]:
@@ -143,6 +149,9 @@ def _check_plan(targets: list[Target], budget: Budget, estimator: Estimator, all
         if allocator.name != "uniform":
             raise BudgetError(f"N:M sparsity prunes every layer alike; allocator {allocator.name!r} does not apply, "
                               f"use allocator='uniform'")
+    if budget.block is not None:
+        for t in targets:
+            check_block(t.shape, budget.block, t.name)
     for t in targets:
         if masks.BUFFER in t.module._buffers:
             raise TargetError(f"{t.name} is already pruned; prune the dense model, or prunekit.remove_masks(model) "
@@ -151,7 +160,7 @@ def _check_plan(targets: list[Target], budget: Budget, estimator: Estimator, all
             raise TargetError(f"{t.name}.weight holds NaN or Inf; the model is broken before pruning")
 
 
-def _prune_targets(model, targets, counts, nm, batches, estimator, order, device, progress, rollback) -> dict:
+def _prune_targets(model, targets, counts, nm, block, batches, estimator, order, device, progress, rollback) -> dict:
     """Prunes every target; sequentially block by block when the estimator needs data. Returns seconds per target."""
     count_of = dict(zip(targets, counts))
     seconds: dict[Target, float] = {}
@@ -159,7 +168,7 @@ def _prune_targets(model, targets, counts, nm, batches, estimator, order, device
     def prune_one(t: Target, stats: LayerStats | None):
         clock = time.perf_counter()
         # Computed where the weight is: inside the sequential pass its block sits on the compute device.
-        new, keep = estimator.prune(t.weight.float(), stats, count_of[t], nm)
+        new, keep = estimator.prune(t.weight.float(), stats, count_of[t], nm, block)
         t.module.weight.data.copy_(t.to_native(new))
         masks.attach(t.module, t.to_native(keep))
         seconds[t] = time.perf_counter() - clock

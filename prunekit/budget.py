@@ -9,6 +9,8 @@ from typing import Union
 from .errors import BudgetError
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_BLOCK = re.compile(r"^\s*block(?:(\d+)x(\d+))?\s*$")
+DEFAULT_BLOCK = (32, 32)
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,10 @@ class Budget:
         weights against an expensive one's; for the Linears of a transformer all rows are alike and this equals
         params.
 
-    granularity: "unstructured", or "N:M" (keep N of every M consecutive input weights, e.g. "2:4").
+    granularity: "unstructured", or "N:M" (keep N of every M consecutive input weights, e.g. "2:4"), or "block"
+        (whole 32x32 tiles kept or pruned; "block16x16", "block64x64" or any "blockRxC" for other tiles; the
+        kernels of prunekit.kernels run 16, 32 and 64 square). Block budgets are exact in whole tiles, and every
+        targeted layer must be tiled exactly (a ragged layer raises; exclude it or pick a smaller block).
     min_layer_sparsity, max_layer_sparsity: floor and cap for every layer's sparsity; allocators respect them.
     include: regex (re.search on module names) choosing the layers to prune among all Linear/Conv1D layers
         of the model; by default every Linear inside the model's repeated blocks.
@@ -52,8 +57,9 @@ class Budget:
                 raise BudgetError(f"sparsity={self.sparsity} contradicts {name}={kept}; give one of them")
             object.__setattr__(self, "sparsity", 1 - kept)
         nm = _parse_nm(self.granularity)
-        if nm is None and self.granularity != "unstructured":
-            raise BudgetError(f"unknown granularity {self.granularity!r}; use 'unstructured' or 'N:M' such as '2:4'")
+        if nm is None and parse_block(self.granularity) is None and self.granularity != "unstructured":
+            raise BudgetError(f"unknown granularity {self.granularity!r}; use 'unstructured', 'N:M' such as '2:4', "
+                              f"or 'block' / 'blockRxC' such as 'block64x64'")
         if nm is not None:
             implied = 1 - nm[0] / nm[1]
             if self.flops is not None:
@@ -94,6 +100,11 @@ class Budget:
         """(N, M) for an N:M granularity, else None."""
         return _parse_nm(self.granularity)
 
+    @property
+    def block(self) -> tuple[int, int] | None:
+        """(R, C) for a block granularity, else None."""
+        return parse_block(self.granularity)
+
     @classmethod
     def coerce(cls, budget: "BudgetLike") -> "Budget":
         """A Budget from a Budget, a fraction (0.5), a percentage string ('50%') or an N:M string ('2:4')."""
@@ -125,6 +136,19 @@ def _parse_nm(text: str) -> tuple[int, int] | None:
     if not 0 < n < m:
         raise BudgetError(f"N:M needs 0 < N < M; got {text!r}")
     return n, m
+
+
+def parse_block(text: str) -> tuple[int, int] | None:
+    """(R, C) of a "block" / "blockRxC" granularity, None for any other text."""
+    match = _BLOCK.match(text) if isinstance(text, str) else None
+    if not match:
+        return None
+    if match.group(1) is None:
+        return DEFAULT_BLOCK
+    r, c = int(match.group(1)), int(match.group(2))
+    if r < 1 or c < 1 or r * c < 2:
+        raise BudgetError(f"a block needs at least two weights; got {text!r}")
+    return r, c
 
 
 BudgetLike = Union[Budget, float, str]

@@ -6,6 +6,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .budget import parse_block
 from .errors import PrunekitError
 
 
@@ -61,27 +62,38 @@ class PruneReport:
                 / sum(row.numel * row.flops_per_weight for row in self.layers))
 
     @property
+    def unit(self) -> int:
+        """Weights per pruning unit: a tile's area under a block granularity, else 1."""
+        block = parse_block(self.granularity)
+        return block[0] * block[1] if block else 1
+
+    @property
     def exact(self) -> bool:
-        """Budget met to the weight: the pruned count equals the request rounded to a whole weight, or for a flops
-        budget the removed FLOPs are within one weight's FLOPs per layer of the request."""
+        """Budget met to the unit (a weight, or a whole tile for a block granularity): the pruned count equals the
+        request rounded to a whole unit, or for a flops budget the removed FLOPs are within one unit's FLOPs per
+        layer of the request."""
         if self.metric == "flops" and self.flops_sparsity is not None:
-            slack = sum(row.flops_per_weight for row in self.layers)
+            slack = sum(row.flops_per_weight for row in self.layers) * self.unit
             total = sum(row.numel * row.flops_per_weight for row in self.layers)
             return abs(self.flops_sparsity - self.requested) * total <= slack
-        return self.pruned == round(self.requested * self.total)
+        return self.pruned == self._requested_count()
+
+    def _requested_count(self) -> int:
+        return round(self.requested * self.total / self.unit) * self.unit
 
     def summary(self) -> str:
-        off = self.pruned - round(self.requested * self.total)
+        off = self.pruned - self._requested_count()
+        unit = "weight" if self.unit == 1 else f"{self.granularity[len('block'):]} tile"
         data = (f", calibration {self.calibration['batches']} batches / {self.calibration['tokens']:,} tokens"
                 if self.calibration else "")
         if self.metric == "flops":
             achieved = self.flops_sparsity
             budget = (f"FLOPs removed {achieved:.4%} (requested {self.requested:.4%}, "
-                      + ("within one weight per layer" if self.exact else "NOT within one weight per layer") + ")"
+                      + (f"within one {unit} per layer" if self.exact else f"NOT within one {unit} per layer") + ")"
                       if achieved is not None else f"FLOPs removed: requested {self.requested:.4%}")
         else:
             budget = (f"requested {self.requested:.4%}, "
-                      + ("exact to the weight" if off == 0 else f"off by {off:+,} weights"))
+                      + (f"exact to the {unit}" if off == 0 else f"off by {off:+,} weights"))
         return (f"{self.model}: {self.importance} + {self.allocator}, {self.granularity}{data}\n"
                 f"pruned {self.pruned:,} of {self.total:,} targeted weights in {len(self.layers)} layers: "
                 f"{self.sparsity:.4%} ({budget})"

@@ -78,10 +78,15 @@ def fit_to_budget(raw: Sequence[float], sizes: Sequence[int], costs: Sequence[fl
     return (pruned(b) / n).tolist()
 
 
-def exact_counts(sizes: Sequence[int], sparsities: Sequence[float], budget: Budget) -> list[int]:
+def exact_counts(sizes: Sequence[int], sparsities: Sequence[float], budget: Budget, unit: int = 1) -> list[int]:
     """Weights to prune per layer: summing to round(sum of sparsity * size) exactly (for a params budget that is
     round(budget * total)), each within one weight of sparsity * size and inside the layer's bounds
-    (largest-remainder rounding)."""
+    (largest-remainder rounding).
+
+    unit: weights per pruning unit (a block granularity's tile area, dividing every size). The rounding then
+    happens in whole units: the total is exact to the unit and each layer within one unit of its allocation."""
+    if unit > 1:
+        return [count * unit for count in exact_counts([n // unit for n in sizes], sparsities, budget)]
     total = round(sum(s * n for s, n in zip(sparsities, sizes)))
     lo, hi = layer_bounds(sizes, budget)
     ideal = [min(max(s * n, a), b) for s, n, a, b in zip(sparsities, sizes, lo, hi)]

@@ -50,10 +50,11 @@ class Estimator:
         """One number per layer for an allocator; by default the mean weight score."""
         return float(self.scores(weight, stats).mean())
 
-    def prune(self, weight: torch.Tensor, stats: LayerStats | None, count: int,
-              nm: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(new weight, keep-mask) pruning `count` weights (or N:M). Reconstructing estimators override this."""
-        keep = masking.select(self.scores(weight, stats), count, nm, self.group)
+    def prune(self, weight: torch.Tensor, stats: LayerStats | None, count: int, nm: tuple[int, int] | None,
+              block: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(new weight, keep-mask) pruning `count` weights (or N:M, or `count` weights in whole (R, C) tiles of
+        `block`, ranked by summed scores). Reconstructing estimators override this."""
+        keep = masking.select(self.scores(weight, stats), count, nm, self.group, block)
         return weight * keep, keep
 
     def __repr__(self) -> str:

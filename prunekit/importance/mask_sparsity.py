@@ -335,9 +335,11 @@ class MaskSparsity(Estimator):
     def layer_score(self, weight: torch.Tensor, stats: ChannelScales) -> float:
         return float(stats.scale.mean())
 
-    def prune(self, weight, stats: ChannelScales, count, nm):
+    def prune(self, weight, stats: ChannelScales, count, nm, block=None):
         if nm is not None:
             keep = masking.select(weight.abs(), count, nm)
+        elif block is not None:  # tiles of the channels with the smallest scales go first
+            keep = masking.select(self.scores(weight, stats), count, block=block)
         else:
             keep = channels_first(stats.scale.to(weight.device), weight, count)
         return weight * keep, keep

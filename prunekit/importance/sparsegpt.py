@@ -20,7 +20,8 @@ class SparseGPT(Estimator):
     optimal (OBS) correction of the remaining weights of the row is -w / [H_F^-1]_jj * [H_F^-1]_j,F. The rows of
     the upper Cholesky factor of H^-1 give exactly these quantities for every F, so one factorisation serves all
     columns. Masks are chosen adaptively per block of `blocksize` columns (lazy batch updates), N:M per group of
-    M columns as it is reached.
+    M columns as it is reached. Under a block granularity each lazy batch spans whole tile columns and prunes its
+    share of the layer's tiles, ranked by the summed saliency of their weights; the OBS updates then run unchanged.
 
     Differences from the reference code: each block prunes its exact share of the layer's count, so the layer
     meets its budget to the weight (the reference thresholds with ties, and rounds per block); columns never seen
@@ -63,8 +64,8 @@ class SparseGPT(Estimator):
                 damp *= 10
         raise torch.linalg.LinAlgError(f"SparseGPT: Hessian not positive definite even with damp={damp / 10:g}")
 
-    def prune(self, weight: torch.Tensor, stats: LayerStats, count: int,
-              nm: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def prune(self, weight: torch.Tensor, stats: LayerStats, count: int, nm: tuple[int, int] | None,
+              block: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # Work on W^T so that a column of W is a contiguous row: two vector ops per column in the inner loop.
         wt = weight.float().t().contiguous()
         cols, rows = wt.shape
@@ -72,14 +73,19 @@ class SparseGPT(Estimator):
         if key not in stats.derived:  # pruning one layer at several levels (DP's curves) factors once
             stats.derived[key] = self.inverse_cholesky(stats.hessian().to(wt.device))
         u = stats.derived[key]
-        bs = self.blocksize if nm is None else max(nm[1], self.blocksize // nm[1] * nm[1])
+        step = nm[1] if nm is not None else block[1] if block is not None else 1  # lazy batches hold whole groups
+        bs = max(step, self.blocksize // step * step)
         keep = torch.ones_like(wt, dtype=torch.bool)
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
             w1, u1, keep1 = wt[i1:i2], u[i1:i2, i1:i2], keep[i1:i2]
             d = torch.diagonal(u1).unsqueeze(1)
-            if nm is None:  # this block's exact share of the layer's count, rounded on cumulative sums
-                share = (count * i2 + cols // 2) // cols - (count * i1 + cols // 2) // cols
+            if block is not None:  # tiles of W are (C, R) tiles of W^T; this batch's share of the layer's tiles
+                area = block[0] * block[1]
+                share = _share(count // area, i1 // block[1], i2 // block[1], cols // block[1])
+                keep1.copy_(masking.block_mask(w1.square() / d.square(), share * area, (block[1], block[0])))
+            elif nm is None:  # this block's exact share of the layer's count, rounded on cumulative sums
+                share = _share(count, i1, i2, cols)
                 keep1.copy_(masking.lowest(w1.square() / d.square(), share))
             scale = (~keep1) / d  # error of column i is w_i / d_i where pruned, 0 where kept
             err1 = torch.empty_like(w1)
@@ -93,3 +99,9 @@ class SparseGPT(Estimator):
             w1.mul_(keep1)  # exact zeros where pruned, whatever rounding left
             wt[i2:].addmm_(u[i1:i2, i2:].t(), err1, alpha=-1.0)  # lazy update of the later blocks
         return wt.t(), keep.t()
+
+
+def _share(total: int, start: int, stop: int, n: int) -> int:
+    """Of `total` prunings spread evenly over n columns, those of columns [start, stop): rounded on cumulative sums,
+    so the shares of consecutive ranges add up to `total` exactly."""
+    return (total * stop + n // 2) // n - (total * start + n // 2) // n
