@@ -29,6 +29,9 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
     """Prunes `model` in place to `budget` and returns the per-layer report.
 
     budget: a Budget, a fraction of the targeted weights to remove (0.5), or an N:M pattern ("2:4").
+        Budget(..., granularity="structured") removes whole heads, MLP channels and conv filters instead of
+        masking weights (see prunekit.structured): the model gets smaller, its config says so, and every estimator
+        and allocator scores it on the dense model (order does not apply).
     importance: estimator name (see prunekit.importance.ESTIMATORS.names()) or an Estimator instance.
     allocator: allocator name (see prunekit.allocation.ALLOCATORS.names()) or an Allocator instance.
     calibration: a LongTensor of token windows [N, L], an iterable of model-input dicts, or a DataLoader;
@@ -51,6 +54,10 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
     budget = Budget.coerce(budget)
     estimator = ESTIMATORS.create(importance)
     allocator = ALLOCATORS.create(allocator)
+    if budget.structured:  # removes heads and channels: no masks, no sequential order (scored on the dense model)
+        from .structured import prune_structured
+
+        return prune_structured(model, budget, estimator, allocator, calibration, device, progress, rollback)
     targets = find_targets(model, budget.include, budget.exclude)
     _check_plan(targets, budget, estimator, allocator)
     batches = _calibration(calibration, model, budget, estimator, allocator)

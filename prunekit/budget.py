@@ -8,6 +8,8 @@ from typing import Union
 
 from .errors import BudgetError
 
+GRANULARITIES = ("unstructured", "structured")
+HEAD_MODES = ("auto", "kv", "query", "none")
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _BLOCK = re.compile(r"^\s*block(?:(\d+)x(\d+))?\s*$")
 DEFAULT_BLOCK = (32, 32)
@@ -29,10 +31,27 @@ class Budget:
         (whole 32x32 tiles kept or pruned; "block16x16", "block64x64" or any "blockRxC" for other tiles; the
         kernels of prunekit.kernels run 16, 32 and 64 square). Block budgets are exact in whole tiles, and every
         targeted layer must be tiled exactly (a ragged layer raises; exclude it or pick a smaller block).
+        "structured" removes whole attention heads, MLP channels and conv filters, so the model itself gets smaller
+        and faster with any kernel (prunekit.structured, on Torch-Pruning's dependency graph). The budget then
+        counts the targeted layers' weights (or FLOPs) that removed heads and channels take with them, and is met
+        within one unit (a head, a channel, or round_to channels) per structure; the targets default to every
+        Linear and Conv layer inside the model's repeated blocks (decoder layers, ViT blocks, residual blocks).
     min_layer_sparsity, max_layer_sparsity: floor and cap for every layer's sparsity; allocators respect them.
     include: regex (re.search on module names) choosing the layers to prune among all Linear/Conv1D layers
         of the model; by default every Linear inside the model's repeated blocks.
     exclude: regex of module names to leave alone.
+
+    Structured only:
+    round_to: every pruned layer keeps a multiple of round_to channels (8 for tensor cores, the head size to match
+        attention), or is left whole. Heads are always removed whole.
+    heads: which attention units go. "auto": whole heads with their key and value rows under multi-head attention;
+        under grouped-query attention the same number of query heads from every KV group (all KV heads stay).
+        "kv": whole KV groups (the K/V head with every query head that reads it; shrinks the KV cache). "query":
+        query heads within groups (GQA only). "none": attention is left alone.
+    uniform: every block keeps the same widths per kind (heads, channels), as a Hugging Face config can only say
+        one intermediate_size and one head count for all layers; then the allocator decides only how the budget
+        splits between kinds. None: uniform for models with a config (so that plain from_pretrained reloads them),
+        free per structure otherwise.
     """
 
     sparsity: float | None = None
@@ -43,6 +62,9 @@ class Budget:
     max_layer_sparsity: float = 1.0
     include: str | None = None
     exclude: str | None = None
+    round_to: int | None = None
+    heads: str = "auto"
+    uniform: bool | None = None
 
     def __post_init__(self):
         if self.params is not None and self.flops is not None:
@@ -57,9 +79,10 @@ class Budget:
                 raise BudgetError(f"sparsity={self.sparsity} contradicts {name}={kept}; give one of them")
             object.__setattr__(self, "sparsity", 1 - kept)
         nm = _parse_nm(self.granularity)
-        if nm is None and parse_block(self.granularity) is None and self.granularity != "unstructured":
+        if nm is None and parse_block(self.granularity) is None and self.granularity not in GRANULARITIES:
             raise BudgetError(f"unknown granularity {self.granularity!r}; use 'unstructured', 'N:M' such as '2:4', "
-                              f"or 'block' / 'blockRxC' such as 'block64x64'")
+                              f"'block' / 'blockRxC' such as 'block64x64', or 'structured'")
+        self._check_structured_options()
         if nm is not None:
             implied = 1 - nm[0] / nm[1]
             if self.flops is not None:
@@ -89,6 +112,29 @@ class Budget:
                     re.compile(pattern)
                 except re.error as e:
                     raise BudgetError(f"{field}={pattern!r} is not a valid regular expression: {e}") from None
+
+    def _check_structured_options(self) -> None:
+        if self.granularity != "structured":
+            given = [f"{name}={getattr(self, name)!r}" for name, default in (("round_to", None), ("heads", "auto"),
+                                                                             ("uniform", None))
+                     if getattr(self, name) != default]
+            if given:
+                raise BudgetError(f"{', '.join(given)} only apply to granularity='structured', not "
+                                  f"{self.granularity!r}")
+            return
+        if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
+                                          or self.round_to < 1):
+            raise BudgetError(f"round_to must be a whole number of channels >= 1 (8, or the head size); "
+                              f"got {self.round_to!r}")
+        if self.heads not in HEAD_MODES:
+            raise BudgetError(f"heads must be one of {', '.join(map(repr, HEAD_MODES))}; got {self.heads!r}")
+        if self.uniform not in (None, True, False):
+            raise BudgetError(f"uniform must be True, False or None (uniform for models with a config); "
+                              f"got {self.uniform!r}")
+
+    @property
+    def structured(self) -> bool:
+        return self.granularity == "structured"
 
     @property
     def metric(self) -> str:

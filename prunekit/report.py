@@ -28,6 +28,23 @@ class LayerRow:
 
 
 @dataclass
+class StructureRow:
+    """What structured pruning removed from one structure (an attention module's heads, an MLP's channels)."""
+
+    name: str
+    kind: str  # "heads" or "channels"
+    unit: str  # "head", "KV group", "query head per KV group", "channel", "filter"
+    block: int | None
+    units: int  # before
+    removed: int
+    target: float  # the allocator's sparsity for it
+    unit_weights: int  # targeted weights one unit removes
+    unit_flops: float | None = None  # and FLOPs (weights x rows), under a flops budget
+    detail: str = ""  # which heads, how many KV groups
+    score: float | None = None
+
+
+@dataclass
 class PruneReport:
     model: str
     importance: str
@@ -39,6 +56,8 @@ class PruneReport:
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds ("total" included)
     calibration: dict[str, int] = field(default_factory=dict)  # batches, tokens
     measured: list | None = None  # the allocator's measurements per layer, for Allocator.reuse
+    structures: list[StructureRow] = field(default_factory=list)  # structured pruning: per head set / channel group
+    size: dict = field(default_factory=dict)  # structured: model params and MACs before and after, how it reloads
 
     @property
     def total(self) -> int:
@@ -72,6 +91,12 @@ class PruneReport:
         """Budget met to the unit (a weight, or a whole tile for a block granularity): the pruned count equals the
         request rounded to a whole unit, or for a flops budget the removed FLOPs are within one unit's FLOPs per
         layer of the request."""
+        if self.structures:  # whole heads and channels: within one unit (of round_to channels) per structure
+            slack = sum(r.unit_flops if self.metric == "flops" else r.unit_weights for r in self.structures)
+            if self.metric == "flops":
+                total = sum(row.numel * row.flops_per_weight for row in self.layers)
+                return abs(self.flops_sparsity - self.requested) * total <= slack
+            return abs(self.pruned - self.requested * self.total) <= slack
         if self.metric == "flops" and self.flops_sparsity is not None:
             slack = sum(row.flops_per_weight for row in self.layers) * self.unit
             total = sum(row.numel * row.flops_per_weight for row in self.layers)
@@ -91,24 +116,39 @@ class PruneReport:
             budget = (f"FLOPs removed {achieved:.4%} (requested {self.requested:.4%}, "
                       + (f"within one {unit} per layer" if self.exact else f"NOT within one {unit} per layer") + ")"
                       if achieved is not None else f"FLOPs removed: requested {self.requested:.4%}")
+        elif self.structures:
+            budget = f"requested {self.requested:.4%}, " + ("within one unit per structure" if self.exact
+                                                            else "NOT within one unit per structure")
         else:
             budget = (f"requested {self.requested:.4%}, "
                       + (f"exact to the {unit}" if off == 0 else f"off by {off:+,} weights"))
-        return (f"{self.model}: {self.importance} + {self.allocator}, {self.granularity}{data}\n"
+        text = (f"{self.model}: {self.importance} + {self.allocator}, {self.granularity}{data}\n"
                 f"pruned {self.pruned:,} of {self.total:,} targeted weights in {len(self.layers)} layers: "
                 f"{self.sparsity:.4%} ({budget})"
                 + (f" in {self.seconds['total']:.1f} s" if "total" in self.seconds else ""))
+        if self.size:
+            (p0, p1), (m0, m1) = self.size["params"], self.size["macs"]
+            text += (f"\nmodel: {p0:,} -> {p1:,} parameters ({p1 / p0:.2%}), {m0:,} -> {m1:,} MACs per sample "
+                     f"({m1 / m0:.2%}); reloads with {self.size['reload']}")
+        return text
 
     def table(self) -> str:
+        if self.structures:
+            return self.structure_table()
         with_score = any(row.score is not None for row in self.layers)
         head = ["layer", "shape", "target", "achieved", "pruned", "seconds"] + (["score"] if with_score else [])
         body = [[row.name, f"{row.shape[0]}x{row.shape[1]}", f"{row.target:.4f}", f"{row.achieved:.4f}",
                  f"{row.pruned:,}", f"{row.seconds:.3f}"] + ([f"{row.score:.4g}"] if with_score else [])
                 for row in self.layers]
-        widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
-        line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                                       for i, (c, w) in enumerate(zip(cells, widths)))
-        return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in body])
+        return _columns(head, body)
+
+    def structure_table(self) -> str:
+        """Per block, what structured pruning removed."""
+        head = ["block", "structure", "unit", "kept", "removed", "target", "weights removed"]
+        body = [["-" if r.block is None else str(r.block), r.name, r.unit, f"{r.units - r.removed}/{r.units}",
+                 r.detail or str(r.removed), f"{r.target:.4f}", f"{r.removed * r.unit_weights:,}"]
+                for r in self.structures]
+        return _columns(head, body)
 
     def __str__(self) -> str:
         return f"{self.table()}\n\n{self.summary()}"
@@ -125,7 +165,8 @@ class PruneReport:
         known = {k: data[k] for k in ("model", "importance", "allocator", "granularity", "requested", "seconds",
                                       "calibration", "metric", "measured") if k in data}
         rows = [LayerRow(**{**row, "shape": tuple(row["shape"])}) for row in data["layers"]]
-        return cls(layers=rows, **known)
+        structures = [StructureRow(**row) for row in data.get("structures", [])]
+        return cls(layers=rows, structures=structures, size=data.get("size", {}), **known)
 
     @classmethod
     def load(cls, path: str | Path) -> "PruneReport":
@@ -134,6 +175,14 @@ class PruneReport:
         if path.is_dir():
             return cls.from_dict(json.loads((path / "prunekit.json").read_text())["report"])
         return cls.from_dict(json.loads(path.read_text()))
+
+
+def _columns(head: list[str], body: list[list[str]]) -> str:
+    """A plain-text table, the first column left-aligned."""
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in body])
 
 
 def plot_sparsity(reports: dict[str, PruneReport], path: str | Path) -> Path:

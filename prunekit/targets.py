@@ -19,7 +19,8 @@ PRUNABLE = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 
 @dataclass(eq=False)
 class Target:
-    """One prunable layer. `weight` is always seen as [out_features, in_features]."""
+    """One prunable layer. `weight` is always seen with output channels first: [out_features, in_features] (a GPT-2
+    Conv1D is transposed to it), [out, in, kh, kw] for a convolution (structured pruning only)."""
 
     name: str
     module: nn.Module
@@ -27,7 +28,7 @@ class Target:
 
     @property
     def transposed(self) -> bool:
-        return not isinstance(self.module, nn.Linear)
+        return bool(Conv1D) and isinstance(self.module, Conv1D)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -74,8 +75,12 @@ def by_block(targets: list[Target]) -> tuple[dict[int, list[Target]], list[Targe
     return groups, [t for t in targets if t.block is None]
 
 
-def find_targets(model: nn.Module, include: str | None = None, exclude: str | None = None) -> list[Target]:
-    """Prunable layers in forward order of their blocks; layers outside the blocks come last with block=None."""
+def find_targets(model: nn.Module, include: str | None = None, exclude: str | None = None, *,
+                 kinds: tuple = PRUNABLE, default: set | None = None) -> list[Target]:
+    """Prunable layers in forward order of their blocks; layers outside the blocks come last with block=None.
+
+    kinds: the layer classes that can be targets. default: the modules chosen when include is None (by default
+    those inside the model's repeated blocks)."""
     prefix, blocks = find_blocks(model)
     block_of = {}
     for i, block in enumerate(blocks):
@@ -83,9 +88,10 @@ def find_targets(model: nn.Module, include: str | None = None, exclude: str | No
             block_of[module] = i
     targets = []
     for name, module in model.named_modules():
-        if not isinstance(module, PRUNABLE):
+        if not isinstance(module, kinds):
             continue
-        chosen = re.search(include, name) if include is not None else module in block_of
+        chosen = re.search(include, name) if include is not None else module in (block_of if default is None
+                                                                                  else default)
         if chosen and not (exclude is not None and re.search(exclude, name)):
             targets.append(Target(name, module, block_of.get(module)))
     if not targets:

@@ -23,6 +23,10 @@ class Allocator:
 
     name: ClassVar[str]
     needs_data: ClassVar[bool] = False  # does measure() need calibration data?
+    # Structured pruning allocates over heads and channels from the same per-layer measurements; a rule whose
+    # measurement only means something for unstructured masks (DP's distortion curves) says False.
+    structured: ClassVar[bool] = True
+    linear_inputs: ClassVar[bool] = False  # measures Linear input statistics (cannot read a convolution's)
     measured: list | None = None  # measurements to allocate from instead of measuring (see reuse)
 
     def measure(self, dense) -> list | None:

@@ -79,6 +79,7 @@ class DP(Allocator):
     """
 
     needs_data = True
+    structured = False  # its curves are distortions of unstructured pruning levels
 
     def __init__(self, levels: int = 20, samples: int = 2, grid: int = 10_000, probe: float = 0.5):
         if levels < 2 or samples < 1 or grid < 10 or not 0 < probe < 1:

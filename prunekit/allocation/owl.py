@@ -28,6 +28,7 @@ class OWL(Allocator):
     """
 
     needs_data = True
+    linear_inputs = True
 
     def __init__(self, m: float = 5.0, lam: float = 0.08, per: str = "block"):
         if per not in ("block", "layer") or not m > 0 or not lam >= 0:

@@ -46,6 +46,17 @@ class Estimator:
         (estimators with a group-level definition override this)."""
         return group_sum(self.scores(weight, stats), size, dim)
 
+    def structure_scores(self, parts: Sequence["StructurePart"], count: int) -> torch.Tensor:
+        """Importance of each of `count` structures that cut several layers at once (a head: rows of q, k, v and
+        columns of o; an MLP channel: rows of up and gate, a column of down). By default each part's group scores
+        summed into the structures they belong to; estimators whose structure score is not a sum over layers
+        (NViT's saliency squares a per-sample sum) override this."""
+        total = torch.zeros(count, dtype=torch.float64)
+        for part in parts:
+            scored = self.group_scores(part.weight, part.stats, part.size, part.dim)
+            total.index_add_(0, part.items.to(scored.device), part.pick(scored).double().cpu())
+        return total
+
     def layer_score(self, weight: torch.Tensor, stats) -> float:
         """One number per layer for an allocator; by default the mean weight score."""
         return float(self.scores(weight, stats).mean())
@@ -68,6 +79,22 @@ def group_sum(values: torch.Tensor, size: int = 1, dim: int = 0) -> torch.Tensor
         raise ValueError(f"groups of {size} do not tile dimension {dim} of length {n}")
     per_slice = values.transpose(0, dim).reshape(n, -1).sum(1)
     return per_slice.view(n // size, size).sum(1)
+
+
+@dataclass
+class StructurePart:
+    """One layer's share of a set of structures: its weight (output channels first) cut along `dim` into slices of
+    `size`; slice `slices[i]` belongs to structure `items[i]` (slices None: slice i to items[i], all of them)."""
+
+    weight: torch.Tensor
+    stats: object
+    size: int
+    dim: int
+    items: torch.Tensor
+    slices: torch.Tensor | None = None
+
+    def pick(self, per_slice: torch.Tensor) -> torch.Tensor:
+        return per_slice if self.slices is None else per_slice[self.slices.to(per_slice.device)]
 
 
 @dataclass

@@ -129,6 +129,23 @@ class StructuralHessian(_FromGradients):
             saliency = saliency - self.eta * torch.as_tensor(self.latency(weight, size, dim), dtype=saliency.dtype)
         return saliency
 
+    def structure_scores(self, parts, count: int) -> torch.Tensor:
+        """I_S with S spanning every part: per sample the parts' sums of g * w are added per structure, then
+        squared (the latency term, when given, is subtracted per part)."""
+        total = None
+        for part in parts:
+            terms = part.stats.channel_terms(part.dim)
+            grouped = part.pick(terms.view(terms.shape[0], -1, part.size).sum(2).t()).t()  # [samples, slices]
+            if total is None:
+                total = torch.zeros(terms.shape[0], count, dtype=torch.float64)
+            total.index_add_(1, part.items.cpu(), grouped.double().cpu())
+        saliency = total.square().mean(0) / 2
+        if self.latency is not None:
+            for part in parts:
+                cost = torch.as_tensor(self.latency(part.weight, part.size, part.dim), dtype=torch.float64)
+                saliency.index_add_(0, part.items.cpu(), -self.eta * part.pick(cost))
+        return saliency
+
     def layer_score(self, weight, stats: GradientStats) -> float:
         return float(self.group_scores(weight, stats).mean())
 

@@ -1,0 +1,277 @@
+"""Structured pruning: targets -> structures (dependency graph, attention layouts) -> dense measurements ->
+allocation in whole units -> choice by importance -> removal -> config update -> report.
+
+Everything up to the choice runs on the dense model and can refuse; only then do weights change, inside a
+transaction that restores every touched module (and the config) if anything fails.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+
+import torch
+from torch import nn
+
+from ..allocation import Allocator
+from ..allocation.context import DenseModel
+from ..budget import Budget
+from ..calibration.inputs import as_batches
+from ..calibration.runner import call_model, evaluating
+from ..calibration.stats import Needs
+from ..errors import BudgetError, CalibrationError, PrunekitError, TargetError
+from ..importance import Estimator
+from ..report import LayerRow, PruneReport, StructureRow
+from ..targets import Target, find_targets
+from . import plan
+from .graph import KINDS, find_structures, structure_blocks
+from .units import AttentionHeads, Channels, Structure
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def structured_targets(model: nn.Module, budget: Budget) -> list[Target]:
+    """Linear and Conv layers: those inside the model's repeated blocks (every one when it has none), or as
+    include / exclude say."""
+    inside = {m for block in structure_blocks(model) for m in block.modules()}
+    return find_targets(model, budget.include, budget.exclude, kinds=KINDS, default=inside)
+
+
+def rows_per_sample(model: nn.Module, batch: dict) -> dict[nn.Module, int]:
+    """Output positions (tokens, pixels) each Linear/Conv computes for one sample: its MACs are that times its
+    weights."""
+    found: dict[nn.Module, int] = {}
+
+    def hook(module, args, out):
+        channels = module.weight.shape[0] if not isinstance(module, nn.Linear) else module.out_features
+        found[module] = found.get(module, 0) + out.numel() // channels
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, KINDS)]
+    try:
+        with evaluating(model):
+            call_model(model, {k: v[:1] for k, v in batch.items() if k != "labels"})
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def model_size(model: nn.Module, batch: dict) -> tuple[int, int]:
+    """(parameters, MACs of every Linear and Conv for one sample). Attention's own products (QK^T, AV) are not
+    layers and are not counted."""
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    macs = sum(rows * m.weight.numel() for m, rows in rows_per_sample(model, batch).items())
+    return params, macs
+
+
+def prune_structured(model: nn.Module, budget: Budget, estimator: Estimator, allocator: Allocator, calibration,
+                     device=None, progress: bool = True, rollback: bool = True) -> PruneReport:
+    """See prunekit.prune with Budget(granularity="structured")."""
+    start = time.perf_counter()
+    if calibration is None:
+        raise CalibrationError("structured pruning traces the model's graph on an example input: pass calibration="
+                               "<token windows [N, L] or input dicts> (one batch will do for magnitude)")
+    targets = structured_targets(model, budget)
+    _check(targets, estimator, allocator)
+    batches = as_batches(calibration, model)
+    structures = find_structures(model, targets, budget.heads, budget.round_to, batches[0])
+    if not structures:
+        raise TargetError(f"{type(model).__name__} has no head or channel that can be removed among the targeted "
+                          f"layers: channels on the residual stream and model outputs stay whole")
+    uniform = budget.uniform if budget.uniform is not None else hasattr(model, "config")
+    rows = rows_per_sample(model, batches[0])
+    before = model_size(model, batches[0])
+    seconds = {}
+    with torch.no_grad():
+        clock = time.perf_counter()
+        dense = DenseModel(model, targets, batches, estimator, device, progress)
+        measured = allocator.measured if allocator.measured is not None else allocator.measure(dense)
+        if measured is not None and len(measured) != len(targets):
+            raise PrunekitError(f"the allocator reuses {len(measured)} measurements but the model has "
+                                f"{len(targets)} targets; measure on this model (without reuse)")
+        removed, costs, sparsities = _allocate(structures, targets, rows, budget, allocator, measured, uniform)
+        seconds["allocation"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        stats = dense.stats(estimator)
+        by_module = {t.module: stats[t.module] for t in targets}
+        chosen = []
+        for s, count in zip(structures, removed):
+            scores = estimator.structure_scores(s.parts(by_module), s.items) if count else None
+            chosen.append(s.choose(scores, count) if count else None)
+        seconds["scoring"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    units_before = [s.units for s in structures]
+    shapes = {t.module: (t.module.weight.shape[0], t.module.weight.numel() // t.module.weight.shape[0])
+              for t in targets}
+    with _transaction(model, structures, enabled=rollback):
+        for s, pick in zip(structures, chosen):
+            if pick is not None:
+                s.remove(pick)
+        reload = _update_config(model, structures, units_before)
+    seconds["pruning"] = time.perf_counter() - clock
+    after = model_size(model, batches[0])
+    seconds["total"] = time.perf_counter() - start
+    flops = budget.metric == "flops"
+    report_rows = [StructureRow(name=s.name, kind=s.kind, unit=s.unit, block=s.block, units=n, removed=r,
+                                target=x, unit_weights=s.unit_weights, unit_flops=c if flops else None,
+                                detail=s.describe(pick) if pick is not None else "",
+                                score=None)
+                   for s, n, r, x, c, pick in zip(structures, units_before, removed, sparsities, costs, chosen)]
+    layers = _layer_rows(targets, shapes, structures, units_before, removed, sparsities, rows if flops else None)
+    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                 for b in batches if "input_ids" in b)
+    samples = sum(len(next(iter(b.values()))) for b in batches)
+    return PruneReport(model=type(model).__name__, importance=repr(estimator), allocator=repr(allocator),
+                       granularity="structured", requested=budget.sparsity, metric=budget.metric, layers=layers,
+                       seconds=seconds, measured=measured, structures=report_rows,
+                       size={"params": [before[0], after[0]], "macs": [before[1], after[1]], "reload": reload,
+                             "uniform": uniform},
+                       calibration={"batches": len(batches), "samples": samples, "tokens": tokens})
+
+
+def _check(targets: list[Target], estimator: Estimator, allocator: Allocator) -> None:
+    if not allocator.structured:
+        raise BudgetError(f"allocator {allocator.name!r} measures unstructured pruning and does not apply to "
+                          f"granularity='structured'; use uniform, owl or ecoflap")
+    convs = [t.name for t in targets if isinstance(t.module, _CONVS)]
+    linear_only = [f"importance {estimator.name!r}"] * bool(estimator.needs & (Needs.INPUT_NORMS | Needs.HESSIAN)) \
+        + [f"allocator {allocator.name!r}"] * allocator.linear_inputs
+    if convs and linear_only:
+        raise TargetError(f"{' and '.join(linear_only)} read per-feature input statistics of Linear layers, which a "
+                          f"convolution ({convs[0]}) does not have; use magnitude, fisher or structural_hessian with "
+                          f"the uniform or ecoflap allocator")
+
+
+def _allocate(structures: list[Structure], targets: list[Target], rows: dict, budget: Budget,
+              allocator: Allocator, measured, uniform: bool) -> tuple[list[int], list[float], list[float]]:
+    """(units removed, cost of one unit, allocated sparsity) per structure."""
+    flops = budget.metric == "flops"
+    weight_of = (lambda m: rows.get(m, 0)) if flops else (lambda m: 1)  # noqa: E731
+    costs = [float(sum(n * weight_of(m) for m, n in s.cuts.items())) for s in structures]
+    goal = budget.sparsity * sum(t.module.weight.numel() * weight_of(t.module) for t in targets)
+    sizes = [s.units * s.unit_weights for s in structures]
+    pool = sum(s.units * c for s, c in zip(structures, costs))
+    plan.check_reachable(structures, costs, goal, budget.max_layer_sparsity, budget.metric)
+    inner = plan.inner_budget(budget, goal, pool)
+    per_weight = [c / s.unit_weights for s, c in zip(structures, costs)]
+    sparsities = allocator.allocate(sizes, per_weight, inner, _per_structure(measured, structures, targets))
+    rounding = plan.round_uniform if uniform else plan.round_free
+    return rounding(structures, sparsities, costs, goal, budget.max_layer_sparsity), costs, sparsities
+
+
+def _per_structure(measured, structures: list[Structure], targets: list[Target]):
+    """The allocator's per-target measurements read per structure: numbers averaged over the layers a structure
+    cuts (weighted by what it cuts of each), (group, score) pairs (ECoFLaP) keep their group and average scores."""
+    if measured is None:
+        return None
+    of = {t.module: m for t, m in zip(targets, measured)}
+    out = []
+    for s in structures:
+        values = [(of[m], n) for m, n in s.cuts.items() if m in of]
+        total = sum(n for _, n in values)
+        first = values[0][0]
+        if isinstance(first, (int, float)):
+            out.append(sum(v * n for v, n in values) / total)
+        elif isinstance(first, tuple) and len(first) == 2 and isinstance(first[1], (int, float)):
+            keys = {v[0] for v, _ in values}
+            out.append((first[0] if len(keys) == 1 else s.name, sum(v[1] * n for v, n in values) / total))
+        else:
+            raise BudgetError(f"the allocator measured {type(first).__name__}s per layer, which structured pruning "
+                              f"cannot read per structure; use uniform, owl or ecoflap")
+    return out
+
+
+def _layer_rows(targets, shapes, structures, units, removed, sparsities, rows) -> list[LayerRow]:
+    """Per targeted layer, in the unstructured report's terms: its shape before, the weights it lost (what every
+    structure's removed units cut from it) and the share the allocator meant it to lose."""
+    lost = {t.module: 0 for t in targets}
+    ideal = {t.module: 0.0 for t in targets}
+    for s, n, r, x in zip(structures, units, removed, sparsities):
+        for m, per_unit in s.cuts.items():
+            lost[m] += r * per_unit
+            ideal[m] += x * n * per_unit
+    out = []
+    for t in targets:
+        shape = shapes[t.module]
+        numel = shape[0] * shape[1]
+        out.append(LayerRow(name=t.name, shape=shape, target=ideal[t.module] / numel, achieved=lost[t.module] / numel,
+                            pruned=lost[t.module], seconds=0.0, block=t.block,
+                            flops_per_weight=None if rows is None else float(rows.get(t.module, 0))))
+    return out
+
+
+def _touched(structures: list[Structure]) -> list[nn.Module]:
+    found = {}
+    for s in structures:
+        if isinstance(s, Channels):
+            found.update((item.dep.target.module, None) for item in s.group
+                         if isinstance(item.dep.target.module, nn.Module))
+        else:
+            found.update((m, None) for m in [s.attention.module, *s.attention.projections(), *s.attention.module.modules()])
+    return list(found)
+
+
+@contextlib.contextmanager
+def _transaction(model: nn.Module, structures: list[Structure], enabled: bool):
+    """On any exception (Ctrl-C included) puts back every touched module's parameters, buffers and sizes, and the
+    config, then re-raises."""
+    if not enabled:
+        yield
+        return
+    saved = [(m, {k: (v.detach().clone(), v.requires_grad) for k, v in m._parameters.items() if v is not None},
+              {k: v.clone() for k, v in m._buffers.items() if v is not None},
+              {k: v for k, v in vars(m).items() if isinstance(v, (int, float, tuple, str))})
+             for m in _touched(structures)]
+    config = getattr(model, "config", None)
+    config_state = copy.deepcopy(vars(config)) if config is not None else None
+    try:
+        yield
+    except BaseException:
+        for m, params, buffers, plain in saved:
+            for k, (value, grad) in params.items():
+                m._parameters[k] = nn.Parameter(value, requires_grad=grad)
+            m._buffers.update(buffers)
+            vars(m).update(plain)
+        if config_state is not None:
+            vars(config).update(config_state)
+        raise
+
+
+def _update_config(model: nn.Module, structures: list[Structure], units: list[int]) -> str:
+    """Writes the pruned widths into the model's config where it can hold them; returns how the model reloads."""
+    config = getattr(model, "config", None)
+    changed = [(s, n) for s, n in zip(structures, units) if s.units != n]
+    if config is None:
+        return "prunekit.load_pruned(path, model=<a fresh instance>) (a plain module has no config for its widths)"
+    reasons = []
+    heads = [s for s, _ in changed if isinstance(s, AttentionHeads)]
+    if heads:
+        why = next((s.attention.why_no_config for s in heads if s.attention.why_no_config), "")
+        counts = {(s.attention.heads, s.attention.kv_heads, s.attention.head_dim)
+                  for s in structures if isinstance(s, AttentionHeads)}
+        if why:
+            reasons.append(why)
+        elif len(counts) > 1:
+            reasons.append("its layers keep different head counts, and the config holds one")
+        else:
+            (h, kv, d), = counts
+            values = {"num_attention_heads": h, "num_key_value_heads": kv, "head_dim": d}
+            for key in heads[0].attention.config_keys:
+                if key != "num_key_value_heads" or hasattr(config, key):
+                    setattr(config, key, values[key])
+    channels = [(s, n) for s, n in changed if isinstance(s, Channels)]
+    if channels:
+        width = getattr(config, "intermediate_size", None)
+        kept = {s.units for s in structures if isinstance(s, Channels)}
+        if not all(n == width for s, n in zip(structures, units) if isinstance(s, Channels)):
+            reasons.append(f"the config has no field for the width of {channels[0][0].name}")
+        elif len(kept) > 1:
+            reasons.append("its layers keep different MLP widths, and the config holds one intermediate_size")
+        else:
+            config.intermediate_size = kept.pop()
+    for s in structures:  # modules that remember their width
+        if isinstance(s, Channels):
+            parent = model.get_submodule(s.name) if s.name else model
+            if hasattr(parent, "intermediate_size"):
+                parent.intermediate_size = s.units
+    return "from_pretrained" if not reasons else "prunekit.load_pruned only: " + "; ".join(reasons)
