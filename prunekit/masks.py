@@ -21,15 +21,19 @@ from .errors import MaskMismatchError
 BUFFER = "prune_mask"
 _OWNER = "_prunekit_owner"  # attribute on a masked Parameter: weakref to its module
 _HANDLE = "_prunekit_grad_hook"
+_PARAM = "_prunekit_param"  # name of the masked Parameter, when it is not `weight` (a block-sparse layer's values)
 _step_hook = None
 
 
-def attach(module: nn.Module, keep: torch.Tensor) -> None:
-    """Masks module.weight with `keep` (bool, True = keep, the weight's own shape) and zeroes pruned entries."""
-    weight = module.weight
+def attach(module: nn.Module, keep: torch.Tensor, param: str = "weight") -> None:
+    """Masks module.<param> (its weight by default) with `keep` (bool, True = keep, the parameter's own shape) and
+    zeroes pruned entries."""
+    weight = getattr(module, param)
     if keep.shape != weight.shape:
-        raise MaskMismatchError(f"mask of shape {tuple(keep.shape)} does not fit weight of shape {tuple(weight.shape)}")
+        raise MaskMismatchError(f"mask of shape {tuple(keep.shape)} does not fit {param} of shape {tuple(weight.shape)}")
     detach(module)
+    if param != "weight":
+        module.__dict__[_PARAM] = param
     module.register_buffer(BUFFER, keep.to(device=weight.device, dtype=torch.bool), persistent=False)
     with torch.no_grad():
         weight.mul_(module.prune_mask)
@@ -43,22 +47,28 @@ def detach(module: nn.Module) -> None:
     handle = module.__dict__.pop(_HANDLE, None)
     if _linked(module):  # a deep copy carries a handle that belongs to the original's weight: leave that alone
         handle.remove()
-        delattr(module.weight, _OWNER)
+        delattr(_masked(module), _OWNER)
+    module.__dict__.pop(_PARAM, None)
     for key, hook in list(module._forward_pre_hooks.items()):
         if hook is _relink:
             del module._forward_pre_hooks[key]
     module._buffers.pop(BUFFER, None)
 
 
+def _masked(module: nn.Module) -> torch.Tensor | None:
+    return getattr(module, module.__dict__.get(_PARAM, "weight"), None)
+
+
 def _linked(module: nn.Module) -> bool:
-    owner = getattr(module.weight, _OWNER, None)
+    owner = getattr(_masked(module), _OWNER, None)
     return owner is not None and owner() is module
 
 
 def _link(module: nn.Module) -> None:
     owner = weakref.ref(module)
-    setattr(module.weight, _OWNER, owner)
-    module.__dict__[_HANDLE] = module.weight.register_hook(functools.partial(_mask_grad, owner))
+    param = _masked(module)
+    setattr(param, _OWNER, owner)
+    module.__dict__[_HANDLE] = param.register_hook(functools.partial(_mask_grad, owner))
 
 
 def _relink(module: nn.Module, args) -> None:

@@ -7,7 +7,7 @@ import torch
 import prunekit
 from prunekit import Budget, BudgetError
 from prunekit.masking import block_mask, select
-from tests.conftest import calibration_for, tiny
+from conftest import calibration_for, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,0 +1,111 @@
+"""backend="auto": time every candidate once per problem and keep the fastest, never one slower than dense.
+
+A problem is (kind, weight shape, block, stored density to 1/20, dtype, device, rows rounded up to a power of two):
+layers of one shape and sparsity share one measurement, and a new batch size only costs a measurement when it
+falls in a new bucket. Sparse wins only when it beats dense by `MARGIN`, so timing noise can not make a layer
+slower than it was dense; what wins depends on the machine (on a 2-core CPU, BSR wins only at small batch and high
+sparsity), which is why it is measured and not assumed.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+MARGIN = 0.95  # sparse must take under 95% of dense's time
+MIN_SECONDS = 0.02  # timing per candidate: at least this long ...
+MAX_REPEATS = 50  # ... and at most this many calls after the warm-up
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # "bsr" or "2:4"
+    shape: tuple[int, int]
+    block: int
+    density: float
+    dtype: torch.dtype
+    device: str
+    rows: int  # bucket: rows rounded up to a power of two
+
+    @classmethod
+    def of(cls, kind: str, shape, block: int, density: float, dtype, device: torch.device, rows: int) -> "Problem":
+        name = str(device) if device.type == "cpu" else f"{device}:{torch.cuda.get_device_name(device)}"
+        return cls(kind, tuple(shape), block, round(density * 20) / 20, dtype, name, bucket(rows))
+
+
+@dataclass
+class Choice:
+    winner: str
+    seconds: dict[str, float] = field(default_factory=dict)  # median per call, per candidate
+    errors: dict[str, str] = field(default_factory=dict)  # candidates that failed to run
+
+
+_cache: dict[Problem, Choice] = {}
+
+
+def bucket(rows: int) -> int:
+    return 1 << max(0, int(rows) - 1).bit_length()
+
+
+def measure(fn: Callable[[], object], device: torch.device) -> float:
+    """Median seconds per call after one warm-up call (which also triggers lazy compilation)."""
+    cuda = device.type == "cuda"
+    fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < MIN_SECONDS and len(times) < MAX_REPEATS):
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+        else:
+            clock = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - clock)
+    return statistics.median(times)
+
+
+def choose(problem: Problem, candidates: dict[str, Callable[[], object]], device: torch.device) -> Choice:
+    """The cached choice for `problem`, measuring `candidates` (which must include "dense") the first time."""
+    if problem in _cache:
+        return _cache[problem]
+    if "dense" not in candidates:
+        raise ValueError("the candidates must include 'dense', the baseline nothing may be slower than")
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"no measurement yet for {problem} and a CUDA graph is being captured; run the model "
+                           f"once at this batch size before capturing, or choose a backend explicitly")
+    choice = Choice("dense")
+    with torch.no_grad():
+        for name, fn in candidates.items():
+            try:
+                choice.seconds[name] = measure(fn, device)
+            except Exception as e:  # noqa: BLE001 - a candidate that cannot run here is simply not chosen
+                if name == "dense":
+                    raise
+                choice.errors[name] = f"{type(e).__name__}: {e}"
+    dense = choice.seconds["dense"]
+    sparse = {n: t for n, t in choice.seconds.items() if n != "dense"}
+    if sparse:
+        best = min(sparse, key=sparse.get)
+        if sparse[best] < MARGIN * dense:
+            choice.winner = best
+    _cache[problem] = choice
+    return choice
+
+
+def decisions() -> dict[Problem, Choice]:
+    """Every measurement so far (for a look, or a report)."""
+    return dict(_cache)
+
+
+def forget() -> None:
+    """Drops every measurement (after a driver or clock change, say)."""
+    _cache.clear()

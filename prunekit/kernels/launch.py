@@ -1,0 +1,69 @@
+"""Which kernel of cuda_ext/bsr_kernels.cuh runs a product, on what grid, and the parameters it takes.
+
+Written once for every launcher (the compiled extension, CuPy's NVRTC module, the tests' CPU emulator), so the
+kernel names, thread counts and grids here must match PK_KERNELS in bsr_kernels.cuh.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import torch
+
+SKINNY_ROWS = 16  # up to this many rows the weight read dominates (decode): the GEMV-like kernel
+SKINNY_TILES = (1, 4, 16)  # rows per thread block of the skinny kernel
+TC_ROWS, SIMT_ROWS = 128, 64  # rows per thread block of the tiled kernels
+
+# PkParams, field by field: nine pointers, then six 64-bit integers (bsr_kernels.cuh, PK_PARAM_DECL).
+PARAMS = ("x", "values", "row_ptr", "col_idx", "perm", "row_idx", "bias", "out", "grad", "M", "N", "K", "ldx", "ldo",
+          "ldg")
+_POINTERS = 9
+_PACK = struct.Struct("<" + "Q" * _POINTERS + "q" * (len(PARAMS) - _POINTERS))
+
+DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class Launch:
+    name: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+
+
+def tensor_cores(dtype: torch.dtype, capability: tuple[int, int]) -> bool:
+    """WMMA takes fp16 from sm_70 and bf16 from sm_80; fp32 stays exact on CUDA cores."""
+    return (dtype == torch.float16 and capability >= (7, 0)) or (dtype == torch.bfloat16 and capability >= (8, 0))
+
+
+def forward(rows: int, block_rows: int, block: int, dtype: torch.dtype, capability: tuple[int, int],
+            transposed: bool = False) -> Launch:
+    """y = x W^T (or, transposed, dX = dY W) for `rows` rows over `block_rows` block rows of the product."""
+    dt = DTYPE_NAMES[dtype]
+    if rows <= SKINNY_ROWS and not transposed:
+        tile = next(t for t in SKINNY_TILES if rows <= t)
+        return Launch(f"pk_skinny_{dt}_b{block}_m{tile}", (block_rows, -(-rows // tile), 1), (256, 1, 1))
+    kind = "t" if transposed else "n"
+    if tensor_cores(dtype, capability):
+        return Launch(f"pk_tc_{dt}_b{block}_{kind}", (block_rows, -(-rows // TC_ROWS), 1), (128, 1, 1))
+    return Launch(f"pk_simt_{dt}_b{block}_{kind}", (block_rows, -(-rows // SIMT_ROWS), 1), (256, 1, 1))
+
+
+def grad_values(nnzb: int, block: int, dtype: torch.dtype, capability: tuple[int, int]) -> Launch:
+    """dV of every stored block: one thread block each."""
+    dt = DTYPE_NAMES[dtype]
+    if tensor_cores(dtype, capability):
+        return Launch(f"pk_dw_tc_{dt}_b{block}", (nnzb, 1, 1), (128, 1, 1))
+    return Launch(f"pk_dw_simt_{dt}_b{block}", (nnzb, 1, 1), (256, 1, 1))
+
+
+def pack(**fields) -> bytes:
+    """PkParams as bytes; pointers are data_ptr() ints (0 for none), missing fields are 0."""
+    unknown = set(fields) - set(PARAMS)
+    if unknown:
+        raise TypeError(f"unknown PkParams fields {sorted(unknown)}")
+    return _PACK.pack(*(int(fields.get(name, 0)) for name in PARAMS))
+
+
+def unpack(raw: bytes) -> tuple[int, ...]:
+    """The fields back, in order (what a launcher taking separate arguments passes)."""
+    return _PACK.unpack(raw)

@@ -1,0 +1,156 @@
+"""BlockSparseLinear: a Linear whose weight is stored as its kept B x B blocks and multiplied by a block-sparse
+kernel, with the backend chosen per batch size by measurement (dispatch.py) unless one is named."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..masks import BUFFER, attach
+from ..errors import PrunekitError
+from ..targets import Conv1D
+from . import backends, dispatch
+from .function import block_sparse_linear
+from .layout import BlockLayout, choose_block
+
+
+def dense_view(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight as [out, in], bias) of an nn.Linear or a GPT-2 Conv1D (which stores [in, out])."""
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias
+    if Conv1D and isinstance(module, Conv1D):
+        return module.weight.t(), module.bias
+    raise PrunekitError(f"expected an nn.Linear or a GPT-2 Conv1D, got {type(module).__name__}")
+
+
+def dense_module(weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor, source: str,
+                 trainable: bool = True) -> nn.Module:
+    """An nn.Linear (or, for source "Conv1D", a GPT-2 Conv1D) holding [out, in] `weight`, masked with `keep`."""
+    out_features, in_features = weight.shape
+    if source == "Conv1D":
+        dense = Conv1D(out_features, in_features).to(weight.device, weight.dtype)
+        weight, keep = weight.t(), keep.t()
+    else:
+        dense = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    dense.weight.requires_grad_(trainable)
+    attach(dense, keep.contiguous())
+    return dense
+
+
+class BlockSparseLinear(nn.Module):
+    """y = x W^T + b with W stored as `values` [nnzb, B, B], the blocks that hold a kept weight.
+
+    The layout's index tensors are buffers (they move with .to() and live in state_dict). Kept weights of a stored
+    block train; pruned ones stay zero: blocks that were never stored get no gradient (the kernels compute dW for
+    stored blocks only), and where a stored block is only partly kept its mask is attached to `values` with
+    prunekit's mask persistence (gradient masking and re-masking after every optimizer step).
+
+    backend: "auto" measures the usable backends against dense once per batch-size bucket and keeps the fastest
+    (dispatch.py); or one of "cuda_ext", "cupy", "torch", "dense".
+    """
+
+    def __init__(self, layout: BlockLayout, values: torch.Tensor, bias: torch.Tensor | None = None,
+                 backend: str = "auto", source: str = "Linear"):
+        super().__init__()
+        self.in_features, self.out_features, self.block = layout.in_features, layout.out_features, layout.block
+        self.values = nn.Parameter(values)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        for name, index in layout.indices().items():
+            self.register_buffer(name, index)
+        self.backend = backend
+        self.source = source  # the class to revert to: "Linear" or "Conv1D"
+        self._dense_cache: tuple | None = None
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name != "auto" and not backends.known(name):
+            raise PrunekitError(f"unknown backend {name!r}; use 'auto' or one of {', '.join(backends.NAMES)}")
+        self._backend = name
+
+    @classmethod
+    def from_dense(cls, linear: nn.Module, mask: torch.Tensor | None = None, block: int | None = None,
+                   backend: str = "auto") -> "BlockSparseLinear":
+        """From an nn.Linear (or GPT-2 Conv1D) and a keep-mask [out, in]: by default its prunekit mask, else its
+        nonzero weights. block: 16, 32 or 64 for the kernels (any size for the torch backend); by default the
+        largest that stores no more than the smallest does (layout.choose_block)."""
+        weight, bias = dense_view(linear)
+        if mask is None:
+            mask = linear.prune_mask if BUFFER in linear._buffers else weight != 0
+            if mask.shape != weight.shape:  # a Conv1D's own mask is [in, out]
+                mask = mask.t()
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise PrunekitError(f"mask of shape {tuple(mask.shape)} does not fit the weight, {tuple(weight.shape)}")
+        keep = mask.to(device=weight.device, dtype=torch.bool)
+        block = choose_block(keep) if block is None else block
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise PrunekitError(f"block must be a positive int (16, 32 or 64 for the kernels), got {block!r}")
+        layout = BlockLayout.from_mask(keep, block)
+        with torch.no_grad():
+            values = layout.gather(weight.detach() * keep)
+            within = layout.gather(keep)
+            real = layout.gather(torch.ones_like(keep))  # False only on the padding of ragged edges
+        module = cls(layout, values, None if bias is None else bias.detach().clone(), backend,
+                     "Linear" if isinstance(linear, nn.Linear) else "Conv1D")
+        module.values.requires_grad_(linear.weight.requires_grad)
+        if module.bias is not None:
+            module.bias.requires_grad_(bias.requires_grad)
+        if bool((real & ~within).any()):  # some stored blocks are only partly kept
+            attach(module, within, param="values")
+        return module
+
+    @property
+    def layout(self) -> BlockLayout:
+        return BlockLayout(self.out_features, self.in_features, self.block,
+                           **{name: getattr(self, name) for name in BlockLayout.INDEX_FIELDS})
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense [out, in] weight; differentiable while training, cached (until `values` change) otherwise."""
+        if torch.is_grad_enabled() and self.values.requires_grad:
+            return self.layout.scatter(self.values)
+        key = (self.values.data_ptr(), self.values._version, self.values.device, self.values.dtype)
+        if self._dense_cache is None or self._dense_cache[0] != key:
+            self._dense_cache = (key, self.layout.scatter(self.values.detach()))
+        return self._dense_cache[1]
+
+    def choose(self, x: torch.Tensor) -> str:
+        """The backend "auto" runs `x` on (measured the first time its problem is seen)."""
+        x2 = x.detach().reshape(-1, self.in_features).contiguous()
+        layout = self.layout
+        problem = dispatch.Problem.of("bsr", (self.out_features, self.in_features), self.block, layout.density,
+                                      x.dtype, x.device, x2.shape[0])
+        if problem in dispatch.decisions():
+            return dispatch.decisions()[problem].winner
+        values, bias = self.values.detach(), None if self.bias is None else self.bias.detach()
+        dense = self.layout.scatter(values)
+        candidates = {"dense": lambda: F.linear(x2, dense, bias)}
+        for name in backends.usable(x.device, x.dtype, self.block):
+            candidates[name] = lambda name=name: block_sparse_linear(x2, values, layout, bias, backends.get(name))
+        return dispatch.choose(problem, candidates, x.device).winner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self.choose(x) if self.backend == "auto" else self.backend
+        if name == "dense":
+            return F.linear(x, self.dense_weight(), self.bias)
+        return block_sparse_linear(x, self.values, self.layout, self.bias, backends.get(name))
+
+    def to_dense(self) -> nn.Module:
+        """The equivalent nn.Linear (or Conv1D), with the prunekit mask of everything not kept."""
+        with torch.no_grad():
+            weight = self.layout.scatter(self.values.detach())
+            within = self.prune_mask if BUFFER in self._buffers else torch.ones_like(self.values, dtype=torch.bool)
+            keep = self.layout.scatter(within)
+        return dense_module(weight, None if self.bias is None else self.bias.detach(), keep, self.source,
+                            self.values.requires_grad)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}, "
+                f"blocks={self.values.shape[0]} ({self.layout.density:.1%} stored), bias={self.bias is not None}, "
+                f"backend={self.backend!r}")

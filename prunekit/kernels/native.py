@@ -1,0 +1,115 @@
+"""BSR products on the kernels of cuda_ext/bsr_kernels.cuh, through any launcher: the compiled extension
+(prunekit._cuda_ext), CuPy's NVRTC module (cupy_loader.py), or the tests' CPU emulator. A launcher is
+`launch(name, grid, block, params: bytes, stream: int)`; launch.py decides the kernel and grid."""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from . import launch as plan
+from .layout import KERNEL_BLOCKS, BlockLayout
+
+Launcher = Callable[[str, tuple, tuple, bytes, int], None]
+
+
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _cuda_stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+class Native:
+    """One BSR backend: forward, input gradient and block gradient for fp32/fp16/bf16 and blocks 16/32/64."""
+
+    def __init__(self, name: str, launcher: Launcher, device_type: str = "cuda",
+                 capability: Callable = _cuda_capability, stream: Callable = _cuda_stream):
+        self.name, self.launcher, self.device_type = name, launcher, device_type
+        self.capability, self.stream = capability, stream
+
+    def unsupported(self, device: torch.device, dtype: torch.dtype, block: int) -> str | None:
+        if device.type != self.device_type:
+            return f"runs on {self.device_type} tensors, not {device.type}"
+        if dtype not in plan.DTYPE_NAMES:
+            return f"has kernels for float32, float16 and bfloat16, not {dtype}"
+        if block not in KERNEL_BLOCKS:
+            return f"has kernels for blocks {KERNEL_BLOCKS}, not {block}"
+        return None
+
+    def _run(self, launch: plan.Launch, device: torch.device, **fields) -> None:
+        params = plan.pack(**fields)
+        if device.type == "cuda":  # the launchers use the current device and the tensors' stream
+            with torch.cuda.device(device):
+                self.launcher(launch.name, launch.grid, launch.block, params, self.stream(device))
+        else:
+            self.launcher(launch.name, launch.grid, launch.block, params, self.stream(device))
+
+    def forward(self, x: torch.Tensor, values: torch.Tensor, layout: BlockLayout,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.shape[0]
+        out = x.new_empty(rows, layout.out_features)
+        if rows:
+            launch = plan.forward(rows, layout.grid[0], layout.block, x.dtype, self.capability(x.device))
+            self._run(launch, x.device, x=x.data_ptr(), values=values.data_ptr(), row_ptr=layout.row_ptr.data_ptr(),
+                      col_idx=layout.col_idx.data_ptr(), bias=0 if bias is None else bias.data_ptr(),
+                      out=out.data_ptr(), M=rows, N=layout.out_features, K=layout.in_features, ldx=x.stride(0),
+                      ldo=out.stride(0))
+        return out
+
+    def grad_input(self, dy: torch.Tensor, values: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+        """dX = dY W, through the blocks listed by block column and read transposed."""
+        rows = dy.shape[0]
+        dx = dy.new_empty(rows, layout.in_features)
+        if rows:
+            launch = plan.forward(rows, layout.grid[1], layout.block, dy.dtype, self.capability(dy.device),
+                                  transposed=True)
+            self._run(launch, dy.device, x=dy.data_ptr(), values=values.data_ptr(),
+                      row_ptr=layout.t_row_ptr.data_ptr(), col_idx=layout.t_col_idx.data_ptr(),
+                      perm=layout.t_perm.data_ptr(), out=dx.data_ptr(), M=rows, N=layout.in_features,
+                      K=layout.out_features, ldx=dy.stride(0), ldo=dx.stride(0))
+        return dx
+
+    def grad_values(self, dy: torch.Tensor, x: torch.Tensor, layout: BlockLayout, values: torch.Tensor) -> torch.Tensor:
+        """dV[i] = dY[:, rows of block i]^T X[:, columns of block i], for the stored blocks only."""
+        if not dy.shape[0] or not layout.nnzb:
+            return torch.zeros_like(values)
+        dv = torch.empty_like(values)
+        launch = plan.grad_values(layout.nnzb, layout.block, dy.dtype, self.capability(dy.device))
+        self._run(launch, dy.device, x=x.data_ptr(), grad=dy.data_ptr(), row_idx=layout.row_idx.data_ptr(),
+                  col_idx=layout.col_idx.data_ptr(), out=dv.data_ptr(), M=dy.shape[0], N=layout.out_features,
+                  K=layout.in_features, ldx=x.stride(0), ldg=dy.stride(0))
+        return dv
+
+
+def load_extension(jit: bool | None = None):
+    """The compiled extension: prunekit._cuda_ext when `pip install` built it, else (jit=True, or
+    PRUNEKIT_JIT_CUDA=1) compiled now with torch.utils.cpp_extension.load (a minute or two, cached after).
+    Raises ImportError saying how to get it."""
+    try:
+        from .. import _cuda_ext
+
+        return _cuda_ext
+    except ImportError:
+        pass
+    if jit is None:
+        jit = os.environ.get("PRUNEKIT_JIT_CUDA") == "1"
+    if not jit:
+        raise ImportError("prunekit's CUDA extension is not built; build it with `PRUNEKIT_BUILD_CUDA=1 pip install "
+                          "-e . --no-build-isolation` (needs a CUDA build of torch and nvcc), or set "
+                          "PRUNEKIT_JIT_CUDA=1 to compile it on first use")
+    from torch.utils.cpp_extension import load
+
+    from .sources import directory
+
+    src = directory()
+    return load(name="prunekit_cuda_ext", sources=[str(src / "extension.cpp"), str(src / "launch.cu")],
+                extra_include_paths=[str(src)], extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-std=c++17"])
+
+
+def extension_backend(jit: bool | None = None) -> Native:
+    ext = load_extension(jit)
+    return Native("cuda_ext", lambda name, grid, block, params, stream: ext.launch(name, list(grid), list(block),
+                                                                                  params, stream))

@@ -1,0 +1,82 @@
+"""2:4 semi-structured sparsity on sparse tensor cores, through PyTorch's to_sparse_semi_structured (CUTLASS or
+cuSPARSELt): every group of 4 input weights keeps at most 2, which Ampere and later GPUs multiply at up to twice the
+dense rate (Mishra et al., "Accelerating Sparse Deep Neural Networks", 2021). CUDA, fp16/bf16 only, inference only
+(the compressed weight does not train); the dispatch keeps dense where it is faster."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import PrunekitError
+from . import dispatch
+
+
+def is_2_4(keep: torch.Tensor) -> bool:
+    """At most 2 kept in every group of 4 consecutive inputs of a [out, in] mask."""
+    return keep.dim() == 2 and keep.shape[1] % 4 == 0 and bool((keep.reshape(keep.shape[0], -1, 4).sum(-1) <= 2).all())
+
+
+def unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
+    if device.type != "cuda":
+        return f"2:4 semi-structured sparsity runs on CUDA devices, not {device.type}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"2:4 semi-structured sparsity takes float16 or bfloat16, not {dtype}"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "2:4 semi-structured sparsity needs sparse tensor cores (compute capability 8.0 or later)"
+    return None
+
+
+class SemiStructuredLinear(nn.Module):
+    """y = x W^T + b with W (2:4-pruned) compressed for sparse tensor cores. backend: "auto" (measured against
+    dense per batch-size bucket), "semi_structured" or "dense"."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str = "auto", source: str = "Linear"):
+        super().__init__()
+        from torch.sparse import to_sparse_semi_structured
+
+        reason = unsupported(weight.device, weight.dtype)
+        if reason:
+            raise PrunekitError(reason)
+        if backend not in ("auto", "semi_structured", "dense"):
+            raise PrunekitError(f"backend must be 'auto', 'semi_structured' or 'dense', got {backend!r}")
+        if not is_2_4(weight != 0):
+            raise PrunekitError("the weight is not 2:4 sparse (more than 2 nonzeros in a group of 4 inputs)")
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(to_sparse_semi_structured(weight.detach()), requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.backend, self.source = backend, source
+        self._dense: torch.Tensor | None = None
+
+    def dense_weight(self) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = self.weight.to_dense()
+        return self._dense
+
+    def choose(self, x: torch.Tensor) -> str:
+        x2 = x.detach().reshape(-1, self.in_features).contiguous()
+        problem = dispatch.Problem.of("2:4", (self.out_features, self.in_features), 4, 0.5, x.dtype, x.device,
+                                      x2.shape[0])
+        if problem in dispatch.decisions():
+            return dispatch.decisions()[problem].winner
+        dense = self.dense_weight()
+        candidates = {"dense": lambda: F.linear(x2, dense, self.bias),
+                      "semi_structured": lambda: F.linear(x2, self.weight, self.bias)}
+        winner = dispatch.choose(problem, candidates, x.device).winner
+        if winner != "dense":
+            self._dense = None  # the dense copy was only for timing
+        return winner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self.choose(x) if self.backend == "auto" else self.backend
+        return F.linear(x, self.dense_weight() if name == "dense" else self.weight, self.bias)
+
+    def to_dense(self) -> nn.Module:
+        """The equivalent nn.Linear (or Conv1D), masked where the compressed weight is zero."""
+        from .linear import dense_module
+
+        weight = self.weight.to_dense()
+        return dense_module(weight, self.bias, weight != 0, self.source, trainable=True)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, 2:4, backend={self.backend!r}"

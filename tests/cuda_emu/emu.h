@@ -1,0 +1,174 @@
+// Runs the CUDA kernels of cuda_ext/bsr_kernels.cuh on the CPU, to test them where there is no GPU.
+//
+// Every thread of a thread block is a std::thread; __syncthreads is a barrier over them, __shfl_xor_sync an
+// exchange through memory between two barriers of the warp; thread blocks run one after another, so __shared__
+// arrays become function statics. WMMA fragments hold the whole 16 x 16 tile (in fp32, converted from the
+// operand type as tensor cores do) and lane 0 of each warp does the warp's work; the documented preconditions
+// of load/store_matrix_sync (32-byte aligned pointer, ldm a multiple of 16 bytes) and of 16-byte vector loads
+// are checked on every call. What this cannot show: speed, and anything a real warp does differently from
+// the CUDA programming model (which the kernels must not rely on anyway).
+#pragma once
+
+#include <algorithm>
+#include <barrier>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#define PK_EMULATE 1
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+static_assert(sizeof(uint4) == 16, "uint4 is one 16-byte vector");
+struct emu_dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+namespace emu {
+struct Block {
+  std::unique_ptr<std::barrier<>> all;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<float> slots;  // one per thread, for shuffles
+};
+inline Block* block = nullptr;
+inline thread_local emu_dim3 thread_idx, block_idx;
+inline emu_dim3 block_dim, grid_dim;
+inline unsigned linear_tid() { return thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z); }
+inline unsigned lane() { return linear_tid() % 32; }
+
+inline void fail(const char* what, const void* ptr) {
+  std::fprintf(stderr, "emu: %s (pointer %p)\n", what, ptr);
+  std::abort();
+}
+inline void require_aligned(const void* ptr, unsigned bytes, const char* what) {
+  if (reinterpret_cast<std::uintptr_t>(ptr) % bytes) fail(what, ptr);
+}
+}  // namespace emu
+
+#define threadIdx (emu::thread_idx)
+#define blockIdx (emu::block_idx)
+#define blockDim (emu::block_dim)
+#define gridDim (emu::grid_dim)
+
+inline void __syncthreads() { emu::block->all->arrive_and_wait(); }
+inline void __trap() { emu::fail("__trap", nullptr); }
+inline uint4 __ldg(const uint4* ptr) {
+  emu::require_aligned(ptr, 16, "16-byte vector load from an unaligned address");
+  return *ptr;
+}
+inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+  const unsigned tid = emu::linear_tid(), warp = tid / 32;
+  emu::block->slots[tid] = v;
+  emu::block->warps[warp]->arrive_and_wait();
+  const float other = emu::block->slots[warp * 32 + ((tid % 32) ^ lane_mask)];
+  emu::block->warps[warp]->arrive_and_wait();
+  return other;
+}
+
+struct __half {
+  std::uint16_t bits;
+};
+struct __nv_bfloat16 {
+  std::uint16_t bits;
+};
+inline float __half2float(__half h) {
+  _Float16 f;
+  std::memcpy(&f, &h.bits, 2);
+  return static_cast<float>(f);
+}
+inline __half __float2half_rn(float v) {
+  const _Float16 f = static_cast<_Float16>(v);  // round to nearest even
+  __half h;
+  std::memcpy(&h.bits, &f, 2);
+  return h;
+}
+inline float __bfloat162float(__nv_bfloat16 b) {
+  const std::uint32_t u = std::uint32_t(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float v) {
+  std::uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {std::uint16_t((u >> 16) | 0x40)};  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return {std::uint16_t(u >> 16)};
+}
+
+namespace emu {
+inline float to_float(float v) { return v; }
+inline float to_float(__half v) { return __half2float(v); }
+inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+}  // namespace emu
+
+namespace nvcuda {
+namespace wmma {
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the emulator knows m16n16k16 only");
+  float x[256];  // element (i, j) at x[16 * i + j]
+  static constexpr int num_elements = 256;
+};
+
+template <typename T>
+inline void check_operand(const T* ptr, unsigned ldm) {
+  emu::require_aligned(ptr, 32, "load/store_matrix_sync needs a 256-bit aligned pointer");
+  if ((ldm * sizeof(T)) % 16) emu::fail("load/store_matrix_sync needs ldm to be a multiple of 16 bytes", ptr);
+}
+
+template <typename Use, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* ptr, unsigned ldm) {
+  check_operand(ptr, ldm);
+  if (emu::lane()) return;  // lane 0 works for the warp
+  constexpr bool row = std::is_same<Layout, row_major>::value;
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) f.x[16 * i + j] = emu::to_float(row ? ptr[i * ldm + j] : ptr[i + j * ldm]);
+}
+
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float v) {
+  for (float& e : f.x) e = v;
+}
+
+template <typename T, typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, LB>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+  if (emu::lane()) return;
+  float out[256];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      float s = c.x[16 * i + j];
+      for (int k = 0; k < 16; ++k) s += a.x[16 * i + k] * b.x[16 * k + j];
+      out[16 * i + j] = s;
+    }
+  std::memcpy(d.x, out, sizeof out);
+}
+
+inline void store_matrix_sync(float* ptr, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t layout) {
+  check_operand(ptr, ldm);
+  if (emu::lane()) return;
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) (layout == mem_row_major ? ptr[i * ldm + j] : ptr[i + j * ldm]) = f.x[16 * i + j];
+}
+}  // namespace wmma
+}  // namespace nvcuda

@@ -1,0 +1,185 @@
+"""Block-sparse kernels against the dense reference (masked dense matmul, autograd of it), every backend that runs
+here: the CUDA kernels on the CPU emulator (tests/cuda_emu), PyTorch's BSR, and on a GPU the compiled extension
+and CuPy. Shapes include ragged edges, empty block rows, fully dense block rows and partly kept blocks."""
+import os
+
+import pytest
+import torch
+
+from prunekit.kernels import BlockLayout, BlockSparseLinear, backends, block_sparse_linear
+from prunekit.kernels import launch as plan
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HALF = (torch.float16, torch.bfloat16)
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    from cuda_emu.build import backend, compiler
+
+    if compiler() is None:
+        pytest.skip("no host C++ compiler to build the kernel emulator")
+    cache = os.environ.get("PRUNEKIT_EMU_CACHE")
+    emu = backend(tmp_path_factory.mktemp("emu") if cache is None else __import__("pathlib").Path(cache))
+    backends.register(emu)
+    return emu
+
+
+def gpu_backend(name):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    reason = backends.unavailable(name, torch.device("cuda"), torch.float16, 32)
+    if reason:
+        pytest.skip(reason)
+    return backends.get(name)
+
+
+@pytest.fixture(params=["emulated", "torch", "cuda_ext", "cupy"])
+def runner(request):
+    """(backend, device) for each backend that can run here."""
+    if request.param == "emulated":
+        return request.getfixturevalue("emulated"), torch.device("cpu")
+    if request.param == "torch":
+        return backends.get("torch"), torch.device("cpu")
+    return gpu_backend(request.param), torch.device("cuda")
+
+
+def block_pattern(n_rows: int, n_cols: int, seed: int) -> torch.Tensor:
+    """Tiles kept: block row 0 whole (a fully dense row), block row 1 empty, the rest at random."""
+    g = torch.Generator().manual_seed(seed)
+    tiles = torch.rand(n_rows, n_cols, generator=g) < 0.5
+    tiles[0] = True
+    if n_rows > 1:
+        tiles[1] = False
+    return tiles
+
+
+def problem(out_f, in_f, b, dtype, device, seed=0, partial=True):
+    """(weight, keep, layout, values): a random weight, a keep-mask of whole tiles (plus, if `partial`, some pruned
+    entries inside kept tiles), and its BSR form."""
+    g = torch.Generator().manual_seed(seed)
+    tiles = block_pattern(-(-out_f // b), -(-in_f // b), seed)
+    keep = tiles.repeat_interleave(b, 0).repeat_interleave(b, 1)[:out_f, :in_f]
+    if partial:
+        keep &= torch.rand(out_f, in_f, generator=g) < 0.8
+    weight = (torch.randn(out_f, in_f, generator=g) / in_f ** 0.5).to(dtype)
+    layout = BlockLayout.from_mask(keep, b).to(device)
+    values = layout.gather((weight * keep).to(device))
+    return weight, keep, layout, values
+
+
+def strided(rows, cols, dtype, device, seed):
+    """[rows, cols] random values inside a NaN-filled buffer 8 columns wider: any read past a row's end shows."""
+    g = torch.Generator().manual_seed(seed)
+    big = torch.full((rows, cols + 8), float("nan"), dtype=dtype)
+    big[:, :cols] = torch.randn(rows, cols, generator=g).to(dtype)
+    return big.to(device)[:, :cols]
+
+
+def close(actual, expected, dtype):
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+# Ragged both ways with vector loads up to the edge (in a multiple of 8), and an odd input width (scalar loads).
+SHAPES = [(lambda b: (2 * b + 5, 3 * b - 8)), (lambda b: (b, 2 * b + 3))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b", [16, 32, 64])
+def test_forward_matches_masked_dense_matmul(runner, dtype, b):
+    backend, device = runner
+    if backend.unsupported(device, dtype, b):
+        pytest.skip(backend.unsupported(device, dtype, b))
+    for s, shape in enumerate(SHAPES):
+        out_f, in_f = shape(b)
+        weight, keep, layout, values = problem(out_f, in_f, b, dtype, device, seed=s)
+        bias = torch.randn(out_f).to(dtype).to(device)
+        for rows in (1, 3, 16, 37, 130):  # skinny kernel tiles 1, 4, 16; tiled kernels over one and several tiles
+            x = strided(rows, in_f, dtype, device, seed=rows)
+            y = backend.forward(x, values, layout, bias if rows % 2 else None)
+            ref = x.double() @ (weight.double() * keep).t().to(device) + (bias.double() if rows % 2 else 0)
+            close(y, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b", [16, 32, 64])
+def test_backward_matches_autograd_of_the_dense_reference(runner, dtype, b):
+    backend, device = runner
+    if backend.unsupported(device, dtype, b):
+        pytest.skip(backend.unsupported(device, dtype, b))
+    out_f, in_f = SHAPES[0](b)
+    weight, keep, layout, values = problem(out_f, in_f, b, dtype, device)
+    for rows in (5, 70):  # one and two row tiles of the dW kernels (64 rows per step for tensor cores)
+        x = strided(rows, in_f, dtype, device, seed=rows)
+        dy = strided(rows, out_f, dtype, device, seed=rows + 1)
+        w = (weight.double() * keep).to(device).requires_grad_()
+        xd = x.double().requires_grad_()
+        (xd @ w.t()).backward(dy.double())
+        close(backend.grad_input(dy, values, layout), xd.grad, dtype)
+        # every entry of a stored block, kept or not (the module masks the rest): gather of the dense gradient
+        close(backend.grad_values(dy, x, layout, values), layout.gather(w.grad.cpu()).to(device), dtype)
+
+
+def test_module_trains_only_kept_weights_and_matches_dense(runner):
+    """BlockSparseLinear end to end through autograd: outputs, input gradient, and a weight gradient that is the
+    dense one on kept weights and nothing elsewhere; after an optimizer step pruned weights are still zero."""
+    backend, device = runner
+    dtype = next((d for d in (torch.float16, torch.float32) if backend.unsupported(device, d, 32) is None), None)
+    if dtype is None:
+        pytest.skip(f"{backend.name} runs neither float16 nor float32 here")
+    weight, keep, layout, values = problem(70, 100, 32, dtype, torch.device("cpu"))
+    linear = torch.nn.Linear(100, 70).to(dtype)
+    linear.weight.data.copy_(weight)
+    module = BlockSparseLinear.from_dense(linear, keep, 32, backend=backend.name).to(device)
+    x = strided(9, 100, dtype, device, seed=3).requires_grad_()
+    module(x).sum().backward()
+    ref_w = (weight.double() * keep).to(device).requires_grad_()
+    xd = x.detach().double().requires_grad_()
+    (xd @ ref_w.t() + linear.bias.double().to(device)).sum().backward()
+    close(x.grad, xd.grad, dtype)
+    close(module.layout.scatter(module.values.grad.double()), ref_w.grad * keep.to(device), dtype)
+    with torch.no_grad():  # as if weight decay or momentum from before pruning had moved a pruned entry
+        module.values[~module.prune_mask] = 1
+    torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1).step()
+    dense = module.to_dense()
+    assert bool((dense.weight[~keep.to(device)] == 0).all()) and torch.equal(dense.prune_mask.cpu(), keep)
+
+
+def test_three_dimensional_inputs_and_no_rows(emulated):
+    weight, keep, layout, values = problem(40, 48, 16, torch.float32, torch.device("cpu"))
+    x = torch.randn(2, 3, 48)
+    y = block_sparse_linear(x, values, layout, None, emulated)
+    close(y, x.double() @ (weight.double() * keep).t(), torch.float32)
+    assert block_sparse_linear(torch.randn(0, 48), values, layout, None, emulated).shape == (0, 40)
+
+
+def test_layout_lists_the_same_blocks_both_ways():
+    keep = torch.zeros(70, 50, dtype=torch.bool)
+    keep[0, 0] = keep[40, 10] = keep[69, 49] = keep[35, 49] = True  # edge blocks padded: 70 = 2*32 + 6
+    layout = BlockLayout.from_mask(keep, 32)
+    assert layout.grid == (3, 2) and layout.nnzb == 4
+    assert layout.row_ptr.tolist() == [0, 1, 3, 4] and layout.col_idx.tolist() == [0, 0, 1, 1]
+    assert layout.t_row_ptr.tolist() == [0, 2, 4] and layout.t_col_idx.tolist() == [0, 1, 1, 2]
+    assert layout.t_perm.tolist() == [0, 1, 2, 3]
+    weight = torch.randn(70, 50)
+    assert torch.equal(layout.scatter(layout.gather(weight)) != 0, layout.scatter(layout.gather(torch.ones(70, 50))) != 0)
+    assert torch.equal(layout.scatter(layout.gather(weight * keep)), weight * keep)
+
+
+def test_launch_plan_matches_the_kernel_table():
+    """Every name the planner can produce is an entry point of bsr_kernels.cuh (read from PK_KERNELS' macros)."""
+    from cuda_emu.build import directory
+
+    source = (directory() / "bsr_kernels.cuh").read_text()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for b in (16, 32, 64):
+            for rows in (1, 2, 5, 16, 17, 4096):
+                for transposed in (False, True):
+                    for cap in ((7, 5), (9, 0)):
+                        name = plan.forward(rows, 4, b, dtype, cap, transposed).name
+                        family = name.split(f"_{plan.DTYPE_NAMES[dtype]}_")[0]
+                        assert f"X({family}_##tn##_b##B" in source, name
+            assert f"X({plan.grad_values(3, b, dtype, (9, 0)).name.split('_' + plan.DTYPE_NAMES[dtype])[0]}_##tn" \
+                in source
