@@ -3,6 +3,7 @@
 // pointers in a packed PkParams.
 #include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>  // std::array arguments, std::vector results
 
 #include <array>
 #include <cstdint>

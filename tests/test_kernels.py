@@ -1,8 +1,6 @@
 """Block-sparse kernels against the dense reference (masked dense matmul, autograd of it), every backend that runs
 here: the CUDA kernels on the CPU emulator (tests/cuda_emu), PyTorch's BSR, and on a GPU the compiled extension
 and CuPy. Shapes include ragged edges, empty block rows, fully dense block rows and partly kept blocks."""
-import os
-
 import pytest
 import torch
 
@@ -17,14 +15,11 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.flo
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    from cuda_emu.build import backend, compiler
+    from cuda_emu.build import compiler, registered
 
     if compiler() is None:
         pytest.skip("no host C++ compiler to build the kernel emulator")
-    cache = os.environ.get("PRUNEKIT_EMU_CACHE")
-    emu = backend(tmp_path_factory.mktemp("emu") if cache is None else __import__("pathlib").Path(cache))
-    backends.register(emu)
-    return emu
+    return registered(tmp_path_factory)
 
 
 def gpu_backend(name):

@@ -12,7 +12,7 @@ from ..errors import PrunekitError
 from ..targets import PRUNABLE
 from . import backends
 from .layout import KERNEL_BLOCKS, BlockLayout, choose_block
-from .linear import BlockSparseLinear, dense_view
+from .linear import BlockSparseLinear, dense_mask, dense_view
 from .semi_structured import SemiStructuredLinear, is_2_4, unsupported as semi_unsupported
 
 CHOICES = ("auto", "dense", "semi_structured") + backends.BSR_BACKENDS
@@ -67,9 +67,9 @@ def convert(model: nn.Module, backend: str = "auto", *, block: int | None = None
 
     Every layer is checked before any is swapped. Returns a ConversionReport; prunekit.kernels.revert undoes it.
     """
-    if backend not in CHOICES:
+    if backend not in CHOICES and not backends.known(backend):
         raise PrunekitError(f"unknown backend {backend!r}; choose from {', '.join(CHOICES)}")
-    if block is not None and block not in KERNEL_BLOCKS and backend != "torch":
+    if block is not None and block not in KERNEL_BLOCKS and backend not in ("torch", "dense"):
         raise PrunekitError(f"block must be one of {KERNEL_BLOCKS} for the kernels, got {block!r}")
     plans = [_plan(name, module, block) for name, module in model.named_modules()
              if isinstance(module, PRUNABLE) and BUFFER in module._buffers]
@@ -96,9 +96,7 @@ def revert(model: nn.Module) -> int:
 
 
 def _plan(name: str, module: nn.Module, block: int | None) -> _Plan:
-    weight, _ = dense_view(module)
-    keep = module.prune_mask
-    keep = keep if keep.shape == weight.shape else keep.t()
+    keep = dense_mask(module)
     size = choose_block(keep) if block is None else block
     return _Plan(name, module, keep, size, BlockLayout.from_mask(keep, size), is_2_4(keep))
 
@@ -107,7 +105,7 @@ def _check(plans: list[_Plan], backend: str) -> None:
     problems = []
     for p in plans:
         weight, _ = dense_view(p.module)
-        if backend in backends.BSR_BACKENDS:
+        if backend not in ("auto", "dense", "semi_structured"):  # a BSR backend
             reason = backends.unavailable(backend, weight.device, weight.dtype, p.block)
         elif backend == "semi_structured":
             reason = ("its mask is not 2:4" if not p.two_four else semi_unsupported(weight.device, weight.dtype))

@@ -41,6 +41,13 @@ def dense_module(weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Te
     return dense
 
 
+def dense_mask(module: nn.Module) -> torch.Tensor | None:
+    """The module's prunekit keep-mask as [out, in] (a Conv1D's is stored in its own [in, out] layout), or None."""
+    if BUFFER not in module._buffers:
+        return None
+    return module.prune_mask if isinstance(module, nn.Linear) else module.prune_mask.t()
+
+
 class BlockSparseLinear(nn.Module):
     """y = x W^T + b with W stored as `values` [nnzb, B, B], the blocks that hold a kept weight.
 
@@ -83,9 +90,8 @@ class BlockSparseLinear(nn.Module):
         largest that stores no more than the smallest does (layout.choose_block)."""
         weight, bias = dense_view(linear)
         if mask is None:
-            mask = linear.prune_mask if BUFFER in linear._buffers else weight != 0
-            if mask.shape != weight.shape:  # a Conv1D's own mask is [in, out]
-                mask = mask.t()
+            mask = dense_mask(linear)
+            mask = weight != 0 if mask is None else mask
         if tuple(mask.shape) != tuple(weight.shape):
             raise PrunekitError(f"mask of shape {tuple(mask.shape)} does not fit the weight, {tuple(weight.shape)}")
         keep = mask.to(device=weight.device, dtype=torch.bool)

@@ -50,3 +50,16 @@ def backend(cache: Path) -> Native:
     # sm_90 as the planner sees it: tensor-core kernels for fp16/bf16, simt for fp32.
     return Native("emulated", launch, device_type="cpu", capability=lambda device: (9, 0), stream=lambda device: 0)
 
+
+
+def registered(tmp_path_factory) -> Native:
+    """The emulated backend, built once per test session (PRUNEKIT_EMU_CACHE keeps it across sessions) and
+    registered under the name "emulated"."""
+    import os
+
+    from prunekit.kernels import backends
+
+    cache = os.environ.get("PRUNEKIT_EMU_CACHE")
+    emu = backend(Path(cache) if cache else tmp_path_factory.getbasetemp() / "cuda_emu")
+    backends.register(emu)
+    return emu
