@@ -11,8 +11,8 @@ from .report import LayerRow, PruneReport
 
 
 def __getattr__(name):
-    # prunekit.tuning loads on first use: it imports peft, which prune() users need not pay for.
-    if name == "tuning":
+    # prunekit.tuning loads on first use: it imports peft, which prune() users need not pay for; kernels likewise.
+    if name in ("tuning", "kernels"):
         import importlib
 
         return importlib.import_module(".tuning", __name__)

@@ -47,7 +47,9 @@ def compile_ptx(arch: str = "80") -> str:
 
     program = nvrtc.createProgram(kernel_source(), "bsr_kernels.cu", (), ())
     try:
-        nvrtc.compileProgram(program, OPTIONS + include_options() + (f"-arch=compute_{arch}",))
+        # as CuPy's RawModule compiles (it adds the execution-space flag itself)
+        nvrtc.compileProgram(program, OPTIONS + include_options() + ("--device-as-default-execution-space",
+                                                                     f"-arch=compute_{arch}"))
         ptx = nvrtc.getPTX(program)
     except nvrtc.NVRTCError:
         raise RuntimeError(_missing_headers(nvrtc.getProgramLog(program))) from None

@@ -1,0 +1,366 @@
+"""Block-sparse kernels against dense and their peers, on LLaMA-7B layer shapes.
+
+    python benchmarks/kernels.py --device cpu     # CPU rows: batch 1 and 8, fp32, dense vs PyTorch BSR vs auto
+    python benchmarks/kernels.py --device cuda    # the GPU grid below (builds the extension on first use)
+
+GPU grid: weights 4096x4096, 11008x4096 and 4096x11008 ([out, in], as q/o, gate/up and down projections), rows 1,
+16, 512 and 4096, bf16, 50/70/90% of the blocks pruned at random (exactly, in whole blocks) with 32x32 and 64x64
+blocks. Peers in the same process, on the same inputs: cuBLAS dense (F.linear of the masked weight), PyTorch's BSR
+(torch.sparse_bsr_tensor @ dense) and, at 50%, 2:4 semi-structured sparsity (to_sparse_semi_structured) of a
+2:4-pruned weight of the same shape. GPU times are CUDA-graph replays of 20 calls timed with events (a plain event
+loop where a path cannot be captured), median of 5; CPU times are the median of at least 5 calls and 0.3 s.
+Every output is checked against the dense product before it is timed. "auto" is what prunekit.kernels' dispatch
+picks for the layer (its own measurement) and the time of that pick in this run.
+
+Targets (issue 7), reported per point: at 1 and 16 rows a speedup over dense of at least 0.8 / (1 - sparsity) (the
+memory-bound ideal); at 4096 rows with 64x64 blocks and 90% sparsity at least 4x; faster than PyTorch's BSR at
+every point.
+
+On a GPU machine with nothing but this checkout and a CUDA build of torch: the extension compiles at first use
+(PRUNEKIT_JIT_CUDA=1 is set here, about two minutes for one architecture); CuPy is used instead when it is
+installed and the extension is not (--backend cupy to force it).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import prunekit  # noqa: E402
+from prunekit.kernels import BlockLayout, BlockSparseLinear, backends, block_sparse_linear, dispatch  # noqa: E402
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+SPARSITIES = (0.5, 0.7, 0.9)
+BLOCKS = (32, 64)
+ROWS = {"cuda": (1, 16, 512, 4096), "cpu": (1, 8)}
+RESULTS = Path(__file__).resolve().parent / "results"
+LABELS = {"torch": "PyTorch BSR", "cuda_ext": "prunekit (cuda_ext)", "cupy": "prunekit (cupy)", "semi_structured": "2:4"}
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine(device: str) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_before": load_average()}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def versions() -> dict:
+    out = {"prunekit": prunekit.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import cupy
+
+        out["cupy"] = cupy.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def time_cpu(fn) -> float:
+    fn()
+    times, start = [], time.perf_counter()
+    while len(times) < 5 or time.perf_counter() - start < 0.3:
+        clock = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - clock)
+    return statistics.median(times)
+
+
+def time_cuda(fn) -> tuple[float, str]:
+    """Seconds per call: a CUDA graph of 20 calls replayed 5 times (median), or an event loop if capture fails."""
+    calls = 20
+    fn()
+    torch.cuda.synchronize()
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        runs, how = [], "graph"
+        for _ in range(5):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            runs.append(begin.elapsed_time(end) / 1e3 / calls)
+    except Exception:  # noqa: BLE001 - some peers cannot be captured (host-side work, allocations)
+        runs, how = [], "events"
+        for _ in range(5):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            runs.append(begin.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(runs), how
+
+
+def block_mask(out_f: int, in_f: int, block: int, sparsity: float, seed: int) -> torch.Tensor:
+    """Exactly round(sparsity * tiles) tiles pruned, chosen at random."""
+    rows, cols = out_f // block, in_f // block
+    g = torch.Generator().manual_seed(seed)
+    tiles = torch.ones(rows * cols, dtype=torch.bool)
+    tiles[torch.randperm(rows * cols, generator=g)[: round(sparsity * rows * cols)]] = False
+    return tiles.view(rows, cols).repeat_interleave(block, 0).repeat_interleave(block, 1)
+
+
+def two_four_mask(out_f: int, in_f: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    order = torch.rand(out_f, in_f // 4, 4, generator=g).argsort(-1)
+    return (order < 2).view(out_f, in_f)
+
+
+def check(out: torch.Tensor, ref: torch.Tensor, name: str) -> None:
+    err = (out.float() - ref.float()).abs().max().item()
+    scale = ref.float().abs().max().item() + 1e-6
+    if not err <= 2e-2 * scale:
+        raise AssertionError(f"{name}: max error {err:.3g} against the dense product (scale {scale:.3g})")
+
+
+def run(device: str, backend_name: str | None, quick: bool) -> list[dict]:
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    timer = (lambda fn: time_cuda(fn)) if device == "cuda" else (lambda fn: (time_cpu(fn), "clock"))
+    ours = None
+    if device == "cuda":
+        os.environ.setdefault("PRUNEKIT_JIT_CUDA", "1")
+        for name in ([backend_name] if backend_name else ["cuda_ext", "cupy"]):
+            if backends.unavailable(name, dev, dtype, 32) is None:
+                ours = name
+                break
+            print(f"{name}: {backends.unavailable(name, dev, dtype, 32)}", file=sys.stderr)
+        if ours is None:
+            raise SystemExit("neither the CUDA extension nor CuPy can run here; see the messages above")
+    shapes = SHAPES[:1] if quick else SHAPES
+    rows_list = ROWS[device][:2] if quick else ROWS[device]
+    results = []
+    for out_f, in_f in shapes:
+        g = torch.Generator().manual_seed(out_f + in_f)
+        weight = (torch.randn(out_f, in_f, generator=g) / in_f ** 0.5).to(dtype).to(dev)
+        inputs = {r: torch.randn(r, in_f, generator=g).to(dtype).to(dev) for r in rows_list}
+        for block in BLOCKS:
+            for sparsity in SPARSITIES:
+                keep = block_mask(out_f, in_f, block, sparsity, seed=block).to(dev)
+                masked = weight * keep
+                layout = BlockLayout.from_mask(keep, block)
+                values = layout.gather(masked)
+                bsr = BlockSparseLinear(layout, values.clone(), None, backend="auto")
+                for rows, x in inputs.items():
+                    ref = F.linear(x, masked)
+                    row = {"shape": [out_f, in_f], "block": block, "sparsity": sparsity, "rows": rows,
+                           "dtype": str(dtype).replace("torch.", ""), "seconds": {}, "timing": {}, "errors": {}}
+                    paths = {"dense": lambda: F.linear(x, masked),
+                             "torch": lambda: block_sparse_linear(x, values, layout, None, backends.get("torch"))}
+                    if ours:
+                        paths[ours] = lambda: block_sparse_linear(x, values, layout, None, backends.get(ours))
+                    for name, fn in paths.items():
+                        try:
+                            with torch.no_grad():
+                                check(fn(), ref, name)
+                                row["seconds"][name], row["timing"][name] = timer(fn)
+                        except Exception as e:  # noqa: BLE001 - a peer that cannot run this point is reported
+                            row["errors"][name] = f"{type(e).__name__}: {str(e)[:200]}"
+                    with torch.no_grad():
+                        row["auto"] = bsr.choose(x)
+                    results.append(row)
+                    print(summary_line(row), flush=True)
+                del bsr, values, masked, keep
+        if device == "cuda" and not quick:
+            results.extend(two_four(weight, inputs, timer))
+    return results
+
+
+def two_four(weight: torch.Tensor, inputs: dict, timer) -> list[dict]:
+    """2:4 semi-structured at 50% on the same shape and inputs, against the dense product of that weight."""
+    from prunekit.kernels import SemiStructuredLinear
+
+    out_f, in_f = weight.shape
+    masked = weight * two_four_mask(out_f, in_f, seed=1).to(weight.device)
+    rows_out = []
+    try:
+        layer = SemiStructuredLinear(masked, None, backend="semi_structured")
+    except Exception as e:  # noqa: BLE001
+        return [{"shape": [out_f, in_f], "block": "2:4", "sparsity": 0.5, "rows": r, "seconds": {}, "timing": {},
+                 "errors": {"semi_structured": f"{type(e).__name__}: {str(e)[:200]}"}} for r in inputs]
+    for rows, x in inputs.items():
+        row = {"shape": [out_f, in_f], "block": "2:4", "sparsity": 0.5, "rows": rows, "dtype": "bfloat16",
+               "seconds": {}, "timing": {}, "errors": {}}
+        for name, fn in {"dense": lambda: F.linear(x, masked), "semi_structured": lambda: layer(x)}.items():
+            try:
+                with torch.no_grad():
+                    check(fn(), F.linear(x, masked), name)
+                    row["seconds"][name], row["timing"][name] = timer(fn)
+            except Exception as e:  # noqa: BLE001
+                row["errors"][name] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows_out.append(row)
+        print(summary_line(row), flush=True)
+    return rows_out
+
+
+def speedups(row: dict) -> dict:
+    dense = row["seconds"].get("dense")
+    return {k: dense / v for k, v in row["seconds"].items() if dense and k != "dense"}
+
+
+def summary_line(row: dict) -> str:
+    sp = ", ".join(f"{k} {v:.2f}x" for k, v in speedups(row).items())
+    auto = f", auto -> {row['auto']}" if "auto" in row else ""
+    err = f", errors: {', '.join(row['errors'])}" if row["errors"] else ""
+    return (f"{row['shape'][0]}x{row['shape'][1]} block {row['block']} sparsity {row['sparsity']:.0%} rows "
+            f"{row['rows']}: dense {row['seconds'].get('dense', float('nan')) * 1e6:.1f} us; {sp}{auto}{err}")
+
+
+def targets(row: dict, ours: str) -> dict:
+    """The issue's targets at this point (only for our kernel's rows)."""
+    sp = speedups(row)
+    if ours not in sp:
+        return {}
+    out = {}
+    if row["rows"] <= 16:
+        out["memory-bound"] = sp[ours] >= 0.8 / (1 - row["sparsity"])
+    if row["rows"] == 4096 and row["block"] == 64 and row["sparsity"] == 0.9:
+        out["4x at 4096 rows"] = sp[ours] >= 4
+    if "torch" in row["seconds"]:
+        out["beats PyTorch BSR"] = row["seconds"][ours] < row["seconds"]["torch"]
+    return out
+
+
+def markdown(doc: dict) -> str:
+    m = doc["machine"]
+    where = f"{m.get('gpu', m['cpu'])}" + (f" (sm_{m['capability'].replace('.', '')}, CUDA {m['cuda']})"
+                                            if "gpu" in m else f", {m['cores']} cores, {m['torch_threads']} torch threads")
+    lines = [f"# Block-sparse kernels ({doc['device']})", "", f"Command: `{doc['command']}`  ", f"Machine: {where}  ",
+             f"Load average (1/5/15 min) before: {m['load_before']}, after: {m.get('load_after')}  ",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()) + "  ",
+             f"Date: {doc['date']}", "",
+             "Speedup = dense time / path time on the same inputs (higher is better; < 1 is slower than dense). "
+             "auto: the path prunekit.kernels' dispatch picks (its own measurement, margin "
+             f"{doc['dispatch']['margin']}), and that path's speedup in this run.", "",
+             "GPU times: CUDA-graph replays (see the JSON's timing field), CPU times: median wall clock. The CPU "
+             "rows are fp32: PyTorch's BSR matmul on the CPU (MKL) takes no fp16/bf16, and the CUDA kernels do not "
+             "run there.", ""]
+    ours = doc.get("ours")
+    peers = [p for p in ([ours] if ours else []) + ["torch", "semi_structured"]
+             if any(p in r["seconds"] or p in r["errors"] for r in doc["results"])]
+    head = (["shape", "block", "sparsity", "rows", "dense us"] + [LABELS.get(p, p) for p in peers] + ["auto"]
+            + (["targets"] if ours else []))
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in doc["results"]:
+        sp = speedups(r)
+        cells = [f"{r['shape'][0]}x{r['shape'][1]}", str(r["block"]), f"{r['sparsity']:.0%}", str(r["rows"]),
+                 f"{r['seconds']['dense'] * 1e6:.1f}" if "dense" in r["seconds"] else "-"]
+        cells += [f"{sp[p]:.2f}x" if p in sp else ("error" if p in r["errors"] else "") for p in peers]
+        if "auto" in r:
+            picked = sp.get(r["auto"], 1.0) if r["auto"] != "dense" else 1.0
+            cells.append(f"{r['auto']} ({picked:.2f}x)")
+        else:
+            cells.append("")
+        if ours:
+            t = targets(r, ours)
+            cells.append(", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in t.items()))
+        lines.append("| " + " | ".join(cells) + " |")
+    errors = {(p, e) for r in doc["results"] for p, e in r["errors"].items()}
+    if errors:
+        lines += ["", "Errors:"] + [f"- {p}: {e}" for p, e in sorted(errors)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows_list = sorted({r["rows"] for r in doc["results"]})
+    fig, axes = plt.subplots(1, len(rows_list), figsize=(4.5 * len(rows_list), 3.8), squeeze=False,
+                             constrained_layout=True)
+    ours = doc.get("ours")
+    for ax, rows in zip(axes[0], rows_list):
+        for path_name, style in ((ours, "-"), ("torch", "--")):
+            if not path_name:
+                continue
+            for block, marker in ((32, "o"), (64, "s")):
+                for shape in SHAPES:
+                    pts = [(r["sparsity"], speedups(r).get(path_name)) for r in doc["results"]
+                           if r["rows"] == rows and r["block"] == block and r["shape"] == list(shape)]
+                    pts = [(s, v) for s, v in pts if v]
+                    if pts:
+                        ax.plot(*zip(*pts), style, marker=marker, ms=4, lw=1,
+                                label=f"{LABELS[path_name]} {block}x{block} {shape[0]}x{shape[1]}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        if doc["device"] == "cuda" and rows <= 16:
+            xs = [s for s in SPARSITIES]
+            ax.plot(xs, [0.8 / (1 - s) for s in xs], ":", color="0.4", label="target 0.8/(1-s)")
+        ax.set(title=f"{rows} rows", xlabel="block sparsity", ylabel="speedup over dense", yscale="log")
+    axes[0][0].legend(fontsize=6)
+    where = doc["machine"].get("gpu", doc["machine"]["cpu"])
+    fig.suptitle(f"block-sparse x dense, {doc['results'][0]['dtype']}, {where}", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", choices=["cuda_ext", "cupy"], help="our kernels through this launcher only")
+    parser.add_argument("--quick", action="store_true", help="one shape, two row counts: a smoke run")
+    parser.add_argument("--out", type=Path, help="results prefix (default benchmarks/results/kernels_<device>)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no GPU")
+    info = machine(args.device)
+    start = time.perf_counter()
+    results = run(args.device, args.backend, args.quick)
+    info["load_after"] = load_average()
+    ours = next((p for r in results for p in r["seconds"] if p in ("cuda_ext", "cupy")), None)
+    doc = {"device": args.device, "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+           "machine": info, "versions": versions(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+               timespec="seconds"), "seconds": round(time.perf_counter() - start, 1), "ours": ours,
+           "dispatch": {"margin": dispatch.MARGIN}, "results": results}
+    out = args.out or RESULTS / f"kernels_{args.device}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    out.with_suffix(".md").write_text(markdown(doc))
+    plot(doc, out.with_suffix(".png"))
+    print(f"wrote {out}.json, .md, .png in {doc['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
