@@ -15,7 +15,7 @@ def __getattr__(name):
     if name in ("tuning", "kernels"):
         import importlib
 
-        return importlib.import_module(".tuning", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
