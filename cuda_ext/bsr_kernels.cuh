@@ -119,6 +119,15 @@ __device__ __forceinline__ void unpack16(const uint4& u, float (&out)[16 / sizeo
   for (int v = 0; v < int(16 / sizeof(T)); ++v) out[v] = Cvt<T>::to_f(e[v]);
 }
 
+// acc += a b^T: the rank-1 update of a thread's R x C register tile.
+template <int R, int C>
+__device__ __forceinline__ void outer(float (&acc)[R][C], const float (&a)[R], const float (&b)[C]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < C; ++c) acc[r][c] += a[r] * b[c];
+}
+
 template <typename T>
 __device__ __forceinline__ void write_out(const PkParams& p, long long m, long long n, float value) {
   if (m >= p.M || n >= p.N) return;
@@ -348,10 +357,7 @@ __device__ __forceinline__ void simt(const PkParams& p) {
       for (int r = 0; r < RM; ++r) a[r] = As[ty + r * T16][k];
 #pragma unroll
       for (int c = 0; c < CN; ++c) w[c] = Ws[k][tx + c * T16];
-#pragma unroll
-      for (int r = 0; r < RM; ++r)
-#pragma unroll
-        for (int c = 0; c < CN; ++c) acc[r][c] += a[r] * w[c];
+      outer(acc, a, w);
     }
   }
 #pragma unroll
@@ -397,10 +403,7 @@ __device__ __forceinline__ void dw_simt(const PkParams& p) {
       for (int a = 0; a < RN; ++a) g[a] = Gs[m][ty + a * T16];
 #pragma unroll
       for (int b = 0; b < RN; ++b) xv[b] = Xs[m][tx + b * T16];
-#pragma unroll
-      for (int a = 0; a < RN; ++a)
-#pragma unroll
-        for (int b = 0; b < RN; ++b) acc[a][b] += g[a] * xv[b];
+      outer(acc, g, xv);
     }
   }
   T* out = static_cast<T*>(p.out) + i * B * B;

@@ -41,6 +41,12 @@ def runner(request):
     return gpu_backend(request.param), torch.device("cuda")
 
 
+def skip_unless_supported(backend, device, dtype, b):
+    reason = backend.unsupported(device, dtype, b)
+    if reason:
+        pytest.skip(reason)
+
+
 def block_pattern(n_rows: int, n_cols: int, seed: int) -> torch.Tensor:
     """Tiles kept: block row 0 whole (a fully dense row), block row 1 empty, the rest at random."""
     g = torch.Generator().manual_seed(seed)
@@ -85,8 +91,7 @@ SHAPES = [(lambda b: (2 * b + 5, 3 * b - 8)), (lambda b: (b, 2 * b + 3))]
 @pytest.mark.parametrize("b", [16, 32, 64])
 def test_forward_matches_masked_dense_matmul(runner, dtype, b):
     backend, device = runner
-    if backend.unsupported(device, dtype, b):
-        pytest.skip(backend.unsupported(device, dtype, b))
+    skip_unless_supported(backend, device, dtype, b)
     for s, shape in enumerate(SHAPES):
         out_f, in_f = shape(b)
         weight, keep, layout, values = problem(out_f, in_f, b, dtype, device, seed=s)
@@ -102,8 +107,7 @@ def test_forward_matches_masked_dense_matmul(runner, dtype, b):
 @pytest.mark.parametrize("b", [16, 32, 64])
 def test_backward_matches_autograd_of_the_dense_reference(runner, dtype, b):
     backend, device = runner
-    if backend.unsupported(device, dtype, b):
-        pytest.skip(backend.unsupported(device, dtype, b))
+    skip_unless_supported(backend, device, dtype, b)
     out_f, in_f = SHAPES[0](b)
     weight, keep, layout, values = problem(out_f, in_f, b, dtype, device)
     for rows in (5, 70):  # one and two row tiles of the dW kernels (64 rows per step for tensor cores)

@@ -40,6 +40,8 @@ def get(name: str):
             _loaded[name] = _load(name)
         except ImportError as e:
             _failed[name] = str(e)
+        except Exception as e:  # noqa: BLE001 - a JIT build or NVRTC failure: say what it was, once
+            _failed[name] = f"{type(e).__name__}: {e}"
     if name in _failed:
         raise PrunekitError(f"backend {name!r} is not available: {_failed[name]}")
     return _loaded[name]

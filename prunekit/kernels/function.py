@@ -29,6 +29,12 @@ def block_sparse_linear(x: torch.Tensor, values: torch.Tensor, layout: BlockLayo
     """x [..., in] -> [..., out] through `backend` (an object from backends.get)."""
     if x.dtype != values.dtype:
         raise TypeError(f"input is {x.dtype} but the weight is {values.dtype}")
+    if not (x.device == values.device == layout.row_ptr.device):  # the kernels take raw pointers: check here
+        raise ValueError(f"input on {x.device}, blocks on {values.device}, layout on {layout.row_ptr.device}: "
+                         f"move them to one device")
+    if not values.is_contiguous() or x.shape[-1] != layout.in_features:
+        raise ValueError(f"need contiguous blocks and {layout.in_features} input features; got "
+                         f"{'non-' if not values.is_contiguous() else ''}contiguous blocks and {x.shape[-1]}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:  # rows may be strided (the kernels take a row stride), elements may not
