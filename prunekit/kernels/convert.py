@@ -25,6 +25,7 @@ class Conversion:
     pattern: str  # "block 32x32, 27.5% of blocks stored", "2:4"
     became: str  # "BlockSparseLinear", "SemiStructuredLinear" or "dense"
     choices: dict[int, str] = field(default_factory=dict)  # rows measured -> the backend "auto" picked
+    note: str = ""  # why a sparse candidate could not be built, if one could not
 
 
 class ConversionReport(list):
@@ -77,12 +78,14 @@ def convert(model: nn.Module, backend: str = "auto", *, block: int | None = None
         raise PrunekitError("the model has no masked Linear layers; prune it first (prunekit.prune), or wrap layers "
                             "yourself with BlockSparseLinear.from_dense(linear, mask)")
     _check(plans, backend)
-    report = ConversionReport()
-    for plan in plans:
+    report, swaps = ConversionReport(), []
+    for plan in plans:  # every new module is built before the first swap: a failure leaves the model as it was
         new, conversion = _convert_one(plan, backend, rows, training)
         if new is not None:
-            _swap(model, plan.name, new)
+            swaps.append((plan.name, new))
         report.append(conversion)
+    for name, new in swaps:
+        _swap(model, name, new)
     return report
 
 
@@ -132,12 +135,15 @@ def _convert_one(p: _Plan, backend: str, rows, training: bool):
         new = BlockSparseLinear.from_dense(p.module, p.keep, p.block, backend)
         return new, Conversion(p.name, shape, pattern, type(new).__name__)
     # auto: one candidate module, measured at each batch size; kept only where something beats dense
-    if p.two_four and not training and semi_unsupported(weight.device, weight.dtype) is None:
-        candidate = SemiStructuredLinear((weight * p.keep).detach(), bias, "auto", source)
-    elif p.layout.density < 1 and backends.usable(weight.device, weight.dtype, p.block):
-        candidate = BlockSparseLinear.from_dense(p.module, p.keep, p.block, "auto")
-    else:  # every block stored (unstructured or N:M masks on the CPU, say), or no sparse path here
-        return None, Conversion(p.name, shape, pattern, "dense")
+    try:
+        if p.two_four and not training and semi_unsupported(weight.device, weight.dtype) is None:
+            candidate = SemiStructuredLinear((weight * p.keep).detach(), bias, "auto", source)
+        elif p.layout.density < 1 and backends.usable(weight.device, weight.dtype, p.block):
+            candidate = BlockSparseLinear.from_dense(p.module, p.keep, p.block, "auto")
+        else:  # every block stored (unstructured or N:M masks on the CPU, say), or no sparse path here
+            return None, Conversion(p.name, shape, pattern, "dense")
+    except (RuntimeError, ValueError) as e:  # e.g. a shape the 2:4 kernels do not take: this layer stays dense
+        return None, Conversion(p.name, shape, pattern, "dense", note=f"{type(e).__name__}: {e}")
     choices = {}
     with torch.no_grad():
         for n in rows:
