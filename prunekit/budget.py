@@ -52,6 +52,10 @@ class Budget:
         one intermediate_size and one head count for all layers; then the allocator decides only how the budget
         splits between kinds. None: uniform for models with a config (so that plain from_pretrained reloads them),
         free per structure otherwise.
+    refit: after removing heads or channels, refit the kept input columns of the layers that read them (o_proj,
+        down_proj) by least squares on their calibration inputs, block by block on the activations of the model
+        as pruned so far: the OBS update of structured pruning (ZipLM, Kurtic et al. 2023). Changes kept weights;
+        one more pass over the calibration data. SparseGPT as the importance always refits.
     """
 
     sparsity: float | None = None
@@ -65,6 +69,7 @@ class Budget:
     round_to: int | None = None
     heads: str = "auto"
     uniform: bool | None = None
+    refit: bool = False
 
     def __post_init__(self):
         if self.params is not None and self.flops is not None:
@@ -116,7 +121,7 @@ class Budget:
     def _check_structured_options(self) -> None:
         if self.granularity != "structured":
             given = [f"{name}={getattr(self, name)!r}" for name, default in (("round_to", None), ("heads", "auto"),
-                                                                             ("uniform", None))
+                                                                             ("uniform", None), ("refit", False))
                      if getattr(self, name) != default]
             if given:
                 raise BudgetError(f"{', '.join(given)} only apply to granularity='structured', not "
@@ -128,6 +133,8 @@ class Budget:
                               f"got {self.round_to!r}")
         if self.heads not in HEAD_MODES:
             raise BudgetError(f"heads must be one of {', '.join(map(repr, HEAD_MODES))}; got {self.heads!r}")
+        if self.refit not in (True, False):
+            raise BudgetError(f"refit must be True or False; got {self.refit!r}")
         if self.uniform not in (None, True, False):
             raise BudgetError(f"uniform must be True, False or None (uniform for models with a config); "
                               f"got {self.uniform!r}")

@@ -49,10 +49,16 @@ def clear_gguf_marker(model: nn.Module) -> bool:
 
 def save_pruned(model: nn.Module, out_dir, report: PruneReport | None = None, tokenizer=None) -> Path:
     """Writes the model (save_pretrained for Hugging Face models, safetensors otherwise), its masks, the report
-    and, if given, the tokenizer to out_dir."""
+    and, if given, the tokenizer to out_dir.
+
+    A structurally pruned model (report of a granularity="structured" prune) has no masks; its widths are recorded
+    too, so that load_pruned rebuilds it when its config cannot say them (a head-pruned BERT, per-layer widths).
+    """
     found = masks.masks(model)
-    if not found:
-        raise PrunekitError("the model carries no prunekit masks; prune it with prunekit.prune first")
+    structured = report is not None and bool(report.structures)
+    if not found and not structured:
+        raise PrunekitError("the model carries no prunekit masks; prune it with prunekit.prune first (a structurally "
+                            "pruned model is saved with its report: save_pruned(model, dir, report))")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "save_pretrained"):
@@ -66,6 +72,10 @@ def save_pruned(model: nn.Module, out_dir, report: PruneReport | None = None, to
     manifest = {"prunekit_version": __version__, "model_class": type(model).__name__,
                 "masks": {name: list(m.shape) for name, m in found.items()},
                 "report": report.to_dict() if report is not None else None}
+    if structured:
+        from .structured.shapes import record
+
+        manifest["structured"] = {**record(model), "reload": report.size.get("reload", "")}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
@@ -83,7 +93,13 @@ def load_pruned(path, model: nn.Module | None = None, **from_pretrained_kwargs) 
         raise PrunekitError(f"{path} is not a pruned model written by prunekit.save_pruned "
                             f"(missing {MANIFEST} or {MASK_FILE})")
     manifest = json.loads((path / MANIFEST).read_text())
-    if model is None:
+    structured = manifest.get("structured")
+    if structured is not None and (model is not None or structured["reload"] != "from_pretrained"):
+        from .structured.shapes import restore
+
+        model = restore(model if model is not None else _build_hf(path, manifest), structured)
+        _load_weights(model, path)
+    elif model is None:
         model = _load_hf(path, manifest, from_pretrained_kwargs)
     elif (path / PLAIN_WEIGHTS).is_file():
         try:
@@ -118,7 +134,7 @@ def load_pruned(path, model: nn.Module | None = None, **from_pretrained_kwargs) 
     return model
 
 
-def _load_hf(path: Path, manifest: dict, kwargs: dict) -> nn.Module:
+def _hf_class(path: Path, manifest: dict):
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(path)
@@ -126,4 +142,32 @@ def _load_hf(path: Path, manifest: dict, kwargs: dict) -> nn.Module:
     cls = next((getattr(transformers, n) for n in names if n and hasattr(transformers, n)), None)
     if cls is None:
         raise PrunekitError(f"cannot find the model class {names} in transformers; pass `model=` to load into")
+    return cls, config
+
+
+def _load_hf(path: Path, manifest: dict, kwargs: dict) -> nn.Module:
+    cls, _ = _hf_class(path, manifest)
     return cls.from_pretrained(path, **kwargs)
+
+
+def _build_hf(path: Path, manifest: dict) -> nn.Module:
+    """A fresh model of the saved class and config (random weights, replaced next), in eval mode as from_pretrained
+    returns it."""
+    cls, config = _hf_class(path, manifest)
+    return cls._from_config(config).eval()
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
+    """The saved weights into a model whose shapes already match them; keys the files leave out must be tied to
+    one they hold (lm_head to the embeddings)."""
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        if file.name != MASK_FILE:
+            state.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in state if k in params}
+    untied = [k for k in missing if k not in params or id(params[k]) not in loaded]
+    if untied or unexpected:
+        raise MaskMismatchError(f"the saved weights do not fit the rebuilt model: missing {untied[:5]}, "
+                                f"unexpected {list(unexpected)[:5]}")

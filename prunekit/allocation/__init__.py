@@ -4,6 +4,6 @@ from .base import Allocator, exact_counts, fit_to_budget
 
 ALLOCATORS: Registry[Allocator] = Registry("allocator")
 
-from . import dp, ecoflap, owl, uniform  # noqa: E402,F401  (each file registers its allocator)
+from . import dp, ecoflap, global_rank, owl, uniform  # noqa: E402,F401  (each file registers its allocator)
 
 __all__ = ["ALLOCATORS", "Allocator", "exact_counts", "fit_to_budget"]

@@ -43,6 +43,13 @@ class Allocator:
     def allocate(self, sizes: Sequence[int], costs: Sequence[float], budget: Budget, measured) -> list[float]:
         raise NotImplementedError
 
+    def allocate_units(self, unit_scores: Sequence[torch.Tensor], unit_costs: Sequence[float],
+                       choices: Sequence[Sequence[int]], goal: float) -> list[int] | None:
+        """Structured pruning only: units removed per structure, from the estimator's importance of removing each
+        next unit (ascending per structure), the cost of one unit, the unit counts each may lose and the cost to
+        remove in all. None (the default): allocate per layer with measure() and allocate() instead."""
+        return None
+
     def layer_score(self, measured, sparsity: float) -> float | None:
         """What the report shows in its score column for one target."""
         return measured if isinstance(measured, (int, float)) else None

@@ -57,6 +57,12 @@ class Estimator:
             total.index_add_(0, part.items.to(scored.device), part.pick(scored).double().cpu())
         return total
 
+    def refit_columns(self, weight: torch.Tensor, stats, keep: torch.Tensor) -> torch.Tensor | None:
+        """For structured pruning: the [out, kept] weights that replace weight[:, keep] once the other input
+        channels are removed, or None to keep them as they are (the default). Reconstructing estimators refit them
+        to the layer's calibration inputs."""
+        return None
+
     def layer_score(self, weight: torch.Tensor, stats) -> float:
         """One number per layer for an allocator; by default the mean weight score."""
         return float(self.scores(weight, stats).mean())
@@ -92,6 +98,7 @@ class StructurePart:
     dim: int
     items: torch.Tensor
     slices: torch.Tensor | None = None
+    module: object = None  # the layer the weight belongs to, where the caller has one
 
     def pick(self, per_slice: torch.Tensor) -> torch.Tensor:
         return per_slice if self.slices is None else per_slice[self.slices.to(per_slice.device)]

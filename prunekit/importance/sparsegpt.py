@@ -64,6 +64,17 @@ class SparseGPT(Estimator):
                 damp *= 10
         raise torch.linalg.LinAlgError(f"SparseGPT: Hessian not positive definite even with damp={damp / 10:g}")
 
+    def refit_columns(self, weight: torch.Tensor, stats: LayerStats, keep: torch.Tensor) -> torch.Tensor:
+        """Least squares on the calibration inputs X with the removed input channels gone: W_K' = W H[:, K] H_KK^-1,
+        H = X^T X (damped as for pruning), the OBS update of the kept columns when whole columns go at once; it is
+        the reconstruction of structured OBS pruning (Kurtic, Frantar, Alistarh, "ZipLM: Inference-Aware Structured
+        Pruning of Language Models", NeurIPS 2023)."""
+        h = self._damped(stats.hessian().to(weight.device).double(), self.damp)
+        kept = keep.nonzero().squeeze(1)
+        hk = h[kept][:, kept]
+        solved = torch.linalg.solve(hk, h[kept] @ weight.double().t())  # H_KK^-1 H_K: [kept, out]
+        return solved.t().to(weight.dtype)
+
     def prune(self, weight: torch.Tensor, stats: LayerStats, count: int, nm: tuple[int, int] | None,
               block: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # Work on W^T so that a column of W is a contiguous row: two vector ops per column in the inner loop.

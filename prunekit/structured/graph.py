@@ -107,6 +107,7 @@ def find_structures(model: nn.Module, targets: list[Target], heads: str, round_t
             raise TargetError(f"{t.name} is a {_qualname(t.module)}, which Torch-Pruning's dependency graph cannot "
                               f"cut; register a pruner for it with {HOOK}({type(t.module).__name__}, pruner), or "
                               f"exclude it (Budget(exclude=...))")
+    _check_known(blocks, names, projections)
     found: list[Structure] = []
     if heads != "none":
         for a in attention:
@@ -139,16 +140,11 @@ def _channel_structure(group, members, graph, root: Target, names, block_of, tar
     where = {block_of.get(m) for m, _ in layers} | {block_of.get(owner) for _, owner in unknown}
     if len(where) != 1 or None in where:
         return None  # the residual stream (or channels leaving the blocks): the model's width
-    if not any(not out and isinstance(m, KINDS + tuple(PRUNERS)) for m, out in layers):
-        return None  # nothing reads these channels: an output
     cut = [m for m, _ in layers if isinstance(m, KINDS + tuple(PRUNERS))]
     if not all(m in targeted for m in cut):
         return None  # a coupled layer is excluded: the whole group stays
-    if unknown:
-        param, owner = unknown[0]
-        raise TargetError(f"the channels of {root.name} are also read by {param}, a parameter of "
-                          f"{_qualname(owner)} that Torch-Pruning's dependency graph does not know how to cut; "
-                          f"register a pruner for that class with {HOOK}({type(owner).__name__}, pruner)")
+    if not any(not out and isinstance(m, KINDS + tuple(PRUNERS)) for m, out in layers):
+        return None  # nothing reads these channels: an output
     cuts = {m: per_channel(m, 0 if out else 1) for m, out in layers if m in targeted}
     step = round_to or 1
     units = len(group[0].idxs)
@@ -157,6 +153,21 @@ def _channel_structure(group, members, graph, root: Target, names, block_of, tar
                     unit="filter" if isinstance(root.module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else "channel",
                     block=block_of[root.module], units=units, cuts=cuts, step=step, keep=step,
                     graph=graph, root=root.module, group=group)
+
+
+def _check_known(blocks: list[nn.Module], names: dict, handled: set) -> None:
+    """Refuses a block holding a weight matrix in a module the graph cannot cut (it would trace the module's ops and
+    guess, usually wrong): norms' scale vectors are fine, a custom layer's matrix is not."""
+    known = _NATIVE + (nn.Embedding, nn.MultiheadAttention, nn.LSTM) + tuple(PRUNERS)
+    for block in blocks:
+        for module in block.modules():
+            if module in handled or isinstance(module, known):
+                continue
+            matrix = next((k for k, p in module._parameters.items() if p is not None and p.dim() >= 2), None)
+            if matrix is not None:
+                raise TargetError(f"{names[module]}.{matrix} is a weight of {_qualname(module)}, a layer Torch-Pruning's "
+                                  f"dependency graph does not know how to cut; register a pruner for that class with "
+                                  f"{HOOK}({type(module).__name__}, pruner) (a torch_pruning BasePruningFunc)")
 
 
 def _qualname(module: nn.Module) -> str:

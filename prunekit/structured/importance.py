@@ -38,5 +38,5 @@ def group_parts(group, stats: dict) -> list[StructurePart]:
         out = handler == getattr(getattr(handler, "__self__", None), "prune_out_channels", None)
         parts.append(StructurePart(module.weight.detach().float(), stats[module], 1, 0 if out else 1,
                                    torch.as_tensor(list(item.root_idxs), dtype=torch.long),
-                                   torch.as_tensor(list(item.idxs), dtype=torch.long)))
+                                   torch.as_tensor(list(item.idxs), dtype=torch.long), module))
     return parts

@@ -17,13 +17,13 @@ from ..allocation import Allocator
 from ..allocation.context import DenseModel
 from ..budget import Budget
 from ..calibration.inputs import as_batches
-from ..calibration.runner import call_model, evaluating
-from ..calibration.stats import Needs
+from ..calibration.runner import call_model, evaluating, full_pass, sequential
+from ..calibration.stats import Needs, empty_stats
 from ..errors import BudgetError, CalibrationError, PrunekitError, TargetError
 from ..importance import Estimator
 from ..report import LayerRow, PruneReport, StructureRow
-from ..targets import Target, find_targets
-from . import plan
+from ..targets import Target, find_blocks, find_targets
+from . import graph, plan
 from .graph import KINDS, find_structures, structure_blocks
 from .units import AttentionHeads, Channels, Structure
 
@@ -34,7 +34,7 @@ def structured_targets(model: nn.Module, budget: Budget) -> list[Target]:
     """Linear and Conv layers: those inside the model's repeated blocks (every one when it has none), or as
     include / exclude say."""
     inside = {m for block in structure_blocks(model) for m in block.modules()}
-    return find_targets(model, budget.include, budget.exclude, kinds=KINDS, default=inside)
+    return find_targets(model, budget.include, budget.exclude, kinds=KINDS + tuple(graph.PRUNERS), default=inside)
 
 
 def rows_per_sample(model: nn.Module, batch: dict) -> dict[nn.Module, int]:
@@ -85,28 +85,31 @@ def prune_structured(model: nn.Module, budget: Budget, estimator: Estimator, all
     with torch.no_grad():
         clock = time.perf_counter()
         dense = DenseModel(model, targets, batches, estimator, device, progress)
+        stats = dense.stats(estimator)
+        by_module = {t.module: stats[t.module] for t in targets}
+        scores = [estimator.structure_scores(s.parts(by_module), s.items) for s in structures]
+        seconds["scoring"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         measured = allocator.measured if allocator.measured is not None else allocator.measure(dense)
         if measured is not None and len(measured) != len(targets):
             raise PrunekitError(f"the allocator reuses {len(measured)} measurements but the model has "
                                 f"{len(targets)} targets; measure on this model (without reuse)")
-        removed, costs, sparsities = _allocate(structures, targets, rows, budget, allocator, measured, uniform)
+        removed, costs, sparsities = _allocate(structures, scores, targets, rows, budget, allocator, measured,
+                                               uniform)
+        chosen = [s.choose(x, count) if count else None for s, x, count in zip(structures, scores, removed)]
         seconds["allocation"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        stats = dense.stats(estimator)
-        by_module = {t.module: stats[t.module] for t in targets}
-        chosen = []
-        for s, count in zip(structures, removed):
-            scores = estimator.structure_scores(s.parts(by_module), s.items) if count else None
-            chosen.append(s.choose(scores, count) if count else None)
-        seconds["scoring"] = time.perf_counter() - clock
     clock = time.perf_counter()
     units_before = [s.units for s in structures]
     shapes = {t.module: (t.module.weight.shape[0], t.module.weight.numel() // t.module.weight.shape[0])
               for t in targets}
+    refit = refitter(estimator, budget)
     with _transaction(model, structures, enabled=rollback):
-        for s, pick in zip(structures, chosen):
-            if pick is not None:
+        work = [(s, pick) for s, pick in zip(structures, chosen) if pick is not None]
+        if refit is None:
+            for s, pick in work:
                 s.remove(pick)
+        else:
+            _remove_refitting(model, work, refit, batches, device, progress)
         reload = _update_config(model, structures, units_before)
     seconds["pruning"] = time.perf_counter() - clock
     after = model_size(model, batches[0])
@@ -129,6 +132,72 @@ def prune_structured(model: nn.Module, budget: Budget, estimator: Estimator, all
                        calibration={"batches": len(batches), "samples": samples, "tokens": tokens})
 
 
+def refitter(estimator: Estimator, budget: Budget) -> Estimator | None:
+    """Who refits kept columns: a reconstructing estimator itself, else SparseGPT's least squares when the budget
+    asks for refit, else nobody."""
+    if type(estimator).refit_columns is not Estimator.refit_columns:
+        return estimator
+    if budget.refit:
+        from ..importance.sparsegpt import SparseGPT
+
+        return SparseGPT()
+    return None
+
+
+def column_keeps(structure: Structure, chosen) -> list[tuple[nn.Module, torch.Tensor]]:
+    """(layer, keep mask over its input channels) for every layer that reads channels `chosen` removes."""
+    gone = structure.removed_items(chosen)
+    found = []
+    for part in structure.parts({m: None for m in structure.cuts}):
+        if part.dim != 1:
+            continue
+        slices = part.slices if part.slices is not None else torch.arange(len(part.items))
+        keep = torch.ones(part.weight.shape[1], dtype=torch.bool)
+        for s, item in zip(slices.tolist(), part.items.tolist()):
+            if item in gone:
+                keep[s * part.size:(s + 1) * part.size] = False
+        found.append((part.module, keep))
+    return found
+
+
+def _remove_refitting(model: nn.Module, work: list, refit: Estimator, batches: list[dict], device,
+                      progress: bool) -> None:
+    """Removes each block's structures after refitting the kept columns of the layers reading them, on the inputs
+    those layers get with the blocks before already pruned (the runner feeds each pruned block's outputs on)."""
+    names = {m: n for n, m in model.named_modules()}
+    _, blocks = find_blocks(model)
+    where = {m: i for i, b in enumerate(blocks) for m in b.modules()}
+    by_block: dict = {}
+    for structure, pick in work:
+        keeps = column_keeps(structure, pick)
+        if any(isinstance(m, _CONVS) for m, _ in keeps):
+            raise TargetError(f"refit solves least squares on a Linear layer's inputs; {structure.name} is read by a "
+                              f"convolution: prune it without refit")
+        by_block.setdefault(where.get(keeps[0][0]) if keeps else None, []).append((structure, pick, keeps))
+
+    def refit_and_remove(entries, stats):
+        for structure, pick, keeps in entries:
+            for module, keep in keeps:
+                new = refit.refit_columns(module.weight.detach().float(), stats[module], keep)
+                module.weight.data[:, keep.to(module.weight.device)] = new.to(module.weight)
+            structure.remove(pick)
+
+    def consumers(entries):
+        found = {m: None for _, _, keeps in entries for m, _ in keeps}
+        return [Target(names[m], m, where.get(m)) for m in found]
+
+    for step in sequential(model, blocks, batches, device=device, desc="refit", progress=progress):
+        entries = by_block.pop(step.index, [])
+        if entries:
+            stats = empty_stats(consumers(entries), Needs.HESSIAN, device)
+            step.run(stats)
+            refit_and_remove(entries, stats)
+    for entries in by_block.values():  # structures outside the blocks: on the model as pruned
+        stats = empty_stats(consumers(entries), Needs.HESSIAN)
+        full_pass(model, batches, stats)
+        refit_and_remove(entries, stats)
+
+
 def _check(targets: list[Target], estimator: Estimator, allocator: Allocator) -> None:
     if not allocator.structured:
         raise BudgetError(f"allocator {allocator.name!r} measures unstructured pruning and does not apply to "
@@ -142,8 +211,9 @@ def _check(targets: list[Target], estimator: Estimator, allocator: Allocator) ->
                           f"the uniform or ecoflap allocator")
 
 
-def _allocate(structures: list[Structure], targets: list[Target], rows: dict, budget: Budget,
-              allocator: Allocator, measured, uniform: bool) -> tuple[list[int], list[float], list[float]]:
+def _allocate(structures: list[Structure], scores: list[torch.Tensor], targets: list[Target], rows: dict,
+              budget: Budget, allocator: Allocator, measured, uniform: bool
+              ) -> tuple[list[int], list[float], list[float]]:
     """(units removed, cost of one unit, allocated sparsity) per structure."""
     flops = budget.metric == "flops"
     weight_of = (lambda m: rows.get(m, 0)) if flops else (lambda m: 1)  # noqa: E731
@@ -152,6 +222,12 @@ def _allocate(structures: list[Structure], targets: list[Target], rows: dict, bu
     sizes = [s.units * s.unit_weights for s in structures]
     pool = sum(s.units * c for s, c in zip(structures, costs))
     plan.check_reachable(structures, costs, goal, budget.max_layer_sparsity, budget.metric)
+    cap = budget.max_layer_sparsity
+    units = [s.unit_scores(x) for s, x in zip(structures, scores)]
+    by_units = plan.by_kind(allocator.allocate_units, structures, units, costs, goal, cap) if uniform else \
+        allocator.allocate_units(units, costs, [plan.allowed(s, cap) for s in structures], goal)
+    if by_units is not None:
+        return by_units, costs, [r / s.units for r, s in zip(by_units, structures)]
     inner = plan.inner_budget(budget, goal, pool)
     per_weight = [c / s.unit_weights for s, c in zip(structures, costs)]
     sparsities = allocator.allocate(sizes, per_weight, inner, _per_structure(measured, structures, targets))

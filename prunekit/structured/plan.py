@@ -81,13 +81,7 @@ def round_uniform(structures: Sequence[Structure], sparsities: Sequence[float], 
     """One unit count per kind (heads, channels) for every structure of that kind: the kind's sparsity is the
     cost-weighted mean of the allocator's; coarse kinds (the costliest units) are rounded first and the finer ones
     absorb the difference, so the total is within one unit per structure of the goal."""
-    kinds: dict[str, list[int]] = {}
-    for k, s in enumerate(structures):
-        kinds.setdefault(s.kind, []).append(k)
-    for kind, members in kinds.items():
-        if len({(structures[k].units, structures[k].step) for k in members}) != 1:
-            raise BudgetError(f"uniform=True needs every {kind} structure to start alike, but their widths differ "
-                              f"({sorted({structures[k].units for k in members})}); use uniform=False")
+    kinds = _kinds(structures)
     weight = {kind: sum(structures[k].units * costs[k] for k in m) for kind, m in kinds.items()}
     share = {kind: sum(sparsities[k] * structures[k].units * costs[k] for k in m) / weight[kind]
              for kind, m in kinds.items()}
@@ -105,3 +99,32 @@ def round_uniform(structures: Sequence[Structure], sparsities: Sequence[float], 
             removed[k] = count
         left -= count * per_unit
     return removed
+
+
+def by_kind(allocate_units, structures: Sequence[Structure], unit_scores, costs: Sequence[float], goal: float,
+            cap: float) -> list[int] | None:
+    """allocate_units with every kind (heads, channels) as one structure: removing a unit of the kind removes one
+    from every structure of it, so that the widths stay uniform; None when the allocator does not rank units."""
+    members = list(_kinds(structures).values())
+    merged = allocate_units([sum(unit_scores[k] for k in m) for m in members],
+                            [sum(costs[k] for k in m) for m in members],
+                            [allowed(structures[m[0]], cap) for m in members], goal)
+    if merged is None:
+        return None
+    removed = [0] * len(structures)
+    for m, count in zip(members, merged):
+        for k in m:
+            removed[k] = count
+    return removed
+
+
+def _kinds(structures: Sequence[Structure]) -> dict[str, list[int]]:
+    """Indices of the structures of each kind, refusing uniform widths where the structures of a kind differ."""
+    kinds: dict[str, list[int]] = {}
+    for k, s in enumerate(structures):
+        kinds.setdefault(s.kind, []).append(k)
+    for kind, members in kinds.items():
+        if len({(structures[k].units, structures[k].step) for k in members}) != 1:
+            raise BudgetError(f"uniform=True needs every {kind} structure to start alike, but their widths differ "
+                              f"({sorted({structures[k].units for k in members})}); use uniform=False")
+    return kinds

@@ -57,6 +57,14 @@ class Structure:
     def remove(self, chosen) -> None:
         raise NotImplementedError
 
+    def removed_items(self, chosen) -> set[int]:
+        """The scored items (see `items`) that `chosen` removes."""
+        return set(chosen)
+
+    def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """What removing the 1st, 2nd, ... unit costs in importance, as `choose` would pick them (ascending)."""
+        return torch.sort(scores.double(), stable=True).values
+
     def describe(self, chosen) -> str:
         return f"{len(chosen)} {self.unit}s"
 
@@ -107,14 +115,15 @@ class AttentionHeads(Structure):
         for layer, offset in a.query_rows():
             if layer in stats:
                 found.append(StructurePart(layer.weight.detach().float(), stats[layer], d, 0, queries,
-                                           torch.arange(a.heads) + offset // d))
+                                           torch.arange(a.heads) + offset // d, layer))
         if self.mode == "kv":
             for layer, offset in a.kv_rows():
                 if layer in stats:
                     found.append(StructurePart(layer.weight.detach().float(), stats[layer], d, 0,
-                                               torch.arange(a.kv_heads), torch.arange(a.kv_heads) + offset // d))
+                                               torch.arange(a.kv_heads), torch.arange(a.kv_heads) + offset // d,
+                                               layer))
         if a.o in stats:
-            found.append(StructurePart(a.o.weight.detach().float(), stats[a.o], d, 1, queries))
+            found.append(StructurePart(a.o.weight.detach().float(), stats[a.o], d, 1, queries, module=a.o))
         return found
 
     def choose(self, scores: torch.Tensor, removed: int) -> tuple[list[int], list[int]]:
@@ -128,6 +137,16 @@ class AttentionHeads(Structure):
             own = scores[g * a.group:(g + 1) * a.group]
             queries += [g * a.group + i for i in torch.argsort(own, stable=True)[:removed].tolist()]
         return sorted(queries), []
+
+    def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.mode == "kv":
+            return torch.sort(scores.double(), stable=True).values
+        # a unit takes the next-lowest query head of every group
+        return torch.sort(scores.double().view(self.attention.kv_heads, self.attention.group), 1).values.sum(0)
+
+    def removed_items(self, chosen: tuple[list[int], list[int]]) -> set[int]:
+        queries, groups = chosen
+        return set(queries if self.mode == "query" else groups)
 
     def remove(self, chosen: tuple[list[int], list[int]]) -> None:
         self.attention.remove(*chosen)
