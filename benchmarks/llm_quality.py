@@ -122,7 +122,7 @@ def worker(tool: str, name: str, args) -> dict:
     from prunekit.evaluate import perplexity
 
     model, tokenizer = data.load_smollm2()
-    windows = data.calibration_windows(tokenizer, args.calibration_windows, args.seq_len)
+    windows = data.calibration_windows(tokenizer, args.calibration_windows, args.seq_len, seed=args.seed)
     eval_windows = data.eval_windows(tokenizer, args.eval_windows, args.seq_len)
     importance, budget, allocator = CONFIGS[name]
     result = {"tool": tool, "config": name, "threads": torch.get_num_threads()}
@@ -153,7 +153,7 @@ def allocator_worker(importance: str, allocator: str, args) -> list[dict]:
     from prunekit.evaluate import perplexity
 
     model, tokenizer = data.load_smollm2()
-    windows = data.calibration_windows(tokenizer, args.calibration_windows, args.seq_len)
+    windows = data.calibration_windows(tokenizer, args.calibration_windows, args.seq_len, seed=args.seed)
     eval_windows = data.eval_windows(tokenizer, args.eval_windows, args.seq_len)
     chosen, measure_seconds, results = allocator, None, []
     for sparsity in args.sparsities:
@@ -177,7 +177,7 @@ def allocator_worker(importance: str, allocator: str, args) -> list[dict]:
 def run_worker(tool: str, name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", tool, name, "--suite", args.suite, "--repeats", str(args.repeats),
            "--calibration-windows", str(args.calibration_windows), "--eval-windows", str(args.eval_windows),
-           "--seq-len", str(args.seq_len), "--sparsities", *map(str, args.sparsities)]
+           "--seq-len", str(args.seq_len), "--seed", str(args.seed), "--sparsities", *map(str, args.sparsities)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error"}
     code = commit()  # before the run: the worker imports the code as it is now
@@ -270,6 +270,8 @@ def main():
     parser.add_argument("--calibration-windows", type=int, default=64)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (PROTOCOL.md: 0); "
+                                                            "other seeds show how much a result moves with the sample")
     parser.add_argument("--out", type=Path, help="results path without suffix (default: results/llm_quality or "
                                                     "results/llm_allocators)")
     parser.add_argument("--sparsities", nargs="*", type=float, default=list(ALLOCATOR_SPARSITIES),
@@ -325,7 +327,8 @@ def header(args, results) -> dict:
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                     "python": platform.python_version()},
         "versions": versions(),
-        "protocol": {"calibration": f"{args.calibration_windows} x {args.seq_len} tokens, random.Random(0)",
+        "protocol": {"calibration": f"{args.calibration_windows} x {args.seq_len} tokens, "
+                                    f"random.Random({getattr(args, 'seed', 0)})",
                      "eval": f"first {args.eval_windows} x {args.seq_len} tokens of the eval split",
                      "repeats": args.repeats},
         "results": results,

@@ -4,16 +4,20 @@ LIFT, S2FT, IST and SPT; on the dense model and on a 50%-pruned one (recovery fi
 
     python benchmarks/tuning.py                                  # every method, dense and pruned
     python benchmarks/tuning.py --methods lora lift --variants dense --steps 4 --eval-windows 2   # a quick look
+    python benchmarks/tuning.py --variants dense --methods lora lift --lrs 1e-4 2e-4 5e-4 1e-3 --jobs 2  # a sweep
 
 Each (variant, method) runs in a fresh process with 1 torch thread. Training: 40 AdamW steps (SparseAdam for the
 sparse methods) of batch 2 x 256 tokens, windows drawn from the calibration split with random.Random(1), next-token
-loss. Memory overhead: the peak resident memory during set-up and training above what was resident with the model
-and data loaded (Linux's peak counter is reset right before the method is set up: what a method needs to choose
-its parameters, such as SPT's sensitivity pass or LIFT's SVDs, counts). Seconds per step: the median step. Perplexity:
-the first 32 x 512 eval windows after training (adapters active). The pruned variant is SmolLM2 pruned to 50% with
-Wanda (64 x 512 calibration windows), computed once and cached; every method keeps its pruned entries at zero
-(checked after training). Every method is sized like LoRA r=16 on the same seven projections (the naive sparse
-update trains LIFT's entries with a dense gradient and dense AdamW state, the cost LIFT's reduced gradients avoid).
+loss, at each learning rate given (--lrs; by default 2e-5 for full fine-tuning and 2e-4 for the others). The table
+shows, per method, the learning rate with the lowest validation perplexity (8 x 512 eval-split windows that follow
+the 32 test windows, disjoint from them and from the training text); the sweep table lists every rate run. Memory
+overhead: the peak resident memory during set-up and training above what was resident with the model and data loaded
+(Linux's peak counter is reset right before the method is set up: what a method needs to choose its parameters, such
+as SPT's sensitivity pass or LIFT's SVDs, counts). Seconds per step: the median step. Perplexity: the first 32 x 512
+eval windows after training (adapters active), the test set. The pruned variant is SmolLM2 pruned to 50% with Wanda
+(64 x 512 calibration windows), computed once and cached; every method keeps its pruned entries at zero (checked
+after training). Every method is sized like LoRA r=16 on the same seven projections (the naive sparse update trains
+LIFT's entries with a dense gradient and dense AdamW state, the cost LIFT's reduced gradients avoid).
 """
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -34,6 +40,7 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 RANK = 16
 METHODS = ["full", "lora", "shira", "naive_sparse", "lift", "s2ft", "ist", "spt"]
 LR = {"full": 2e-5}  # the others 2e-4, the usual rate for adapters and sparse updates at this scale
+VALIDATION = 8  # eval-split windows after the test windows, for choosing the learning rate
 CACHE = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit")) / "smollm2-wanda-50"
 
 
@@ -53,14 +60,13 @@ def load(variant: str):
     return prunekit.load_pruned(CACHE).eval(), tokenizer
 
 
-def setup(method: str, model, batches):
+def setup(method: str, model, batches, lr: float):
     """(model to train, optimizer, trainable parameter count) for one method."""
     import peft
     import torch
 
     from prunekit import tuning
 
-    lr = LR.get(method, 2e-4)
     adapters = dict(r=RANK, target_modules=PROJECTIONS)
     if method == "full":
         for p in model.parameters():
@@ -95,7 +101,7 @@ def setup(method: str, model, batches):
     return tuned.model, optimizer, tuned.trainable_count()
 
 
-def worker(variant: str, method: str, args) -> dict:
+def worker(variant: str, method: str, lr: float, args) -> dict:
     import torch
 
     import prunekit
@@ -107,10 +113,11 @@ def worker(variant: str, method: str, args) -> dict:
     masks = {name: keep.clone() for name, keep in prunekit.masks(model).items()}
     windows = data.calibration_windows(tokenizer, 2 * args.steps, 256, seed=1)
     batches = [{"input_ids": w, "labels": w} for w in windows.split(2)]
-    eval_windows = data.eval_windows(tokenizer, args.eval_windows, 512)
+    held_out = data.eval_windows(tokenizer, args.eval_windows + VALIDATION, 512)
+    eval_windows, validation = held_out[:args.eval_windows], held_out[args.eval_windows:]
     base = peak_reset()
     clock = time.perf_counter()
-    model, optimizer, trainable = setup(method, model, batches)
+    model, optimizer, trainable = setup(method, model, batches, lr)
     setup_seconds = time.perf_counter() - clock
     model.train()
     seconds, losses = [], []
@@ -128,24 +135,35 @@ def worker(variant: str, method: str, args) -> dict:
     suffix = "base_model.model." if "base_model.model." + next(iter(masks), "") in modules else ""
     leaked = sum(int(modules[suffix + name].weight[~keep].count_nonzero()) for name, keep in masks.items()
                  if suffix + name in modules)
-    return {"variant": variant, "method": method, "trainable": trainable, "overhead_mib": peak - base,
+    return {"variant": variant, "method": method, "lr": lr, "trainable": trainable, "overhead_mib": peak - base,
             "setup_seconds": setup_seconds, "seconds_per_step": statistics.median(seconds),
-            "first_loss": losses[0], "last_loss": losses[-1], "perplexity": perplexity(model, eval_windows,
-                                                                                      progress=False),
-            "pruned_nonzero": leaked, "steps": args.steps}
+            "first_loss": losses[0], "last_loss": losses[-1],
+            "validation_perplexity": perplexity(model, validation, progress=False),
+            "perplexity": perplexity(model, eval_windows, progress=False), "pruned_nonzero": leaked,
+            "steps": args.steps}
 
 
-def run_worker(variant: str, method: str, args) -> dict:
+def run_worker(variant: str, method: str, lr: float, args) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, __file__, "--worker", variant, method, "--steps", str(args.steps), "--eval-windows",
-               str(args.eval_windows)]
+    command = [sys.executable, __file__, "--worker", variant, method, "--lr", repr(lr), "--steps", str(args.steps),
+               "--eval-windows", str(args.eval_windows)]
+    code = commit()  # before the run: the worker imports the code as it is now
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
-        return {"variant": variant, "method": method,
+        return {"variant": variant, "method": method, "lr": lr,
                 "error": (proc.stderr or proc.stdout).strip().splitlines()[-3:]}
-    return {**json.loads(lines[-1][len("RESULT "):]), "commit": commit()}
+    return {**json.loads(lines[-1][len("RESULT "):]), "commit": code}
+
+
+def chosen(rows: list[dict]) -> list[dict]:
+    """Per method (in first-run order), the row of the learning rate with the lowest validation perplexity."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["method"] not in best or r["validation_perplexity"] < best[r["method"]]["validation_perplexity"]:
+            best[r["method"]] = r
+    return list(best.values())
 
 
 def markdown(doc: dict) -> str:
@@ -154,18 +172,30 @@ def markdown(doc: dict) -> str:
            "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items() if v) + "  ",
            f"Date: {doc['date']}", "", (__doc__ or "").split("\n\n", 2)[2].strip()]
     for variant in ("dense", "pruned"):
-        rows = [r for r in doc["results"] if r.get("variant") == variant and "perplexity" in r]
+        swept = [r for r in doc["results"] if r.get("variant") == variant and "perplexity" in r]
+        rows = chosen(swept)
         if not rows:
             continue
         lora = next((r for r in rows if r["method"] == "lora"), None)
         out += ["", f"## {variant} SmolLM2-135M" + (" (50% Wanda)" if variant == "pruned" else ""), "",
-                "| method | trainable | overhead MiB | x LoRA | s/step | loss first -> last | perplexity | "
-                "pruned entries nonzero |", "|---|---|---|---|---|---|---|---|"]
+                "| method | lr | trainable | overhead MiB | x LoRA | s/step | loss first -> last | validation ppl | "
+                "test ppl | x LoRA | pruned entries nonzero |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            ratio = f"{r['overhead_mib'] / lora['overhead_mib']:.2f}" if lora else "-"
-            out.append(f"| {r['method']} | {r['trainable']:,} | {r['overhead_mib']:.0f} | {ratio} | "
-                       f"{r['seconds_per_step']:.2f} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} | "
-                       f"{r['perplexity']:.3f} | {r['pruned_nonzero'] if variant == 'pruned' else '-'} |")
+            ratio = lambda key: f"{r[key] / lora[key]:.2f}" if lora else "-"  # noqa: E731
+            out.append(f"| {r['method']} | {r['lr']:g} | {r['trainable']:,} | {r['overhead_mib']:.0f} | "
+                       f"{ratio('overhead_mib')} | {r['seconds_per_step']:.2f} | {r['first_loss']:.3f} -> "
+                       f"{r['last_loss']:.3f} | {r['validation_perplexity']:.3f} | {r['perplexity']:.3f} | "
+                       f"{ratio('perplexity')} | {r['pruned_nonzero'] if variant == 'pruned' else '-'} |")
+        lrs = sorted({r["lr"] for r in swept})
+        if len(swept) > len(rows):
+            out += ["", f"Learning-rate sweep, {variant}: validation / test perplexity (the chosen rate in bold).", "",
+                    "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+            for best in rows:
+                at = {r["lr"]: r for r in swept if r["method"] == best["method"]}
+                cells = [("**{}**" if lr == best["lr"] else "{}").format(
+                    f"{at[lr]['validation_perplexity']:.3f} / {at[lr]['perplexity']:.3f}") if lr in at else "-"
+                    for lr in lrs]
+                out.append(f"| {best['method']} | " + " | ".join(cells) + " |")
     errors = [r for r in doc["results"] if "error" in r]
     if errors:
         out += ["", "Failed runs:"] + [f"- {r['variant']} {r['method']}: {r['error']}" for r in errors]
@@ -179,25 +209,34 @@ def main():
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--out", type=Path, default=RESULTS / "tuning", help="results path without suffix")
+    parser.add_argument("--lrs", nargs="*", type=float, help="learning rates to run each method at (default: 2e-5 "
+                                                                  "for full fine-tuning, 2e-4 for the others)")
+    parser.add_argument("--jobs", type=int, default=1, help="workers at a time (each uses one thread)")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --out, run what is missing")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(*args.worker, args)), flush=True)
+        print("RESULT " + json.dumps(worker(*args.worker, args.lr, args)), flush=True)
         return
     path = args.out.with_suffix(".json")
     results = [r for r in json.loads(path.read_text())["results"] if "error" not in r] \
         if args.resume and path.exists() else []
-    done = {(r["variant"], r["method"]) for r in results}
-    for variant in args.variants:
-        for method in args.methods:
-            if (variant, method) in done:
-                continue
-            clock = time.perf_counter()
-            row = run_worker(variant, method, args)
+    done = {(r["variant"], r["method"], r["lr"]) for r in results}
+    todo = [(variant, method, lr) for variant in args.variants for method in args.methods
+            for lr in (args.lrs or [LR.get(method, 2e-4)]) if (variant, method, lr) not in done]
+    lock = threading.Lock()
+
+    def run(job):
+        clock = time.perf_counter()
+        row = run_worker(*job, args)
+        with lock:
             results.append(row)
-            print(f"[{time.perf_counter() - clock:5.0f} s] {variant} {method}: {row}", flush=True)
+            print(f"[{time.perf_counter() - clock:5.0f} s] {job}: {row}", flush=True)
             save(args, results)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(run, todo))
     print(save(args, results))
 
 
@@ -206,7 +245,8 @@ def save(args, results) -> str:
                             eval_windows=args.eval_windows, repeats=1)
     doc = header(ns, results)
     doc["protocol"] = {"train": f"{args.steps} steps of 2 x 256 tokens, calibration split, random.Random(1)",
-                       "eval": f"first {args.eval_windows} x 512 eval windows"}
+                       "eval": f"first {args.eval_windows} x 512 eval windows",
+                       "validation": f"eval windows {args.eval_windows} to {args.eval_windows + VALIDATION - 1}"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     text = markdown(doc)
