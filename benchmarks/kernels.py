@@ -342,7 +342,11 @@ def main(argv=None) -> None:
     parser.add_argument("--backend", choices=["cuda_ext", "cupy"], help="our kernels through this launcher only")
     parser.add_argument("--quick", action="store_true", help="one shape, two row counts: a smoke run")
     parser.add_argument("--out", type=Path, help="results prefix (default benchmarks/results/kernels_<device>)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 on a shared CPU, where a "
+                        "second thread waits on whatever else holds the other core")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no GPU")
     info = machine(args.device)

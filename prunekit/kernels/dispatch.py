@@ -17,7 +17,7 @@ import torch
 
 MARGIN = 0.95  # sparse must take under 95% of dense's time
 MIN_SECONDS = 0.02  # timing per candidate: at least this long ...
-MAX_REPEATS = 50  # ... and at most this many calls after the warm-up
+MAX_REPEATS = 50  # ... and at most this many rounds after the warm-up
 
 
 @dataclass(frozen=True)
@@ -51,26 +51,46 @@ def bucket(rows: int) -> int:
 
 
 def measure(fn: Callable[[], object], device: torch.device) -> float:
-    """Median seconds per call after one warm-up call (which also triggers lazy compilation)."""
-    cuda = device.type == "cuda"
+    """Seconds of one call (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3
+    clock = time.perf_counter()
     fn()
-    if cuda:
+    return time.perf_counter() - clock
+
+
+def timings(candidates: dict[str, Callable[[], object]], device: torch.device) -> tuple[dict, dict]:
+    """(median seconds per call, errors) per candidate. After one warm-up call each (which also triggers lazy
+    compilation), the candidates take turns call by call, so that a burst of load from elsewhere on the machine
+    slows all of them alike instead of whichever was being timed."""
+    errors: dict[str, str] = {}
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+
+    def attempt(name: str, run: Callable[[], object]) -> None:
+        try:
+            run()
+        except Exception as e:  # noqa: BLE001 - a candidate that cannot run here is simply not chosen
+            if name == "dense":
+                raise
+            errors[name] = f"{type(e).__name__}: {e}"
+            samples.pop(name)
+
+    for name, fn in candidates.items():
+        attempt(name, fn)
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < MIN_SECONDS and len(times) < MAX_REPEATS):
-        if cuda:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) / 1e3)
-        else:
-            clock = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - clock)
-    return statistics.median(times)
+    spent, rounds = 0.0, 0
+    while rounds < 3 or (spent < MIN_SECONDS * len(samples) and rounds < MAX_REPEATS):
+        for name in list(samples):
+            attempt(name, lambda: samples[name].append(measure(candidates[name], device)))
+            spent += samples[name][-1] if name in samples else 0.0
+        rounds += 1
+    return {name: statistics.median(times) for name, times in samples.items()}, errors
 
 
 def choose(problem: Problem, candidates: dict[str, Callable[[], object]], device: torch.device) -> Choice:
@@ -82,20 +102,13 @@ def choose(problem: Problem, candidates: dict[str, Callable[[], object]], device
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(f"no measurement yet for {problem} and a CUDA graph is being captured; run the model "
                            f"once at this batch size before capturing, or choose a backend explicitly")
-    choice = Choice("dense")
     with torch.no_grad():
-        for name, fn in candidates.items():
-            try:
-                choice.seconds[name] = measure(fn, device)
-            except Exception as e:  # noqa: BLE001 - a candidate that cannot run here is simply not chosen
-                if name == "dense":
-                    raise
-                choice.errors[name] = f"{type(e).__name__}: {e}"
-    dense = choice.seconds["dense"]
-    sparse = {n: t for n, t in choice.seconds.items() if n != "dense"}
+        seconds, errors = timings(candidates, device)
+    choice = Choice("dense", seconds, errors)
+    sparse = {n: t for n, t in seconds.items() if n != "dense"}
     if sparse:
         best = min(sparse, key=sparse.get)
-        if sparse[best] < MARGIN * dense:
+        if sparse[best] < MARGIN * seconds["dense"]:
             choice.winner = best
     _cache[problem] = choice
     return choice
