@@ -11,8 +11,9 @@ from .report import LayerRow, PruneReport
 
 
 def __getattr__(name):
-    # prunekit.tuning loads on first use: it imports peft, which prune() users need not pay for; kernels likewise.
-    if name in ("tuning", "kernels"):
+    # prunekit.tuning loads on first use: it imports peft, which prune() users need not pay for; kernels and
+    # structured (Torch-Pruning) likewise.
+    if name in ("tuning", "kernels", "structured"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

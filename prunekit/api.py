@@ -13,7 +13,7 @@ from . import masks
 from .allocation import ALLOCATORS, Allocator, exact_counts
 from .allocation.context import DenseModel
 from .budget import Budget, BudgetLike
-from .calibration.inputs import as_batches
+from .calibration.inputs import as_batches, summary as calibration_summary
 from .calibration.runner import full_pass, sequential
 from .calibration.stats import LayerStats, Needs, empty_stats, gathered
 from .errors import BudgetError, CalibrationError, PrunekitError, TargetError
@@ -75,13 +75,10 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
                        seconds=timings[t], block=t.block, flops_per_weight=None if plan.rows is None else plan.costs[i],
                        score=None if plan.measured is None else allocator.layer_score(plan.measured[i], sparsity))
               for i, (t, sparsity, count) in enumerate(zip(targets, plan.sparsities, plan.counts))]
-    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                 for b in batches if "input_ids" in b)
-    samples = sum(len(next(iter(b.values()))) for b in batches)
     return PruneReport(model=type(model).__name__, importance=repr(estimator), allocator=repr(allocator),
                        granularity=_granularity(budget), requested=budget.sparsity, metric=budget.metric, layers=layers,
                        seconds=seconds, measured=plan.measured,
-                       calibration={"batches": len(batches), "samples": samples, "tokens": tokens} if batches else {})
+                       calibration=calibration_summary(batches))
 
 
 def score(model: nn.Module, importance: str | Estimator = "wanda", calibration=None, *, include: str | None = None,

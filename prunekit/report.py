@@ -41,7 +41,6 @@ class StructureRow:
     unit_weights: int  # targeted weights one unit removes
     unit_flops: float | None = None  # and FLOPs (weights x rows), under a flops budget
     detail: str = ""  # which heads, how many KV groups
-    score: float | None = None
 
 
 @dataclass

@@ -379,9 +379,15 @@ def test_allocators_choose_per_structure_when_widths_are_free():
     report = prunekit.prune(model, structured(0.4, uniform=False), importance="wanda", allocator="owl",
                             calibration=calibration_for("llama"), progress=False)
     assert report.exact and report.size["uniform"] is False
-    assert "per-layer" not in report.size["reload"] or True
+    widths = {layer.mlp.up_proj.out_features for layer in model.model.layers}
+    heads = {layer.self_attn.q_proj.out_features for layer in model.model.layers}
+    if len(widths) > 1:  # the config holds one intermediate_size: only load_pruned can rebuild this
+        assert "different MLP widths" in report.size["reload"]
+    if len(heads) > 1:
+        assert "different head counts" in report.size["reload"]
+    assert len(widths) > 1 or len(heads) > 1 or report.size["reload"] == "from_pretrained"
     text = str(report)
-    assert "model.layers.1.mlp" in text and "parameters" in text
+    assert "model.layers.1.mlp" in text and "parameters ->" not in text and " -> " in text
 
 
 def test_torchvision_resnet():
@@ -458,3 +464,77 @@ def test_refit_is_least_squares_on_the_calibration_inputs():
     assert torch.allclose(down.weight.double(), expected, atol=1e-4)
     error = lambda v, cols: (inputs @ w.double().t() - inputs[:, cols] @ v.t()).norm()  # noqa: E731
     assert error(down.weight.double(), kept) < 0.8 * error(w.double()[:, kept], kept)  # the output moves less
+
+
+class FusedAttention(nn.Module):
+    """timm's Attention layout: one qkv Linear (q, k, v rows, each heads x head_dim), proj, num_heads, head_dim."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_dim = heads, dim // heads, dim
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.attn_dim))
+
+
+class FusedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.fc1, self.fc2 = FusedAttention(), nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+def test_fused_qkv_heads_are_cut_in_all_three_sections():
+    torch.manual_seed(0)
+    model = nn.Sequential(FusedBlock(), FusedBlock()).eval()
+    a = model[0].attn
+    qkv, bias, proj = a.qkv.weight.detach().clone(), a.qkv.bias.detach().clone(), a.proj.weight.detach().clone()
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(2))
+    prunekit.prune(model, structured(0.3), importance="magnitude", calibration=[{"input": x}], progress=False)
+    heads = a.num_heads
+    assert heads < 4 and a.qkv.out_features == 3 * heads * 4 and a.proj.in_features == heads * 4 == a.attn_dim
+    # the kept heads are the best by magnitude over their q, k, v rows and proj columns
+    score = qkv.abs().view(3, 4, 4, 16).sum((0, 2, 3)) + proj.abs().view(16, 4, 4).sum((0, 2))
+    kept = sorted(torch.argsort(score, descending=True)[:heads].tolist())
+    rows = torch.cat([torch.arange(s * 16 + h * 4, s * 16 + h * 4 + 4) for s in range(3) for h in kept])
+    assert torch.equal(a.qkv.weight, qkv[rows]) and torch.equal(a.qkv.bias, bias[rows])
+    cols = torch.cat([torch.arange(h * 4, h * 4 + 4) for h in kept])
+    assert torch.equal(a.proj.weight, proj[:, cols])
+    with torch.no_grad():  # attention of the kept heads, written out from the original weights
+        y = x @ qkv[rows].t() + bias[rows]
+        q, k, v = y.view(2, 5, 3, heads, 4).permute(2, 0, 3, 1, 4)
+        out = ((q @ k.transpose(-1, -2)) / 2).softmax(-1) @ v
+        expected = out.transpose(1, 2).reshape(2, 5, heads * 4) @ proj[:, cols].t() + a.proj.bias
+        assert torch.allclose(a(x), expected, atol=1e-5)
+
+
+def test_global_ranking_takes_the_cheapest_importance_per_cost_first():
+    from prunekit.allocation.global_rank import Global
+
+    scores = [torch.tensor([0.1, 0.2, 5.0]), torch.tensor([0.15, 0.3, 0.4])]
+    # equal costs: 0.1 (first), 0.15 (second), 0.2 (first) are the three least important units
+    assert Global().allocate_units(scores, [1.0, 1.0], [[0, 1, 2], [0, 1, 2]], 3.0) == [2, 1]
+    # the first structure's units cost 4 each: per cost 0.025, 0.05, 1.25 against 0.15, 0.3, 0.4
+    assert Global().allocate_units(scores, [4.0, 1.0], [[0, 1, 2], [0, 1, 2]], 9.0) == [2, 1]
+
+
+def test_global_allocation_differs_per_layer_and_meets_the_budget():
+    model = tiny("llama")
+    x = calibration_for("llama")
+    report = prunekit.prune(model, structured(0.4, uniform=False), importance="fisher", allocator="global",
+                            calibration=x, progress=False)
+    assert report.exact and len({(r.kind, r.removed) for r in report.structures}) > 2
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=x[:2]).logits).all()
+
+
+def test_input_statistics_do_not_apply_to_convolutions():
+    with pytest.raises(TargetError, match="importance 'wanda' read per-feature input statistics"):
+        prunekit.prune(cnn(), structured(0.3), importance="wanda", calibration=images(), progress=False)

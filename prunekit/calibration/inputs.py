@@ -115,3 +115,14 @@ def split_first(batches: list[dict[str, torch.Tensor]], rows: int) -> list[dict[
     head = {k: v[:rows] for k, v in first.items()}
     tail = {k: v[rows:] for k, v in first.items()}
     return [head, tail] + batches[1:]
+
+
+def summary(batches: list[dict[str, torch.Tensor]]) -> dict[str, int]:
+    """What a report says of the calibration data: batches, samples, and tokens (real ones, under an attention
+    mask); empty when there was none."""
+    if not batches:
+        return {}
+    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                 for b in batches if "input_ids" in b)
+    samples = sum(len(next(iter(b.values()))) for b in batches)
+    return {"batches": len(batches), "samples": samples, "tokens": tokens}

@@ -16,7 +16,7 @@ from torch import nn
 from ..allocation import Allocator
 from ..allocation.context import DenseModel
 from ..budget import Budget
-from ..calibration.inputs import as_batches
+from ..calibration.inputs import as_batches, summary as calibration_summary
 from ..calibration.runner import call_model, evaluating, full_pass, sequential
 from ..calibration.stats import Needs, empty_stats
 from ..errors import BudgetError, CalibrationError, PrunekitError, TargetError
@@ -117,19 +117,15 @@ def prune_structured(model: nn.Module, budget: Budget, estimator: Estimator, all
     flops = budget.metric == "flops"
     report_rows = [StructureRow(name=s.name, kind=s.kind, unit=s.unit, block=s.block, units=n, removed=r,
                                 target=x, unit_weights=s.unit_weights, unit_flops=c if flops else None,
-                                detail=s.describe(pick) if pick is not None else "",
-                                score=None)
+                                detail=s.describe(pick) if pick is not None else "")
                    for s, n, r, x, c, pick in zip(structures, units_before, removed, sparsities, costs, chosen)]
     layers = _layer_rows(targets, shapes, structures, units_before, removed, sparsities, rows if flops else None)
-    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                 for b in batches if "input_ids" in b)
-    samples = sum(len(next(iter(b.values()))) for b in batches)
     return PruneReport(model=type(model).__name__, importance=repr(estimator), allocator=repr(allocator),
                        granularity="structured", requested=budget.sparsity, metric=budget.metric, layers=layers,
                        seconds=seconds, measured=measured, structures=report_rows,
                        size={"params": [before[0], after[0]], "macs": [before[1], after[1]], "reload": reload,
                              "uniform": uniform},
-                       calibration={"batches": len(batches), "samples": samples, "tokens": tokens})
+                       calibration=calibration_summary(batches))
 
 
 def refitter(estimator: Estimator, budget: Budget) -> Estimator | None:
