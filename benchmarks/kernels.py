@@ -8,7 +8,8 @@ GPU grid: weights 4096x4096, 11008x4096 and 4096x11008 ([out, in], as q/o, gate/
 blocks. Peers in the same process, on the same inputs: cuBLAS dense (F.linear of the masked weight), PyTorch's BSR
 (torch.sparse_bsr_tensor @ dense) and, at 50%, 2:4 semi-structured sparsity (to_sparse_semi_structured) of a
 2:4-pruned weight of the same shape. GPU times are CUDA-graph replays of 20 calls timed with events (a plain event
-loop where a path cannot be captured), median of 5; CPU times are the median of at least 5 calls and 0.3 s.
+loop where a path cannot be captured), median of 5; CPU times are medians of the paths timed in turns, call by
+call, for at least 0.3 s each (prunekit.kernels.dispatch.timings), so that load from elsewhere hits all alike.
 Every output is checked against the dense product before it is timed. "auto" is what prunekit.kernels' dispatch
 picks for the layer (its own measurement) and the time of that pick in this run.
 
@@ -27,6 +28,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -81,16 +83,6 @@ def versions() -> dict:
     except ImportError:
         pass
     return out
-
-
-def time_cpu(fn) -> float:
-    fn()
-    times, start = [], time.perf_counter()
-    while len(times) < 5 or time.perf_counter() - start < 0.3:
-        clock = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - clock)
-    return statistics.median(times)
 
 
 def time_cuda(fn) -> tuple[float, str]:
@@ -157,7 +149,6 @@ def check(out: torch.Tensor, ref: torch.Tensor, name: str) -> None:
 def run(device: str, backend_name: str | None, quick: bool) -> list[dict]:
     dev = torch.device(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    timer = (lambda fn: time_cuda(fn)) if device == "cuda" else (lambda fn: (time_cpu(fn), "clock"))
     ours = None
     if device == "cuda":
         os.environ.setdefault("PRUNEKIT_JIT_CUDA", "1")
@@ -190,24 +181,42 @@ def run(device: str, backend_name: str | None, quick: bool) -> list[dict]:
                              "torch": lambda: block_sparse_linear(x, values, layout, None, backends.get("torch"))}
                     if ours:
                         paths[ours] = lambda: block_sparse_linear(x, values, layout, None, backends.get(ours))
-                    for name, fn in paths.items():
-                        try:
-                            with torch.no_grad():
-                                check(fn(), ref, name)
-                                row["seconds"][name], row["timing"][name] = timer(fn)
-                        except Exception as e:  # noqa: BLE001 - a peer that cannot run this point is reported
-                            row["errors"][name] = f"{type(e).__name__}: {str(e)[:200]}"
+                    measure(paths, ref, row, dev)
                     with torch.no_grad():
                         row["auto"] = bsr.choose(x)
+                    problem = dispatch.Problem.of("bsr", (out_f, in_f), block, layout.density, dtype, dev, rows)
+                    row["auto_measured"] = dispatch.decisions()[problem].seconds  # what the dispatch itself saw
                     results.append(row)
                     print(summary_line(row), flush=True)
                 del bsr, values, masked, keep
         if device == "cuda" and not quick:
-            results.extend(two_four(weight, inputs, timer))
+            results.extend(two_four(weight, inputs))
     return results
 
 
-def two_four(weight: torch.Tensor, inputs: dict, timer) -> list[dict]:
+def measure(paths: dict, ref: torch.Tensor, row: dict, device: torch.device) -> None:
+    """Checks every path against the dense product, then times those that pass into row["seconds"]: on a GPU each
+    alone (CUDA graphs), on the CPU in turns call by call (dispatch.timings), at least 0.3 s each."""
+    ok = {}
+    for name, fn in paths.items():
+        try:
+            with torch.no_grad():
+                check(fn(), ref, name)
+            ok[name] = fn
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run this point is reported
+            row["errors"][name] = f"{type(e).__name__}: {str(e)[:200]}"
+    with torch.no_grad():
+        if device.type == "cuda":
+            for name, fn in ok.items():
+                row["seconds"][name], row["timing"][name] = time_cuda(fn)
+        else:
+            seconds, errors = dispatch.timings(ok, device, min_seconds=0.3, max_rounds=200)
+            row["seconds"].update(seconds)
+            row["errors"].update(errors)
+            row["timing"] = {name: "clock, in turns" for name in seconds}
+
+
+def two_four(weight: torch.Tensor, inputs: dict) -> list[dict]:
     """2:4 semi-structured at 50% on the same shape and inputs, against the dense product of that weight."""
     from prunekit.kernels import SemiStructuredLinear
 
@@ -222,13 +231,8 @@ def two_four(weight: torch.Tensor, inputs: dict, timer) -> list[dict]:
     for rows, x in inputs.items():
         row = {"shape": [out_f, in_f], "block": "2:4", "sparsity": 0.5, "rows": rows, "dtype": "bfloat16",
                "seconds": {}, "timing": {}, "errors": {}}
-        for name, fn in {"dense": lambda: F.linear(x, masked), "semi_structured": lambda: layer(x)}.items():
-            try:
-                with torch.no_grad():
-                    check(fn(), F.linear(x, masked), name)
-                    row["seconds"][name], row["timing"][name] = timer(fn)
-            except Exception as e:  # noqa: BLE001
-                row["errors"][name] = f"{type(e).__name__}: {str(e)[:200]}"
+        measure({"dense": lambda: F.linear(x, masked), "semi_structured": lambda: layer(x)}, F.linear(x, masked), row,
+                weight.device)
         rows_out.append(row)
         print(summary_line(row), flush=True)
     return rows_out
@@ -269,11 +273,12 @@ def markdown(doc: dict) -> str:
     lines = [f"# Block-sparse kernels ({doc['device']})", "", f"Command: `{doc['command']}`  ", f"Machine: {where}  ",
              f"Load average (1/5/15 min) before: {m['load_before']}, after: {m.get('load_after')}  ",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()) + "  ",
-             f"Date: {doc['date']}", "",
+             f"Date: {doc['date']}", ""] + ([doc["note"], ""] if doc.get("note") else []) + [
              "Speedup = dense time / path time on the same inputs (higher is better; < 1 is slower than dense). "
              "auto: the path prunekit.kernels' dispatch picks (its own measurement, margin "
              f"{doc['dispatch']['margin']}), and that path's speedup in this run.", "",
-             "GPU times: CUDA-graph replays (see the JSON's timing field), CPU times: median wall clock. The CPU "
+             "GPU times: CUDA-graph replays (see the JSON's timing field); CPU times: medians of the paths timed in "
+             "turns, call by call, for at least 0.3 s each. The CPU "
              "rows are fp32: PyTorch's BSR matmul on the CPU (MKL) takes no fp16/bf16, and the CUDA kernels do not "
              "run there.", ""]
     ours = doc.get("ours")
@@ -307,6 +312,7 @@ def plot(doc: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows_list = sorted({r["rows"] for r in doc["results"]})
     fig, axes = plt.subplots(1, len(rows_list), figsize=(4.5 * len(rows_list), 3.8), squeeze=False,
@@ -329,6 +335,8 @@ def plot(doc: dict, path: Path) -> None:
             xs = [s for s in SPARSITIES]
             ax.plot(xs, [0.8 / (1 - s) for s in xs], ":", color="0.4", label="target 0.8/(1-s)")
         ax.set(title=f"{rows} rows", xlabel="block sparsity", ylabel="speedup over dense", yscale="log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0][0].legend(fontsize=6)
     where = doc["machine"].get("gpu", doc["machine"]["cpu"])
     fig.suptitle(f"block-sparse x dense, {doc['results'][0]['dtype']}, {where}", fontsize=9)
@@ -342,6 +350,7 @@ def main(argv=None) -> None:
     parser.add_argument("--backend", choices=["cuda_ext", "cupy"], help="our kernels through this launcher only")
     parser.add_argument("--quick", action="store_true", help="one shape, two row counts: a smoke run")
     parser.add_argument("--out", type=Path, help="results prefix (default benchmarks/results/kernels_<device>)")
+    parser.add_argument("--note", default="", help="a line for the results (what else the machine was doing)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 on a shared CPU, where a "
                         "second thread waits on whatever else holds the other core")
     args = parser.parse_args(argv)
@@ -354,10 +363,10 @@ def main(argv=None) -> None:
     results = run(args.device, args.backend, args.quick)
     info["load_after"] = load_average()
     ours = next((p for r in results for p in r["seconds"] if p in ("cuda_ext", "cupy")), None)
-    doc = {"device": args.device, "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+    doc = {"device": args.device, "command": "python " + shlex.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
            "machine": info, "versions": versions(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
                timespec="seconds"), "seconds": round(time.perf_counter() - start, 1), "ours": ours,
-           "dispatch": {"margin": dispatch.MARGIN}, "results": results}
+           "dispatch": {"margin": dispatch.MARGIN}, "note": args.note, "results": results}
     out = args.out or RESULTS / f"kernels_{args.device}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1))

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 MARGIN = 0.95  # sparse must take under 95% of dense's time
-MIN_SECONDS = 0.02  # timing per candidate: at least this long ...
+MIN_SECONDS = 0.05  # timing per candidate: at least this long ...
 MAX_REPEATS = 50  # ... and at most this many rounds after the warm-up
 
 
@@ -64,10 +64,13 @@ def measure(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - clock
 
 
-def timings(candidates: dict[str, Callable[[], object]], device: torch.device) -> tuple[dict, dict]:
-    """(median seconds per call, errors) per candidate. After one warm-up call each (which also triggers lazy
-    compilation), the candidates take turns call by call, so that a burst of load from elsewhere on the machine
-    slows all of them alike instead of whichever was being timed."""
+def timings(candidates: dict[str, Callable[[], object]], device: torch.device, min_seconds: float = MIN_SECONDS,
+            max_rounds: int = MAX_REPEATS) -> tuple[dict, dict]:
+    """(median seconds per call, errors) per candidate. After two warm-up calls each (first calls pay for lazy compilation
+    and first-use allocations; with one, a short measurement once saw PyTorch's BSR at 3x its settled time), the
+    candidates take turns call by call, so that a burst of load from elsewhere on the machine
+    slows all of them alike instead of whichever was being timed; at least 3 rounds, then until `min_seconds` per
+    candidate or `max_rounds`."""
     errors: dict[str, str] = {}
     samples: dict[str, list[float]] = {name: [] for name in candidates}
 
@@ -80,12 +83,13 @@ def timings(candidates: dict[str, Callable[[], object]], device: torch.device) -
             errors[name] = f"{type(e).__name__}: {e}"
             samples.pop(name)
 
-    for name, fn in candidates.items():
-        attempt(name, fn)
+    for _ in range(2):
+        for name in list(samples):
+            attempt(name, candidates[name])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     spent, rounds = 0.0, 0
-    while rounds < 3 or (spent < MIN_SECONDS * len(samples) and rounds < MAX_REPEATS):
+    while rounds < 3 or (spent < min_seconds * len(samples) and rounds < max_rounds):
         for name in list(samples):
             attempt(name, lambda: samples[name].append(measure(candidates[name], device)))
             spent += samples[name][-1] if name in samples else 0.0
