@@ -188,7 +188,6 @@ def run(device: str, backend_name: str | None, quick: bool) -> list[dict]:
                     row["auto_measured"] = dispatch.decisions()[problem].seconds  # what the dispatch itself saw
                     results.append(row)
                     print(summary_line(row), flush=True)
-                del bsr, values, masked, keep
         if device == "cuda" and not quick:
             results.extend(two_four(weight, inputs))
     return results

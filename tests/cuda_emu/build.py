@@ -8,8 +8,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import torch
-
 from prunekit.kernels import launch as plan
 from prunekit.kernels.native import Native
 from prunekit.kernels.sources import directory
