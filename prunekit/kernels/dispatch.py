@@ -118,6 +118,11 @@ def choose(problem: Problem, candidates: dict[str, Callable[[], object]], device
     return choice
 
 
+def known(problem: Problem) -> Choice | None:
+    """The choice made for `problem`, if it was measured (cheap: what every forward after the first asks)."""
+    return _cache.get(problem)
+
+
 def decisions() -> dict[Problem, Choice]:
     """Every measurement so far (for a look, or a report)."""
     return dict(_cache)

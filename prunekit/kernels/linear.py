@@ -128,12 +128,15 @@ class BlockSparseLinear(nn.Module):
 
     def choose(self, x: torch.Tensor) -> str:
         """The backend "auto" runs `x` on (measured the first time its problem is seen)."""
+        rows = x.numel() // self.in_features
+        density = self.values.shape[0] / (-(-self.out_features // self.block) * -(-self.in_features // self.block))
+        problem = dispatch.Problem.of("bsr", (self.out_features, self.in_features), self.block, density, x.dtype,
+                                      x.device, rows)
+        known = dispatch.known(problem)
+        if known is not None:  # the common case, every forward after the first of its batch-size bucket
+            return known.winner
         x2 = x.detach().reshape(-1, self.in_features).contiguous()
         layout = self.layout
-        problem = dispatch.Problem.of("bsr", (self.out_features, self.in_features), self.block, layout.density,
-                                      x.dtype, x.device, x2.shape[0])
-        if problem in dispatch.decisions():
-            return dispatch.decisions()[problem].winner
         values, bias = self.values.detach(), None if self.bias is None else self.bias.detach()
         dense = self.layout.scatter(values)
         candidates = {"dense": lambda: F.linear(x2, dense, bias)}
