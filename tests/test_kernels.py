@@ -83,8 +83,9 @@ def close(actual, expected, dtype):
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=TOL[dtype], atol=TOL[dtype])
 
 
-# Ragged both ways with vector loads up to the edge (in a multiple of 8), and an odd input width (scalar loads).
-SHAPES = [(lambda b: (2 * b + 5, 3 * b - 8)), (lambda b: (b, 2 * b + 3))]
+# Ragged both ways with vector loads up to the edge (in a multiple of 8), an odd input width (scalar loads), and
+# block rows of up to 20 blocks (more than the skinny kernel's 8 warps, so each warp adds several blocks).
+SHAPES = [(lambda b: (2 * b + 5, 3 * b - 8)), (lambda b: (b, 2 * b + 3)), (lambda b: (b + 1, 20 * b))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -108,17 +109,18 @@ def test_forward_matches_masked_dense_matmul(runner, dtype, b):
 def test_backward_matches_autograd_of_the_dense_reference(runner, dtype, b):
     backend, device = runner
     skip_unless_supported(backend, device, dtype, b)
-    out_f, in_f = SHAPES[0](b)
-    weight, keep, layout, values = problem(out_f, in_f, b, dtype, device)
-    for rows in (5, 70):  # one and two row tiles of the dW kernels (64 rows per step for tensor cores)
-        x = strided(rows, in_f, dtype, device, seed=rows)
-        dy = strided(rows, out_f, dtype, device, seed=rows + 1)
-        w = (weight.double() * keep).to(device).requires_grad_()
-        xd = x.double().requires_grad_()
-        (xd @ w.t()).backward(dy.double())
-        close(backend.grad_input(dy, values, layout), xd.grad, dtype)
-        # every entry of a stored block, kept or not (the module masks the rest): gather of the dense gradient
-        close(backend.grad_values(dy, x, layout, values), layout.gather(w.grad.cpu()).to(device), dtype)
+    # ragged both ways; and 20 block rows, so that dX's transposed listing has many blocks per block column
+    for out_f, in_f in (SHAPES[0](b), (20 * b, b + 3)):
+        weight, keep, layout, values = problem(out_f, in_f, b, dtype, device)
+        for rows in (5, 70):  # one and two row tiles of the dW kernels (64 rows per step for tensor cores)
+            x = strided(rows, in_f, dtype, device, seed=rows)
+            dy = strided(rows, out_f, dtype, device, seed=rows + 1)
+            w = (weight.double() * keep).to(device).requires_grad_()
+            xd = x.double().requires_grad_()
+            (xd @ w.t()).backward(dy.double())
+            close(backend.grad_input(dy, values, layout), xd.grad, dtype)
+            # every entry of a stored block, kept or not (the module masks the rest): gather of the dense gradient
+            close(backend.grad_values(dy, x, layout, values), layout.gather(w.grad.cpu()).to(device), dtype)
 
 
 def test_module_trains_only_kept_weights_and_matches_dense(runner):
