@@ -9,7 +9,9 @@ prunekit.prune call; encoder: prunekit.score plus choosing groups). Peak MiB: th
 that call above what was resident before it (the model, the data): Linux's peak counter is reset right before.
 
 SmolLM2: 64 x 512 calibration windows (random.Random(0)), perplexity on the first 32 x 512 eval windows, every
-decoder Linear pruned to 50% by prunekit.prune with the estimator and the uniform allocator.
+decoder Linear pruned to 50% by prunekit.prune with the estimator and the uniform allocator. "lrp+magnitude_qk"
+follows LRP's docstring: under the AH-rule the query and key projections get no relevance, so they are pruned by
+magnitude and every other layer by LRP.
 
 MiniLM: 128 (first sentence, second sentence) pairs of calibration articles calibrate; the loss the gradient
 estimators need is the in-batch contrastive loss the model was trained with (sentence-transformers'
@@ -36,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from llm_quality import RESULTS, commit, header  # noqa: E402
 
 LLM_ESTIMATORS = ["magnitude", "wanda", "sparsegpt", "fisher", "hutchinson", "zeroth_order", "beta_rank", "lrp",
-                  "mask_sparsity"]
+                  "lrp+magnitude_qk", "mask_sparsity"]
+QK = r"self_attn\.(q|k)_proj$"  # what the AH-rule gives no relevance: "lrp+magnitude_qk" prunes them by magnitude
 ENCODER_ESTIMATORS = ["magnitude", "wanda", "sparsegpt", "fisher", "structural_hessian", "hutchinson",
                       "zeroth_order", "beta_rank", "lrp", "mask_sparsity"]
 HEADS, HEAD_DIM, CHANNELS = 12, 32, 1536
@@ -79,10 +82,18 @@ def llm_worker(name: str) -> dict:
     eval_windows = data.eval_windows(tokenizer, 32, 512)
     base = peak_reset()
     start = time.perf_counter()
-    report = prunekit.prune(model, 0.5, importance=estimator(name), calibration=windows, progress=False)
+    if name == "lrp+magnitude_qk":  # LRP's own advice for the layers it cannot score (see its docstring)
+        reports = [prunekit.prune(model, prunekit.Budget(sparsity=0.5, exclude=QK), importance=estimator("lrp"),
+                                  calibration=windows, progress=False),
+                   prunekit.prune(model, prunekit.Budget(sparsity=0.5, include=QK), importance="magnitude",
+                                  progress=False)]
+    else:
+        reports = [prunekit.prune(model, 0.5, importance=estimator(name), calibration=windows, progress=False)]
     seconds = time.perf_counter() - start
     peak = _status("VmHWM:") - base
-    return {"part": "llm", "estimator": name, "seconds": seconds, "peak_mib": peak, "sparsity": report.sparsity,
+    rows = [row for report in reports for row in report.layers]
+    sparsity = sum(row.pruned for row in rows) / sum(row.shape[0] * row.shape[1] for row in rows)
+    return {"part": "llm", "estimator": name, "seconds": seconds, "peak_mib": peak, "sparsity": sparsity,
             "perplexity": perplexity(model, eval_windows, progress=False)}
 
 
