@@ -36,7 +36,7 @@ def attach(module: nn.Module, keep: torch.Tensor, param: str = "weight") -> None
         module.__dict__[_PARAM] = param
     module.register_buffer(BUFFER, keep.to(device=weight.device, dtype=torch.bool), persistent=False)
     with torch.no_grad():
-        weight.mul_(module.prune_mask)
+        _zero_pruned(weight, module.prune_mask)
     _link(module)
     module.register_forward_pre_hook(_relink)
     _ensure_step_hook()
@@ -78,7 +78,13 @@ def _relink(module: nn.Module, args) -> None:
 
 def _mask_grad(owner, grad: torch.Tensor) -> torch.Tensor:
     module = owner()
-    return grad * module.prune_mask if module is not None and BUFFER in module._buffers else grad
+    return grad.masked_fill(~module.prune_mask, 0) if module is not None and BUFFER in module._buffers else grad
+
+
+def _zero_pruned(tensor: torch.Tensor, keep: torch.Tensor) -> None:
+    # masked_fill, not a product with the mask: NaN * 0 is NaN, and an optimizer can put NaN or Inf in pruned entries
+    # (fp16 Adam's eps underflows where the gradient is zero)
+    tensor.masked_fill_(~keep, 0)
 
 
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -101,7 +107,7 @@ def _reapply(optimizer, args, kwargs) -> None:
                 owner = getattr(p, _OWNER, None)
                 module = owner() if owner is not None else None
                 if module is not None and BUFFER in module._buffers:
-                    p.mul_(module.prune_mask)
+                    _zero_pruned(p, module.prune_mask)
 
 
 def _ensure_step_hook() -> None:

@@ -86,3 +86,27 @@ def test_removed_masks_free_the_weights():
     train(model, x, torch.optim.SGD(model.parameters(), lr=0.1))
     revived = sum(int((model.get_submodule(n).weight[~k] != 0).sum()) for n, k in keeps.items())
     assert revived > 0
+
+
+def test_pruned_entries_return_to_zero_even_from_nan_and_inf():
+    # an optimizer can write NaN/Inf into pruned entries (fp16 Adam's eps underflows), and a gradient can hold them;
+    # NaN * 0 is NaN, so masking must overwrite rather than multiply
+    model = tiny("llama")
+    prunekit.prune(model, 0.5, importance="magnitude", progress=False)
+    name, keep = next(iter(prunekit.masks(model).items()))
+    weight = model.get_submodule(name).weight
+    upstream = torch.ones_like(weight).masked_fill(~keep, float("nan"))
+    (weight * upstream).sum().backward()
+    assert (weight.grad[~keep] == 0).all() and (weight.grad[keep] == 1).all()
+
+    optimizer = torch.optim.SGD([weight], lr=0.0)
+    pruned = (~keep).nonzero()[:2]
+
+    def poison(*_):
+        with torch.no_grad():
+            weight[tuple(pruned[0])] = float("nan")
+            weight[tuple(pruned[1])] = float("inf")
+
+    optimizer.register_step_pre_hook(poison)
+    optimizer.step()
+    assert (weight[~keep] == 0).all()
