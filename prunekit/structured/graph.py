@@ -165,9 +165,10 @@ def _check_known(blocks: list[nn.Module], names: dict, handled: set) -> None:
                 continue
             matrix = next((k for k, p in module._parameters.items() if p is not None and p.dim() >= 2), None)
             if matrix is not None:
-                raise TargetError(f"{names[module]}.{matrix} is a weight of {_qualname(module)}, a layer Torch-Pruning's "
-                                  f"dependency graph does not know how to cut; register a pruner for that class with "
-                                  f"{HOOK}({type(module).__name__}, pruner) (a torch_pruning BasePruningFunc)")
+                raise TargetError(f"{names[module]}.{matrix} is a weight of {_qualname(module)}, a layer "
+                                  f"Torch-Pruning's dependency graph does not know how to cut; register a pruner for "
+                                  f"that class with {HOOK}({type(module).__name__}, pruner) (a torch_pruning "
+                                  f"BasePruningFunc)")
 
 
 def _qualname(module: nn.Module) -> str:

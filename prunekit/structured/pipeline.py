@@ -279,7 +279,7 @@ def _touched(structures: list[Structure]) -> list[nn.Module]:
             found.update((item.dep.target.module, None) for item in s.group
                          if isinstance(item.dep.target.module, nn.Module))
         else:
-            found.update((m, None) for m in [s.attention.module, *s.attention.projections(), *s.attention.module.modules()])
+            found.update((m, None) for m in [*s.attention.projections(), *s.attention.module.modules()])
     return list(found)
 
 
