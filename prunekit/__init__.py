@@ -6,6 +6,7 @@ from .budget import Budget
 from .errors import BudgetError, CalibrationError, MaskMismatchError, PrunekitError, TargetError
 from .io import load_pruned, save_pruned
 from .masks import masks, remove_masks
+from .offload import load_offloaded
 from .report import LayerRow, PruneReport
 
 
@@ -20,5 +21,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["prune", "score", "Budget", "PruneReport", "LayerRow", "save_pruned", "load_pruned", "masks", "remove_masks",
-           "PrunekitError", "BudgetError", "CalibrationError", "TargetError", "MaskMismatchError"]
+__all__ = ["prune", "score", "Budget", "PruneReport", "LayerRow", "save_pruned", "load_pruned", "load_offloaded", "masks",
+           "remove_masks", "PrunekitError", "BudgetError", "CalibrationError", "TargetError", "MaskMismatchError"]

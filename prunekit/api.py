@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import masks
+from . import masks, offload
 from .allocation import ALLOCATORS, Allocator, exact_counts
 from .allocation.context import DenseModel
 from .budget import Budget, BudgetLike
@@ -41,7 +41,9 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
         a block on the dense block and then recomputes its outputs (the Wanda/SparseGPT reference code and
         llm-compressor), two passes per block but only one batch's activations alive at a time.
     device: where each block runs during calibration (e.g. "cuda") while the model stays where it is. Estimators
-        that score on the whole model (gradients, relevance, loss) run where the model is.
+        that score on the whole model (gradients, relevance, loss) run where the model is. A model loaded with
+        prunekit.load_offloaded(dir) keeps its blocks on disk: each is read when the runner reaches it and written
+        back pruned, so a model larger than memory prunes in about one block's memory.
     rollback: keep a CPU copy of each weight until pruning finishes, so that an error or an interrupt part way
         restores the model exactly; turn off when memory is too tight for one copy of the targeted weights.
 
@@ -54,6 +56,7 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
     budget = Budget.coerce(budget)
     estimator = ESTIMATORS.create(importance)
     allocator = ALLOCATORS.create(allocator)
+    offload.check_prunable(model, estimator, allocator, budget)
     if budget.structured:  # removes heads and channels: no masks, no sequential order (scored on the dense model)
         from .structured import prune_structured
 
@@ -160,7 +163,7 @@ def _check_plan(targets: list[Target], budget: Budget, estimator: Estimator, all
         if masks.BUFFER in t.module._buffers:
             raise TargetError(f"{t.name} is already pruned; prune the dense model, or prunekit.remove_masks(model) "
                               f"first to prune again on top of the zeros")
-        if not torch.isfinite(t.module.weight).all():
+        if not t.module.weight.is_meta and not torch.isfinite(t.module.weight).all():  # offloaded: checked on load
             raise TargetError(f"{t.name}.weight holds NaN or Inf; the model is broken before pruning")
 
 
@@ -177,7 +180,7 @@ def _prune_targets(model, targets, counts, nm, block, batches, estimator, order,
         masks.attach(t.module, t.to_native(keep))
         seconds[t] = time.perf_counter() - clock
 
-    with _transaction(targets, rollback):
+    with _transaction(model, targets, rollback):
         if estimator.needs == Needs.NONE:
             for t in tqdm(targets, desc=estimator.name, disable=not progress, unit="layer"):
                 prune_one(t, None)
@@ -209,12 +212,15 @@ def _prune_targets(model, targets, counts, nm, block, batches, estimator, order,
 
 
 @contextlib.contextmanager
-def _transaction(targets: list[Target], enabled: bool):
-    """On any exception (Ctrl-C included) restores every target's weight and removes its mask, then re-raises."""
-    backup = {t: t.module.weight.detach().to("cpu", copy=True) for t in targets} if enabled else {}
+def _transaction(model: nn.Module, targets: list[Target], enabled: bool):
+    """On any exception (Ctrl-C included) restores every target's weight and removes its mask, then re-raises.
+    An offloaded block needs no copy: its checkpoint is never written, so forgetting the changed blocks restores it."""
+    backup = {t: t.module.weight.detach().to("cpu", copy=True) for t in targets
+              if enabled and not t.module.weight.is_meta}
     try:
         yield
     except BaseException:
+        offload.rollback(model)
         for t, saved in backup.items():
             masks.detach(t.module)
             t.module.weight.data.copy_(saved)

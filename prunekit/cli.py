@@ -10,11 +10,20 @@ from pathlib import Path
 from .errors import PrunekitError
 
 
-def load_model(spec: str | None):
+def load_model(spec: str | None, offloaded: bool = False):
     """(model, tokenizer) from a Hugging Face id or directory, a pruned directory, a .gguf file, or None for the
-    bundled SmolLM2."""
+    bundled SmolLM2. offloaded: a local directory whose blocks stay on disk until used (prunekit.load_offloaded)."""
     from . import data, io
 
+    if offloaded:
+        if spec is None or not Path(spec).is_dir():
+            raise PrunekitError(f"--offload reads a local model directory with safetensors weights; got "
+                                f"{'the bundled SmolLM2 (GGUF)' if spec is None else repr(spec)}")
+        from transformers import AutoTokenizer
+
+        from .offload import load_offloaded
+
+        return load_offloaded(spec), AutoTokenizer.from_pretrained(spec)
     if spec is None:
         return data.load_smollm2()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -53,7 +62,9 @@ def cmd_prune(args) -> None:
     budget = _budget(args)  # a bad budget fails before the model loads
     prunekit.importance.ESTIMATORS.create(args.importance)
     prunekit.allocation.ALLOCATORS.create(args.allocator)
-    model, tokenizer = load_model(args.model)
+    if args.offload and not args.out:
+        raise PrunekitError("--offload keeps the pruned blocks on disk until they are saved; pass --out DIR")
+    model, tokenizer = load_model(args.model, args.offload)
     windows = data.eval_windows(tokenizer, args.eval_windows, args.seq_len) if args.eval_windows else None
     before = perplexity(model, windows) if windows is not None else None
     calibration = data.calibration_windows(tokenizer, args.calibration_windows, args.seq_len, args.seed)
@@ -65,9 +76,11 @@ def cmd_prune(args) -> None:
         print(f"\nperplexity on {args.eval_windows} x {args.seq_len} Wikipedia eval tokens: dense {before:.3f} -> "
               f"pruned {after:.3f} ({after / before:.3f}x)")
     if args.out:
+        evaluation = None if before is None else {"perplexity": after, "dense_perplexity": before,
+                                                  "eval_windows": args.eval_windows, "seq_len": args.seq_len}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out = prunekit.save_pruned(model, args.out, report, tokenizer)
+            out = prunekit.save_pruned(model, args.out, report, tokenizer, evaluation=evaluation)
         for w in caught:
             print(f"note: {w.message}")
         print(f"saved to {out}; load with prunekit.load_pruned({str(out)!r})")
@@ -77,7 +90,7 @@ def cmd_eval(args) -> None:
     from . import data
     from .evaluate import perplexity
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, args.offload)
     windows = data.eval_windows(tokenizer, args.eval_windows, args.seq_len)
     print(f"perplexity on {args.eval_windows} x {args.seq_len} Wikipedia eval tokens: {perplexity(model, windows):.3f}")
 
@@ -90,6 +103,10 @@ def cmd_report(args) -> None:
         print(f"== {name}\n{report}\n" if len(reports) > 1 else report)
     if args.plot:
         print(f"per-layer sparsity plot: {plot_sparsity(reports, args.plot)}")
+
+
+OFFLOAD_HELP = ("keep each block's weights on disk until it is used (a local safetensors directory): memory for one "
+                "block instead of the whole model")
 
 
 def main(argv=None) -> int:
@@ -115,12 +132,14 @@ def main(argv=None) -> int:
     p.add_argument("--calibration-windows", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="run each block here during calibration, e.g. cuda")
+    p.add_argument("--offload", action="store_true", help=OFFLOAD_HELP + "; needs --out")
     p.add_argument("--out", help="directory to save the pruned model in")
     protocol(p, 32)
     p.set_defaults(run=cmd_prune)
 
     p = sub.add_parser("eval", help="perplexity on the Wikipedia eval split (PROTOCOL.md)")
     p.add_argument("model", nargs="?", help="pruned directory, Hugging Face id or directory (default: bundled SmolLM2)")
+    p.add_argument("--offload", action="store_true", help=OFFLOAD_HELP)
     protocol(p, 32)
     p.set_defaults(run=cmd_eval)
 

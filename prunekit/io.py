@@ -47,31 +47,43 @@ def clear_gguf_marker(model: nn.Module) -> bool:
     return True
 
 
-def save_pruned(model: nn.Module, out_dir, report: PruneReport | None = None, tokenizer=None) -> Path:
+def save_pruned(model: nn.Module, out_dir, report: PruneReport | None = None, tokenizer=None,
+                evaluation: dict | None = None) -> Path:
     """Writes the model (save_pretrained for Hugging Face models, safetensors otherwise), its masks, the report
     and, if given, the tokenizer to out_dir.
 
     A structurally pruned model (report of a granularity="structured" prune) has no masks; its widths are recorded
     too, so that load_pruned rebuilds it when its config cannot say them (a head-pruned BERT, per-layer widths).
+    An offloaded model (prunekit.load_offloaded) is streamed block by block into a sharded checkpoint.
+    evaluation: measurements of the pruned model to keep beside the report ({"perplexity": 31.4, "dense": 13.1}),
+    which `prunekit report` plots against sparsity.
     """
-    found = masks.masks(model)
+    from . import offload
+
+    offloaded = offload.store(model)
+    found = offloaded.packed_masks(model) if offloaded is not None else {
+        name: (pack_bits(m.cpu()), list(m.shape)) for name, m in masks.masks(model).items()}
     structured = report is not None and bool(report.structures)
     if not found and not structured:
         raise PrunekitError("the model carries no prunekit masks; prune it with prunekit.prune first (a structurally "
                             "pruned model is saved with its report: save_pruned(model, dir, report))")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "save_pretrained"):
+    if offloaded is not None:
+        offloaded.save_weights(model, out)
+    elif hasattr(model, "save_pretrained"):
         if clear_gguf_marker(model):
             warnings.warn("cleared the model's GGUF quantization marker: its weights are dequantized float tensors "
                           "and are saved as such", stacklevel=2)
         model.save_pretrained(out)
     else:
         save_model(model, str(out / PLAIN_WEIGHTS))
-    save_file({name: pack_bits(m.cpu()) for name, m in found.items()}, str(out / MASK_FILE))
+    save_file({name: packed for name, (packed, _) in found.items()}, str(out / MASK_FILE))
     manifest = {"prunekit_version": __version__, "model_class": type(model).__name__,
-                "masks": {name: list(m.shape) for name, m in found.items()},
+                "masks": {name: shape for name, (_, shape) in found.items()},
                 "report": report.to_dict() if report is not None else None}
+    if evaluation:
+        manifest["evaluation"] = evaluation
     if structured:
         from .structured.shapes import record
 
@@ -134,7 +146,8 @@ def load_pruned(path, model: nn.Module | None = None, **from_pretrained_kwargs) 
     return model
 
 
-def _hf_class(path: Path, manifest: dict):
+def hf_class(path: Path, manifest: dict):
+    """(model class, config) of a saved Hugging Face directory, by its config's architectures."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(path)
@@ -146,14 +159,14 @@ def _hf_class(path: Path, manifest: dict):
 
 
 def _load_hf(path: Path, manifest: dict, kwargs: dict) -> nn.Module:
-    cls, _ = _hf_class(path, manifest)
+    cls, _ = hf_class(path, manifest)
     return cls.from_pretrained(path, **kwargs)
 
 
 def _build_hf(path: Path, manifest: dict) -> nn.Module:
     """A fresh model of the saved class and config (random weights, replaced next), in eval mode as from_pretrained
     returns it."""
-    cls, config = _hf_class(path, manifest)
+    cls, config = hf_class(path, manifest)
     return cls._from_config(config).eval()
 
 

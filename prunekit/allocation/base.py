@@ -27,6 +27,7 @@ class Allocator:
     # measurement only means something for unstructured masks (DP's distortion curves) says False.
     structured: ClassVar[bool] = True
     linear_inputs: ClassVar[bool] = False  # measures Linear input statistics (cannot read a convolution's)
+    offloadable: ClassVar[bool] = True  # measures one block at a time, so it runs on prunekit.load_offloaded models
     measured: list | None = None  # measurements to allocate from instead of measuring (see reuse)
 
     def measure(self, dense) -> list | None:

@@ -64,6 +64,7 @@ class ECoFLaP(Allocator):
     """
 
     needs_data = True
+    offloadable = False  # perturbs (or differentiates) weights inside whole-model passes
 
     def __init__(self, method: str = "zeroth", per: str = "block", max_sparsity: float | None = None,
                  samples: int = 4, noises: int = 2, eps: float = 1e-3, seed: int = 0, loss: Loss | None = None):

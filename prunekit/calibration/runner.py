@@ -5,7 +5,8 @@ the other arguments (attention masks, rotary embeddings...) each block receives.
 at a time on the captured activations: a consumer gathers statistics from a block and prunes it, either after
 a statistics pass (`BlockStep.run`, then an output pass) or layer by layer inside one pass
 (`BlockStep.run_layerwise`, see lockstep.py), and the runner feeds the pruned block's outputs to the next one.
-Only one block's activations are held at a time.
+Only one block's activations are held at a time, and for a model loaded with prunekit.load_offloaded only one
+block's weights: each is read from disk when its step begins and leaves when it ends.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import offload
 from ..errors import CalibrationError
 from .hooks import Stop, hooked
 from .inputs import token_mask
@@ -93,11 +95,12 @@ def capture(model: nn.Module, blocks: list[nn.Module], batches: list[dict], devi
     for i, block in enumerate(blocks):
         block.forward = recorder(i)
     try:
-        for current, batch in enumerate(batches):
-            try:
-                call_model(model, batch)
-            except Stop:
-                pass
+        with offload.paused(model):  # recorders need no weights: offloaded blocks stay on disk
+            for current, batch in enumerate(batches):
+                try:
+                    call_model(model, batch)
+                except Stop:
+                    pass
     finally:
         for block in blocks:
             del block.forward
@@ -204,7 +207,7 @@ def sequential(model: nn.Module, blocks: list[nn.Module], batches: list[dict], *
         masks = [None if (m := token_mask(b)) is None else m.to(device) for b in batches]
         for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress, unit="block")):
             last = i + 1 == len(blocks)
-            with on_device(block, device):
+            with offload.resident(block), on_device(block, device):  # an offloaded block is read from disk here
                 step = BlockStep(i, block, hidden, [per_batch[i] for per_batch in calls], masks)
                 yield step
                 if step.outputs is None and not last:  # nothing consumes the last block's outputs

@@ -1,0 +1,435 @@
+"""Offloaded models: each block's weights stay on disk until the block-by-block runner reaches it.
+
+`load_offloaded(path)` builds a Hugging Face model from a directory of safetensors weights with the parameters of its
+blocks (decoder layers, ViT blocks) on the meta device, which holds no memory, and everything else (embeddings,
+final norm, head) loaded. A block's weights are read from the memory-mapped safetensors only while it is resident:
+
+- during the runner's step for it (`resident`, which `calibration.runner.sequential` enters for every block), and
+- during one forward of it (forward hooks), so whole-model passes (perplexity, an allocator's measurement) hold one
+  block at a time too.
+
+A block whose weights or masks changed while resident (it was pruned) is written to a scratch directory when it
+leaves, and read from there afterwards; `save_pruned` then streams the blocks into the output directory one by one.
+Peak memory is about one block's weights plus the activations the runner holds, whatever the model's size. The
+checkpoint itself is never written to, so a failure part way through pruning is undone by forgetting the scratch
+files (`rollback`).
+
+Memory freed when a block leaves must go back to the operating system, or the process still grows by a block per
+block: glibc's malloc raises its mmap threshold after large frees and then keeps later buffers on its heap, which it
+rarely returns. So loading an offloaded model fixes that threshold (at 1 MiB, as if it were never raised), and
+releasing a block trims the heap (`_return_freed_memory`; nothing happens where the C library is not glibc).
+Measured on a 0.93 GB Llama of 16 blocks pruned with Wanda: peak 1.0 GB with glibc's defaults, 0.63 GB with these
+(0.49 GB of it torch and transformers themselves).
+
+Forward only: a backward pass needs every block's weights at once, so estimators that take gradients, relevance or
+a training phase refuse offloaded models, as do allocators that perturb weights inside whole-model passes.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import json
+import shutil
+import tempfile
+import threading
+import weakref
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import masks
+from .errors import PrunekitError, TargetError
+from .targets import find_blocks
+
+ATTR = "_prunekit_offload"
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_FORMAT = {"format": "pt"}  # from_pretrained refuses safetensors files without it
+
+
+class Checkpoint:
+    """Which safetensors file holds each tensor of a checkpoint directory (one file, or shards and their index)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if (path / INDEX).is_file():
+            weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+            self.files = {key: path / name for key, name in weight_map.items()}
+        elif (path / SINGLE).is_file():
+            with safe_open(str(path / SINGLE), "pt") as f:
+                self.files = dict.fromkeys(f.keys(), path / SINGLE)
+        else:
+            found = sorted(p.name for p in path.glob("*.bin")) or sorted(p.name for p in path.iterdir())[:5]
+            raise PrunekitError(f"{path} holds no safetensors weights ({SINGLE} or {INDEX}; found {found}), which "
+                                f"offloading memory-maps; re-save the model with save_pretrained(dir)")
+
+    def read(self, keys) -> dict[str, torch.Tensor]:
+        """The tensors, memory-mapped (copy-on-write: pages are read when touched, and writes stay in memory)."""
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.files[key], []).append(key)
+        out = {}
+        for file, names in by_file.items():
+            with safe_open(str(file), "pt") as f:
+                out.update((key, f.get_tensor(key)) for key in names)
+        return out
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every parameter created inside goes to the meta device as soon as it is registered (so initialising it costs
+    nothing); buffers stay real, since non-persistent ones (rotary frequencies) are not in the checkpoint."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """glibc, or None (another C library, or none found)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def _keep_large_buffers_mapped() -> None:
+    """Buffers of 1 MiB and more get their own mapping, returned to the system when freed (see module docstring)."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+def _return_freed_memory() -> None:
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _set_param(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    old = owner._parameters[leaf]
+    owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+
+
+class Offload:
+    """The blocks of one offloaded model: where their weights are, which are resident, what changed."""
+
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint, prefix: str, blocks: list[nn.Module], dtype,
+                 saved_masks: dict[str, list[int]], scratch: Path | None):
+        self.checkpoint, self.prefix, self.blocks, self.dtype = checkpoint, prefix, blocks, dtype
+        self.names = [f"{prefix}.{i}." for i in range(len(blocks))]
+        self.saved_masks = saved_masks  # module name -> shape, of a pruned directory's masks (read per block)
+        self.changed: set[int] = set()  # blocks whose current weights live in the scratch directory
+        self._count = [0] * len(blocks)
+        self._snapshot: dict[int, tuple] = {}
+        self._generation = 0  # bumped by rollback: a block resident across it is dropped, not written
+        self._lock = threading.RLock()
+        self.paused = False
+        if scratch is None:
+            scratch = Path(tempfile.mkdtemp(prefix="prunekit-offload-"))
+            weakref.finalize(self, shutil.rmtree, str(scratch), True)
+        self.scratch = Path(scratch)
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        for i, block in enumerate(blocks):
+            block.__dict__[ATTR] = (self, i)
+            block.register_forward_pre_hook(lambda m, args, i=i: None if self.paused else self.acquire(i))
+            block.register_forward_hook(lambda m, args, out, i=i: None if self.paused else self.release(i),
+                                        always_call=True)
+
+    # -- files
+    def _params_file(self, i: int) -> Path:
+        return self.scratch / f"block-{i:05d}.safetensors"
+
+    def _masks_file(self, i: int) -> Path:
+        return self.scratch / f"block-{i:05d}.masks.safetensors"
+
+    def block_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        """Block i's parameters by full name, as they are now (memory-mapped from the scratch file or checkpoint)."""
+        names = [self.names[i] + n for n, _ in self.blocks[i].named_parameters()]
+        if i in self.changed:
+            with safe_open(str(self._params_file(i)), "pt") as f:
+                return {name: f.get_tensor(name) for name in names}
+        missing = [n for n in names if n not in self.checkpoint.files]
+        if missing:
+            raise PrunekitError(f"the checkpoint at {self.checkpoint.path} lacks {missing[0]} (and {len(missing) - 1} "
+                                f"more of block {i}); is it a checkpoint of this architecture?")
+        return self.checkpoint.read(names)
+
+    def block_masks(self, i: int) -> dict[str, tuple[torch.Tensor, list[int]]]:
+        """Block i's masks as (packed bits, shape) by module name."""
+        from .io import MASK_FILE
+
+        if i in self.changed:
+            with safe_open(str(self._masks_file(i)), "pt") as f:
+                shapes = json.loads(f.metadata()["shapes"])
+                return {name: (f.get_tensor(name), shape) for name, shape in shapes.items()}
+        ours = {n: s for n, s in self.saved_masks.items() if n.startswith(self.names[i])}
+        if not ours:
+            return {}
+        with safe_open(str(self.checkpoint.path / MASK_FILE), "pt") as f:
+            return {name: (f.get_tensor(name), shape) for name, shape in ours.items()}
+
+    # -- residency
+    def acquire(self, i: int) -> None:
+        """Makes block i resident (reads its weights and re-attaches its masks on the first of nested calls)."""
+        from .io import unpack_bits
+
+        with self._lock:
+            self._count[i] += 1
+            if self._count[i] > 1:
+                return
+            try:
+                block, prefix = self.blocks[i], self.names[i]
+                for name, tensor in self.block_tensors(i).items():
+                    if self.dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(self.dtype)
+                    _set_param(block, name[len(prefix):], tensor)
+                for name, (packed, shape) in self.block_masks(i).items():
+                    masks.attach(block.get_submodule(name[len(prefix):]), unpack_bits(packed, shape))
+                bad = [n for n, p in block.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+                if bad:
+                    raise TargetError(f"{prefix}{bad[0]} holds NaN or Inf; the model is broken before pruning")
+            except BaseException:
+                self._count[i] = 1
+                self._drop(i)
+                raise
+            self._snapshot[i] = self._state(i)
+
+    def release(self, i: int) -> None:
+        """Ends one residency of block i; the last one writes it to scratch if it changed, then frees it."""
+        with self._lock:
+            self._count[i] -= 1
+            if self._count[i] > 0:
+                return
+            generation, before = self._snapshot.pop(i, (None, None))
+            state = self._state(i)
+            if generation == self._generation and state[1] != before:
+                self._write(i)
+            self._drop(i)
+
+    def _state(self, i: int) -> tuple:
+        """(generation, what a change would alter): parameter version counters (in-place updates, masks zeroing
+        pruned entries) and the identity of every mask buffer."""
+        block = self.blocks[i]
+        return self._generation, (tuple(p._version for p in block.parameters()),
+                                  tuple(id(m._buffers[masks.BUFFER]) for m in block.modules()
+                                        if masks.BUFFER in m._buffers))
+
+    def _write(self, i: int) -> None:
+        from .io import pack_bits
+
+        block, prefix = self.blocks[i], self.names[i]
+        found = {prefix + name: m.prune_mask for name, m in block.named_modules() if masks.BUFFER in m._buffers}
+        save_file({prefix + n: p.detach().cpu().contiguous() for n, p in block.named_parameters()},
+                  str(self._params_file(i)), metadata=_FORMAT)
+        save_file({n: pack_bits(k.cpu()) for n, k in found.items()}, str(self._masks_file(i)),
+                  metadata={"shapes": json.dumps({n: list(k.shape) for n, k in found.items()})})
+        self.changed.add(i)
+
+    def _drop(self, i: int) -> None:
+        self._count[i] = 0
+        block = self.blocks[i]
+        for module in block.modules():
+            if masks.BUFFER in module._buffers:
+                masks.detach(module)
+        for name, p in list(block.named_parameters()):
+            _set_param(block, name, torch.empty_like(p, device="meta"))
+        _return_freed_memory()
+
+    def rollback(self) -> None:
+        """Forgets every change since loading: blocks read from the checkpoint again, resident ones are dropped
+        unwritten when they leave."""
+        with self._lock:
+            self._generation += 1
+            for i in self.changed:
+                self._params_file(i).unlink(missing_ok=True)
+                self._masks_file(i).unlink(missing_ok=True)
+            self.changed.clear()
+
+    def is_resident(self, i: int) -> bool:
+        return self._count[i] > 0
+
+    # -- saving
+    def packed_masks(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, list[int]]]:
+        """Every mask of the model, packed, block by block (and those of resident layers outside the blocks)."""
+        from .io import pack_bits
+
+        found = {}
+        for i in range(len(self.blocks)):
+            found.update(self.block_masks(i))
+        inside = tuple(self.names)
+        for name, keep in masks.masks(model).items():
+            if not name.startswith(inside):
+                found[name] = (pack_bits(keep.cpu()), list(keep.shape))
+        return found
+
+    def save_weights(self, model: nn.Module, out: Path) -> None:
+        """The model as a sharded Hugging Face checkpoint: one shard per block, copied from scratch or streamed from
+        the checkpoint, and one for everything else; with its index and config."""
+        if out.resolve() == self.checkpoint.path.resolve():
+            raise PrunekitError(f"cannot save an offloaded model into the directory it is read from ({out}); "
+                                f"choose another output directory")
+        if any(self.is_resident(i) for i in range(len(self.blocks))):
+            raise PrunekitError("a block is still resident (inside a forward or a runner step); save afterwards")
+        model.config.save_pretrained(out)
+        if getattr(model, "generation_config", None) is not None:
+            with contextlib.suppress(ValueError):  # an invalid generation config is not the weights' business
+                model.generation_config.save_pretrained(out)
+        total = len(self.blocks) + 1
+        shard = lambda k: f"model-{k:05d}-of-{total:05d}.safetensors"  # noqa: E731
+        weight_map, size = {}, 0
+        rest, seen = {}, set()
+        for name, tensor in model.state_dict().items():
+            if name.startswith(tuple(self.names)) or tensor.is_meta or tensor.data_ptr() in seen:
+                continue  # blocks go in their own shards; a tied copy (lm_head = embeddings) is re-tied on load
+            seen.add(tensor.data_ptr())
+            rest[name] = tensor.detach().cpu().contiguous()
+        save_file(rest, str(out / shard(total)), metadata=_FORMAT)
+        weight_map.update(dict.fromkeys(rest, shard(total)))
+        size += sum(t.numel() * t.element_size() for t in rest.values())
+        from tqdm.auto import tqdm
+
+        for i in tqdm(range(len(self.blocks)), desc="saving blocks", unit="block", leave=False):
+            if i in self.changed:
+                shutil.copyfile(self._params_file(i), out / shard(i + 1))
+                tensors = self.block_tensors(i)
+            else:
+                tensors = self.block_tensors(i)
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / shard(i + 1)), metadata=_FORMAT)
+            weight_map.update(dict.fromkeys(tensors, shard(i + 1)))
+            size += sum(t.numel() * t.element_size() for t in tensors.values())
+            del tensors
+        (out / INDEX).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}, indent=1))
+
+
+def store(model: nn.Module) -> Offload | None:
+    """The model's Offload, if it was loaded with load_offloaded."""
+    return model.__dict__.get(ATTR)
+
+
+def resident(block: nn.Module):
+    """Context: the block's weights are in memory inside (a no-op for a block that is not offloaded)."""
+    found = block.__dict__.get(ATTR)
+    return _residency(*found) if found is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _residency(offload: Offload, i: int):
+    offload.acquire(i)
+    try:
+        yield
+    finally:
+        offload.release(i)
+
+
+@contextlib.contextmanager
+def paused(model: nn.Module):
+    """Blocks are not loaded by their forward hooks inside (the runner's capture pass replaces their forwards)."""
+    offload = store(model)
+    if offload is None:
+        yield
+        return
+    was, offload.paused = offload.paused, True
+    try:
+        yield
+    finally:
+        offload.paused = was
+
+
+def rollback(model: nn.Module) -> None:
+    offload = store(model)
+    if offload is not None:
+        offload.rollback()
+
+
+def check_prunable(model: nn.Module, estimator, allocator, budget) -> None:
+    """Refuses, before anything changes, what cannot run one block at a time."""
+    offload = store(model)
+    if offload is None:
+        return
+    from .calibration.stats import Needs
+
+    if budget.structured:
+        raise PrunekitError("structured pruning changes shapes across the whole model at once; load the model in "
+                            "memory (from_pretrained) to prune it structurally")
+    if estimator.needs & Needs.WHOLE_MODEL:
+        raise PrunekitError(f"importance {estimator.name!r} gathers on the whole model at once (gradients, loss or "
+                            f"relevance), and an offloaded model holds one block at a time; use one the block runner "
+                            f"feeds (magnitude, wanda, sparsegpt), or load the model in memory")
+    if not getattr(allocator, "offloadable", True):
+        raise PrunekitError(f"allocator {allocator.name!r} perturbs weights inside whole-model passes, which an "
+                            f"offloaded model cannot hold; use uniform, owl or dp, or load the model in memory")
+    if offload.saved_masks:
+        raise TargetError(f"{offload.checkpoint.path} is already pruned; prune the dense model")
+
+
+def load_offloaded(path, dtype: torch.dtype | None = None, scratch=None) -> nn.Module:
+    """A Hugging Face model whose blocks stay on disk until used (see the module docstring), in eval mode.
+
+    path: a local directory with config.json and safetensors weights (save_pretrained's output, sharded or not),
+        or one written by save_pruned (its masks come back with each block).
+    dtype: cast floating-point weights to it as they are read; None keeps the stored dtypes.
+    scratch: directory for the blocks that change (default: a temporary one, removed with the model). It needs
+        room for the changed blocks, up to the model's size.
+
+    Then `prunekit.prune(model, ...)` prunes it block by block and `prunekit.save_pruned(model, out, report)`
+    streams the result into a sharded checkpoint that from_pretrained and load_pruned read as usual.
+    """
+    from .io import MANIFEST, MASK_FILE, hf_class
+
+    path = Path(path)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise PrunekitError(f"load_offloaded reads a local model directory with config.json and safetensors weights; "
+                            f"{str(path)!r} is not one (download the model first, e.g. with huggingface-cli)")
+    manifest = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).is_file() else {}
+    if manifest.get("structured"):
+        raise PrunekitError(f"{path} was pruned structurally; load it in memory with prunekit.load_pruned")
+    checkpoint = Checkpoint(path)
+    cls, config = hf_class(path, manifest)
+    _keep_large_buffers_mapped()
+    with _parameters_on_meta():
+        model = cls._from_config(config)
+    model.eval()
+    prefix, blocks = find_blocks(model)
+    if not prefix:
+        raise PrunekitError(f"{type(model).__name__} has no repeated blocks (a ModuleList of same-class layers) to "
+                            f"offload one at a time; load it in memory")
+    inside = tuple(f"{prefix}.{i}." for i in range(len(blocks)))
+    outside = [n for n, _ in model.named_parameters(remove_duplicate=False) if not n.startswith(inside)]
+    stored = [n for n in outside if n in checkpoint.files]
+    for name, tensor in checkpoint.read(stored).items():
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        _set_param(model, name, tensor.clone())  # resident for good: a private copy, not a mapping
+    buffers = [n for n, _ in model.named_buffers() if n in checkpoint.files and not n.startswith(inside)]
+    for name, tensor in checkpoint.read(buffers).items():
+        model.get_buffer(name).copy_(tensor)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(inside)]
+    if missing:
+        raise PrunekitError(f"the checkpoint at {path} lacks {', '.join(missing[:3])}; is it a checkpoint of "
+                            f"{type(model).__name__}?")
+    saved = manifest.get("masks", {}) if (path / MASK_FILE).is_file() else {}
+    model.__dict__[ATTR] = Offload(model, checkpoint, prefix, blocks, dtype, saved, scratch)
+    return model
