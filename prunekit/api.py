@@ -16,6 +16,7 @@ from .budget import Budget, BudgetLike
 from .calibration.inputs import as_batches, summary as calibration_summary
 from .calibration.runner import full_pass, sequential
 from .calibration.stats import LayerStats, Needs, empty_stats, gathered
+from .distributed import group_of
 from .errors import BudgetError, CalibrationError, PrunekitError, TargetError
 from .importance import ESTIMATORS, Estimator, Scores
 from .masking import check_block, check_nm
@@ -25,7 +26,7 @@ from .targets import Target, by_block, find_blocks, find_targets
 
 def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "wanda",
           allocator: str | Allocator = "uniform", calibration=None, *, order: str = "layer", device=None,
-          progress: bool = True, rollback: bool = True) -> PruneReport:
+          progress: bool = True, rollback: bool = True, distributed=False) -> PruneReport:
     """Prunes `model` in place to `budget` and returns the per-layer report.
 
     budget: a Budget, a fraction of the targeted weights to remove (0.5), or an N:M pattern ("2:4").
@@ -46,32 +47,37 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
         back pruned, so a model larger than memory prunes in about one block's memory.
     rollback: keep a CPU copy of each weight until pruning finishes, so that an error or an interrupt part way
         restores the model exactly; turn off when memory is too tight for one copy of the targeted weights.
+    distributed: True (torch.distributed's default group) or a process group: `calibration` is this rank's shard
+        (prunekit.distributed.shard), statistics are all-reduced before each layer is pruned, and every rank ends
+        with the masks one process would choose on all the shards in rank order (see prunekit.distributed).
 
     Everything is validated before the first weight changes. Masks stay on the model: pruned entries remain
     zero through later training until prunekit.remove_masks(model).
     """
     start = time.perf_counter()
-    if order not in ("layer", "block"):
-        raise PrunekitError(f"order must be 'layer' or 'block', got {order!r}")
-    budget = Budget.coerce(budget)
-    estimator = ESTIMATORS.create(importance)
-    allocator = ALLOCATORS.create(allocator)
-    offload.check_prunable(model, estimator, allocator, budget)
+    group = group_of(distributed)
+    error, checked = None, None
+    try:
+        checked = _checked_inputs(model, budget, importance, allocator, calibration, order, group)
+    except Exception as e:
+        if group is None:
+            raise
+        error = e
+    if group is not None:  # every rank learns of any rank's refusal, so none waits for it in a collective
+        group.settle(error, None if error is not None else _plan_of(*checked, order))
+    budget, estimator, allocator, targets, batches = checked
     if budget.structured:  # removes heads and channels: no masks, no sequential order (scored on the dense model)
         from .structured import prune_structured
 
         return prune_structured(model, budget, estimator, allocator, calibration, device, progress, rollback)
-    targets = find_targets(model, budget.include, budget.exclude)
-    _check_plan(targets, budget, estimator, allocator)
-    batches = _calibration(calibration, model, budget, estimator, allocator)
     seconds: dict[str, float] = {}
     with torch.no_grad():
         clock = time.perf_counter()
-        plan = _allocate(DenseModel(model, targets, batches, estimator, device, progress), budget, allocator)
+        plan = _allocate(DenseModel(model, targets, batches, estimator, device, progress, group), budget, allocator)
         seconds["allocation"] = time.perf_counter() - clock
         clock = time.perf_counter()
         timings = _prune_targets(model, targets, plan.counts, budget.nm, budget.block, batches, estimator, order,
-                                 device, progress, rollback)
+                                 device, progress, rollback, group)
         seconds["pruning"] = time.perf_counter() - clock
     seconds["total"] = time.perf_counter() - start
     layers = [LayerRow(name=t.name, shape=t.shape, target=sparsity, achieved=count / t.numel, pruned=count,
@@ -81,11 +87,51 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
     return PruneReport(model=type(model).__name__, importance=repr(estimator), allocator=repr(allocator),
                        granularity=_granularity(budget), requested=budget.sparsity, metric=budget.metric, layers=layers,
                        seconds=seconds, measured=plan.measured,
-                       calibration=calibration_summary(batches))
+                       calibration=_summary(batches, group))
+
+
+def _checked_inputs(model, budget, importance, allocator, calibration, order, group):
+    """(budget, estimator, allocator, targets, batches), everything validated; raises before anything changes."""
+    if order not in ("layer", "block"):
+        raise PrunekitError(f"order must be 'layer' or 'block', got {order!r}")
+    budget = Budget.coerce(budget)
+    estimator = ESTIMATORS.create(importance)
+    allocator = ALLOCATORS.create(allocator)
+    offload.check_prunable(model, estimator, allocator, budget)
+    if group is not None:
+        _check_distributed(budget, estimator)
+    if budget.structured:
+        return budget, estimator, allocator, None, None
+    targets = find_targets(model, budget.include, budget.exclude)
+    _check_plan(targets, budget, estimator, allocator)
+    batches = _calibration(calibration, model, budget, estimator, allocator)
+    return budget, estimator, allocator, targets, batches
+
+
+def _plan_of(budget, estimator, allocator, targets, batches, order) -> tuple:
+    """What every rank of a distributed prune must share."""
+    return (None if targets is None else [(t.name, t.shape) for t in targets], repr(budget), repr(estimator),
+            repr(allocator), order, bool(batches))
+
+
+def _check_distributed(budget: Budget, estimator: Estimator) -> None:
+    if budget.structured:
+        raise PrunekitError("structured pruning does not take distributed= yet; prune on one rank and broadcast the "
+                            "saved model")
+    if estimator.needs & Needs.WHOLE_MODEL:
+        raise PrunekitError(f"importance {estimator.name!r} gathers on the whole model (gradients, loss, relevance), "
+                            f"which distributed= does not reduce; with several ranks use an estimator the block runner "
+                            f"feeds (magnitude, wanda, sparsegpt), or run it on one rank")
+
+
+def _summary(batches: list[dict], group) -> dict[str, int]:
+    """The report's calibration summary, over every rank's shard."""
+    found = calibration_summary(batches)
+    return found if group is None else {k: int(group.sum_number(v)) for k, v in found.items()}
 
 
 def score(model: nn.Module, importance: str | Estimator = "wanda", calibration=None, *, include: str | None = None,
-          exclude: str | None = None, device=None, progress: bool = True) -> Scores:
+          exclude: str | None = None, device=None, progress: bool = True, distributed=False) -> Scores:
     """Measures importance on the dense model without changing it, for structured pruning, allocation or a look.
 
     Every target (the layers prune() would prune; include/exclude as in Budget) gets the statistics the estimator
@@ -95,12 +141,17 @@ def score(model: nn.Module, importance: str | Estimator = "wanda", calibration=N
         s = prunekit.score(model, "fisher", calibration=windows)
         s.groups("model.layers.0.self_attn.q_proj", size=64)   # one score per head of q_proj
         s.layers()                                             # {name: layer score}
+
+    distributed: as for prune, statistics summed over every rank's calibration shard.
     """
     estimator = ESTIMATORS.create(importance)
+    group = group_of(distributed)
+    if group is not None:
+        _check_distributed(Budget(sparsity=0.5), estimator)
     targets = find_targets(model, include, exclude)
     batches = _calibration(calibration, model, None, estimator, ALLOCATORS.create("uniform"))
     with torch.no_grad():
-        stats = DenseModel(model, targets, batches, estimator, device, progress).stats(estimator)
+        stats = DenseModel(model, targets, batches, estimator, device, progress, group).stats(estimator)
     return Scores(estimator, targets, stats)
 
 
@@ -121,8 +172,11 @@ def _allocate(dense: DenseModel, budget: Budget, allocator: Allocator) -> _Plan:
                      [1.0] * len(targets), None, None)
     # FLOPs per weight: measured when the budget is in FLOPs and there is data to measure it on
     rows = dense.rows() if budget.metric == "flops" and dense.batches else None
-    costs = [float(rows[t]) for t in targets] if rows else [1.0] * len(targets)
     measured = allocator.measured if allocator.measured is not None else allocator.measure(dense)
+    if dense.group is not None:  # what was measured on the first samples is rank 0's (reduced statistics agree)
+        rows, measured = dense.group.broadcast((None if rows is None else [rows[t] for t in targets], measured))
+        rows = None if rows is None else dict(zip(targets, rows))
+    costs = [float(rows[t]) for t in targets] if rows else [1.0] * len(targets)
     sparsities = allocator.allocate(sizes, costs, budget, measured)
     unit = budget.block[0] * budget.block[1] if budget.block else 1  # block budgets round in whole tiles
     return _Plan(sparsities, exact_counts(sizes, sparsities, budget, unit), costs, rows, measured)
@@ -167,8 +221,10 @@ def _check_plan(targets: list[Target], budget: Budget, estimator: Estimator, all
             raise TargetError(f"{t.name}.weight holds NaN or Inf; the model is broken before pruning")
 
 
-def _prune_targets(model, targets, counts, nm, block, batches, estimator, order, device, progress, rollback) -> dict:
-    """Prunes every target; sequentially block by block when the estimator needs data. Returns seconds per target."""
+def _prune_targets(model, targets, counts, nm, block, batches, estimator, order, device, progress, rollback,
+                   ranks=None) -> dict:
+    """Prunes every target; sequentially block by block when the estimator needs data. Returns seconds per target.
+    ranks: a prunekit.distributed.Group whose shards' statistics are summed before each layer is pruned."""
     count_of = dict(zip(targets, counts))
     seconds: dict[Target, float] = {}
 
@@ -196,18 +252,18 @@ def _prune_targets(model, targets, counts, nm, block, batches, estimator, order,
             group = groups.get(step.index, [])
             if group and order == "layer":
                 stats, target_of = empty_stats(group, estimator.needs, device), {t.module: t for t in group}
-                step.run_layerwise(stats, lambda m: prune_one(target_of[m], gathered(target_of[m], stats)))
+                step.run_layerwise(stats, lambda m: prune_one(target_of[m], gathered(target_of[m], stats, ranks)))
             rest = [t for t in group if t not in seconds]  # all of them in "block" order, or after a fallback
             if rest:
                 stats = empty_stats(rest, estimator.needs, device)
                 step.run(stats)
                 for t in rest:
-                    prune_one(t, gathered(t, stats))
+                    prune_one(t, gathered(t, stats, ranks))
         if outside:
             stats = empty_stats(outside, estimator.needs, None)
             full_pass(model, batches, stats)
             for t in outside:
-                prune_one(t, gathered(t, stats))
+                prune_one(t, gathered(t, stats, ranks))
     return seconds
 
 

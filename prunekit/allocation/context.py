@@ -22,6 +22,7 @@ class DenseModel:
     estimator: object
     device: object = None
     progress: bool = True
+    group: object = None  # prunekit.distributed.Group: statistics are summed over its ranks' shards
 
     def blocks(self, needs: Needs, desc: str, first_rows: int | None = None
                ) -> Iterator[tuple[BlockStep | None, list[Target], dict[Target, LayerStats]]]:
@@ -39,11 +40,11 @@ class DenseModel:
                 group = groups[step.index]
                 stats = empty_stats(group, needs, self.device)
                 step.run(stats, keep_outputs=True)
-                yield step, group, {t: gathered(t, stats) for t in group}
+                yield step, group, {t: gathered(t, stats, self.group) for t in group}
         if outside:
             stats = empty_stats(outside, needs)
             full_pass(self.model, self.batches, stats)
-            yield None, outside, {t: gathered(t, stats) for t in outside}
+            yield None, outside, {t: gathered(t, stats, self.group) for t in outside}
 
     def stats(self, estimator) -> dict:
         """{target module: what `estimator` needs for it}, all measured on the dense model: gathered by the

@@ -34,6 +34,7 @@ class LayerStats:
     def __init__(self, needs: Needs, in_features: int, device: torch.device | str = "cpu"):
         self.needs = needs
         self.count = 0
+        self.reduced = False  # summed over the ranks of a process group since the last update (see all_reduce)
         self.derived: dict = {}  # quantities estimators compute from these statistics; cleared by update()
         # X^T X; only its lower triangle (and the diagonal blocks) is accumulated (see `update`), read by `gram()`.
         self._xtx = torch.zeros(in_features, in_features, device=device) if Needs.HESSIAN in needs else None
@@ -41,6 +42,7 @@ class LayerStats:
 
     def update(self, x: torch.Tensor) -> None:
         self.derived.clear()
+        self.reduced = False
         x = x.reshape(-1, x.shape[-1]).float()
         self.count += x.shape[0]
         if self._xtx is None:
@@ -53,6 +55,16 @@ class LayerStats:
             d = x.shape[1]
             for i in range(0, d, _PANEL):
                 self._xtx[i:, i:i + _PANEL].addmm_(x[:, i:].t(), x[:, i:i + _PANEL])
+
+    def all_reduce(self, group) -> None:
+        """Adds the statistics of every rank of `group` (a prunekit.distributed.Group) into each, once: layers that
+        share one LayerStats (q, k and v) reduce it a single time."""
+        if self.reduced:
+            return
+        group.sum_([t for t in (self._xtx, self.sq) if t is not None])
+        self.count = int(group.sum_number(self.count))
+        self.derived.clear()
+        self.reduced = True
 
     def gram(self) -> torch.Tensor:
         """X^T X summed over every calibration token."""
@@ -77,9 +89,12 @@ def empty_stats(targets, needs: Needs, device=None) -> dict:
     return {t.module: LayerStats(needs, t.shape[1], device or next(t.module.parameters()).device) for t in targets}
 
 
-def gathered(target, stats: dict) -> LayerStats:
-    """The target's statistics after a pass, refusing a layer that no calibration token reached."""
+def gathered(target, stats: dict, group=None) -> LayerStats:
+    """The target's statistics after a pass (summed over the ranks of `group`, if given), refusing a layer that no
+    calibration token reached."""
     st = stats[target.module]
+    if group is not None:
+        st.all_reduce(group)
     if st.count == 0:
         raise CalibrationError(f"{target.name} received no calibration tokens (every token masked as padding?)")
     return st

@@ -13,6 +13,10 @@ or through `transformers.Trainer(model, ..., optimizers=(tuned.optimizer(lr=1e-4
 between steps (LIFT's mask refresh, IST's layer sampling) hangs on the optimizer's step hooks, so it runs in
 both without a callback.
 
+Data parallel: `prepare(model, method, distributed=True)` on every rank of a torch.distributed job; the optimizer
+then averages what trains over the ranks before every step, and the method takes its choices from every rank's data
+alike (see prunekit.distributed), so all ranks stay identical.
+
 Deltas are what training changed, in one of two forms per weight, so that one loader serves every method:
 sparse (`<param>.indices`, `<param>.values`: flat indices into the weight and the change there) and low-rank
 (`<param>.lora_A`, `<param>.lora_B`, `<param>.scale`: the change is scale · B @ A). `load_deltas(model, path)`
@@ -40,6 +44,7 @@ class Method:
 
     def __init__(self):
         self.model: nn.Module | None = None
+        self.group = None  # a prunekit.distributed.Group when the ranks of a data-parallel run train together
         self.steps = 0
         self._optimizer: torch.optim.Optimizer | None = None  # the one optimizer() built
 
@@ -71,6 +76,8 @@ class Method:
         if getattr(optimizer, "_prunekit_method", None) is self:
             return optimizer
         optimizer._prunekit_method = self
+        if self.group is not None:  # first of the pre-hooks: the method sees the averaged gradients
+            optimizer.register_step_pre_hook(lambda opt, *_: average_gradients(opt, self.group))
         optimizer.register_step_pre_hook(lambda *_: self.before_step())
         optimizer.register_step_post_hook(lambda *_: self._after())
         return optimizer
@@ -99,14 +106,35 @@ class Method:
 TUNERS: Registry[Method] = Registry("tuning method")
 
 
-def prepare(model: nn.Module, method: str | Method = "lift", **options) -> Method:
+def prepare(model: nn.Module, method: str | Method = "lift", *, distributed=False, **options) -> Method:
     """Sets `method` (a registered name with options, or an instance) up on `model` and returns it.
 
-    Validation comes first: a model the method cannot address, or bad options, raise before the model changes."""
+    Validation comes first: a model the method cannot address, or bad options, raise before the model changes.
+    distributed: True (torch.distributed's default group) or a process group, on every rank of a data-parallel run:
+    the method's optimizer averages gradients over the ranks and its choices agree across them."""
+    from ..distributed import group_of
+
+    group = group_of(distributed)
     tuner = TUNERS.create(method, **options)
     tuner.model = model
+    tuner.group = group
     tuner.attach(model)
     return tuner
+
+
+def average_gradients(optimizer: torch.optim.Optimizer, group) -> None:
+    """Averages over the ranks every gradient the optimizer's next step uses: a sparse selection's reduced gradient
+    (never the dense one of its weight), a plain parameter's .grad; one all-reduce per dtype and device."""
+    from .sparse import selection
+
+    grads = []
+    for param_group in optimizer.param_groups:
+        for p in param_group["params"]:
+            sel = selection(p)
+            grads.append(sel.grad if sel is not None else p.grad)
+    present = [g is not None for g in grads]
+    group.agree("which parameters have gradients this step", present)
+    group.mean_([g for g in grads if g is not None])
 
 
 def save_deltas(method: Method, path: str | Path) -> Path:

@@ -261,6 +261,8 @@ class IST(Method):
                     layer.scale_layer(self.factor)
                 try:
                     loss = self._loss(*batch)
+                    if self.group is not None:  # the loss over every rank's batch, so every rank's scores agree
+                        loss = self.group.sum_number(loss) / self.group.world
                 finally:
                     for layer, scaling in zip(suppressed, saved):
                         layer.scaling.update(scaling)  # exactly as before (no division by λ)

@@ -100,6 +100,8 @@ class LIFT(Method):
                                 f"exclude the smallest layers")
         indices = {t.name: self.principal(t.module) for t in tqdm(targets, desc="lift: principal weights",
                                                                    leave=False)}
+        if self.group is not None:  # the randomized SVD draws differ by rank: rank 0's choice for every rank
+            self.group.broadcast_(list(indices.values()))
         for p in model.parameters():
             p.requires_grad_(False)
         for t in targets:
@@ -118,8 +120,11 @@ class LIFT(Method):
 
     def refresh(self) -> None:
         """Chooses the principal weights again from the current weights (moments carry over where they stay)."""
-        for module in self.layers.values():
-            reselect(module.weight, self.principal(module), self._optimizer)
+        chosen = {name: self.principal(module) for name, module in self.layers.items()}
+        if self.group is not None:
+            self.group.broadcast_(list(chosen.values()))
+        for name, module in self.layers.items():
+            reselect(module.weight, chosen[name], self._optimizer)
 
     def deltas(self) -> dict[str, torch.Tensor]:
         out = {}

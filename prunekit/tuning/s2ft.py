@@ -181,7 +181,7 @@ class S2FT(Method):
             chosen[what] = {}
             for b, u in sorted(picked):
                 chosen[what].setdefault(b, []).append(u)
-        return chosen
+        return chosen if self.group is None else self.group.broadcast(chosen)  # scores differ by rank's data
 
     def _scores(self, model) -> dict[str, list[torch.Tensor]]:
         """what -> per block, a score per unit: the estimator's scores summed over the entries the unit trains."""

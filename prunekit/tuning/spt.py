@@ -354,6 +354,8 @@ class SPT(Method):
                                 f"targeted layers of {type(model).__name__}; pass budget <= {unpruned:,}"
                                 + ("" if self.budget is not None else " or a smaller rank"))
         scores = sensitivity(model, modules, self.batches, self.loss_fn, self.per_sample, self.progress)
+        if self.group is not None:  # sums of g² over every rank's samples (pruned entries stay -inf)
+            self.group.sum_(list(scores.values()))
         # keys as named in the native layout: Conv1D weights are [in, out]; the LoRA cost is symmetric
         self.allocation = allocate(scores, budget, self.rank, self.alpha)
         del scores
