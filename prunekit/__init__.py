@@ -5,7 +5,7 @@ from .api import prune, score
 from .budget import Budget
 from .errors import BudgetError, CalibrationError, MaskMismatchError, PrunekitError, TargetError
 from .io import load_pruned, save_pruned
-from .masks import masks, remove_masks
+from .masks import masks, pruned_nonzero, remove_masks
 from .offload import load_offloaded
 from .report import LayerRow, PruneReport
 
@@ -22,4 +22,4 @@ def __getattr__(name):
 
 
 __all__ = ["prune", "score", "Budget", "PruneReport", "LayerRow", "save_pruned", "load_pruned", "load_offloaded", "masks",
-           "remove_masks", "PrunekitError", "BudgetError", "CalibrationError", "TargetError", "MaskMismatchError"]
+           "pruned_nonzero", "remove_masks", "PrunekitError", "BudgetError", "CalibrationError", "TargetError", "MaskMismatchError"]

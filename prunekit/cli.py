@@ -150,12 +150,20 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    code = run(args.run, args)
+    if code == 0:
+        print(f"done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return code
+
+
+def run(function, *args, prog: str = "prunekit") -> int:
+    """function(*args), with prunekit's input errors printed as one line ("prog: error: ...") and exit status 2;
+    0 when it returns. The examples run their main through it too."""
     try:
-        args.run(args)
+        function(*args)
     except PrunekitError as e:
-        print(f"prunekit: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    print(f"done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return 0
 
 

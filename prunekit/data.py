@@ -51,6 +51,27 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     return model.eval(), tokenizer
 
 
+def digits(image_size: int = 16, channels: int = 1, test_share: float = 0.2, seed: int = 0):
+    """scikit-learn's handwritten digits (1,797 real 8x8 images of 0-9, shipped inside the package), upscaled
+    bilinearly to image_size x image_size, scaled to [-1, 1] and repeated to `channels` channels. Returns
+    ((train images, train labels), (test images, test labels)), the held-out test share drawn with `seed`."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise PrunekitError("the digits images come with scikit-learn: pip install scikit-learn "
+                            "(or prunekit[vision])") from None
+    found = load_digits()
+    images = torch.tensor(found.images, dtype=torch.float32).unsqueeze(1) / 16.0  # pixel values 0..16
+    images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bilinear",
+                                             align_corners=False)
+    images = (images * 2 - 1).repeat(1, channels, 1, 1)
+    labels = torch.tensor(found.target, dtype=torch.long)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    test = order[: round(len(labels) * test_share)]
+    train = order[round(len(labels) * test_share):]
+    return (images[train], labels[train]), (images[test], labels[test])
+
+
 def _package_file(package: str, rel: str, what: str) -> Path:
     spec = importlib.util.find_spec(package)
     path = Path(spec.submodule_search_locations[0]) / rel if spec and spec.submodule_search_locations else None

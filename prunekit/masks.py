@@ -46,7 +46,8 @@ def detach(module: nn.Module) -> None:
     """Removes the module's mask and hooks; the weights keep their zeros but may train again."""
     handle = module.__dict__.pop(_HANDLE, None)
     if _linked(module):  # a deep copy carries a handle that belongs to the original's weight: leave that alone
-        handle.remove()
+        if handle is not None:
+            handle.remove()
         delattr(_masked(module), _OWNER)
     module.__dict__.pop(_PARAM, None)
     for key, hook in list(module._forward_pre_hooks.items()):
@@ -68,11 +69,14 @@ def _link(module: nn.Module) -> None:
     owner = weakref.ref(module)
     param = _masked(module)
     setattr(param, _OWNER, owner)
-    module.__dict__[_HANDLE] = param.register_hook(functools.partial(_mask_grad, owner))
+    # A frozen weight gets no gradient (and register_hook refuses it): its hook comes with the first forward in which
+    # it trains (_relink).
+    module.__dict__[_HANDLE] = (param.register_hook(functools.partial(_mask_grad, owner)) if param.requires_grad
+                                else None)
 
 
 def _relink(module: nn.Module, args) -> None:
-    if not _linked(module):
+    if not _linked(module) or (module.__dict__.get(_HANDLE) is None and _masked(module).requires_grad):
         _link(module)
 
 
@@ -90,6 +94,11 @@ def _zero_pruned(tensor: torch.Tensor, keep: torch.Tensor) -> None:
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """name -> keep-mask of every masked module."""
     return {name: m.prune_mask for name, m in model.named_modules() if BUFFER in m._buffers}
+
+
+def pruned_nonzero(model: nn.Module) -> int:
+    """How many entries that a mask prunes hold a nonzero value (0 while the masks hold, as they should)."""
+    return sum(int((_masked(m).detach()[~m.prune_mask] != 0).sum()) for m in model.modules() if BUFFER in m._buffers)
 
 
 def remove_masks(model: nn.Module) -> int:

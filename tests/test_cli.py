@@ -79,8 +79,8 @@ def test_the_example_script(model_dir, tmp_path):
 
     script = Path(__file__).parents[1] / "examples" / "prune_llm.py"
     result = subprocess.run([sys.executable, str(script), str(model_dir), "--importance", "sparsegpt",
-                             "--budget", "2:4", "--calibration-windows", "4", "--eval-windows", "2", "--seq-len", "32",
-                             "--out", str(tmp_path / "out")], capture_output=True, text=True)
+                             "--budget", "2:4", "--rank", "2", "--calibration-windows", "4", "--eval-windows", "2",
+                             "--seq-len", "32", "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "perplexity" in result.stdout and "50.0%" in result.stdout
     assert prunekit.PruneReport.load(tmp_path / "out").exact

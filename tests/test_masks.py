@@ -110,3 +110,21 @@ def test_pruned_entries_return_to_zero_even_from_nan_and_inf():
     optimizer.register_step_pre_hook(poison)
     optimizer.step()
     assert (weight[~keep] == 0).all()
+
+
+def test_frozen_weights_prune_and_copy():
+    """A frozen model prunes (no gradient hook is possible on it), a deep copy of it runs, and once a weight trains
+    again its hook comes with the next forward."""
+    import copy
+
+    from conftest import tiny
+
+    model = tiny("llama")
+    model.requires_grad_(False)
+    prunekit.prune(model, 0.5, importance="magnitude", progress=False)
+    twin = copy.deepcopy(model)
+    twin(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    layer = twin.model.layers[0].mlp.down_proj
+    layer.weight.requires_grad_(True)
+    twin(input_ids=torch.zeros(1, 4, dtype=torch.long)).logits.sum().backward()
+    assert layer.weight.grad is not None and not layer.weight.grad[~layer.prune_mask].any()
