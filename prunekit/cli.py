@@ -96,13 +96,42 @@ def cmd_eval(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .report import PruneReport, plot_sparsity
+    import json
 
-    reports = {Path(d).name: PruneReport.load(d) for d in args.dirs}
+    from . import io
+    from .report import PruneReport, benchmark_points, evaluation_points, plot_quality, plot_sparsity
+
+    reports, points = {}, []
+    for spec in args.dirs:  # pruned directories and report JSONs; benchmark results only feed the quality plot
+        path = Path(spec)
+        if not path.exists():
+            raise PrunekitError(f"{spec} does not exist; give directories written by prunekit prune --out, report "
+                                f"JSONs or benchmark results (benchmarks/results/*.json)")
+        if path.is_dir() and not (path / io.MANIFEST).is_file():
+            raise PrunekitError(f"{spec} is not a pruned model directory (it has no {io.MANIFEST})")
+        saved = json.loads((path / io.MANIFEST if path.is_dir() else path).read_text())
+        if path.is_file() and isinstance(saved.get("results"), list):
+            points += benchmark_points(saved["results"], path.name)
+            continue
+        report = PruneReport.from_dict(saved["report"] if path.is_dir() else saved)
+        reports[path.name] = report
+        points += evaluation_points(report, saved.get("evaluation") or {})
     for name, report in reports.items():
         print(f"== {name}\n{report}\n" if len(reports) > 1 else report)
-    if args.plot:
-        print(f"per-layer sparsity plot: {plot_sparsity(reports, args.plot)}")
+    plots = Path(args.plots) if args.plots else None
+    if plots is None and args.plot is None and reports and Path(args.dirs[0]).is_dir():
+        plots = Path(args.dirs[0])  # by default beside the first model
+    written = []
+    if plots is not None:
+        plots.mkdir(parents=True, exist_ok=True)
+    if reports and (plots or args.plot):
+        written.append(("per-layer sparsity", plot_sparsity(reports, args.plot or plots / "sparsity.png")))
+    if points and plots:
+        written.append(("quality against sparsity", plot_quality(points, plots / "quality.png")))
+    elif plots and args.plots and not reports:
+        raise PrunekitError("nothing to plot: give pruned directories, report JSONs or benchmark results")
+    for what, path in written:
+        print(f"{what} plot: {path}")
 
 
 OFFLOAD_HELP = ("keep each block's weights on disk until it is used (a local safetensors directory): memory for one "
@@ -144,8 +173,13 @@ def main(argv=None) -> int:
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("report", help="print the per-layer report of saved pruned models, and plot them")
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="directories written by prunekit prune --out (or report JSONs)")
-    p.add_argument("--plot", metavar="PNG", help="write the per-layer sparsity of every DIR side by side to PNG")
+    p.add_argument("dirs", nargs="+", metavar="DIR",
+                   help="directories written by prunekit prune --out, report JSONs, or benchmark results "
+                        "(benchmarks/results/*.json, plotted against sparsity)")
+    p.add_argument("--plots", metavar="OUT", help="directory for the PNGs: sparsity.png (per layer, every DIR side "
+                                                  "by side) and quality.png (perplexity or accuracy against sparsity); "
+                                                  "default: the first DIR")
+    p.add_argument("--plot", metavar="PNG", help="write the per-layer sparsity plot to this file instead")
     p.set_defaults(run=cmd_report)
 
     args = parser.parse_args(argv)

@@ -184,9 +184,7 @@ def _columns(head: list[str], body: list[list[str]]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in body])
 
 
-def plot_sparsity(reports: dict[str, PruneReport], path: str | Path) -> Path:
-    """PNG of the per-layer sparsity each report chose (one line per report, e.g. one per allocator), and below it
-    the mean sparsity of each block, the reports side by side."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -194,6 +192,13 @@ def plot_sparsity(reports: dict[str, PruneReport], path: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise PrunekitError("plots need matplotlib: pip install matplotlib (or prunekit[plot])") from None
+    return plt
+
+
+def plot_sparsity(reports: dict[str, PruneReport], path: str | Path) -> Path:
+    """PNG of the per-layer sparsity each report chose (one line per report, e.g. one per allocator), and below it
+    the mean sparsity of each block, the reports side by side."""
+    plt = _pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 7), constrained_layout=True)
     width = 0.8 / len(reports)
     for k, (label, report) in enumerate(reports.items()):
@@ -219,5 +224,94 @@ def plot_sparsity(reports: dict[str, PruneReport], path: str | Path) -> Path:
     bottom.legend(fontsize=8)
     path = Path(path)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# -- quality against sparsity
+
+METRICS = ("perplexity", "accuracy", "fidelity", "recall_at_1")  # what a benchmark row or an evaluation may hold
+_X = ("sparsity", "removed_share", "ratio")  # where a row says how much was pruned, first found wins
+_LABELS = ("tool", "part", "importance", "allocator", "method", "config")
+
+
+@dataclass
+class QualityPoint:
+    series: str  # one line per series: an estimator + allocator, a tool's configuration
+    sparsity: float
+    metric: str  # one of METRICS
+    value: float
+    source: str  # the file (or "pruned models") it came from: one panel per source and metric
+    dense: bool = False  # the unpruned model's value, drawn as a reference line
+
+
+def benchmark_points(rows: list[dict], source: str) -> list[QualityPoint]:
+    """Points of a benchmark result's rows (benchmarks/results/*.json): each row with a sparsity (or removed share)
+    and a metric, its series named by the row's tool/part/estimator/allocator/config (the config without its
+    sparsity: "wanda-70-owl" -> "wanda-owl"); rows of config "dense" are reference values."""
+    points = []
+    for row in rows:
+        metrics = [m for m in METRICS if isinstance(row.get(m), (int, float))]
+        x = next((row[k] for k in _X if isinstance(row.get(k), (int, float))), None)
+        if row.get("config") == "dense":
+            group = " ".join(str(row[k]) for k in ("tool", "part") if k in row)
+            points += [QualityPoint(f"{group} dense".strip(), 0.0, m, float(row[m]), source, dense=True)
+                       for m in metrics]
+            continue
+        if x is None:
+            continue
+        words = [str(row[k]) if k != "config" else
+                 "-".join(w for w in str(row[k]).split("-") if not w.isdigit()) for k in _LABELS if k in row]
+        series = " ".join(w for w in words if w)
+        points += [QualityPoint(series, float(x), m, float(row[m]), source) for m in metrics]
+    return points
+
+
+def evaluation_points(report: PruneReport, evaluation: dict) -> list[QualityPoint]:
+    """Points of a saved pruned model whose evaluation was recorded (prunekit prune --out, save_pruned(evaluation=)):
+    its value at its sparsity, in the series of its estimator + allocator (+ granularity), and its dense value."""
+    series = f"{report.importance} + {report.allocator}" + ("" if report.granularity == "unstructured"
+                                                             else f", {report.granularity}")
+    points = []
+    for metric in METRICS:
+        if isinstance(evaluation.get(metric), (int, float)):
+            points.append(QualityPoint(series, report.sparsity, metric, float(evaluation[metric]), "pruned models"))
+        if isinstance(evaluation.get(f"dense_{metric}"), (int, float)):
+            points.append(QualityPoint("dense", 0.0, metric, float(evaluation[f"dense_{metric}"]), "pruned models",
+                                       dense=True))
+    return points
+
+
+def plot_quality(points: list[QualityPoint], path: str | Path) -> Path:
+    """PNG with one panel per source and metric: each series' value against its sparsity (perplexity on a log
+    scale), dense values as dashed reference lines."""
+    if not any(not p.dense for p in points):
+        raise PrunekitError("nothing to plot against sparsity: give benchmark results (benchmarks/results/*.json) or "
+                            "pruned directories saved with an evaluation (prunekit prune --out DIR measures one)")
+    plt = _pyplot()
+    panels = list(dict.fromkeys((p.source, p.metric) for p in points if not p.dense))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 4.2 * len(panels)), constrained_layout=True, squeeze=False)
+    for ax, (source, metric) in zip(axes[:, 0], panels):
+        mine = [p for p in points if p.source == source and p.metric == metric]
+        series = list(dict.fromkeys(p.series for p in mine if not p.dense))
+        colors = plt.get_cmap("tab20" if len(series) > 10 else "tab10")
+        for k, name in enumerate(series):
+            xy = sorted({(p.sparsity, p.value) for p in mine if p.series == name})
+            ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", ms=4, lw=1.2, label=name,
+                    color=colors(k % colors.N), ls="-" if len(xy) > 1 else "none")
+        for k, (name, value) in enumerate(dict.fromkeys((p.series, p.value) for p in mine if p.dense)):
+            ax.axhline(value, color="0.4", ls=(0, (4, 2 + 2 * k)), lw=1, label=f"{name} ({value:.4g})")
+        if metric == "perplexity":
+            ax.set_yscale("log")
+        ax.set(xlabel="sparsity of the targeted weights", ylabel=metric.replace("_at_", "@"),
+               title=f"{metric.replace('_at_', '@')} against sparsity: {source}")
+        xs = [p.sparsity for p in mine if not p.dense]
+        pad = max(0.05, (max(xs) - min(xs)) * 0.05)  # whole-percent ticks even for one sparsity
+        ax.set_xlim(max(0.0, min(xs) - pad), min(1.0, max(xs) + pad))
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
+        ax.grid(True, which="major", color="0.9")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + len(series) // 16)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
