@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from tqdm.auto import tqdm
 
 import prunekit
 from prunekit import data
@@ -61,12 +61,13 @@ def fine_tune(model, args) -> tuple[prunekit.tuning.Method, float]:
     windows = data.calibration_windows(model.tokenizer, args.steps * args.batch_size, args.seq_len, seed=1)
     options = dict(METHOD_OPTIONS[args.method], **({} if args.method == "s2ft" else {"rank": args.rank}))
     if args.method == "spt":  # sensitivity on the first two training batches
-        options["batches"] = [{"input_ids": w, "labels": w} for w in windows[:2 * args.batch_size].split(args.batch_size)]
+        first = windows[:2 * args.batch_size].split(args.batch_size)
+        options["batches"] = [{"input_ids": w, "labels": w} for w in first]
     tuned = prunekit.tuning.prepare(model, args.method, **options)
     optimizer = tuned.optimizer(lr=args.lr)
     model.train()
     clock = time.perf_counter()
-    for batch in windows.split(args.batch_size):
+    for batch in tqdm(windows.split(args.batch_size), desc=f"{args.method}: training", unit="step"):
         model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -18,8 +18,6 @@ import sys
 import tempfile
 import time
 
-import torch
-
 import prunekit
 from prunekit import data
 from prunekit.cli import load_model, run
@@ -39,7 +37,8 @@ def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", help="Hugging Face causal LM id or directory (default: bundled SmolLM2)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--prune", type=float, default=0.5, help="Wanda sparsity before tuning (0: tune the dense model)")
+    parser.add_argument("--prune", type=float, default=0.5,
+                        help="Wanda sparsity before tuning (0: tune the dense model)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank LIFT, IST and SPT are sized like")

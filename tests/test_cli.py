@@ -2,26 +2,17 @@
 import subprocess
 
 import pytest
-import torch
-import transformers as tf
 
 import prunekit
-from prunekit import data
 from prunekit.cli import main
 from prunekit.importance import ESTIMATORS
+
+from conftest import tiny_lm_dir
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-lm")
-    gguf = data.smollm2_path()
-    tokenizer = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    tf.LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return tiny_lm_dir(tmp_path_factory.mktemp("tiny-lm"))
 
 
 SMALL = ["--calibration-windows", "4", "--seq-len", "32", "--eval-windows", "2"]

@@ -1,5 +1,5 @@
-"""Several ranks (torchrun --nproc_per_node 2, gloo on CPU): calibration shards all-reduced give the masks of one process
-on all the data; data-parallel sparse fine-tuning keeps masks, selections and optimizer state identical on every
+"""Several ranks (torchrun --nproc_per_node 2, gloo on CPU): calibration shards all-reduced give the masks of one
+process on all the data; data-parallel sparse fine-tuning keeps masks, selections and optimizer state identical on every
 rank, and the gradient averaging matches one process on the whole batch."""
 import os
 import shutil

@@ -14,6 +14,8 @@ from prunekit import data
 from prunekit.cli import run
 from prunekit.evaluate import perplexity
 
+from conftest import tiny_lm_dir
+
 EXAMPLES = Path(__file__).parents[1] / "examples"
 SMALL_LM = ["--calibration-windows", "4", "--eval-windows", "2", "--seq-len", "32", "--steps", "3", "--lr", "1e-2"]
 
@@ -27,16 +29,7 @@ def example(name: str):
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory):
-    """A tiny random Llama with SmolLM2's real tokenizer, so the examples read real Wikipedia windows."""
-    path = tmp_path_factory.mktemp("tiny-lm")
-    gguf = data.smollm2_path()
-    tokenizer = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    tf.LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return tiny_lm_dir(tmp_path_factory.mktemp("tiny-lm"))
 
 
 def assert_masks_hold(model, sparsity: float | None = None):

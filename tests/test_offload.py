@@ -19,7 +19,7 @@ from prunekit.errors import PrunekitError, TargetError
 from prunekit.evaluate import perplexity
 from prunekit.io import MANIFEST, MASK_FILE, unpack_bits
 
-from conftest import calibration_for, tiny
+from conftest import calibration_for, tiny, tiny_lm_dir
 
 WORKER = Path(__file__).with_name("offload_worker.py")
 
@@ -164,15 +164,7 @@ def test_directories_that_cannot_be_offloaded(tmp_path):
 
 
 def test_the_command_line_prunes_offloaded(tmp_path, capsys):
-    from prunekit import data
-
-    gguf = data.smollm2_path()
-    tokenizer = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    tf.LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
-    tokenizer.save_pretrained(tmp_path / "m")
+    tiny_lm_dir(tmp_path / "m")
     small = ["--calibration-windows", "4", "--seq-len", "32", "--eval-windows", "2"]
     assert main(["prune", str(tmp_path / "m"), "--offload"] + small) == 2
     assert "pass --out DIR" in capsys.readouterr().err
