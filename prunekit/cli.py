@@ -49,9 +49,13 @@ def _budget(args):
     from .budget import Budget
 
     base = Budget.coerce(args.budget)
-    return Budget(sparsity=None if base.nm else base.sparsity, granularity=base.granularity,
-                  min_layer_sparsity=args.min_layer_sparsity, max_layer_sparsity=args.max_layer_sparsity,
-                  include=args.include, exclude=args.exclude)
+    if base.nm and args.granularity != "unstructured":
+        raise PrunekitError(f"--budget {args.budget} is already a granularity; leave out --granularity "
+                            f"{args.granularity}")
+    return Budget(sparsity=None if base.nm else base.sparsity, granularity=base.granularity if base.nm else
+                  args.granularity, min_layer_sparsity=args.min_layer_sparsity,
+                  max_layer_sparsity=args.max_layer_sparsity, include=args.include, exclude=args.exclude,
+                  heads=args.heads, round_to=args.round_to, refit=args.refit)
 
 
 def cmd_prune(args) -> None:
@@ -149,6 +153,14 @@ def main(argv=None) -> int:
     p = sub.add_parser("prune", help="prune a causal LM and save it")
     p.add_argument("model", nargs="?", help="Hugging Face id or directory, or a .gguf file (default: bundled SmolLM2)")
     p.add_argument("--budget", default="0.5", help="fraction of weights to remove (0.5), or N:M ('2:4')")
+    p.add_argument("--granularity", default="unstructured",
+                   help="unstructured, block / blockRxC (whole tiles, e.g. block64x64), or structured (removes heads "
+                        "and MLP channels: a smaller model)")
+    p.add_argument("--heads", default="auto", choices=["auto", "kv", "query", "none"],
+                   help="structured: which attention units go (kv: whole KV groups; query: query heads within groups)")
+    p.add_argument("--round-to", type=int, help="structured: keep a multiple of this many channels per layer")
+    p.add_argument("--refit", action="store_true",
+                   help="structured: refit the kept columns of the layers reading removed channels (least squares)")
     p.add_argument("--importance", default="wanda")
     p.add_argument("--allocator", default="uniform")
     p.add_argument("--min-layer-sparsity", type=float, default=0.0)

@@ -2,6 +2,7 @@
 import subprocess
 
 import pytest
+import torch
 
 import prunekit
 from prunekit.cli import main
@@ -88,3 +89,31 @@ def test_report_plots_several_allocators_side_by_side(model_dir, tmp_path, capsy
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     printed = capsys.readouterr().out
     assert all(f"== {name}" in printed for name in ("uniform", "owl", "dp"))
+
+
+def test_structured_from_the_command_line(model_dir, tmp_path, capsys):
+    import transformers
+
+    out = tmp_path / "small"
+    assert main(["prune", str(model_dir), "--budget", "0.3", "--granularity", "structured", "--importance",
+                 "magnitude", "--out", str(out)] + SMALL) == 0
+    assert "structured" in capsys.readouterr().out
+    dense = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    small = transformers.AutoModelForCausalLM.from_pretrained(out)  # plain transformers reloads the smaller model
+
+    def targeted(model):
+        return sum(m.weight.numel() for n, m in model.named_modules() if ".layers." in n and n.endswith("_proj"))
+
+    removed = 1 - targeted(small) / targeted(dense)
+    report = prunekit.PruneReport.load(out)
+    assert removed == pytest.approx(report.sparsity, abs=1e-9)
+    # within one unit per structure of each layer: a query head per KV group (8 rows of q, 8 columns of o, 32 wide,
+    # times 2 groups) and one MLP channel (3 x 32), over a layer's 9216 targeted weights
+    assert abs(removed - 0.3) <= (2 * 2 * 8 * 32 + 3 * 32) / 9216
+    x = torch.randint(0, dense.config.vocab_size, (1, 8))
+    assert small(x).logits.shape == dense(x).logits.shape
+
+
+def test_granularity_and_an_n_m_budget_conflict(model_dir, capsys):
+    assert main(["prune", str(model_dir), "--budget", "2:4", "--granularity", "block"] + SMALL) == 2
+    assert "leave out --granularity" in capsys.readouterr().err
