@@ -97,18 +97,18 @@ def llm_worker(name: str) -> dict:
             "perplexity": perplexity(model, eval_windows, progress=False)}
 
 
-def encoder_worker(name: str) -> list[dict]:
+def minilm_task():
+    """MiniLM, 8 calibration batches of 16 first sentences labelled with their pair's index, the mean-pooled
+    embedding, and the contrastive loss against the dense embeddings (`bank`) of the 128 second sentences; also the
+    512 eval pairs. Shared with structured.py."""
     import torch
 
-    import prunekit
     from prunekit import data
-    from prunekit.evaluate import recall_at_1, sentence_embeddings
-    from prunekit.importance.hessian import StructuralHessian, structure_saliency
+    from prunekit.evaluate import sentence_embeddings
 
     model, tokenizer = data.load_minilm()
     cal_first, cal_second = data.sentence_pairs("calibration", 128)
     queries, documents = data.sentence_pairs("eval", 512)
-    dense_queries = sentence_embeddings(model, tokenizer, queries)
     bank = sentence_embeddings(model, tokenizer, cal_second)
 
     def embed(m, batch):
@@ -120,12 +120,25 @@ def encoder_worker(name: str) -> list[dict]:
     def loss(m, batch):  # MultipleNegativesRankingLoss against the dense positives
         return torch.nn.functional.cross_entropy(20 * embed(m, batch) @ bank.t(), batch["labels"])
 
-    def logit(m, batch):  # LRP's start: the true pair's similarity logit
-        return (20 * embed(m, batch) * bank[batch["labels"]]).sum()
-
     encoded = tokenizer(cal_first, padding=True, truncation=True, max_length=128, return_tensors="pt")
     batches = [{**{k: v[i:i + 16] for k, v in encoded.items()}, "labels": torch.arange(i, min(i + 16, 128))}
                for i in range(0, 128, 16)]
+    return model, tokenizer, batches, embed, loss, bank, queries, documents
+
+
+def encoder_worker(name: str) -> list[dict]:
+    import torch
+
+    import prunekit
+    from prunekit.evaluate import recall_at_1, sentence_embeddings
+    from prunekit.importance.hessian import StructuralHessian, structure_saliency
+
+    model, tokenizer, batches, embed, loss, bank, queries, documents = minilm_task()
+    dense_queries = sentence_embeddings(model, tokenizer, queries)
+
+    def logit(m, batch):  # LRP's start: the true pair's similarity logit
+        return (20 * embed(m, batch) * bank[batch["labels"]]).sum()
+
     chosen = estimator(name, loss=loss, start=logit)
     base = peak_reset()
     start = time.perf_counter()

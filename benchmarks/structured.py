@@ -68,27 +68,10 @@ LLM = {"wanda": ("wanda", "uniform", False), "sparsegpt": ("sparsegpt", "uniform
 def encoder_setup():
     import torch
 
-    from prunekit import data
-    from prunekit.evaluate import sentence_embeddings
+    from estimators import minilm_task
 
     torch.manual_seed(0)
-    model, tokenizer = data.load_minilm()
-    cal_first, cal_second = data.sentence_pairs("calibration", 128)
-    queries, documents = data.sentence_pairs("eval", 512)
-    bank = sentence_embeddings(model, tokenizer, cal_second)
-
-    def embed(m, batch):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        hidden = m(**inputs).last_hidden_state
-        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-
-    def loss(m, batch):  # MultipleNegativesRankingLoss against the dense positives
-        return torch.nn.functional.cross_entropy(20 * embed(m, batch) @ bank.t(), batch["labels"])
-
-    encoded = tokenizer(cal_first, padding=True, truncation=True, max_length=128, return_tensors="pt")
-    batches = [{**{k: v[i:i + 16] for k, v in encoded.items()}, "labels": torch.arange(i, min(i + 16, 128))}
-               for i in range(0, 128, 16)]
+    model, tokenizer, batches, _, loss, _, queries, documents = minilm_task()
     return model, tokenizer, batches, loss, queries, documents
 
 
