@@ -1,5 +1,6 @@
 """Structured pruning: heads, MLP channels and conv filters physically removed, checked against counts and attention
 computed by hand from the configs."""
+import copy
 import math
 
 import pytest
@@ -390,12 +391,57 @@ def test_allocators_choose_per_structure_when_widths_are_free():
     assert "model.layers.1.mlp" in text and "parameters ->" not in text and " -> " in text
 
 
+def zeroed_like(original: nn.Module, pruned: nn.Module) -> nn.Module:
+    """The original model with every removed output channel zeroed instead: each kept row of a Conv2d, Linear or
+    BatchNorm with fewer outputs is found in the original by exact equality, and the rows not found are zeroed
+    (weight and bias; a BatchNorm's affine pair). A removed channel then outputs exactly zero (a zeroed head's
+    values are zero whatever its attention), so the layers reading it see what they see when it is gone: an
+    independent reference for the physically smaller model."""
+    reference = original
+    pruned_modules = dict(pruned.named_modules())
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            small = pruned_modules.get(name)
+            if not isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)) or small is None:
+                continue
+            def rows(m):
+                if isinstance(m, nn.BatchNorm2d):
+                    return torch.stack([m.weight, m.bias, m.running_mean, m.running_var], 1)
+                return m.weight.flatten(1)
+            big_rows, small_rows = rows(module), rows(small)
+            if small_rows.shape[0] == big_rows.shape[0]:
+                continue
+            assert small_rows.shape[1:] == big_rows.shape[1:], f"{name} lost inputs and outputs: not covered here"
+            kept = []
+            for row in small_rows:
+                hits = [i for i, big in enumerate(big_rows) if torch.equal(big, row)]
+                assert len(hits) == 1, f"{name}: a kept row of the pruned model is not one row of the original"
+                kept.append(hits[0])
+            drop = torch.ones(big_rows.shape[0], dtype=torch.bool)
+            drop[kept] = False
+            module.weight[drop] = 0
+            if module.bias is not None:
+                module.bias[drop] = 0
+    return reference
+
+
 def test_torchvision_resnet():
     torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
-    report = prunekit.prune(model, structured(0.3), importance="magnitude",
-                            calibration=[{"input": torch.randn(2, 3, 32, 32)}], progress=False)
-    assert report.exact and model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with torch.no_grad():  # distinct batch-norm channels, so that kept channels can be told apart
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                for t in (m.weight, m.bias, m.running_mean):
+                    t.normal_()
+                m.running_var.uniform_(0.5, 2)
+    original = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    report = prunekit.prune(model, structured(0.3), importance="magnitude", calibration=[{"input": x}],
+                            progress=False)
+    assert report.exact and model(x).shape == (2, 10)
+    assert model.layer1[0].conv1.out_channels < 64 and model.layer1[0].conv2.out_channels == 64  # inner filters only
+    torch.testing.assert_close(model(x), zeroed_like(original, model)(x), rtol=1e-4, atol=1e-4)
 
 
 def test_timm_vit():
@@ -403,13 +449,18 @@ def test_timm_vit():
         import timm
     except ImportError as e:  # timm imports torchvision, which may not load beside this torch
         pytest.skip(f"timm does not import here: {e}")
+    torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
                               num_classes=5).eval()
-    report = prunekit.prune(model, structured(0.3), importance="magnitude",
-                            calibration=[{"input": torch.randn(2, 3, 32, 32)}], progress=False)
-    assert report.exact and model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+    original = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    report = prunekit.prune(model, structured(0.3), importance="magnitude", calibration=[{"input": x}],
+                            progress=False)
+    assert report.exact and model(x).shape == (2, 5)
     assert all(block.attn.qkv.out_features == 3 * block.attn.num_heads * block.attn.head_dim
                for block in model.blocks)
+    assert all(block.attn.num_heads < 3 and block.attn.head_dim == 64 for block in model.blocks)  # whole heads
+    torch.testing.assert_close(model(x), zeroed_like(original, model)(x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family,options", [("bert", {}), ("llama", {"uniform": False}), ("llama", {})])
