@@ -229,3 +229,26 @@ def test_gates_refuse_a_layer_they_cannot_gate():
     assert not layer._forward_hooks
     with pytest.raises(PrunekitError, match="Linear"):
         MaskSparsity().gather(layer, [Target("e", layer, None)], [{"input": torch.tensor([0])}], progress=False)
+
+
+def test_groups_select_whole_heads_by_their_summed_base_scores():
+    """group=8 (the tiny Llama's head width) on the value projections: the mask takes whole heads, the ones whose
+    rows have the smallest summed L1 norm, and only their gates go to zero."""
+    model = tiny("llama")
+    dense = {t.name: t.weight.detach().clone() for t in find_targets(model, include=r"v_proj$")}
+    targets = find_targets(model, include=r"v_proj$")
+    est = MaskSparsity(steps=STEPS, lr=LR, fraction=0.5, group=8)
+    stats = est.gather(model, targets, as_batches(calibration_for("llama"), model), progress=False)
+    for t in targets:
+        heads = dense[t.name].abs().sum(1).view(-1, 8).sum(1)  # base magnitude per head
+        expected = torch.zeros(heads.numel(), dtype=torch.bool)
+        expected[heads.argsort()[:heads.numel() // 2]] = True
+        st = stats[t.module]
+        assert torch.equal(st.selected, expected.repeat_interleave(8))
+        assert not st.scale[st.selected].any() and st.scale[~st.selected].min() > 0.99
+    other = tiny("llama")
+    with pytest.raises(PrunekitError, match="group=3 does not divide"):
+        MaskSparsity(steps=1, group=3).gather(other, find_targets(other, include=r"v_proj$"),
+                                              as_batches(calibration_for("llama"), other), progress=False)
+    with pytest.raises(PrunekitError, match="group must be"):
+        MaskSparsity(group=0)

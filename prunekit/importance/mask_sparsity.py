@@ -178,14 +178,19 @@ def lowest_channels(scores: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def select_channels(base: Estimator, model: nn.Module, targets: Sequence, batches: list[dict], fraction: float,
-                    progress: bool = True) -> dict:
-    """{target module: bool mask of its output channels}: per layer, the `fraction` that `base` scores lowest,
-    with base's statistics gathered on the dense model as prunekit.score gathers them."""
+                    progress: bool = True, group: int = 1) -> dict:
+    """{target module: bool mask of its output channels}: per layer, the `fraction` of its groups of `group`
+    consecutive channels (1: single channels; a head's width: heads) that `base` scores lowest, with base's
+    statistics gathered on the dense model as prunekit.score gathers them."""
     from ..allocation.context import DenseModel  # the allocation package imports the estimators: import late
 
+    ragged = [t.name for t in targets if _channels(t.module) % group]
+    if ragged:
+        raise TargetError(f"MaskSparsity's group={group} does not divide the output channels of {', '.join(ragged)}; "
+                          f"exclude them or pick a group size that divides them")
     stats = DenseModel(model, targets, batches, base, progress=progress).stats(base)
-    return {t.module: lowest_channels(base.group_scores(t.weight.float(), stats[t.module], 1, 0), fraction)
-            for t in targets}
+    return {t.module: lowest_channels(base.group_scores(t.weight.float(), stats[t.module], group, 0),
+                                      fraction).repeat_interleave(group) for t in targets}
 
 
 # ------------------------------------------------------------------------------------------------- training
@@ -228,6 +233,10 @@ class MaskSparsity(Estimator):
 
     base: estimator (name or instance) whose lowest-scored `fraction` of each layer's output channels form the mask.
     fraction: share of each layer's output channels the mask selects (0.5, the uniform ratio of the paper's code).
+        Tie it to what will be pruned, and target only the layers whose channels will go (`include`): the phase
+        drives every selected channel to zero, so a mask wider than the pruning removes more than the budget.
+    group: the mask's unit, in consecutive output channels: 1 (channels), or a head's width to select whole heads
+        (on the value projections, say: a head whose values are zero outputs zero, whatever its attention).
     train: the training batches: a callable returning an iterable of batches (called again whenever one runs out),
         or a re-iterable such as a DataLoader; the calibration batches by default.
     loss: fn(model, batch) -> scalar tensor; the model's own loss by default (labels, or next tokens for an LM).
@@ -249,7 +258,7 @@ class MaskSparsity(Estimator):
 
     def __init__(self, base: str | Estimator = "magnitude", fraction: float = 0.5,
                  train: Callable[[], Iterable] | Iterable | None = None, loss: Loss | None = None, steps: int = 100,
-                 lr: float = 1e-3, l1: float | None = None, momentum: float = 0.9):
+                 lr: float = 1e-3, l1: float | None = None, momentum: float = 0.9, group: int = 1):
         self.base = ESTIMATORS.create(base)
         if self.base.needs & Needs.TRAINING:
             raise PrunekitError(f"MaskSparsity's base {self.base.name!r} trains the model itself; use an estimator "
@@ -259,13 +268,15 @@ class MaskSparsity(Estimator):
         if steps < 1 or not lr > 0 or not 0 <= momentum < 1 or (l1 is not None and l1 < 0):
             raise PrunekitError(f"need steps >= 1, lr > 0, 0 <= momentum < 1 and l1 >= 0; got steps={steps}, lr={lr}, "
                                 f"momentum={momentum}, l1={l1}")
-        self.fraction, self.train, self.loss = fraction, train, loss or model_loss
+        if not (isinstance(group, int) and group >= 1):
+            raise PrunekitError(f"group must be a whole number of channels >= 1, got {group!r}")
+        self.fraction, self.train, self.loss, self.group = fraction, train, loss or model_loss, group
         self.steps, self.lr, self.momentum = steps, lr, momentum
         self.l1 = l1 if l1 is not None else 2 / sum(lr_schedule(lr, steps))
 
     def gather(self, model, targets, batches, progress=True) -> dict:
         modules = list(dict.fromkeys(t.module for t in targets))
-        selected = select_channels(self.base, model, targets, batches, self.fraction, progress)
+        selected = select_channels(self.base, model, targets, batches, self.fraction, progress, self.group)
         norms = _batchnorms_after(model, modules, batches[0])
         snapshot = _snapshot(model)
         gates = ChannelGates(m for m in modules if m not in norms)
@@ -346,7 +357,7 @@ class MaskSparsity(Estimator):
 
     def __repr__(self) -> str:
         return (f"MaskSparsity(base={self.base!r}, fraction={self.fraction}, steps={self.steps}, lr={self.lr}, "
-                f"l1={self.l1:.4g}, momentum={self.momentum})")
+                f"l1={self.l1:.4g}, momentum={self.momentum}, group={self.group})")
 
 
 def channels_first(scale: torch.Tensor, weight: torch.Tensor, count: int) -> torch.Tensor:
