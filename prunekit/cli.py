@@ -32,7 +32,9 @@ def load_model(spec: str | None, offloaded: bool = False):
     try:
         if path.is_file() and path.suffix == ".gguf":
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval(), tokenizer
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+            io.clear_gguf_marker(model)  # dequantized floats: Trainer and save_pretrained would refuse the marker
+            return model, tokenizer
         tokenizer = AutoTokenizer.from_pretrained(spec)
         if (path / io.MANIFEST).is_file():
             return io.load_pruned(path).eval(), tokenizer

@@ -39,7 +39,8 @@ def smollm2_path() -> Path:
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of SmolLM2-135M-Instruct, dequantized from GGUF (about 30 s on 2 cores)."""
+    """(model, tokenizer) of SmolLM2-135M-Instruct, dequantized from GGUF (about 30 s on 2 cores): a plain float
+    model, without the GGUF quantization marker that would make transformers.Trainer and save_pretrained refuse it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     for needed in ("gguf", "accelerate"):
@@ -48,6 +49,9 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    from .io import clear_gguf_marker
+
+    clear_gguf_marker(model)
     return model.eval(), tokenizer
 
 

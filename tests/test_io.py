@@ -97,3 +97,17 @@ def test_load_refuses_masks_of_another_shape(tmp_path):
 def test_saving_an_unpruned_model_is_refused(tmp_path):
     with pytest.raises(prunekit.PrunekitError, match="no prunekit masks"):
         prunekit.save_pruned(tiny("llama"), tmp_path)
+
+
+def test_a_gguf_marker_is_cleared_on_save_and_said(tmp_path):
+    """A model loaded from GGUF by hand keeps transformers' quantization marker although its weights are floats:
+    save_pruned drops it (save_pretrained would refuse) and warns; the bundled loader drops it on load."""
+    model = tiny("llama")
+    model.config.quantization_config = {"quant_method": "gguf"}
+    model.is_quantized = True
+    report = prunekit.prune(model, 0.5, importance="magnitude", progress=False)
+    with pytest.warns(UserWarning, match="GGUF quantization marker"):
+        prunekit.save_pruned(model, tmp_path, report)
+    assert getattr(model.config, "quantization_config", None) is None and model.is_quantized is False
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    assert prunekit.load_pruned(tmp_path).config.num_hidden_layers == model.config.num_hidden_layers
