@@ -60,17 +60,19 @@ class Group:
         self.dist.all_reduce(t, group=self.group)
         return t.item()
 
+    def _root(self) -> int:
+        """The global rank of this group's rank 0: broadcasts name their source globally."""
+        return self.dist.get_global_rank(self.group, 0) if self.group is not None else 0
+
     def broadcast_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Rank 0's values into every rank's tensors (same shapes on every rank), in place."""
-        src = self.dist.get_global_rank(self.group, 0) if self.group is not None else 0
         for t in tensors:
-            self.dist.broadcast(t, src=src, group=self.group)
+            self.dist.broadcast(t, src=self._root(), group=self.group)
 
     def broadcast(self, obj):
         """Rank 0's object (pickled), on every rank."""
-        src = self.dist.get_global_rank(self.group, 0) if self.group is not None else 0
         box = [obj]
-        self.dist.broadcast_object_list(box, src=src, group=self.group)
+        self.dist.broadcast_object_list(box, src=self._root(), group=self.group)
         return box[0]
 
     def gather(self, obj) -> list:
@@ -81,11 +83,7 @@ class Group:
 
     def agree(self, what: str, value) -> None:
         """Raises on every rank if the ranks hold different values of `what`."""
-        values = self.gather(value)
-        differ = [r for r, v in enumerate(values) if v != values[0]]
-        if differ:
-            raise PrunekitError(f"ranks disagree on {what}: rank 0 has {_short(values[0])}, rank {differ[0]} has "
-                                f"{_short(values[differ[0]])}; every rank must make the same call")
+        _same(what, self.gather(value))
 
     def settle(self, error: BaseException | None, plan=None) -> None:
         """In one collective: every rank raises if any rank failed its checks (so none goes on to a collective the
@@ -98,12 +96,15 @@ class Group:
             rank, message = failed[0]
             raise PrunekitError(f"rank {rank} refused its input, so every rank stops before any weight changes: "
                                 f"{message}")
-        plans = [p for _, p in found]
-        differ = [r for r, p in enumerate(plans) if p != plans[0]]
-        if differ:
-            raise PrunekitError(f"ranks disagree on the plan (targets, budget, importance, allocator, order): rank 0 "
-                                f"has {_short(plans[0])}, rank {differ[0]} has {_short(plans[differ[0]])}; every rank "
-                                f"must make the same call")
+        _same("the plan (targets, budget, importance, allocator, order)", [p for _, p in found])
+
+
+def _same(what: str, values: list) -> None:
+    """Raises if the ranks' values (in rank order) differ, naming the first rank that differs from rank 0."""
+    differ = [r for r, v in enumerate(values) if v != values[0]]
+    if differ:
+        raise PrunekitError(f"ranks disagree on {what}: rank 0 has {_short(values[0])}, rank {differ[0]} has "
+                            f"{_short(values[differ[0]])}; every rank must make the same call")
 
 
 def _short(value) -> str:
