@@ -73,10 +73,13 @@ def target_sparsity(model) -> tuple[float, list[float]]:
     return zeros / total, [z / n for _, (z, n) in sorted(per_layer.items())]
 
 
-def run_prunekit(model, windows, importance, budget, allocator, order):
+def run_prunekit(model, windows, importance, budget, allocator, order, window_batch=None):
     import prunekit
 
-    report = prunekit.prune(model, budget, importance=importance, allocator=allocator, calibration=windows,
+    # A window tensor reaches each block in forwards of prunekit's default 8 windows; other batch sizes give the
+    # same algorithm on the same data with only the floating-point summation order changed (--window-batch).
+    calibration = windows if window_batch is None else [{"input_ids": c} for c in windows.split(window_batch)]
+    report = prunekit.prune(model, budget, importance=importance, allocator=allocator, calibration=calibration,
                             order=order, progress=False)
     return {"exact": report.exact, "report_sparsity": report.sparsity}
 
@@ -134,7 +137,7 @@ def worker(tool: str, name: str, args) -> dict:
             if tool == "llmcompressor":
                 extra = run_llmcompressor(candidate, tokenizer, windows, importance, budget, allocator)
             else:
-                extra = run_prunekit(candidate, windows, importance, budget, allocator, TOOLS[tool])
+                extra = run_prunekit(candidate, windows, importance, budget, allocator, TOOLS[tool], args.window_batch)
             times.append(time.perf_counter() - start)
             pruned = pruned or (candidate, extra)
         model, extra = pruned
@@ -178,6 +181,8 @@ def run_worker(tool: str, name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", tool, name, "--suite", args.suite, "--repeats", str(args.repeats),
            "--calibration-windows", str(args.calibration_windows), "--eval-windows", str(args.eval_windows),
            "--seq-len", str(args.seq_len), "--seed", str(args.seed), "--sparsities", *map(str, args.sparsities)]
+    if args.window_batch is not None:
+        cmd += ["--window-batch", str(args.window_batch)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error"}
     code = commit()  # before the run: the worker imports the code as it is now
@@ -272,6 +277,10 @@ def main():
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (PROTOCOL.md: 0); "
                                                             "other seeds show how much a result moves with the sample")
+    parser.add_argument("--window-batch", type=int,
+                        help="windows per forward in prunekit's calibration (default: its own, 8); another size "
+                             "changes only the floating-point summation order, which shows the noise floor of a "
+                             "perplexity (llm-compressor always runs batch 1)")
     parser.add_argument("--out", type=Path, help="results path without suffix (default: results/llm_quality or "
                                                     "results/llm_allocators)")
     parser.add_argument("--sparsities", nargs="*", type=float, default=list(ALLOCATOR_SPARSITIES),
@@ -328,7 +337,9 @@ def header(args, results) -> dict:
                     "python": platform.python_version()},
         "versions": versions(),
         "protocol": {"calibration": f"{args.calibration_windows} x {args.seq_len} tokens, "
-                                    f"random.Random({getattr(args, 'seed', 0)})",
+                                    f"random.Random({getattr(args, 'seed', 0)})"
+                                    + (f", prunekit in forwards of {args.window_batch} windows"
+                                       if getattr(args, "window_batch", None) else ""),
                      "eval": f"first {args.eval_windows} x {args.seq_len} tokens of the eval split",
                      "repeats": args.repeats},
         "results": results,
