@@ -15,9 +15,11 @@ overhead: the peak resident memory during set-up and training above what was res
 (Linux's peak counter is reset right before the method is set up: what a method needs to choose its parameters, such
 as SPT's sensitivity pass or LIFT's SVDs, counts). Seconds per step: the median step. Perplexity: the first 32 x 512
 eval windows after training (adapters active), the test set. The pruned variant is SmolLM2 pruned to 50% with Wanda
-(64 x 512 calibration windows), computed once and cached; every method keeps its pruned entries at zero (checked
-after training). Every method is sized like LoRA r=16 on the same seven projections (the naive sparse update trains
-LIFT's entries with a dense gradient and dense AdamW state, the cost LIFT's reduced gradients avoid).
+(64 x 512 calibration windows), computed once and cached. "Pruned entries nonzero" counts, after training, the
+entries that the masks prune but the trained layers apply as nonzero: each layer is probed with the identity, adapters
+included, so a LoRA's B·A counts as it would once merged into the weight. Every method is sized like LoRA r=16 on
+the same seven projections (the naive sparse update trains LIFT's entries with a dense gradient and dense AdamW
+state, the cost LIFT's reduced gradients avoid).
 """
 from __future__ import annotations
 
@@ -101,6 +103,30 @@ def setup(method: str, model, batches, lr: float):
     return tuned.model, optimizer, tuned.trainable_count()
 
 
+def pruned_entries_computed(model, pruned_counts: dict[str, int]) -> int:
+    """How many entries that the masks prune the trained model computes as nonzero. Each masked layer, with whatever
+    wraps it (a peft adapter, S2FT's slice hook, SPT's LoRA), is probed with the identity matrix, so the count is of
+    the weight the layer applies: LoRA's B·A counts as it would once merged. The masks are read from the model, since
+    S2FT permutes them with the weights; each must still prune as many entries as before training."""
+    import torch
+
+    import prunekit
+
+    modules = dict(model.named_modules())
+    computed = 0
+    with torch.no_grad():
+        for name, keep in prunekit.masks(model).items():
+            original = name.removeprefix("base_model.model.").removesuffix(".base_layer")
+            if int((~keep).sum()) != pruned_counts[original]:
+                raise RuntimeError(f"{original}: its mask prunes {int((~keep).sum())} entries after training, "
+                                   f"{pruned_counts[original]} before")
+            layer = modules[name.removesuffix(".base_layer")]
+            eye = torch.eye(keep.shape[1])
+            applied = (layer(eye) - layer(torch.zeros_like(eye[:1]))).t()  # rows: outputs, columns: inputs
+            computed += int(applied[~keep].count_nonzero())
+    return computed
+
+
 def worker(variant: str, method: str, lr: float, args) -> dict:
     import torch
 
@@ -110,7 +136,7 @@ def worker(variant: str, method: str, lr: float, args) -> dict:
 
     torch.set_num_threads(1)
     model, tokenizer = load(variant)
-    masks = {name: keep.clone() for name, keep in prunekit.masks(model).items()}
+    pruned_counts = {name: int((~keep).sum()) for name, keep in prunekit.masks(model).items()}
     windows = data.calibration_windows(tokenizer, 2 * args.steps, 256, seed=1)
     batches = [{"input_ids": w, "labels": w} for w in windows.split(2)]
     held_out = data.eval_windows(tokenizer, args.eval_windows + VALIDATION, 512)
@@ -131,10 +157,7 @@ def worker(variant: str, method: str, lr: float, args) -> dict:
         losses.append(float(loss))
     peak = _status("VmHWM:")
     model.eval()
-    modules = dict(model.named_modules())
-    suffix = "base_model.model." if "base_model.model." + next(iter(masks), "") in modules else ""
-    leaked = sum(int(modules[suffix + name].weight[~keep].count_nonzero()) for name, keep in masks.items()
-                 if suffix + name in modules)
+    leaked = pruned_entries_computed(model, pruned_counts)
     return {"variant": variant, "method": method, "lr": lr, "trainable": trainable, "overhead_mib": peak - base,
             "setup_seconds": setup_seconds, "seconds_per_step": statistics.median(seconds),
             "first_loss": losses[0], "last_loss": losses[-1],
