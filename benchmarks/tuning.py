@@ -67,6 +67,7 @@ def setup(method: str, model, batches, lr: float):
     import peft
     import torch
 
+    import prunekit
     from prunekit import tuning
 
     adapters = dict(r=RANK, target_modules=PROJECTIONS)
@@ -92,9 +93,13 @@ def setup(method: str, model, batches, lr: float):
             module.weight.register_hook(lambda g, keep=keep.view_as(module.weight): g * keep)
             params.append((module.weight, int(keep.sum())))
         return model, torch.optim.AdamW([p for p, _ in params], lr=lr), sum(k for _, k in params)
+    # S2FT trains whole slices but only their unpruned entries: widen the slices by the kept fraction's inverse so
+    # that it trains as many entries as LoRA r=16 on a pruned model too.
+    masks = prunekit.masks(model).values()
+    widen = sum(k.numel() for k in masks) / sum(int(k.sum()) for k in masks) if masks else 1.0
     options = {
         "lift": dict(rank=RANK, filter_rank=32),
-        "s2ft": dict(heads=0.25, channels=0.09),  # the reference's O : down mix, scaled to LoRA r=16's count
+        "s2ft": dict(heads=0.25 * widen, channels=0.09 * widen),  # the reference's O : down mix, LoRA r=16's count
         "ist": dict(rank=RANK),
         "spt": dict(batches=batches[:4]),
     }[method]
