@@ -61,6 +61,24 @@ def test_masked_product_gradients_equal_autograd_through_the_explicit_masked_mat
         torch.testing.assert_close(got, want)
 
 
+def test_adapted_forward_saves_no_new_dense_matrix_per_pruned_layer():
+    """What autograd keeps for backward from an adapted pruned layer: the input, the factors, and the weight and
+    mask already resident; no new [out, in] matrix (the masked product, or a float copy of the mask) per layer."""
+    model = pruned_llama()
+    layers = inject(model, list(prunekit.masks(model)), rank=4)
+    for name, layer in layers.items():
+        base = layer.get_base_layer()
+        base.weight.requires_grad_(False)
+        resident = {base.weight.data_ptr(), base.prune_mask.data_ptr()}
+        saved = []
+        x = torch.randn(2, 3, base.in_features, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            layer(x).sum().backward()
+        new = [t for t in saved if t.numel() == base.weight.numel() and t.data_ptr() not in resident]
+        assert not new, f"{name}: saved {[(tuple(t.shape), t.dtype) for t in new]}"
+        assert base.prune_mask.data_ptr() in {t.data_ptr() for t in saved}, name  # the mask is used, not a copy
+
+
 def test_adapters_over_pruned_layers_compute_and_merge_with_pruned_entries_zero():
     model = pruned_llama()
     names = list(prunekit.masks(model))

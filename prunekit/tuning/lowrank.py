@@ -101,7 +101,8 @@ def _keep(module) -> torch.Tensor:
 
 
 class _MaskedProduct(torch.autograd.Function):
-    """y = x @ (scale · (B @ A) ⊙ keep)ᵀ, saving x, A and B only; the masked product is rebuilt in backward."""
+    """y = x @ (scale · (B @ A) ⊙ keep)ᵀ for a bool keep, saving x, A, B and the mask (no new memory) only; the
+    masked product is rebuilt in backward."""
 
     @staticmethod
     def forward(ctx, x, a, b, keep, scale):
@@ -151,8 +152,9 @@ class MaskedLoRA:
     def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
         a, b = module.lora_A[active_adapter].weight, module.lora_B[active_adapter].weight
         x = module.lora_dropout[active_adapter](x)
-        keep = _keep(module).to(a.dtype)
-        return result + _MaskedProduct.apply(x, a, b, keep, module.scaling[active_adapter])
+        # The bool mask itself (a view of the buffer): a float copy would be saved for backward in every layer,
+        # one dense matrix per layer alive through the whole forward.
+        return result + _MaskedProduct.apply(x, a, b, _keep(module), module.scaling[active_adapter])
 
 
 def lora_deltas(layers: dict[str, nn.Module], adapter: str = "default") -> dict[str, torch.Tensor]:
