@@ -29,7 +29,7 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     runs = [load(p) for p in args.runs]
-    configs = sorted({c for _, rows in runs[1:] for _, c in rows})  # the configs every extra seed ran
+    configs = sorted({c for _, rows in runs[1:] for _, c in rows})  # the configs the other seeds ran
     out = ["# Seeds: prunekit and llm-compressor over calibration samples", "",
            "Command: `python benchmarks/seeds_summary.py " + " ".join(map(str, args.runs))
            + (" --floor " + " ".join(map(str, args.floor)) if args.floor else "") + f" --out {args.out}`", "",
