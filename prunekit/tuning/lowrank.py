@@ -5,9 +5,9 @@ would compute with weights where the mask says zero, and merging would undo the 
 adapter over a pruned Linear a peft LoRA variant (peft's own extension point, the one DoRA uses) whose delta is
 (scale · B @ A) ⊙ mask in the forward pass, in merge and in unmerge. Its autograd function saves only the input,
 the two factors and the bool mask buffer it already has, and rebuilds the masked product in backward, so training
-holds no new dense matrix per layer:
-one exists at a time, while its layer computes (Sun et al.'s masked LoRA recovery in "A Simple and Effective
-Pruning Approach for LLMs" trains the adapters and merges them unmasked, losing the sparsity; this keeps it).
+holds no new dense matrix per layer: one exists at a time, while its layer computes (Sun et al.'s masked LoRA
+recovery in "A Simple and Effective Pruning Approach for LLMs" trains the adapters and merges them unmasked, losing
+the sparsity; this keeps it).
 """
 from __future__ import annotations
 
