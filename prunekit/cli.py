@@ -31,10 +31,7 @@ def load_model(spec: str | None, offloaded: bool = False):
     path = Path(spec)
     try:
         if path.is_file() and path.suffix == ".gguf":
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
-            io.clear_gguf_marker(model)  # dequantized floats: Trainer and save_pretrained would refuse the marker
-            return model, tokenizer
+            return data.load_gguf(path)
         tokenizer = AutoTokenizer.from_pretrained(spec)
         if (path / io.MANIFEST).is_file():
             return io.load_pruned(path).eval(), tokenizer

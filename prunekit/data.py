@@ -39,18 +39,22 @@ def smollm2_path() -> Path:
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of SmolLM2-135M-Instruct, dequantized from GGUF (about 30 s on 2 cores): a plain float
-    model, without the GGUF quantization marker that would make transformers.Trainer and save_pretrained refuse it."""
+    """(model, tokenizer) of SmolLM2-135M-Instruct, dequantized from GGUF (about 30 s on 2 cores); see load_gguf."""
+    return load_gguf(smollm2_path(), dtype)
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
+    """(model in eval mode, tokenizer) from a GGUF file, dequantized to `dtype`: a plain float model, without the
+    GGUF quantization marker that would make transformers.Trainer and save_pretrained refuse it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .io import clear_gguf_marker
 
     for needed in ("gguf", "accelerate"):
         if importlib.util.find_spec(needed) is None:
-            raise PrunekitError(f"loading the bundled SmolLM2 needs the {needed!r} package: pip install gguf accelerate")
-    path = smollm2_path()
+            raise PrunekitError(f"loading a GGUF model needs the {needed!r} package: pip install gguf accelerate")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    from .io import clear_gguf_marker
-
     clear_gguf_marker(model)
     return model.eval(), tokenizer
 
