@@ -29,6 +29,7 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     runs = [load(p) for p in args.runs]
+    floors = [load(p) for p in args.floor]
     configs = sorted({c for _, rows in runs[1:] for _, c in rows})  # the configs the other seeds ran
     out = ["# Seeds: prunekit and llm-compressor over calibration samples", "",
            "Command: `python benchmarks/seeds_summary.py " + " ".join(map(str, args.runs))
@@ -50,8 +51,7 @@ def main():
         summary = [_geomean(logs[t]) for t in logs]
         out.append(f"| **{config}** | geometric mean over {len(runs)} seeds (x/÷ one s.d.) | | | | "
                    + " | ".join(summary) + " |")
-        for path in args.floor:
-            calibration, rows = load(path)
+        for calibration, rows in floors:
             cells = [f"{rows[(t, config)]:.1f}" if (t, config) in rows else "-" for t in TOOLS]
             out.append(f"| {config} | {calibration} | " + " | ".join(cells) + " | | |")
     args.out.write_text("\n".join(out) + "\n")
