@@ -96,10 +96,11 @@ def obs_reference(w, x, count=None, nm=None, blocksize=128, damp=0.01):
     return w, ~pruned
 
 
-@pytest.mark.parametrize("budget,blocksize", [(0.5, 128), (0.6, 8), ("2:4", 8), ("4:8", 128)])
-def test_sparsegpt_matches_straightforward_obs(budget, blocksize):
-    model = single_linear(rows=6, cols=16)
-    x = inputs(n=64, cols=16)
+@pytest.mark.parametrize("budget,blocksize,cols", [(0.5, 128, 16), (0.6, 8, 16), ("2:4", 8, 16), ("4:8", 128, 16),
+                                                   (0.5, 64, 96), ("2:4", 64, 96)])  # 96: runs of 32 columns
+def test_sparsegpt_matches_straightforward_obs(budget, blocksize, cols):
+    model = single_linear(rows=6, cols=cols)
+    x = inputs(n=128, cols=cols)
     w = model[0].weight.detach().clone()
     b = prunekit.Budget.coerce(budget)
     prunekit.prune(model, b, importance=SparseGPT(blocksize=blocksize), calibration=x, progress=False)

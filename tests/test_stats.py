@@ -5,7 +5,7 @@ import torch
 from prunekit.calibration import LayerStats, Needs
 
 
-@pytest.mark.parametrize("d", [24, 600])  # one panel; three panels, the last one ragged
+@pytest.mark.parametrize("d", [24, 600])  # one sub-panel; two panels of three and two sub-panels, ragged ends
 def test_gram_and_norms_match_plain_products(d):
     g = torch.Generator().manual_seed(0)
     chunks = [torch.randn(3, 7, d, generator=g), torch.randn(5, d, generator=g),
