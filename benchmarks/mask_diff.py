@@ -1,10 +1,11 @@
 """Where prunekit (block order) and llm-compressor choose different masks for the same method, layer by layer.
 
     python benchmarks/mask_diff.py 8 2:4 wanda > benchmarks/results/mask_diff_wanda_2of4_8windows.txt
+    python benchmarks/mask_diff.py 8 0.7 wanda > benchmarks/results/mask_diff_wanda_70_8windows.txt
 
 Arguments: number of calibration windows (the first N of the protocol's 64), budget, importance. Prints, per decoder
 Linear, the fraction of entries whose zero/non-zero state differs between the two tools and the largest weight
-difference. Used to explain the Wanda 2:4 perplexity gap in results/llm_quality.md.
+difference. Used to explain the Wanda 2:4 and 70% perplexity gaps in results/llm_quality.md.
 """
 import copy
 import sys
