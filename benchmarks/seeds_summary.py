@@ -4,7 +4,8 @@ of each prunekit/llm-compressor ratio with its spread. Runs with --window-batch 
 floating-point summation order changed) show the noise floor below that.
 
     python benchmarks/seeds_summary.py results/llm_quality.json results/llm_quality_seed1.json \
-        results/llm_quality_seed2.json --floor results/llm_quality_batch4.json --out results/llm_quality_seeds.md
+        results/llm_quality_seed2.json results/llm_quality_seed3.json --floor results/llm_quality_batch4.json \
+        --out results/llm_quality_seeds.md
 """
 from __future__ import annotations
 
@@ -42,11 +43,10 @@ def main():
         for calibration, rows in runs:
             ppl = {t: rows.get((t, config)) for t in TOOLS}
             cells = [f"{ppl[t]:.1f}" if ppl[t] else "-" for t in TOOLS]
-            for tool in logs:
-                if ppl[tool] and ppl["llmcompressor"]:
-                    logs[tool].append(math.log(ppl[tool] / ppl["llmcompressor"]))
-            ratios = [f"{ppl[t] / ppl['llmcompressor']:.3f}" if ppl[t] and ppl["llmcompressor"] else "-"
-                      for t in logs]
+            ratio = {t: ppl[t] / ppl["llmcompressor"] for t in logs if ppl[t] and ppl["llmcompressor"]}
+            for tool, r in ratio.items():
+                logs[tool].append(math.log(r))
+            ratios = [f"{ratio[t]:.3f}" if t in ratio else "-" for t in logs]
             out.append(f"| {config} | {calibration} | " + " | ".join(cells + ratios) + " |")
         summary = [_geomean(logs[t]) for t in logs]
         out.append(f"| **{config}** | geometric mean over {len(runs)} seeds (x/÷ one s.d.) | | | | "
