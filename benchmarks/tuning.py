@@ -5,6 +5,7 @@ LIFT, S2FT, IST and SPT; on the dense model and on a 50%-pruned one (recovery fi
     python benchmarks/tuning.py                                  # every method, dense and pruned
     python benchmarks/tuning.py --methods lora lift --variants dense --steps 4 --eval-windows 2   # a quick look
     python benchmarks/tuning.py --variants dense --methods lora lift --lrs 1e-4 2e-4 5e-4 1e-3 --jobs 2  # a sweep
+    python benchmarks/tuning.py --methods s2ft --set s2ft.value_heads=0.37 s2ft.heads=0.125   # a method option
 
 Each (variant, method) runs in a fresh process with 1 torch thread. Training: 40 AdamW steps (SparseAdam for the
 sparse methods) of batch 2 x 256 tokens, windows drawn from the calibration split with random.Random(1), next-token
@@ -19,7 +20,8 @@ eval windows after training (adapters active), the test set. The pruned variant 
 entries that the masks prune but the trained layers apply as nonzero: each layer is probed with the identity, adapters
 included, so a LoRA's B·A counts as it would once merged into the weight. Every method is sized like LoRA r=16 on
 the same seven projections (the naive sparse update trains LIFT's entries with a dense gradient and dense AdamW
-state, the cost LIFT's reduced gradients avoid).
+state, the cost LIFT's reduced gradients avoid). Options given with --set (method.name=value) replace the method's
+benchmark settings and are chosen on validation like the learning rate: the sweep lists each setting on its own row.
 """
 from __future__ import annotations
 
@@ -62,8 +64,8 @@ def load(variant: str):
     return prunekit.load_pruned(CACHE).eval(), tokenizer
 
 
-def setup(method: str, model, batches, lr: float):
-    """(model to train, optimizer, trainable parameter count) for one method."""
+def setup(method: str, model, batches, lr: float, overrides: dict | None = None):
+    """(model to train, optimizer, trainable parameter count) for one method; `overrides` replace its options."""
     import peft
     import torch
 
@@ -99,10 +101,12 @@ def setup(method: str, model, batches, lr: float):
     widen = sum(k.numel() for k in masks) / sum(int(k.sum()) for k in masks) if masks else 1.0
     options = {
         "lift": dict(rank=RANK, filter_rank=32),
-        "s2ft": dict(heads=0.25 * widen, channels=0.09 * widen),  # the reference's O : down mix, LoRA r=16's count
+        "s2ft": dict(heads=0.25, channels=0.09),  # the reference's O : down mix, LoRA r=16's count
         "ist": dict(rank=RANK),
         "spt": dict(batches=batches[:4]),
-    }[method]
+    }[method] | (overrides or {})
+    if method == "s2ft":
+        options = {k: v * widen if k in tuning.s2ft.RATIOS else v for k, v in options.items()}
     tuned = tuning.prepare(model, method, **options)
     optimizer = tuned.optimizer(lr=lr)
     return tuned.model, optimizer, tuned.trainable_count()
@@ -148,7 +152,7 @@ def worker(variant: str, method: str, lr: float, args) -> dict:
     eval_windows, validation = held_out[:args.eval_windows], held_out[args.eval_windows:]
     base = peak_reset()
     clock = time.perf_counter()
-    model, optimizer, trainable = setup(method, model, batches, lr)
+    model, optimizer, trainable = setup(method, model, batches, lr, options_for(method, args.set))
     setup_seconds = time.perf_counter() - clock
     model.train()
     seconds, losses = [], []
@@ -163,7 +167,8 @@ def worker(variant: str, method: str, lr: float, args) -> dict:
     peak = _status("VmHWM:")
     model.eval()
     leaked = pruned_entries_computed(model, pruned_counts)
-    return {"variant": variant, "method": method, "lr": lr, "trainable": trainable, "overhead_mib": peak - base,
+    return {"variant": variant, "method": method, "lr": lr, "options": options_for(method, args.set),
+            "trainable": trainable, "overhead_mib": peak - base,
             "setup_seconds": setup_seconds, "seconds_per_step": statistics.median(seconds),
             "first_loss": losses[0], "last_loss": losses[-1],
             "validation_perplexity": perplexity(model, validation, progress=False),
@@ -171,22 +176,42 @@ def worker(variant: str, method: str, lr: float, args) -> dict:
             "steps": args.steps}
 
 
+def options_for(method: str, settings: list[str]) -> dict:
+    """The --set options (method.name=value, value as a Python literal) that apply to `method`."""
+    import ast
+
+    out = {}
+    for item in settings:
+        target, _, value = item.partition("=")
+        owner, _, name = target.partition(".")
+        if not (owner and name and value):
+            raise SystemExit(f"--set {item!r}: write method.name=value, e.g. s2ft.value_heads=0.37")
+        if owner == method:
+            out[name] = ast.literal_eval(value)
+    return out
+
+
+def label(row: dict) -> str:
+    """The method with the options it ran with, e.g. "s2ft heads=0.125 value_heads=0.37"."""
+    return " ".join([row["method"]] + [f"{k}={v}" for k, v in sorted(row.get("options", {}).items())])
+
+
 def run_worker(variant: str, method: str, lr: float, args) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, __file__, "--worker", variant, method, "--lr", repr(lr), "--steps", str(args.steps),
-               "--eval-windows", str(args.eval_windows)]
+               "--eval-windows", str(args.eval_windows), "--set", *args.set]
     code = commit()  # before the run: the worker imports the code as it is now
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
-        return {"variant": variant, "method": method, "lr": lr,
+        return {"variant": variant, "method": method, "lr": lr, "options": options_for(method, args.set),
                 "error": (proc.stderr or proc.stdout).strip().splitlines()[-3:]}
     return {**json.loads(lines[-1][len("RESULT "):]), "commit": code}
 
 
 def chosen(rows: list[dict]) -> list[dict]:
-    """Per method (in first-run order), the row of the learning rate with the lowest validation perplexity."""
+    """Per method (in first-run order), the row (learning rate and options) with the lowest validation perplexity."""
     best: dict[str, dict] = {}
     for r in rows:
         if r["method"] not in best or r["validation_perplexity"] < best[r["method"]]["validation_perplexity"]:
@@ -210,20 +235,21 @@ def markdown(doc: dict) -> str:
                 "test ppl | x LoRA | pruned entries nonzero |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             ratio = lambda key: f"{r[key] / lora[key]:.2f}" if lora else "-"  # noqa: E731
-            out.append(f"| {r['method']} | {r['lr']:g} | {r['trainable']:,} | {r['overhead_mib']:.0f} | "
+            out.append(f"| {label(r)} | {r['lr']:g} | {r['trainable']:,} | {r['overhead_mib']:.0f} | "
                        f"{ratio('overhead_mib')} | {r['seconds_per_step']:.2f} | {r['first_loss']:.3f} -> "
                        f"{r['last_loss']:.3f} | {r['validation_perplexity']:.3f} | {r['perplexity']:.3f} | "
                        f"{ratio('perplexity')} | {r['pruned_nonzero'] if variant == 'pruned' else '-'} |")
         lrs = sorted({r["lr"] for r in swept})
         if len(swept) > len(rows):
-            out += ["", f"Learning-rate sweep, {variant}: validation / test perplexity (the chosen rate in bold).", "",
-                    "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
-            for best in rows:
-                at = {r["lr"]: r for r in swept if r["method"] == best["method"]}
-                cells = [("**{}**" if lr == best["lr"] else "{}").format(
+            out += ["", f"Sweep, {variant}: validation / test perplexity per learning rate (the chosen run in bold).",
+                    "", "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+            labels = list(dict.fromkeys(label(r) for best in rows for r in swept if r["method"] == best["method"]))
+            for name in labels:
+                at = {r["lr"]: r for r in swept if label(r) == name}
+                cells = [("**{}**" if at[lr] in rows else "{}").format(
                     f"{at[lr]['validation_perplexity']:.3f} / {at[lr]['perplexity']:.3f}") if lr in at else "-"
                     for lr in lrs]
-                out.append(f"| {best['method']} | " + " | ".join(cells) + " |")
+                out.append(f"| {name} | " + " | ".join(cells) + " |")
     errors = [r for r in doc["results"] if "error" in r]
     if errors:
         out += ["", "Failed runs:"] + [f"- {r['variant']} {r['method']}: {r['error']}" for r in errors]
@@ -240,19 +266,24 @@ def main():
     parser.add_argument("--lrs", nargs="*", type=float, help="learning rates to run each method at (default: 2e-5 "
                                                                   "for full fine-tuning, 2e-4 for the others)")
     parser.add_argument("--jobs", type=int, default=1, help="workers at a time (each uses one thread)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="METHOD.NAME=VALUE",
+                        help="a method option for this run, e.g. s2ft.value_heads=0.37 ist.update=0.5")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --out, run what is missing")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for method in METHODS:
+        options_for(method, args.set)  # a malformed --set fails here, before any worker starts
     if args.worker:
         print("RESULT " + json.dumps(worker(*args.worker, args.lr, args)), flush=True)
         return
     path = args.out.with_suffix(".json")
     results = [r for r in json.loads(path.read_text())["results"] if "error" not in r] \
         if args.resume and path.exists() else []
-    done = {(r["variant"], r["method"], r["lr"]) for r in results}
+    done = {(r["variant"], label(r), r["lr"]) for r in results}
     todo = [(variant, method, lr) for variant in args.variants for method in args.methods
-            for lr in (args.lrs or [LR.get(method, 2e-4)]) if (variant, method, lr) not in done]
+            for lr in (args.lrs or [LR.get(method, 2e-4)])
+            if (variant, label({"method": method, "options": options_for(method, args.set)}), lr) not in done]
     lock = threading.Lock()
 
     def run(job):
