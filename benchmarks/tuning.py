@@ -101,7 +101,8 @@ def setup(method: str, model, batches, lr: float, overrides: dict | None = None)
     widen = sum(k.numel() for k in masks) / sum(int(k.sum()) for k in masks) if masks else 1.0
     options = {
         "lift": dict(rank=RANK, filter_rank=32),
-        "s2ft": dict(heads=0.25, channels=0.09),  # the reference's O : down mix, LoRA r=16's count
+        # the reference's O : down mix, LoRA r=16's count; a scored `select` reads the first training batches
+        "s2ft": dict(heads=0.25, channels=0.09, calibration=torch.cat([b["input_ids"] for b in batches[:4]])),
         "ist": dict(rank=RANK),
         "spt": dict(batches=batches[:4]),
     }[method] | (overrides or {})
