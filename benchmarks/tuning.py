@@ -43,6 +43,7 @@ from llm_quality import RESULTS, commit, header  # noqa: E402
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 16
 METHODS = ["full", "lora", "shira", "naive_sparse", "lift", "s2ft", "ist", "spt"]
+PRUNEKIT = ("lift", "s2ft", "ist", "spt")  # the methods whose options --set can change
 LR = {"full": 2e-5}  # the others 2e-4, the usual rate for adapters and sparse updates at this scale
 VALIDATION = 8  # eval-split windows after the test windows, for choosing the learning rate
 CACHE = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit")) / "smollm2-wanda-50"
@@ -178,7 +179,7 @@ def worker(variant: str, method: str, lr: float, args) -> dict:
 
 
 def options_for(method: str, settings: list[str]) -> dict:
-    """The --set options (method.name=value, value as a Python literal) that apply to `method`."""
+    """The --set options (method.name=value; the value a Python literal, else the string) that apply to `method`."""
     import ast
 
     out = {}
@@ -187,8 +188,13 @@ def options_for(method: str, settings: list[str]) -> dict:
         owner, _, name = target.partition(".")
         if not (owner and name and value):
             raise SystemExit(f"--set {item!r}: write method.name=value, e.g. s2ft.value_heads=0.37")
+        if owner not in PRUNEKIT:
+            raise SystemExit(f"--set {item!r}: options can be set for {', '.join(PRUNEKIT)}, not {owner!r}")
         if owner == method:
-            out[name] = ast.literal_eval(value)
+            try:
+                out[name] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                out[name] = value  # a bare word, e.g. s2ft.select=wanda
     return out
 
 
