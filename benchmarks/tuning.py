@@ -154,7 +154,8 @@ def worker(variant: str, method: str, lr: float, args) -> dict:
     eval_windows, validation = held_out[:args.eval_windows], held_out[args.eval_windows:]
     base = peak_reset()
     clock = time.perf_counter()
-    model, optimizer, trainable = setup(method, model, batches, lr, options_for(method, args.set))
+    options = args.options.get(method, {})
+    model, optimizer, trainable = setup(method, model, batches, lr, options)
     setup_seconds = time.perf_counter() - clock
     model.train()
     seconds, losses = [], []
@@ -169,7 +170,7 @@ def worker(variant: str, method: str, lr: float, args) -> dict:
     peak = _status("VmHWM:")
     model.eval()
     leaked = pruned_entries_computed(model, pruned_counts)
-    return {"variant": variant, "method": method, "lr": lr, "options": options_for(method, args.set),
+    return {"variant": variant, "method": method, "lr": lr, "options": options,
             "trainable": trainable, "overhead_mib": peak - base,
             "setup_seconds": setup_seconds, "seconds_per_step": statistics.median(seconds),
             "first_loss": losses[0], "last_loss": losses[-1],
@@ -178,11 +179,11 @@ def worker(variant: str, method: str, lr: float, args) -> dict:
             "steps": args.steps}
 
 
-def options_for(method: str, settings: list[str]) -> dict:
-    """The --set options (method.name=value; the value a Python literal, else the string) that apply to `method`."""
+def parse_set(settings: list[str]) -> dict[str, dict]:
+    """--set items (method.name=value; the value a Python literal, else the string) as method -> options."""
     import ast
 
-    out = {}
+    out: dict[str, dict] = {}
     for item in settings:
         target, _, value = item.partition("=")
         owner, _, name = target.partition(".")
@@ -190,11 +191,11 @@ def options_for(method: str, settings: list[str]) -> dict:
             raise SystemExit(f"--set {item!r}: write method.name=value, e.g. s2ft.value_heads=0.37")
         if owner not in PRUNEKIT:
             raise SystemExit(f"--set {item!r}: options can be set for {', '.join(PRUNEKIT)}, not {owner!r}")
-        if owner == method:
-            try:
-                out[name] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                out[name] = value  # a bare word, e.g. s2ft.select=wanda
+        options = out.setdefault(owner, {})
+        try:
+            options[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[name] = value  # a bare word, e.g. s2ft.select=wanda
     return out
 
 
@@ -212,7 +213,7 @@ def run_worker(variant: str, method: str, lr: float, args) -> dict:
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
-        return {"variant": variant, "method": method, "lr": lr, "options": options_for(method, args.set),
+        return {"variant": variant, "method": method, "lr": lr, "options": args.options.get(method, {}),
                 "error": (proc.stderr or proc.stdout).strip().splitlines()[-3:]}
     return {**json.loads(lines[-1][len("RESULT "):]), "commit": code}
 
@@ -279,8 +280,7 @@ def main():
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    for method in METHODS:
-        options_for(method, args.set)  # a malformed --set fails here, before any worker starts
+    args.options = parse_set(args.set)  # a malformed --set fails here, before any worker starts
     if args.worker:
         print("RESULT " + json.dumps(worker(*args.worker, args.lr, args)), flush=True)
         return
@@ -290,7 +290,7 @@ def main():
     done = {(r["variant"], label(r), r["lr"]) for r in results}
     todo = [(variant, method, lr) for variant in args.variants for method in args.methods
             for lr in (args.lrs or [LR.get(method, 2e-4)])
-            if (variant, label({"method": method, "options": options_for(method, args.set)}), lr) not in done]
+            if (variant, label({"method": method, "options": args.options.get(method, {})}), lr) not in done]
     lock = threading.Lock()
 
     def run(job):
