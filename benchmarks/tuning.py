@@ -6,12 +6,17 @@ LIFT, S2FT, IST and SPT; on the dense model and on a 50%-pruned one (recovery fi
     python benchmarks/tuning.py --methods lora lift --variants dense --steps 4 --eval-windows 2   # a quick look
     python benchmarks/tuning.py --variants dense --methods lora lift --lrs 1e-4 2e-4 5e-4 1e-3 --jobs 2  # a sweep
     python benchmarks/tuning.py --methods s2ft --set s2ft.value_heads=0.37 s2ft.heads=0.125   # a method option
+    python benchmarks/tuning.py --variants dense --methods lora lift --lrs 1e-3 --seeds 0 1 2   # the spread
 
 Each (variant, method) runs in a fresh process with 1 torch thread. Training: 40 AdamW steps (SparseAdam for the
-sparse methods) of batch 2 x 256 tokens, windows drawn from the calibration split with random.Random(1), next-token
-loss, at each learning rate given (--lrs; by default 2e-5 for full fine-tuning and 2e-4 for the others). The table
-shows, per method, the learning rate with the lowest validation perplexity (8 x 512 eval-split windows that follow
-the 32 test windows, disjoint from them and from the training text); the sweep table lists every rate run. Memory
+sparse methods) of batch 2 x 256 tokens, windows drawn from the calibration split with random.Random(1 + seed),
+next-token loss, at each learning rate given (--lrs; by default 2e-5 for full fine-tuning and 2e-4 for the others).
+A seed (--seeds, default 0) fixes everything random in a run: the training windows, torch's generator (LoRA's
+initialisation, randomised SVDs, SHiRA's mask) and the `seed` option of S2FT (its units) and IST (its layer draws).
+With several seeds, each figure is the mean over them (± the sample standard deviation) and a table lists each
+seed's test perplexity beside LoRA's with the same seed. The table shows, per method, the learning rate with the
+lowest (mean) validation perplexity (8 x 512 eval-split windows that follow the 32 test windows, disjoint from them
+and from the training text); the sweep table lists every rate run. Memory
 overhead: the peak resident memory during set-up and training above what was resident with the model and data loaded
 (Linux's peak counter is reset right before the method is set up: what a method needs to choose its parameters, such
 as SPT's sensitivity pass or LIFT's SVDs, counts). Seconds per step: the median step. Perplexity: the first 32 x 512
@@ -65,8 +70,9 @@ def load(variant: str):
     return prunekit.load_pruned(CACHE).eval(), tokenizer
 
 
-def setup(method: str, model, batches, lr: float, overrides: dict | None = None):
-    """(model to train, optimizer, trainable parameter count) for one method; `overrides` replace its options."""
+def setup(method: str, model, batches, lr: float, overrides: dict | None = None, seed: int = 0):
+    """(model to train, optimizer, trainable parameter count) for one method; `overrides` replace its options, `seed`
+    seeds its own random choices (SHiRA's mask, S2FT's units, IST's draws)."""
     import peft
     import torch
 
@@ -81,7 +87,7 @@ def setup(method: str, model, batches, lr: float, overrides: dict | None = None)
         return model, torch.optim.AdamW(params, lr=lr), sum(p.numel() for p in params)
     if method in ("lora", "shira"):
         config = peft.LoraConfig(lora_alpha=2 * RANK, lora_dropout=0.0, **adapters) if method == "lora" \
-            else peft.ShiraConfig(**adapters)
+            else peft.ShiraConfig(random_seed=seed, **adapters)
         model = peft.get_peft_model(model, config)
         params = [p for p in model.parameters() if p.requires_grad]
         return model, torch.optim.AdamW(params, lr=lr), sum(p.numel() for p in params)
@@ -103,8 +109,9 @@ def setup(method: str, model, batches, lr: float, overrides: dict | None = None)
     options = {
         "lift": dict(rank=RANK, filter_rank=32),
         # the reference's O : down mix, LoRA r=16's count; a scored `select` reads the first training batches
-        "s2ft": dict(heads=0.25, channels=0.09, calibration=torch.cat([b["input_ids"] for b in batches[:4]])),
-        "ist": dict(rank=RANK),
+        "s2ft": dict(heads=0.25, channels=0.09, calibration=torch.cat([b["input_ids"] for b in batches[:4]]),
+                     seed=seed),
+        "ist": dict(rank=RANK, seed=seed),
         "spt": dict(batches=batches[:4]),
     }[method] | (overrides or {})
     if method == "s2ft":
@@ -148,14 +155,15 @@ def worker(variant: str, method: str, lr: float, args) -> dict:
     torch.set_num_threads(1)
     model, tokenizer = load(variant)
     pruned_counts = {name: int((~keep).sum()) for name, keep in prunekit.masks(model).items()}
-    windows = data.calibration_windows(tokenizer, 2 * args.steps, 256, seed=1)
+    windows = data.calibration_windows(tokenizer, 2 * args.steps, 256, seed=1 + args.seed)
     batches = [{"input_ids": w, "labels": w} for w in windows.split(2)]
     held_out = data.eval_windows(tokenizer, args.eval_windows + VALIDATION, 512)
     eval_windows, validation = held_out[:args.eval_windows], held_out[args.eval_windows:]
     base = peak_reset()
     clock = time.perf_counter()
     options = args.options.get(method, {})
-    model, optimizer, trainable = setup(method, model, batches, lr, options)
+    torch.manual_seed(args.seed)  # LoRA's initialisation, randomised SVDs: a fresh process is seeded at random
+    model, optimizer, trainable = setup(method, model, batches, lr, options, args.seed)
     setup_seconds = time.perf_counter() - clock
     model.train()
     seconds, losses = [], []
@@ -170,7 +178,7 @@ def worker(variant: str, method: str, lr: float, args) -> dict:
     peak = _status("VmHWM:")
     model.eval()
     leaked = pruned_entries_computed(model, pruned_counts)
-    return {"variant": variant, "method": method, "lr": lr, "options": options,
+    return {"variant": variant, "method": method, "lr": lr, "options": options, "seed": args.seed,
             "trainable": trainable, "overhead_mib": peak - base,
             "setup_seconds": setup_seconds, "seconds_per_step": statistics.median(seconds),
             "first_loss": losses[0], "last_loss": losses[-1],
@@ -204,18 +212,42 @@ def label(row: dict) -> str:
     return " ".join([row["method"]] + [f"{k}={v}" for k, v in sorted(row.get("options", {}).items())])
 
 
-def run_worker(variant: str, method: str, lr: float, args) -> dict:
+def run_worker(variant: str, method: str, lr: float, seed: int, args) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, __file__, "--worker", variant, method, "--lr", repr(lr), "--steps", str(args.steps),
+    command = [sys.executable, __file__, "--worker", variant, method, "--lr", repr(lr), "--seeds", str(seed),
+               "--steps", str(args.steps),
                "--eval-windows", str(args.eval_windows), "--set", *args.set]
     code = commit()  # before the run: the worker imports the code as it is now
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
-        return {"variant": variant, "method": method, "lr": lr, "options": args.options.get(method, {}),
+        return {"variant": variant, "method": method, "lr": lr, "options": args.options.get(method, {}), "seed": seed,
                 "error": (proc.stderr or proc.stdout).strip().splitlines()[-3:]}
     return {**json.loads(lines[-1][len("RESULT "):]), "commit": code}
+
+
+def settings(rows: list[dict]) -> list[dict]:
+    """One row per setting (variant, method and options, learning rate), its figures the means over the setting's
+    runs (one per seed; the most pruned entries any run left nonzero), and those runs under "runs"."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["variant"], label(r), r["lr"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        row = {**runs[0], "runs": sorted(runs, key=lambda r: r.get("seed") or 0)}
+        for key in ("trainable", "overhead_mib", "seconds_per_step", "first_loss", "last_loss",
+                    "validation_perplexity", "perplexity"):
+            row[key] = statistics.mean(r[key] for r in runs)
+        row["pruned_nonzero"] = max(r["pruned_nonzero"] for r in runs)
+        out.append(row)
+    return out
+
+
+def spread(row: dict, key: str) -> str:
+    """The mean, and the sample standard deviation over seeds when there are several."""
+    values = [r[key] for r in row["runs"]]
+    return f"{row[key]:.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
 
 
 def chosen(rows: list[dict]) -> list[dict]:
@@ -233,7 +265,7 @@ def markdown(doc: dict) -> str:
            "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items() if v) + "  ",
            f"Date: {doc['date']}", "", (__doc__ or "").split("\n\n", 2)[2].strip()]
     for variant in ("dense", "pruned"):
-        swept = [r for r in doc["results"] if r.get("variant") == variant and "perplexity" in r]
+        swept = settings([r for r in doc["results"] if r.get("variant") == variant and "perplexity" in r])
         rows = chosen(swept)
         if not rows:
             continue
@@ -243,10 +275,11 @@ def markdown(doc: dict) -> str:
                 "test ppl | x LoRA | pruned entries nonzero |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             ratio = lambda key: f"{r[key] / lora[key]:.2f}" if lora else "-"  # noqa: E731
-            out.append(f"| {label(r)} | {r['lr']:g} | {r['trainable']:,} | {r['overhead_mib']:.0f} | "
+            out.append(f"| {label(r)} | {r['lr']:g} | {r['trainable']:,.0f} | {r['overhead_mib']:.0f} | "
                        f"{ratio('overhead_mib')} | {r['seconds_per_step']:.2f} | {r['first_loss']:.3f} -> "
-                       f"{r['last_loss']:.3f} | {r['validation_perplexity']:.3f} | {r['perplexity']:.3f} | "
+                       f"{r['last_loss']:.3f} | {spread(r, 'validation_perplexity')} | {spread(r, 'perplexity')} | "
                        f"{ratio('perplexity')} | {r['pruned_nonzero'] if variant == 'pruned' else '-'} |")
+        out += seeds_table(rows, lora)
         lrs = sorted({r["lr"] for r in swept})
         if len(swept) > len(rows):
             out += ["", f"Sweep, {variant}: validation / test perplexity per learning rate (the chosen run in bold).",
@@ -264,6 +297,25 @@ def markdown(doc: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def seeds_table(rows: list[dict], lora: dict | None) -> list[str]:
+    """Test perplexity of each chosen setting per seed, with its ratio to LoRA's run on the same seed (the same
+    training windows), when any setting ran with more than one seed."""
+    seeds = sorted({r.get("seed") for row in rows for r in row["runs"] if r.get("seed") is not None})
+    if len(seeds) < 2:
+        return []
+    base = {r.get("seed"): r["perplexity"] for r in lora["runs"]} if lora else {}
+    out = ["", "Per seed: test perplexity (x LoRA's with the same seed).", "",
+           "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean (x LoRA's mean) |",
+           "|---|" + "---|" * (len(seeds) + 1)]
+    for row in rows:
+        at = {r.get("seed"): r["perplexity"] for r in row["runs"]}
+        cells = [f"{at[s]:.3f}" + (f" ({at[s] / base[s]:.3f})" if s in base else "") if s in at else "-"
+                 for s in seeds]
+        mean = spread(row, "perplexity") + (f" ({row['perplexity'] / lora['perplexity']:.3f})" if lora else "")
+        out.append(f"| {label(row)} | " + " | ".join(cells) + f" | {mean} |")
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
@@ -276,21 +328,24 @@ def main():
     parser.add_argument("--jobs", type=int, default=1, help="workers at a time (each uses one thread)")
     parser.add_argument("--set", nargs="*", default=[], metavar="METHOD.NAME=VALUE",
                         help="a method option for this run, e.g. s2ft.value_heads=0.37 ist.update=0.5")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0], help="run each setting once per seed "
+                                                                           "(training windows and every random choice)")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --out, run what is missing")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.options = parse_set(args.set)  # a malformed --set fails here, before any worker starts
     if args.worker:
+        args.seed, = args.seeds
         print("RESULT " + json.dumps(worker(*args.worker, args.lr, args)), flush=True)
         return
     path = args.out.with_suffix(".json")
     results = [r for r in json.loads(path.read_text())["results"] if "error" not in r] \
         if args.resume and path.exists() else []
-    done = {(r["variant"], label(r), r["lr"]) for r in results}
-    todo = [(variant, method, lr) for variant in args.variants for method in args.methods
-            for lr in (args.lrs or [LR.get(method, 2e-4)])
-            if (variant, label({"method": method, "options": args.options.get(method, {})}), lr) not in done]
+    done = {(r["variant"], label(r), r["lr"], r.get("seed")) for r in results}
+    todo = [(variant, method, lr, seed) for variant in args.variants for method in args.methods
+            for lr in (args.lrs or [LR.get(method, 2e-4)]) for seed in args.seeds
+            if (variant, label({"method": method, "options": args.options.get(method, {})}), lr, seed) not in done]
     lock = threading.Lock()
 
     def run(job):
@@ -310,7 +365,7 @@ def save(args, results) -> str:
     ns = argparse.Namespace(out=args.out, calibration_windows=2 * args.steps, seq_len=256,
                             eval_windows=args.eval_windows, repeats=1)
     doc = header(ns, results)
-    doc["protocol"] = {"train": f"{args.steps} steps of 2 x 256 tokens, calibration split, random.Random(1)",
+    doc["protocol"] = {"train": f"{args.steps} steps of 2 x 256 tokens, calibration split, random.Random(1 + seed)",
                        "eval": f"first {args.eval_windows} x 512 eval windows",
                        "validation": f"eval windows {args.eval_windows} to {args.eval_windows + VALIDATION - 1}"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
