@@ -215,9 +215,8 @@ def label(row: dict) -> str:
 def run_worker(variant: str, method: str, lr: float, seed: int, args) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, __file__, "--worker", variant, method, "--lr", repr(lr), "--seeds", str(seed),
-               "--steps", str(args.steps),
-               "--eval-windows", str(args.eval_windows), "--set", *args.set]
+    command = [sys.executable, __file__, "--worker", variant, method, "--lr", repr(lr), "--seed", str(seed),
+               "--steps", str(args.steps), "--eval-windows", str(args.eval_windows), "--set", *args.set]
     code = commit()  # before the run: the worker imports the code as it is now
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -333,10 +332,10 @@ def main():
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --out, run what is missing")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.options = parse_set(args.set)  # a malformed --set fails here, before any worker starts
     if args.worker:
-        args.seed, = args.seeds
         print("RESULT " + json.dumps(worker(*args.worker, args.lr, args)), flush=True)
         return
     path = args.out.with_suffix(".json")
