@@ -163,6 +163,24 @@ def test_saved_deltas_reproduce_the_trained_model_on_a_fresh_base(tmp_path):
         torch.testing.assert_close(base(ids).logits, model(ids).logits, atol=1e-6, rtol=1e-6)
 
 
+def test_deltas_trained_dense_keep_a_pruned_copys_zeros_and_change_only_its_kept_entries(tmp_path):
+    base = tiny("llama")
+    model = copy.deepcopy(base)
+    tuned = prepare(model, "lift", rank=2, filter_rank=3)
+    train(model, tuned.optimizer(lr=0.05), 2)
+    pruned_base = copy.deepcopy(base)
+    prunekit.prune(pruned_base, 0.5, importance="magnitude")
+    before = {n: p.detach().clone() for n, p in pruned_base.named_parameters()}
+    load_deltas(pruned_base, save_deltas(tuned, tmp_path / "lift.safetensors"))
+    trained, original = dict(model.named_parameters()), dict(base.named_parameters())
+    for name, keep in prunekit.masks(pruned_base).items():
+        weight = dict(pruned_base.named_modules())[name].weight
+        change = trained[f"{name}.weight"] - original[f"{name}.weight"]
+        assert (change[~keep] != 0).any(), name  # the dense training did touch entries the copy prunes
+        assert not weight[~keep].any(), name
+        torch.testing.assert_close(weight[keep], (before[f"{name}.weight"] + change)[keep])
+
+
 def test_deltas_onto_a_different_base_are_refused_before_anything_changes(tmp_path):
     model = tiny("llama")
     tuned = prepare(model, "lift", rank=1, filter_rank=2)

@@ -99,7 +99,7 @@ def test_adapters_over_pruned_layers_compute_and_merge_with_pruned_entries_zero(
         torch.testing.assert_close(model(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)
 
 
-def test_saved_lora_deltas_reload_onto_a_fresh_pruned_base_to_the_same_logits():
+def test_saved_lora_deltas_reload_onto_a_fresh_pruned_base_to_the_same_logits(tmp_path):
     model = pruned_llama()
     fresh = copy.deepcopy(model)
     layers = inject(model, list(prunekit.masks(model)), rank=4)
@@ -107,7 +107,7 @@ def test_saved_lora_deltas_reload_onto_a_fresh_pruned_base_to_the_same_logits():
     ids = calibration_for("llama", n=2, length=10, seed=9)
     with torch.no_grad():
         adapted = model(input_ids=ids).logits
-    path = save_deltas(Saved(layers), "/tmp/prunekit_test_lowrank.safetensors")
+    path = save_deltas(Saved(layers), tmp_path / "lowrank.safetensors")
     load_deltas(fresh, path)
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)

@@ -148,7 +148,8 @@ def save_deltas(method: Method, path: str | Path) -> Path:
 
 def load_deltas(model: nn.Module, path: str | Path) -> dict:
     """Adds the deltas saved at `path` to the model's weights (a fresh copy of the base the method was trained
-    on); returns the saved metadata. Every delta is checked against its weight before any weight changes."""
+    on, or a pruned copy of it: entries its prune masks remove stay zero); returns the saved metadata. Every delta
+    is checked against its weight before any weight changes."""
     tensors = load_file(str(path))
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
@@ -170,13 +171,17 @@ def load_deltas(model: nn.Module, path: str | Path) -> dict:
 
 
 def _delta(weight: torch.Tensor, keep: torch.Tensor | None, name: str, tensors: dict, path) -> callable:
-    """A function adding the saved delta of `name` to its weight, after checking that it fits. A low-rank delta
-    is masked by the weight's prune mask `keep`, so pruned entries stay zero."""
+    """A function adding the saved delta of `name` to its weight, after checking that it fits. The delta is
+    masked by the weight's prune mask `keep`, so pruned entries stay zero (deltas trained on the dense model can
+    go onto a pruned copy)."""
     if f"{name}.indices" in tensors:
         indices, values = tensors[f"{name}.indices"].long(), tensors[f"{name}.values"]
         if indices.numel() and (indices.min() < 0 or indices.max() >= weight.numel()):
             raise PrunekitError(f"deltas at {path} index {name!r} up to {int(indices.max())}, but its weight here has "
                                 f"{weight.numel()} entries (shape {tuple(weight.shape)}); a different base model?")
+        if keep is not None:
+            kept = keep.view(-1)[indices.to(keep.device)].cpu()
+            indices, values = indices[kept], values[kept]
         return lambda w: w.view(-1).index_add_(0, indices.to(w.device), values.to(w.device, w.dtype))
     a, b = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
     scale = float(tensors[f"{name}.scale"])
