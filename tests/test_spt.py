@@ -329,10 +329,3 @@ def test_a_model_without_linear_layers_is_refused():
     with pytest.raises(TargetError, match="Sequential has no Linear or Conv1D layer"):
         prepare(model, "spt", batches=[{"input": torch.zeros(1, 3, 8, 8)}])
     assert all(p.requires_grad for p in model.parameters())
-
-
-def test_a_prepared_model_is_refused():
-    model = tiny("llama")
-    prepare(model, "spt", batches=batches(1), rank=2, budget=1500, progress=False)
-    with pytest.raises(PrunekitError, match="already has adapters or sparse selections"):
-        prepare(model, "spt", batches=batches(1), rank=2, budget=1500, progress=False)

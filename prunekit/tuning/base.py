@@ -1,7 +1,9 @@
 """What every fine-tuning method shares: the registry, `prepare`, the optimizer hooks, and deltas on disk.
 
 A method is set up on a model by `prepare(model, method, **options)`, which validates everything before it
-changes anything, freezes what does not train and returns the `Method`. Training then runs in any loop:
+changes anything, freezes what does not train and returns the `Method`. A model carries one method: a prepared
+model (or its deep copy) is refused, as are peft adapters for the methods that set up their own parameters (all
+but IST, which schedules the user's). Training then runs in any loop:
 
     tuned = prunekit.tuning.prepare(model, "lift", rank=16)
     optimizer = tuned.optimizer(lr=1e-4)          # the right optimizer; its step hooks drive the method
@@ -41,6 +43,7 @@ class Method:
     select, wrap) and `deltas`, and override `before_step` / `after_step` where they act between steps."""
 
     name: str
+    takes_adapters = False  # True: the method schedules peft adapters the user already put on the model (IST)
 
     def __init__(self):
         self.model: nn.Module | None = None
@@ -116,10 +119,38 @@ def prepare(model: nn.Module, method: str | Method = "lift", *, distributed=Fals
 
     group = group_of(distributed)
     tuner = TUNERS.create(method, **options)
+    _refuse_tuned(model, tuner)
     tuner.model = model
     tuner.group = group
     tuner.attach(model)
+    model.__dict__[_PREPARED] = tuner.name
     return tuner
+
+
+_PREPARED = "_prunekit_tuning"  # on a prepared model (and its deep copies): the name of the method it carries
+
+
+def _refuse_tuned(model: nn.Module, tuner: Method) -> None:
+    """One method per model: a second one would train beside the first's selections, hooks or adapters (and some
+    would be half set up before noticing), so a prepared model, or one with adapters or selections the method does
+    not take, is refused before anything changes."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .sparse import selection
+
+    name, fresh = type(model).__name__, "prepare it on a fresh copy of the base model (load_deltas puts trained " \
+                                        "deltas onto one)"
+    if _PREPARED in model.__dict__:
+        raise PrunekitError(f"{name} is already prepared for {model.__dict__[_PREPARED]} fine-tuning; to use "
+                            f"{tuner.name}, {fresh}")
+    if any(selection(p) is not None for p in model.parameters()):
+        raise PrunekitError(f"{name} has weights that train at selected entries (prunekit.tuning.sparse.select); to "
+                            f"use {tuner.name}, {fresh}")
+    adapters = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    if adapters and not tuner.takes_adapters:
+        raise PrunekitError(f"{name} has peft adapter layers ({adapters[0]} and {len(adapters) - 1} more); "
+                            f"{tuner.name} sets up its own trainable parameters on the base weights: pass the model "
+                            f"without adapters (PeftModel.merge_and_unload() folds trained ones into the weights)")
 
 
 def average_gradients(optimizer: torch.optim.Optimizer, group) -> None:

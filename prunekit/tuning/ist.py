@@ -77,6 +77,8 @@ class IST(Method):
     seed: of the layer draws.
     """
 
+    takes_adapters = True
+
     def __init__(self, rank: int | None = None, dora: bool = False, update: float = 0.25, suppress: float = 0.5,
                  interval: int = 10, factor: float = 0.25, rounds: int = 3, score_lr: float = 10.0, batches=None,
                  loss_fn=None, seed: int = 0, include: str | None = None, exclude: str | None = None):

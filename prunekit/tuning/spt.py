@@ -336,12 +336,6 @@ class SPT(Method):
                     tau=None if self.allocation is None else self.allocation.tau)
 
     def attach(self, model: nn.Module) -> None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        if any(isinstance(m, BaseTunerLayer) for m in model.modules()) or \
-                any(selection(p) is not None for p in model.parameters()):
-            raise PrunekitError("this model already has adapters or sparse selections from a tuning method; prepare "
-                                "SPT on a fresh copy of the base model")
         targets = find_targets(model, self.include, self.exclude)
         modules = {t.name: t.module for t in targets}
         unpruned = sum(int(pruned(m).sum()) if pruned(m) is not None else m.weight.numel() for m in modules.values())
