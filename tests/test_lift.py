@@ -9,6 +9,7 @@ from torch import nn
 
 import prunekit
 from prunekit import PrunekitError, TargetError
+from prunekit.masks import attach
 from prunekit.tuning import load_deltas, prepare, save_deltas
 from prunekit.tuning.sparse import SparseAdam, reselect, select, selection
 from conftest import VOCAB, tiny
@@ -170,6 +171,9 @@ def test_deltas_trained_dense_keep_a_pruned_copys_zeros_and_change_only_its_kept
     train(model, tuned.optimizer(lr=0.05), 2)
     pruned_base = copy.deepcopy(base)
     prunekit.prune(pruned_base, 0.5, importance="magnitude")
+    down = pruned_base.model.layers[0].mlp.down_proj
+    attach(down, down.prune_mask.T.contiguous().T)  # a strided mask, as SparseGPT's are
+    assert not down.prune_mask.is_contiguous()
     before = {n: p.detach().clone() for n, p in pruned_base.named_parameters()}
     load_deltas(pruned_base, save_deltas(tuned, tmp_path / "lift.safetensors"))
     trained, original = dict(model.named_parameters()), dict(base.named_parameters())

@@ -211,7 +211,7 @@ def _delta(weight: torch.Tensor, keep: torch.Tensor | None, name: str, tensors: 
             raise PrunekitError(f"deltas at {path} index {name!r} up to {int(indices.max())}, but its weight here has "
                                 f"{weight.numel()} entries (shape {tuple(weight.shape)}); a different base model?")
         if keep is not None:
-            kept = keep.view(-1)[indices.to(keep.device)].cpu()
+            kept = keep.reshape(-1)[indices.to(keep.device)].cpu()  # masks may be strided (SparseGPT's are transposes)
             indices, values = indices[kept], values[kept]
         return lambda w: w.view(-1).index_add_(0, indices.to(w.device), values.to(w.device, w.dtype))
     a, b = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
