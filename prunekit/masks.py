@@ -91,6 +91,14 @@ def _zero_pruned(tensor: torch.Tensor, keep: torch.Tensor) -> None:
     tensor.masked_fill_(~keep, 0)
 
 
+def rezero(module: nn.Module) -> None:
+    """Zeroes the module's pruned entries again, after a write that did not go through an optimizer step (adding
+    saved deltas); nothing for a module without a mask."""
+    if BUFFER in module._buffers:
+        with torch.no_grad():
+            _zero_pruned(_masked(module), module.prune_mask)
+
+
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """name -> keep-mask of every masked module."""
     return {name: m.prune_mask for name, m in model.named_modules() if BUFFER in m._buffers}
@@ -114,9 +122,8 @@ def _reapply(optimizer, args, kwargs) -> None:
         for group in optimizer.param_groups:
             for p in group["params"]:
                 owner = getattr(p, _OWNER, None)
-                module = owner() if owner is not None else None
-                if module is not None and BUFFER in module._buffers:
-                    _zero_pruned(p, module.prune_mask)
+                if owner is not None and owner() is not None:
+                    rezero(owner())
 
 
 def _ensure_step_hook() -> None:

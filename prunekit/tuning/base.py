@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import PrunekitError
-from ..masks import BUFFER
+from ..masks import BUFFER, rezero
 from ..registry import Registry
 
 
@@ -192,38 +192,30 @@ def load_deltas(model: nn.Module, path: str | Path) -> dict:
         if name not in params:
             raise PrunekitError(f"deltas at {path} change {name!r}, which this model does not have; load them onto "
                                 f"the base model they were trained on")
-        changes[name] = _delta(params[name], pruned(modules[name.rpartition(".")[0]]), name, tensors, path)
+        changes[name] = _delta(params[name], name, tensors, path)
     with torch.no_grad():
         for name, change in changes.items():
             change(params[name])
+            rezero(modules[name.rpartition(".")[0]])  # deltas trained on a dense model must not fill pruned entries
     with open(path, "rb") as f:  # the safetensors header holds the metadata
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     return header.get("__metadata__", {})
 
 
-def _delta(weight: torch.Tensor, keep: torch.Tensor | None, name: str, tensors: dict, path) -> callable:
-    """A function adding the saved delta of `name` to its weight, after checking that it fits. The delta is
-    masked by the weight's prune mask `keep`, so pruned entries stay zero (deltas trained on the dense model can
-    go onto a pruned copy)."""
+def _delta(weight: torch.Tensor, name: str, tensors: dict, path) -> callable:
+    """A function adding the saved delta of `name` to its weight, after checking that it fits."""
     if f"{name}.indices" in tensors:
         indices, values = tensors[f"{name}.indices"].long(), tensors[f"{name}.values"]
         if indices.numel() and (indices.min() < 0 or indices.max() >= weight.numel()):
             raise PrunekitError(f"deltas at {path} index {name!r} up to {int(indices.max())}, but its weight here has "
                                 f"{weight.numel()} entries (shape {tuple(weight.shape)}); a different base model?")
-        if keep is not None:
-            kept = keep.reshape(-1)[indices.to(keep.device)].cpu()  # masks may be strided (SparseGPT's are transposes)
-            indices, values = indices[kept], values[kept]
         return lambda w: w.view(-1).index_add_(0, indices.to(w.device), values.to(w.device, w.dtype))
     a, b = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
     scale = float(tensors[f"{name}.scale"])
     if (b.shape[0], a.shape[1]) != tuple(weight.shape):
         raise PrunekitError(f"deltas at {path} change {name!r} by a {b.shape[0]}x{a.shape[1]} matrix, but its weight "
                             f"here is {tuple(weight.shape)}; a different base model?")
-    def add(w):
-        change = scale * (b.float() @ a.float())
-        w.add_((change if keep is None else change * keep.to(change.device)).to(w.device, w.dtype))
-
-    return add
+    return lambda w: w.add_((scale * (b.float() @ a.float())).to(w.device, w.dtype))
 
 
 def lowrank_delta(name: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
