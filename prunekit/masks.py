@@ -118,12 +118,12 @@ def remove_masks(model: nn.Module) -> int:
 
 
 def _reapply(optimizer, args, kwargs) -> None:
-    with torch.no_grad():
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                owner = getattr(p, _OWNER, None)
-                if owner is not None and owner() is not None:
-                    rezero(owner())
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            owner = getattr(p, _OWNER, None)
+            module = owner() if owner is not None else None
+            if module is not None:
+                rezero(module)
 
 
 def _ensure_step_hook() -> None:

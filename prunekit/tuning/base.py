@@ -36,6 +36,7 @@ from torch import nn
 from ..errors import PrunekitError
 from ..masks import BUFFER, rezero
 from ..registry import Registry
+from .sparse import selection
 
 
 class Method:
@@ -136,8 +137,6 @@ def _refuse_tuned(model: nn.Module, tuner: Method) -> None:
     not take, is refused before anything changes."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from .sparse import selection
-
     name, fresh = type(model).__name__, "prepare it on a fresh copy of the base model (load_deltas puts trained " \
                                         "deltas onto one)"
     if _PREPARED in model.__dict__:
@@ -156,8 +155,6 @@ def _refuse_tuned(model: nn.Module, tuner: Method) -> None:
 def average_gradients(optimizer: torch.optim.Optimizer, group) -> None:
     """Averages over the ranks every gradient the optimizer's next step uses: a sparse selection's reduced gradient
     (never the dense one of its weight), a plain parameter's .grad; one all-reduce per dtype and device."""
-    from .sparse import selection
-
     grads = []
     for param_group in optimizer.param_groups:
         for p in param_group["params"]:
