@@ -3,6 +3,7 @@ shard of the data (gloo, CPU) and saves what it ended with to OUT/rank<r>.pt for
 
     torchrun --nproc_per_node 2 tests/distributed_worker.py OUT
 """
+import gc
 import sys
 
 import torch
@@ -106,6 +107,11 @@ def main(out: str) -> None:
     optimizer = tuned.optimizer(lr=1e-2)
     train(model, tuned, optimizer, mine, forward=ddp)
     result["tune"]["ist-ddp"] = {**state_of(tuned, model, optimizer), "scores": tuned.scores.clone()}
+    # Free DDP's reducer while the default group still holds the process group: were the reducer the group's last
+    # owner, its destructor would join gloo's threads holding the GIL, which a gloo thread freeing a tensor waits
+    # for (a deadlock seen once in the suite; pytorch/pytorch#56297).
+    del ddp
+    gc.collect()
 
     torch.save(result, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()

@@ -26,10 +26,17 @@ def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
-                             str(HERE / "distributed_worker.py"), str(out)], capture_output=True, text=True, env=env,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run = subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+                            str(HERE / "distributed_worker.py"), str(out)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _, stderr = run.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        run.terminate()  # torchrun stops its ranks on SIGTERM (each runs in a session of its own): none outlives this
+        _, stderr = run.communicate(timeout=60)
+        pytest.fail(f"the two ranks did not finish in 300 s; saved: {sorted(p.name for p in out.iterdir())}; "
+                    f"torchrun's stderr ends:\n{stderr[-4000:]}")
+    assert run.returncode == 0, stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
