@@ -1,5 +1,10 @@
 """Build hooks only; the metadata lives in setup.cfg.
 
+The CPU kernels (prunekit.kernels._sparse_cpu, from prunekit/kernels/csrc/sparse_cpu.cpp) build with any C++17
+compiler and only Python's headers, so `pip install` builds them in its isolated environment; they are optional: where
+the build fails the install goes on, and prunekit compiles them on first use instead (or, with no compiler at all,
+runs pruned layers dense, saying so once). PRUNEKIT_BUILD_CPU=0 skips them.
+
 The CUDA extension (prunekit._cuda_ext, from cuda_ext/) is built only when torch with CUDA and nvcc are importable
 in the build environment. pip builds in isolation by default, where torch is absent (and must stay absent: a torch
 build requirement would pull a multi-GB CUDA wheel), so a plain `pip install -e .` installs pure Python in
@@ -10,12 +15,13 @@ seconds, and the kernels still run through CuPy if it is installed. To build the
 PRUNEKIT_BUILD_CUDA=0 never builds it; unset, it builds when it can and says why when it does not. The
 architectures are torch's (TORCH_CUDA_ARCH_LIST, e.g. "8.0;9.0", or the visible GPU's).
 """
+import hashlib
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -68,5 +74,17 @@ def cuda_extension():
     return [], {}
 
 
+def cpu_extension():
+    """[the CPU kernels' extension], unless PRUNEKIT_BUILD_CPU=0. Optional: a failed build warns and goes on."""
+    if os.environ.get("PRUNEKIT_BUILD_CPU", "").strip() == "0":
+        return []
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # Apple's clang has no OpenMP: one thread there
+    source = "prunekit/kernels/csrc/sparse_cpu.cpp"
+    sha = hashlib.sha256((ROOT / source).read_bytes()).hexdigest()  # the loader rebuilds if the source changed since
+    return [Extension("prunekit.kernels._sparse_cpu", sources=[source], define_macros=[("PK_SOURCE_SHA", f'"{sha}"')],
+                      extra_compile_args=["-O3", "-std=c++17", *openmp], extra_link_args=openmp, language="c++",
+                      optional=True)]
+
+
 extensions, commands = cuda_extension()
-setup(ext_modules=extensions, cmdclass={"build_py": BuildPyWithKernelSources, **commands})
+setup(ext_modules=cpu_extension() + extensions, cmdclass={"build_py": BuildPyWithKernelSources, **commands})

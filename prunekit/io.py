@@ -10,24 +10,13 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from . import __version__, masks
+from .bits import pack_bits, unpack_bits
 from .errors import MaskMismatchError, PrunekitError
 from .report import PruneReport
 
 MANIFEST = "prunekit.json"
 MASK_FILE = "prunekit_masks.safetensors"
 PLAIN_WEIGHTS = "model.safetensors"
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """bool tensor -> uint8, 8 entries per byte (a mask costs 1/32 of an fp32 weight on disk)."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).view(-1, 8)
-    return (flat << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
-    bits = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
-    return bits.reshape(-1)[: torch.Size(shape).numel()].bool().view(shape)
 
 
 def clear_gguf_marker(model: nn.Module) -> bool:

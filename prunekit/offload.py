@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import masks
+from .bits import pack_bits, unpack_bits
 from .errors import PrunekitError, TargetError
 from .targets import find_blocks
 
@@ -192,7 +193,6 @@ class Offload:
     # -- residency
     def acquire(self, i: int) -> None:
         """Makes block i resident (reads its weights and re-attaches its masks on the first of nested calls)."""
-        from .io import unpack_bits
 
         with self._lock:
             self._count[i] += 1
@@ -236,7 +236,6 @@ class Offload:
                                         if masks.BUFFER in m._buffers))
 
     def _write(self, i: int) -> None:
-        from .io import pack_bits
 
         block, prefix = self.blocks[i], self.names[i]
         found = {prefix + name: m.prune_mask for name, m in block.named_modules() if masks.BUFFER in m._buffers}
@@ -272,7 +271,6 @@ class Offload:
     # -- saving
     def packed_masks(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, list[int]]]:
         """Every mask of the model, packed, block by block (and those of resident layers outside the blocks)."""
-        from .io import pack_bits
 
         found = {}
         for i in range(len(self.blocks)):

@@ -155,15 +155,17 @@ def test_explicit_backends_are_checked_before_any_swap(pruned):
         convert(tiny("llama"))
 
 
-def test_half_precision_on_the_cpu_stays_dense_and_2_4_needs_a_gpu():
-    model = tiny("llama").to(torch.bfloat16)
+def test_float16_on_the_cpu_stays_dense_and_2_4_needs_a_gpu():
+    model = tiny("llama").to(torch.float16)
     prunekit.prune(model, "2:4", importance="magnitude", progress=False)
     keep = model.model.layers[0].mlp.up_proj.prune_mask
     assert is_2_4(keep) and not is_2_4(torch.ones_like(keep))
-    report = convert(model)  # no sparse path for bf16 on a CPU: nothing is measured, nothing swapped
+    report = convert(model)  # no sparse path for fp16 on a CPU: nothing is measured, nothing swapped
     assert report.converted == 0 and all(c.pattern == "2:4" and not c.choices for c in report)
     with pytest.raises(PrunekitError, match="2:4 semi-structured sparsity runs on CUDA devices"):
         convert(model, backend="semi_structured")
+    with pytest.raises(PrunekitError, match="take float32 or bfloat16 weights, not torch.float16"):
+        convert(model, backend="cpu")
     with pytest.raises(PrunekitError, match="runs on CUDA devices"):
         SemiStructuredLinear(model.model.layers[0].mlp.up_proj.weight.detach(), None)
 

@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import prunekit
-from prunekit.io import MANIFEST, pack_bits, unpack_bits
+from prunekit.bits import pack_bits, unpack_bits
+from prunekit.io import MANIFEST
 from conftest import calibration_for, tiny
 
 

@@ -17,7 +17,8 @@ from prunekit import offload
 from prunekit.cli import main
 from prunekit.errors import PrunekitError, TargetError
 from prunekit.evaluate import perplexity
-from prunekit.io import MANIFEST, MASK_FILE, unpack_bits
+from prunekit.bits import unpack_bits
+from prunekit.io import MANIFEST, MASK_FILE
 
 from conftest import calibration_for, tiny, tiny_lm_dir
 
@@ -30,7 +31,7 @@ def _saved_tensors(path: Path) -> dict:
     return {key: path / name for key, name in index.items()}
 
 
-def test_a_1gb_llama_prunes_in_a_fraction_of_its_size(tmp_path):
+def test_a_1gb_llama_prunes_in_a_fraction_of_its_size(tmp_path, one_thread):
     # 28 decoder layers of 8.9M weights (hidden 1024, MLP 2048, 16 heads, 4 KV heads): 0.99 GB in float32
     config = tf.LlamaConfig(vocab_size=256, hidden_size=1024, intermediate_size=2048, num_hidden_layers=28,
                             num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=64)
@@ -55,7 +56,8 @@ def test_a_1gb_llama_prunes_in_a_fraction_of_its_size(tmp_path):
     assert measured["peak_mib"] - measured["baseline_mib"] < 0.2 * size_mib, measured
     assert measured["exact"]
 
-    # The reference: the same model pruned in memory on the same calibration data.
+    # The reference: the same model pruned in memory on the same calibration data, on one thread as the worker (a
+    # reduction split over two threads rounds differently, which flipped a borderline Wanda score on one machine).
     sys.path.insert(0, str(WORKER.parent))
     from offload_worker import calibration
 

@@ -1,7 +1,7 @@
 """The block-sparse backends by name, each loaded on first use, and why one cannot run a given product.
 
 "cuda_ext": the compiled extension; "cupy": the same kernels compiled by NVRTC through CuPy; "torch": PyTorch's
-sparse BSR tensors; "dense": the weight materialised and multiplied by cuBLAS/MKL (always available; what "auto"
+sparse BSR tensors; "cpu": prunekit's CPU kernel (cpu.py, inference; gradients through dense products); "dense": the weight materialised and multiplied by cuBLAS/MKL (always available; what "auto"
 falls back to). 2:4 semi-structured sparsity is a different storage and lives in semi_structured.py.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from ..errors import PrunekitError
 
-BSR_BACKENDS = ("cuda_ext", "cupy", "torch")
+BSR_BACKENDS = ("cuda_ext", "cupy", "cpu", "torch")
 NAMES = BSR_BACKENDS + ("dense",)
 
 _loaded: dict[str, object] = {}
@@ -22,6 +22,13 @@ def _load(name: str):
         from .torch_bsr import TorchBSR
 
         return TorchBSR()
+    if name == "cpu":
+        from .cpu import CpuBSR, unavailable
+
+        reason = unavailable()
+        if reason:
+            raise ImportError(reason)
+        return CpuBSR()
     if name == "cuda_ext":
         from .native import extension_backend
 

@@ -1,5 +1,5 @@
-"""convert(model): every masked Linear onto the fastest path there is for it; revert(model): back to dense Linears
-with their masks (for save_pruned, or to prune again)."""
+"""convert(model): every masked Linear onto the fastest path there is for it, held as small as its mask allows;
+revert(model): back to dense Linears with their masks (to prune again)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,38 +10,55 @@ from torch import nn
 from ..masks import BUFFER
 from ..errors import PrunekitError
 from ..targets import PRUNABLE
-from . import backends
+from . import backends, cpu
+from .bitmask import BitmaskLinear
 from .layout import KERNEL_BLOCKS, BlockLayout, choose_block
 from .linear import BlockSparseLinear, dense_mask, dense_view
 from .semi_structured import SemiStructuredLinear, is_2_4, unsupported as semi_unsupported
 
 CHOICES = ("auto", "dense", "semi_structured") + backends.BSR_BACKENDS
+LAYOUTS = ("auto", "bitmask", "block")
+SPARSE_MODULES = (BitmaskLinear, BlockSparseLinear, SemiStructuredLinear)
+
+
+def stored_bytes(module: nn.Module) -> int:
+    """Bytes a layer holds in memory: every parameter and buffer (a mask included)."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 @dataclass
 class Conversion:
     name: str
     shape: tuple[int, int]  # [out, in]
-    pattern: str  # "block 32x32, 27.5% of blocks stored", "2:4"
-    became: str  # "BlockSparseLinear", "SemiStructuredLinear" or "dense"
+    pattern: str  # "unstructured, 50.0% kept", "2:4", "block 32x32, 27.5% of blocks stored"
+    became: str  # "BitmaskLinear", "BlockSparseLinear", "SemiStructuredLinear" or "dense"
     choices: dict[int, str] = field(default_factory=dict)  # rows measured -> the backend "auto" picked
     note: str = ""  # why a sparse candidate could not be built, if one could not
+    dense_bytes: int = 0  # the layer's weight and bias, dense
+    stored_bytes: int = 0  # what it holds now (dense_bytes plus its mask, if it stayed dense)
 
 
 class ConversionReport(list):
-    """One Conversion per masked layer; prints as a table."""
+    """One Conversion per masked layer; prints as a table with the memory it saved."""
 
     def __str__(self) -> str:
-        head = ["layer", "shape", "pattern", "became", "auto picks (rows: backend)"]
+        head = ["layer", "shape", "pattern", "became", "bytes", "auto picks (rows: backend)"]
         body = [[c.name, f"{c.shape[0]}x{c.shape[1]}", c.pattern, c.became,
-                 ", ".join(f"{r}: {b}" for r, b in c.choices.items())] for c in self]
+                 f"{c.stored_bytes / max(c.dense_bytes, 1):.2f}x",
+                 ", ".join(f"{r}: {b}" for r, b in c.choices.items()) or c.note] for c in self]
         widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
-        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
-                         for row in [head, ["-" * w for w in widths]] + body)
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                 for row in [head, ["-" * w for w in widths]] + body]
+        return "\n".join(lines + [self.summary()])
 
     @property
     def converted(self) -> int:
         return sum(c.became != "dense" for c in self)
+
+    def summary(self) -> str:
+        dense, stored = sum(c.dense_bytes for c in self), sum(c.stored_bytes for c in self)
+        return (f"{self.converted} of {len(self)} masked layers converted; they hold {stored / 2**20:.1f} MiB "
+                f"against {dense / 2**20:.1f} MiB dense ({stored / max(dense, 1):.2f}x)")
 
 
 @dataclass
@@ -52,35 +69,60 @@ class _Plan:
     block: int
     layout: BlockLayout
     two_four: bool
+    storage: str  # "bitmask" or "block": the smaller for this mask, unless one was asked for
+
+    @property
+    def pattern(self) -> str:
+        if self.two_four:
+            return "2:4"
+        if self.storage == "block":
+            return f"block {self.block}x{self.block}, {self.layout.density:.1%} of blocks stored"
+        return f"unstructured, {self.keep.float().mean().item():.1%} kept"
 
 
-def convert(model: nn.Module, backend: str = "auto", *, block: int | None = None, rows=(1, 16, 512),
-            training: bool = False) -> ConversionReport:
-    """Swaps every Linear (or GPT-2 Conv1D) carrying a prunekit mask for the fastest way to run it, in place.
+def convert(model: nn.Module, backend: str = "auto", *, layout: str = "auto", block: int | None = None,
+            rows=(1, 16, 512), training: bool = False) -> ConversionReport:
+    """Swaps every Linear (or GPT-2 Conv1D) carrying a prunekit mask for a layer that stores only what the mask
+    keeps and runs on the fastest path for it, in place.
 
-    backend: "auto" measures, per layer shape, sparsity, dtype and device, PyTorch's dense matmul against every
-        usable sparse path (the CUDA extension, CuPy, PyTorch's BSR; 2:4 semi-structured for 2:4 masks on a GPU)
-        at each batch size in `rows`, and swaps a layer only where some sparse path beats dense; the swapped
-        module keeps measuring new batch sizes as they come (dispatch.py) and runs dense where dense is faster.
-        Or name one backend ("cuda_ext", "cupy", "torch", "semi_structured", "dense") to use it everywhere.
-    block: 16, 32 or 64; by default each layer's from its mask (layout.choose_block).
+    Storage (`layout`): "bitmask", the kept weights plus one bit per weight (BitmaskLinear), or "block", the B x B
+    blocks holding a kept weight (BlockSparseLinear); "auto" takes whichever is smaller for each mask (block masks
+    get blocks, unstructured and N:M masks the bitmask).
+    backend: "auto" measures, per layer shape, sparsity, dtype, device, thread count and batch size in `rows`,
+        dense against every usable sparse path (prunekit's CPU kernels; on a GPU its CUDA extension, CuPy, PyTorch's
+        BSR and 2:4 semi-structured), and swaps a layer only where some sparse path beats dense; the swapped module
+        keeps measuring new batch sizes as they come (dispatch.py) and runs dense where dense is faster.
+        Or name one ("cpu", "cuda_ext", "cupy", "torch", "semi_structured", "dense") to use it everywhere.
+    block: 16, 32 or 64 for the block layout; by default each layer's from its mask (layout.choose_block).
     training: leave out 2:4 semi-structured, whose compressed weight does not train.
 
-    Every layer is checked before any is swapped. Returns a ConversionReport; prunekit.kernels.revert undoes it.
+    Every layer is checked (NaN or Inf in kept weights, a backend that cannot run it, a model converted already)
+    before any is swapped. Returns a ConversionReport; prunekit.kernels.revert undoes it.
     """
     if backend not in CHOICES and not backends.known(backend):
         raise PrunekitError(f"unknown backend {backend!r}; choose from {', '.join(CHOICES)}")
+    if layout not in LAYOUTS:
+        raise PrunekitError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     if block is not None and block not in KERNEL_BLOCKS and backend not in ("torch", "dense"):
         raise PrunekitError(f"block must be one of {KERNEL_BLOCKS} for the kernels, got {block!r}")
-    plans = [_plan(name, module, block) for name, module in model.named_modules()
+    done = [name for name, m in model.named_modules() if isinstance(m, SPARSE_MODULES)]
+    if done:
+        raise PrunekitError(f"the model is converted already ({len(done)} sparse layers, e.g. {done[0]}); call "
+                            f"prunekit.kernels.revert(model) first to convert it again")
+    if backend in ("torch", "cuda_ext", "cupy") or (block is not None and layout == "auto"):
+        layout = "block"  # the BSR backends read blocks; a block size asks for them
+    plans = [_plan(name, module, block, layout) for name, module in model.named_modules()
              if isinstance(module, PRUNABLE) and BUFFER in module._buffers]
     if not plans:
         raise PrunekitError("the model has no masked Linear layers; prune it first (prunekit.prune), or wrap layers "
-                            "yourself with BlockSparseLinear.from_dense(linear, mask)")
+                            "yourself with BitmaskLinear.from_dense(linear, mask) or BlockSparseLinear.from_dense")
     _check(plans, backend)
     report, swaps = ConversionReport(), []
     for plan in plans:  # every new module is built before the first swap: a failure leaves the model as it was
         new, conversion = _convert_one(plan, backend, rows, training)
+        weight, bias = dense_view(plan.module)
+        conversion.dense_bytes = sum(t.numel() * t.element_size() for t in (weight, bias) if t is not None)
+        conversion.stored_bytes = stored_bytes(new if new is not None else plan.module)
         if new is not None:
             swaps.append((plan.name, new))
         report.append(conversion)
@@ -90,25 +132,36 @@ def convert(model: nn.Module, backend: str = "auto", *, block: int | None = None
 
 
 def revert(model: nn.Module) -> int:
-    """Turns every BlockSparseLinear / SemiStructuredLinear back into a dense Linear (or Conv1D) with its prunekit
-    mask, in place. Returns how many."""
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, (BlockSparseLinear, SemiStructuredLinear))]
+    """Turns every converted layer back into a dense Linear (or Conv1D) with its prunekit mask, in place. Returns
+    how many."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, SPARSE_MODULES)]
     for name, module in found:
         _swap(model, name, module.to_dense())
     return len(found)
 
 
-def _plan(name: str, module: nn.Module, block: int | None) -> _Plan:
+def _plan(name: str, module: nn.Module, block: int | None, layout: str) -> _Plan:
     keep = dense_mask(module)
     size = choose_block(keep) if block is None else block
-    return _Plan(name, module, keep, size, BlockLayout.from_mask(keep, size), is_2_4(keep))
+    blocks = BlockLayout.from_mask(keep, size)
+    if layout == "auto":  # the smaller in bytes: stored blocks and their indices, or kept weights and their bits
+        element, (rows, cols) = dense_view(module)[0].element_size(), keep.shape
+        as_blocks = blocks.nnzb * (size * size * element + 16) + (sum(blocks.grid) + 2) * 4
+        as_bits = int(keep.sum()) * element + rows * (-(-cols // 8) + 8)
+        layout = "block" if as_blocks < as_bits else "bitmask"
+    return _Plan(name, module, keep, size, blocks, is_2_4(keep), layout)
 
 
 def _check(plans: list[_Plan], backend: str) -> None:
     problems = []
     for p in plans:
         weight, _ = dense_view(p.module)
-        if backend not in ("auto", "dense", "semi_structured"):  # a BSR backend
+        if not bool(torch.isfinite(weight.detach()[p.keep]).all()):
+            reason = "its kept weights hold NaN or Inf (fix or re-prune the model first)"
+        elif backend == "cpu":
+            reason = (cpu.unsupported(weight.dtype) if weight.device.type == "cpu" else
+                      f"cpu runs on the CPU; this layer is on {weight.device.type}")
+        elif backend not in ("auto", "dense", "semi_structured"):  # a BSR backend
             reason = backends.unavailable(backend, weight.device, weight.dtype, p.block)
         elif backend == "semi_structured":
             reason = ("its mask is not 2:4" if not p.two_four else semi_unsupported(weight.device, weight.dtype))
@@ -121,36 +174,44 @@ def _check(plans: list[_Plan], backend: str) -> None:
         raise PrunekitError(f"cannot convert to backend {backend!r}: " + "; ".join(problems[:5]) + more)
 
 
+def _sparse(p: _Plan, backend: str) -> nn.Module:
+    """The plan's layer in its storage, running on `backend` ("auto", or one the storage takes)."""
+    if p.storage == "bitmask":
+        return BitmaskLinear.from_dense(p.module, p.keep, backend)
+    return BlockSparseLinear.from_dense(p.module, p.keep, p.block, backend)
+
+
 def _convert_one(p: _Plan, backend: str, rows, training: bool):
     weight, bias = dense_view(p.module)
     shape = tuple(weight.shape)
-    pattern = "2:4" if p.two_four else f"block {p.block}x{p.block}, {p.layout.density:.1%} of blocks stored"
     source = "Linear" if isinstance(p.module, nn.Linear) else "Conv1D"
     if backend == "dense":
-        return None, Conversion(p.name, shape, pattern, "dense")
+        return None, Conversion(p.name, shape, p.pattern, "dense")
     if backend == "semi_structured":
         new = SemiStructuredLinear((weight * p.keep).detach(), bias, "semi_structured", source)
-        return new, Conversion(p.name, shape, pattern, type(new).__name__)
+        return new, Conversion(p.name, shape, p.pattern, type(new).__name__)
     if backend != "auto":
-        new = BlockSparseLinear.from_dense(p.module, p.keep, p.block, backend)
-        return new, Conversion(p.name, shape, pattern, type(new).__name__)
+        new = _sparse(p, backend)
+        return new, Conversion(p.name, shape, p.pattern, type(new).__name__)
     # auto: one candidate module, measured at each batch size; kept only where something beats dense
     try:
         if p.two_four and not training and semi_unsupported(weight.device, weight.dtype) is None:
             candidate = SemiStructuredLinear((weight * p.keep).detach(), bias, "auto", source)
+        elif weight.device.type == "cpu" and cpu.unsupported(weight.dtype) is None:
+            candidate = _sparse(p, "auto")
         elif p.layout.density < 1 and backends.usable(weight.device, weight.dtype, p.block):
             candidate = BlockSparseLinear.from_dense(p.module, p.keep, p.block, "auto")
-        else:  # every block stored (unstructured or N:M masks on the CPU, say), or no sparse path here
-            return None, Conversion(p.name, shape, pattern, "dense")
+        else:  # every block stored (an unstructured mask on a GPU, say), or no sparse path here
+            return None, Conversion(p.name, shape, p.pattern, "dense", note="no sparse path for it here")
     except (RuntimeError, ValueError) as e:  # e.g. a shape the 2:4 kernels do not take: this layer stays dense
-        return None, Conversion(p.name, shape, pattern, "dense", note=f"{type(e).__name__}: {e}")
+        return None, Conversion(p.name, shape, p.pattern, "dense", note=f"{type(e).__name__}: {e}")
     choices = {}
     with torch.no_grad():
         for n in rows:
             x = torch.randn(n, shape[1], device=weight.device, dtype=weight.dtype)
             choices[n] = candidate.choose(x)
     became = type(candidate).__name__ if any(c != "dense" for c in choices.values()) else "dense"
-    return (candidate if became != "dense" else None), Conversion(p.name, shape, pattern, became, choices)
+    return (candidate if became != "dense" else None), Conversion(p.name, shape, p.pattern, became, choices)
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:

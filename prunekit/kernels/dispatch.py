@@ -1,6 +1,7 @@
 """backend="auto": time every candidate once per problem and keep the fastest, never one slower than dense.
 
-A problem is (kind, weight shape, block, stored density to 1/20, dtype, device, rows rounded up to a power of two):
+A problem is (kind, weight shape, block, stored density to 1/20, dtype, device, torch's CPU thread count, rows rounded
+up to a power of two):
 layers of one shape and sparsity share one measurement, and a new batch size only costs a measurement when it
 falls in a new bucket. Sparse wins only when it beats dense by `MARGIN`, so timing noise can not make a layer
 slower than it was dense; what wins depends on the machine (on a 2-core CPU, BSR wins only at small batch and high
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,18 +24,19 @@ MAX_REPEATS = 50  # ... and at most this many rounds after the warm-up
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str  # "bsr" or "2:4"
+    kind: str  # "bsr", "bitmask" or "2:4"
     shape: tuple[int, int]
     block: int
     density: float
     dtype: torch.dtype
     device: str
+    threads: int  # torch's CPU threads (0 on a GPU): what wins on one core may lose on two
     rows: int  # bucket: rows rounded up to a power of two
 
     @classmethod
     def of(cls, kind: str, shape, block: int, density: float, dtype, device: torch.device, rows: int) -> "Problem":
         name = str(device) if device.type == "cpu" else f"{device}:{torch.cuda.get_device_name(device)}"
-        return cls(kind, tuple(shape), block, round(density * 20) / 20, dtype, name, bucket(rows))
+        return cls(kind, tuple(shape), block, round(density * 20) / 20, dtype, name, _threads(device), bucket(rows))
 
 
 @dataclass
@@ -44,10 +47,33 @@ class Choice:
 
 
 _cache: dict[Problem, Choice] = {}
+_memos: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def bucket(rows: int) -> int:
     return 1 << max(0, int(rows) - 1).bit_length()
+
+
+def _threads(device: torch.device) -> int:
+    return torch.get_num_threads() if device.type == "cpu" else 0
+
+
+def pick(module: torch.nn.Module, x: torch.Tensor, kind: str, shape, block: int, density: float,
+         candidates: Callable[[torch.Tensor], dict[str, Callable[[], object]]]) -> str:
+    """The backend `module` runs `x` on: remembered per module and batch-size bucket, so that a forward after the
+    first costs one dictionary lookup; otherwise the problem's choice, measuring candidates(x as 2-D rows) (which
+    must include "dense") if the problem is new."""
+    rows = x.numel() // shape[1]
+    key = (bucket(rows), x.dtype, x.device, _threads(x.device))
+    memo = _memos.setdefault(module, {})
+    winner = memo.get(key)
+    if winner is None:
+        problem = Problem.of(kind, shape, block, density, x.dtype, x.device, rows)
+        choice = known(problem)
+        if choice is None:
+            choice = choose(problem, candidates(x.detach().reshape(-1, shape[1]).contiguous()), x.device)
+        memo[key] = winner = choice.winner
+    return winner
 
 
 def measure(fn: Callable[[], object], device: torch.device) -> float:
@@ -131,3 +157,4 @@ def decisions() -> dict[Problem, Choice]:
 def forget() -> None:
     """Drops every measurement (after a driver or clock change, say)."""
     _cache.clear()
+    _memos.clear()

@@ -118,9 +118,12 @@ class BlockSparseLinear(nn.Module):
                            **{name: getattr(self, name) for name in BlockLayout.INDEX_FIELDS})
 
     def dense_weight(self) -> torch.Tensor:
-        """The dense [out, in] weight; differentiable while training, cached (until `values` change) otherwise."""
+        """The dense [out, in] weight; differentiable while training. On a GPU it is cached until `values` change;
+        on the CPU it is rebuilt per call, so that the layer stays as small as its blocks."""
         if torch.is_grad_enabled() and self.values.requires_grad:
             return self.layout.scatter(self.values)
+        if self.values.device.type == "cpu":
+            return self.layout.scatter(self.values.detach())
         key = (self.values.data_ptr(), self.values._version, self.values.device, self.values.dtype)
         if self._dense_cache is None or self._dense_cache[0] != key:
             self._dense_cache = (key, self.layout.scatter(self.values.detach()))
@@ -128,21 +131,17 @@ class BlockSparseLinear(nn.Module):
 
     def choose(self, x: torch.Tensor) -> str:
         """The backend "auto" runs `x` on (measured the first time its problem is seen)."""
-        rows = x.numel() // self.in_features
-        density = self.values.shape[0] / (-(-self.out_features // self.block) * -(-self.in_features // self.block))
-        problem = dispatch.Problem.of("bsr", (self.out_features, self.in_features), self.block, density, x.dtype,
-                                      x.device, rows)
-        known = dispatch.known(problem)
-        if known is not None:  # the common case, every forward after the first of its batch-size bucket
-            return known.winner
-        x2 = x.detach().reshape(-1, self.in_features).contiguous()
         layout = self.layout
         values, bias = self.values.detach(), None if self.bias is None else self.bias.detach()
-        dense = self.layout.scatter(values)
-        candidates = {"dense": lambda: F.linear(x2, dense, bias)}
-        for name in backends.usable(x.device, x.dtype, self.block):
-            candidates[name] = lambda name=name: block_sparse_linear(x2, values, layout, bias, backends.get(name))
-        return dispatch.choose(problem, candidates, x.device).winner
+
+        def candidates(x2):  # dense as forward runs it: on the CPU, the weight rebuilt per call
+            found = {"dense": lambda: F.linear(x2, self.dense_weight(), bias)}
+            for name in backends.usable(x.device, x.dtype, self.block):
+                found[name] = lambda name=name: block_sparse_linear(x2, values, layout, bias, backends.get(name))
+            return found
+
+        return dispatch.pick(self, x, "bsr", (self.out_features, self.in_features), self.block, layout.density,
+                             candidates)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.choose(x) if self.backend == "auto" else self.backend

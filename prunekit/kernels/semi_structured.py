@@ -54,16 +54,12 @@ class SemiStructuredLinear(nn.Module):
         return self._dense
 
     def choose(self, x: torch.Tensor) -> str:
-        problem = dispatch.Problem.of("2:4", (self.out_features, self.in_features), 4, 0.5, x.dtype, x.device,
-                                      x.numel() // self.in_features)
-        known = dispatch.known(problem)
-        if known is not None:
-            return known.winner
-        x2 = x.detach().reshape(-1, self.in_features).contiguous()
-        dense = self.dense_weight()
-        candidates = {"dense": lambda: F.linear(x2, dense, self.bias),
-                      "semi_structured": lambda: F.linear(x2, self.weight, self.bias)}
-        winner = dispatch.choose(problem, candidates, x.device).winner
+        def candidates(x2):
+            dense = self.dense_weight()
+            return {"dense": lambda: F.linear(x2, dense, self.bias),
+                    "semi_structured": lambda: F.linear(x2, self.weight, self.bias)}
+
+        winner = dispatch.pick(self, x, "2:4", (self.out_features, self.in_features), 4, 0.5, candidates)
         if winner != "dense":
             self._dense = None  # the dense copy was only for timing
         return winner

@@ -1,0 +1,142 @@
+"""prunekit's CPU sparse kernels (csrc/sparse_cpu.cpp): y = x W^T (+ b) for W in the bitmask layout (bitmask.py)
+or the block layout (layout.py), fp32 or bf16 weights, fp32 accumulation, on torch's thread count.
+
+The AVX-512 or AVX2 path is chosen by what the CPU reports (`isa()`); `force_isa("avx2")` (or the environment
+variable PRUNEKIT_CPU_ISA=avx2) caps it, to test the AVX2 path on an AVX-512 machine or to compare them. Where the
+extension cannot be loaded or built, `unavailable()` says why, a one-line warning is shown once, and every caller
+runs the dense path instead.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from ..errors import PrunekitError
+from .layout import KERNEL_BLOCKS, BlockLayout
+
+ISAS = ("portable", "avx2", "avx512")
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+_state: dict = {}  # "module" or "reason", once loaded; "forced": the ISA cap
+
+
+def _module():
+    if "module" not in _state and "reason" not in _state:
+        from .cpu_build import load
+
+        try:
+            _state["module"] = load()
+        except ImportError as e:
+            _state["reason"] = str(e)
+            warnings.warn(f"prunekit: the CPU sparse kernels are unavailable ({e}); compressed layers run dense",
+                          RuntimeWarning, stacklevel=3)
+    return _state.get("module")
+
+
+def unavailable() -> str | None:
+    """None when the kernels can run, else why not."""
+    return None if _module() is not None else f"the CPU sparse kernels are unavailable: {_state['reason']}"
+
+
+def isa() -> str:
+    """The instruction set the kernels run with: what the CPU supports, capped by force_isa / PRUNEKIT_CPU_ISA."""
+    module = _module()
+    if module is None:
+        return "none"
+    cap = _state.get("forced") or os.environ.get("PRUNEKIT_CPU_ISA") or "avx512"
+    if cap not in ISAS:
+        raise PrunekitError(f"PRUNEKIT_CPU_ISA={cap!r}; choose from {', '.join(ISAS)}")
+    return ISAS[min(module.cpu_isa(), ISAS.index(cap))]
+
+
+def force_isa(name: str | None) -> None:
+    """Caps the instruction set ("portable", "avx2", "avx512"); None lifts the cap."""
+    if name is not None and name not in ISAS:
+        raise PrunekitError(f"unknown instruction set {name!r}; choose from {', '.join(ISAS)}")
+    _state["forced"] = name
+
+
+def unsupported(dtype: torch.dtype) -> str | None:
+    """None when the kernels take weights of `dtype`, else why not."""
+    reason = unavailable()
+    if reason is None and dtype not in DTYPES:
+        reason = f"the CPU sparse kernels take float32 or bfloat16 weights, not {dtype}"
+    return reason
+
+
+def _rows(x: torch.Tensor, values: torch.Tensor, in_features: int) -> torch.Tensor:
+    if x.dtype != values.dtype:
+        raise TypeError(f"input is {x.dtype} but the weight is {values.dtype}")
+    if x.device.type != "cpu" or values.device.type != "cpu":
+        raise ValueError(f"the CPU kernels take CPU tensors; got input on {x.device}, weight on {values.device}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer takes {in_features}")
+    x2 = x.reshape(-1, in_features)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()  # rows may be strided, elements may not
+
+
+def _bias(bias: torch.Tensor | None) -> tuple[int, int]:
+    return (0, 0) if bias is None else (bias.data_ptr(), DTYPES[bias.dtype])
+
+
+def bitmask_linear(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor,
+                   bias: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
+    """x [..., in] -> [..., out] with the [out, in] weight given by its kept `values`, `bitmask` [out, ceil(in / 8)]
+    and `row_offsets` (bitmask.py)."""
+    out_features, in_features = shape
+    x2 = _rows(x, values, in_features)
+    y = torch.empty(x2.shape[0], out_features, dtype=x.dtype)
+    dt = DTYPES[values.dtype]
+    _module().bitmask_linear(x2.data_ptr(), x2.shape[0], in_features, x2.stride(0), dt, values.data_ptr(), dt,
+                             values.numel(), bitmask.data_ptr(), bitmask.shape[1], row_offsets.data_ptr(),
+                             out_features, *_bias(bias), y.data_ptr(), out_features, dt, ISAS.index(isa()),
+                             torch.get_num_threads())
+    return y.view(*x.shape[:-1], out_features)
+
+
+def block_linear(x: torch.Tensor, values: torch.Tensor, layout: BlockLayout,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] -> [..., out] with W given by its stored blocks `values` [nnzb, B, B] and `layout`."""
+    x2 = _rows(x, values, layout.in_features)
+    y = torch.empty(x2.shape[0], layout.out_features, dtype=x.dtype)
+    dt = DTYPES[values.dtype]
+    _module().block_linear(x2.data_ptr(), x2.shape[0], layout.in_features, x2.stride(0), dt, values.data_ptr(), dt,
+                           layout.block, layout.row_ptr.data_ptr(), layout.col_idx.data_ptr(), layout.out_features,
+                           *_bias(bias), y.data_ptr(), layout.out_features, dt, ISAS.index(isa()),
+                           torch.get_num_threads())
+    return y.view(*x.shape[:-1], layout.out_features)
+
+
+def bitmask_dense(values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor,
+                  shape: tuple[int, int]) -> torch.Tensor:
+    """The dense [out, in] weight of a bitmask layout."""
+    out = torch.empty(shape, dtype=values.dtype)
+    _module().bitmask_dense(values.data_ptr(), DTYPES[values.dtype], values.numel(), bitmask.data_ptr(),
+                            bitmask.shape[1], row_offsets.data_ptr(), shape[0], shape[1], out.data_ptr(),
+                            ISAS.index(isa()), torch.get_num_threads())
+    return out
+
+
+class CpuBSR:
+    """The block kernel as a backend of BlockSparseLinear (backends.py): forward on the kernel; the gradients (not
+    what this kernel is for) through dense products, so a converted model still trains."""
+
+    name = "cpu"
+
+    def unsupported(self, device: torch.device, dtype: torch.dtype, block: int) -> str | None:
+        if device.type != "cpu":
+            return f"runs on the CPU, not {device.type}"
+        if block not in KERNEL_BLOCKS:
+            return f"has kernels for blocks {KERNEL_BLOCKS}, not {block}"
+        return unsupported(dtype)
+
+    def forward(self, x, values, layout: BlockLayout, bias):
+        return block_linear(x, values, layout, bias)
+
+    def grad_input(self, dy, values, layout: BlockLayout):
+        return dy @ layout.scatter(values)
+
+    def grad_values(self, dy, x, layout: BlockLayout, values):
+        return layout.gather(dy.t() @ x)
