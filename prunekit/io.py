@@ -1,15 +1,18 @@
-"""Save and load pruned models: Hugging Face save_pretrained plus bit-packed masks and the report."""
+"""Save and load pruned models: compressed weights (compressed.py), or save_pretrained's dense ones and bit-packed
+masks; the report beside them."""
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file
 from torch import nn
 
 from . import __version__, masks
+from . import compressed as compressed_format
 from .bits import pack_bits, unpack_bits
 from .errors import MaskMismatchError, PrunekitError
 from .report import PruneReport
@@ -37,9 +40,14 @@ def clear_gguf_marker(model: nn.Module) -> bool:
 
 
 def save_pruned(model: nn.Module, out_dir, report: PruneReport | None = None, tokenizer=None,
-                evaluation: dict | None = None) -> Path:
-    """Writes the model (save_pretrained for Hugging Face models, safetensors otherwise), its masks, the report
-    and, if given, the tokenizer to out_dir.
+                evaluation: dict | None = None, *, compressed: bool = True) -> Path:
+    """Writes the model, its masks, the report and, if given, the tokenizer to out_dir.
+
+    compressed (the default): every masked weight is stored as its kept values and a bitmask (compressed-tensors'
+    sparse-bitmask layout, prunekit/compressed.py; a 50%-pruned fp32 layer takes 0.53 of its dense bytes), the rest
+    dense; load_pruned reads it back into the same modules, converted layers included, without building the dense
+    model first. compressed=False: Hugging Face's save_pretrained layout (plain nn.Modules: one safetensors file)
+    with dense weights, plus the masks bit-packed in their own file; a plain from_pretrained loads it.
 
     A structurally pruned model (report of a granularity="structured" prune) has no masks; its widths are recorded
     too, so that load_pruned rebuilds it when its config cannot say them (a head-pruned BERT, per-layer widths).
@@ -50,27 +58,40 @@ def save_pruned(model: nn.Module, out_dir, report: PruneReport | None = None, to
     from . import offload
 
     offloaded = offload.store(model)
-    found = offloaded.packed_masks(model) if offloaded is not None else {
-        name: (pack_bits(m.cpu()), list(m.shape)) for name, m in masks.masks(model).items()}
+    if offloaded is not None:  # its masks stay packed: unpacked, a model's masks take a quarter of its fp32 size
+        packed = {name: bits for name, (bits, _) in offloaded.packed_masks(model).items()}
+        layers = {name: {"module": "masked"} for name in packed}
+    else:
+        state, keeps, layers = compressed_format.model_state(model, compressed)
+        packed = None
     structured = report is not None and bool(report.structures)
-    if not found and not structured:
+    if not layers and not structured:
         raise PrunekitError("the model carries no prunekit masks; prune it with prunekit.prune first (a structurally "
                             "pruned model is saved with its report: save_pruned(model, dir, report))")
+    compressed = compressed and bool(layers)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_pretrained") and clear_gguf_marker(model):
+        warnings.warn("cleared the model's GGUF quantization marker: its weights are dequantized float tensors and "
+                      "are saved as such", stacklevel=2)
     if offloaded is not None:
-        offloaded.save_weights(model, out)
+        offloaded.save_weights(model, out, compress=compressed)
+    elif compressed:
+        _save_compressed(model, out, compressed_format.compress_state(state, keeps), list(layers))
     elif hasattr(model, "save_pretrained"):
-        if clear_gguf_marker(model):
-            warnings.warn("cleared the model's GGUF quantization marker: its weights are dequantized float tensors "
-                          "and are saved as such", stacklevel=2)
-        model.save_pretrained(out)
+        model.save_pretrained(out, state_dict=state)
     else:
-        save_model(model, str(out / PLAIN_WEIGHTS))
-    save_file({name: packed for name, (packed, _) in found.items()}, str(out / MASK_FILE))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / PLAIN_WEIGHTS))
+    if not compressed:
+        if packed is None:
+            packed = {name: pack_bits(keep.cpu()) for name, keep in keeps.items()}
+        save_file(packed, str(out / MASK_FILE))
     manifest = {"prunekit_version": __version__, "model_class": type(model).__name__,
-                "masks": {name: shape for name, (_, shape) in found.items()},
+                "format": compressed_format.FORMAT if compressed else "dense",
+                "masks": {name: _param_shape(model, name) for name in layers},
                 "report": report.to_dict() if report is not None else None}
+    if compressed:
+        manifest["compressed"] = layers
     if evaluation:
         manifest["evaluation"] = evaluation
     if structured:
@@ -83,17 +104,51 @@ def save_pruned(model: nn.Module, out_dir, report: PruneReport | None = None, to
     return out
 
 
-def load_pruned(path, model: nn.Module | None = None, **from_pretrained_kwargs) -> nn.Module:
+def _param_shape(model: nn.Module, name: str) -> list[int]:
+    """The shape of the weight parameter of module `name` in the dense model ([in, out] for a GPT-2 Conv1D)."""
+    from .kernels.convert import SPARSE_MODULES
+
+    module = model.get_submodule(name)
+    if isinstance(module, SPARSE_MODULES):
+        out_features, in_features = module.out_features, module.in_features
+        return [out_features, in_features] if module.source == "Linear" else [in_features, out_features]
+    return list(module.weight.shape)
+
+
+def _save_compressed(model: nn.Module, out: Path, tensors: dict[str, torch.Tensor], layers: list[str]) -> None:
+    """One shard, its index (with the sentinel that stops a plain from_pretrained), and the model's configs."""
+    if getattr(model, "config", None) is not None:
+        model.config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        with contextlib.suppress(ValueError):  # an invalid generation config is not the weights' business
+            model.generation_config.save_pretrained(out)
+    shard = compressed_format.SHARD.format(1, 1)
+    save_file(tensors, str(out / shard), metadata=compressed_format.SAFETENSORS_METADATA)
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    compressed_format.write_index(out, dict.fromkeys(tensors, shard), size, layers)
+
+
+def load_pruned(path, model: nn.Module | None = None, *, sparse: bool | None = None,
+                **from_pretrained_kwargs) -> nn.Module:
     """Loads a model written by save_pruned and re-attaches its masks, so pruned entries stay zero in training.
 
     For a Hugging Face model the class comes from the saved config; for a plain nn.Module pass `model`, a
     freshly built instance of the same architecture, whose weights are replaced.
+    sparse (a compressed directory): None brings every layer back as it was saved (masked Linears, or the layers
+    prunekit.kernels.convert made); True makes every masked layer a BitmaskLinear (a BlockSparseLinear stays one)
+    without ever building its dense weight; False makes every layer a masked dense Linear.
     """
     path = Path(path)
-    if not (path / MANIFEST).is_file() or not (path / MASK_FILE).is_file():
-        raise PrunekitError(f"{path} is not a pruned model written by prunekit.save_pruned "
-                            f"(missing {MANIFEST} or {MASK_FILE})")
+    if not (path / MANIFEST).is_file():
+        raise PrunekitError(f"{path} is not a pruned model written by prunekit.save_pruned (missing {MANIFEST})")
     manifest = json.loads((path / MANIFEST).read_text())
+    if manifest.get("format") == compressed_format.FORMAT:
+        return _load_compressed(path, manifest, model, sparse, from_pretrained_kwargs)
+    if not (path / MASK_FILE).is_file():
+        raise PrunekitError(f"{path} is not a pruned model written by prunekit.save_pruned (missing {MASK_FILE})")
+    if sparse:
+        raise PrunekitError(f"{path} holds dense weights (saved with compressed=False); load it and call "
+                            f"prunekit.kernels.convert(model), or save it compressed")
     structured = manifest.get("structured")
     if structured is not None and (model is not None or structured["reload"] != "from_pretrained"):
         from .structured.shapes import restore
@@ -133,6 +188,45 @@ def load_pruned(path, model: nn.Module | None = None, **from_pretrained_kwargs) 
     for module, keep in keeps.items():  # only after every mask checked out
         masks.attach(module, keep)
     return model
+
+
+
+
+def _load_compressed(path: Path, manifest: dict, model: nn.Module | None, sparse: bool | None,
+                     kwargs: dict) -> nn.Module:
+    """A compressed directory: every entry checked first, then the model built with its parameters on the meta
+    device (nothing dense is allocated), the compressed layers put in, and the rest of the weights assigned."""
+    from .offload import parameters_on_meta
+
+    dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+    if kwargs:
+        raise PrunekitError(f"load_pruned takes no {', '.join(kwargs)} for a compressed directory (only dtype)")
+    tensors = compressed_format.read(path)
+    layers = manifest["compressed"]
+    entries = compressed_format.take_layers(tensors, layers)
+    structured = manifest.get("structured")
+    if model is None:
+        cls, config = hf_class(path, manifest)
+        with parameters_on_meta():
+            model = cls._from_config(config)
+        model.eval()
+        if (path / "generation_config.json").is_file():
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(path)
+    if structured is not None:
+        from .structured.shapes import restore
+
+        model = restore(model, structured)
+    compressed_format.install(model, layers, entries, tensors, sparse)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    left = [name for name, p in model.named_parameters() if p.is_meta]
+    if left or unexpected:
+        raise MaskMismatchError(f"the saved weights do not fit the model: missing {left[:5]}, unexpected "
+                                f"{list(unexpected)[:5]}")
+    return model if dtype is None else model.to(dtype)
 
 
 def hf_class(path: Path, manifest: dict):

@@ -54,13 +54,16 @@ _FORMAT = {"format": "pt"}  # from_pretrained refuses safetensors files without 
 
 
 class Checkpoint:
-    """Which safetensors file holds each tensor of a checkpoint directory (one file, or shards and their index)."""
+    """Which safetensors file holds each tensor of a checkpoint directory (one file, or shards and their index), and
+    in a compressed one (compressed.py) which weights are stored as bitmask entries."""
 
     def __init__(self, path: Path):
+        from .compressed import SENTINEL
+
         self.path = path
         if (path / INDEX).is_file():
             weight_map = json.loads((path / INDEX).read_text())["weight_map"]
-            self.files = {key: path / name for key, name in weight_map.items()}
+            self.files = {key: path / name for key, name in weight_map.items() if name != SENTINEL}
         elif (path / SINGLE).is_file():
             with safe_open(str(path / SINGLE), "pt") as f:
                 self.files = dict.fromkeys(f.keys(), path / SINGLE)
@@ -68,21 +71,51 @@ class Checkpoint:
             found = sorted(p.name for p in path.glob("*.bin")) or sorted(p.name for p in path.iterdir())[:5]
             raise PrunekitError(f"{path} holds no safetensors weights ({SINGLE} or {INDEX}; found {found}), which "
                                 f"offloading memory-maps; re-save the model with save_pretrained(dir)")
+        # modules whose weight is stored compressed
+        self.compressed = {key[: -len(".compressed")] for key in self.files if key.endswith(".compressed")}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files or (key.endswith(".weight") and key[: -len(".weight")] in self.compressed)
 
     def read(self, keys) -> dict[str, torch.Tensor]:
-        """The tensors, memory-mapped (copy-on-write: pages are read when touched, and writes stay in memory)."""
+        """The tensors, memory-mapped (copy-on-write: pages are read when touched, and writes stay in memory); a
+        compressed weight decompressed."""
+        from .compressed import SUFFIXES
+        from .kernels.bitmask import decompress
+
+        keys = list(keys)
+        packed = {key: key[: -len(".weight")] for key in keys if key not in self.files and key in self}
+        wanted = [key for key in keys if key not in packed] + [f"{m}.{s}" for m in packed.values() for s in SUFFIXES]
         by_file: dict[Path, list[str]] = {}
-        for key in keys:
+        for key in wanted:
             by_file.setdefault(self.files[key], []).append(key)
         out = {}
         for file, names in by_file.items():
             with safe_open(str(file), "pt") as f:
                 out.update((key, f.get_tensor(key)) for key in names)
+        for key, module in packed.items():
+            shape, values, bitmask, row_offsets = (out.pop(f"{module}.{s}") for s in SUFFIXES)
+            out[key] = decompress(values, bitmask, row_offsets, tuple(shape.tolist()))
         return out
+
+    def packed_masks(self, shapes: dict[str, list[int]]) -> dict[str, tuple[torch.Tensor, list[int]]]:
+        """The saved masks of these modules as (packed bits, shape): from the masks file of a dense directory, from
+        the bitmasks of a compressed one."""
+        from .bits import unpack_rows
+        from .io import MASK_FILE
+
+        if not shapes:
+            return {}
+        if all(name in self.compressed for name in shapes):
+            bits = self.read([f"{name}.bitmask" for name in shapes])
+            return {name: (pack_bits(unpack_rows(bits[f"{name}.bitmask"], shape[1])), shape)
+                    for name, shape in shapes.items()}
+        with safe_open(str(self.path / MASK_FILE), "pt") as f:
+            return {name: (f.get_tensor(name), shape) for name, shape in shapes.items()}
 
 
 @contextlib.contextmanager
-def _parameters_on_meta():
+def parameters_on_meta():
     """Every parameter created inside goes to the meta device as soon as it is registered (so initialising it costs
     nothing); buffers stay real, since non-persistent ones (rotary frequencies) are not in the checkpoint."""
     register = nn.Module.register_parameter
@@ -170,7 +203,7 @@ class Offload:
         if i in self.changed:
             with safe_open(str(self._params_file(i)), "pt") as f:
                 return {name: f.get_tensor(name) for name in names}
-        missing = [n for n in names if n not in self.checkpoint.files]
+        missing = [n for n in names if n not in self.checkpoint]
         if missing:
             raise PrunekitError(f"the checkpoint at {self.checkpoint.path} lacks {missing[0]} (and {len(missing) - 1} "
                                 f"more of block {i}); is it a checkpoint of this architecture?")
@@ -178,17 +211,11 @@ class Offload:
 
     def block_masks(self, i: int) -> dict[str, tuple[torch.Tensor, list[int]]]:
         """Block i's masks as (packed bits, shape) by module name."""
-        from .io import MASK_FILE
-
         if i in self.changed:
             with safe_open(str(self._masks_file(i)), "pt") as f:
                 shapes = json.loads(f.metadata()["shapes"])
                 return {name: (f.get_tensor(name), shape) for name, shape in shapes.items()}
-        ours = {n: s for n, s in self.saved_masks.items() if n.startswith(self.names[i])}
-        if not ours:
-            return {}
-        with safe_open(str(self.checkpoint.path / MASK_FILE), "pt") as f:
-            return {name: (f.get_tensor(name), shape) for name, shape in ours.items()}
+        return self.checkpoint.packed_masks({n: s for n, s in self.saved_masks.items() if n.startswith(self.names[i])})
 
     # -- residency
     def acquire(self, i: int) -> None:
@@ -281,9 +308,12 @@ class Offload:
                 found[name] = (pack_bits(keep.cpu()), list(keep.shape))
         return found
 
-    def save_weights(self, model: nn.Module, out: Path) -> None:
+    def save_weights(self, model: nn.Module, out: Path, compress: bool = False) -> None:
         """The model as a sharded Hugging Face checkpoint: one shard per block, copied from scratch or streamed from
-        the checkpoint, and one for everything else; with its index and config."""
+        the checkpoint, and one for everything else; with its index and config. compress: each masked weight as
+        its bitmask entries (compressed.py), block by block."""
+        from . import compressed
+
         if out.resolve() == self.checkpoint.path.resolve():
             raise PrunekitError(f"cannot save an offloaded model into the directory it is read from ({out}); "
                                 f"choose another output directory")
@@ -294,30 +324,39 @@ class Offload:
             with contextlib.suppress(ValueError):  # an invalid generation config is not the weights' business
                 model.generation_config.save_pretrained(out)
         total = len(self.blocks) + 1
-        shard = lambda k: f"model-{k:05d}-of-{total:05d}.safetensors"  # noqa: E731
-        weight_map, size = {}, 0
+        shard = lambda k: compressed.SHARD.format(k, total)  # noqa: E731
+        weight_map, size, layers = {}, 0, []
+
+        def write(tensors: dict, keeps: dict, name: str, copy_from: Path | None = None) -> None:
+            nonlocal size
+            if compress and keeps:
+                tensors, copy_from = compressed.compress_state(tensors, keeps), None
+                layers.extend(keeps)
+            if copy_from is not None:  # a changed block's scratch file is already its shard
+                shutil.copyfile(copy_from, out / name)
+            else:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / name), metadata=_FORMAT)
+            weight_map.update(dict.fromkeys(tensors, name))
+            size += sum(t.numel() * t.element_size() for t in tensors.values())
+
         rest, seen = {}, set()
         for name, tensor in model.state_dict().items():
             if name.startswith(tuple(self.names)) or tensor.is_meta or tensor.data_ptr() in seen:
                 continue  # blocks go in their own shards; a tied copy (lm_head = embeddings) is re-tied on load
             seen.add(tensor.data_ptr())
             rest[name] = tensor.detach().cpu().contiguous()
-        save_file(rest, str(out / shard(total)), metadata=_FORMAT)
-        weight_map.update(dict.fromkeys(rest, shard(total)))
-        size += sum(t.numel() * t.element_size() for t in rest.values())
+        inside = tuple(self.names)
+        write(rest, {n: k.cpu() for n, k in masks.masks(model).items() if not n.startswith(inside)}, shard(total))
         from tqdm.auto import tqdm
 
         for i in tqdm(range(len(self.blocks)), desc="saving blocks", unit="block", leave=False):
-            if i in self.changed:
-                shutil.copyfile(self._params_file(i), out / shard(i + 1))
-                tensors = self.block_tensors(i)
-            else:
-                tensors = self.block_tensors(i)
-                save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / shard(i + 1)), metadata=_FORMAT)
-            weight_map.update(dict.fromkeys(tensors, shard(i + 1)))
-            size += sum(t.numel() * t.element_size() for t in tensors.values())
-            del tensors
-        (out / INDEX).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}, indent=1))
+            keeps = {n: unpack_bits(packed, shape) for n, (packed, shape) in self.block_masks(i).items()}
+            write(self.block_tensors(i), keeps, shard(i + 1), self._params_file(i) if i in self.changed else None)
+        if compress:
+            compressed.write_index(out, weight_map, size, layers)
+        else:
+            (out / INDEX).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map},
+                                                indent=1))
 
 
 def store(model: nn.Module) -> Offload | None:
@@ -397,7 +436,7 @@ def load_offloaded(path, dtype: torch.dtype | None = None, scratch=None) -> nn.M
     checkpoint = Checkpoint(path)
     cls, config = hf_class(path, manifest)
     _keep_large_buffers_mapped()
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = cls._from_config(config)
     model.eval()
     prefix, blocks = find_blocks(model)
@@ -406,7 +445,7 @@ def load_offloaded(path, dtype: torch.dtype | None = None, scratch=None) -> nn.M
                             f"offload one at a time; load it in memory")
     inside = tuple(f"{prefix}.{i}." for i in range(len(blocks)))
     outside = [n for n, _ in model.named_parameters(remove_duplicate=False) if not n.startswith(inside)]
-    stored = [n for n in outside if n in checkpoint.files]
+    stored = [n for n in outside if n in checkpoint]
     for name, tensor in checkpoint.read(stored).items():
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
@@ -420,6 +459,6 @@ def load_offloaded(path, dtype: torch.dtype | None = None, scratch=None) -> nn.M
     if missing:
         raise PrunekitError(f"the checkpoint at {path} lacks {', '.join(missing[:3])}; is it a checkpoint of "
                             f"{type(model).__name__}?")
-    saved = manifest.get("masks", {}) if (path / MASK_FILE).is_file() else {}
+    saved = manifest.get("masks", {}) if (path / MASK_FILE).is_file() or checkpoint.compressed else {}
     model.__dict__[ATTR] = Offload(model, checkpoint, prefix, blocks, dtype, saved, scratch)
     return model

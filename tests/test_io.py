@@ -1,4 +1,5 @@
-"""save_pruned / load_pruned round trips bit for bit, and refuses what does not fit."""
+"""save_pruned / load_pruned round trips bit for bit in both layouts (compressed, the default, and dense), and
+refuses what does not fit. The compressed layout itself: tests/test_compressed.py."""
 import json
 
 import pytest
@@ -22,12 +23,13 @@ def test_bit_packing_round_trips():
         assert torch.equal(unpack_bits(packed, shape), mask)
 
 
+@pytest.mark.parametrize("compressed", [True, False], ids=["compressed", "dense"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_round_trip_is_bit_exact(tmp_path, family):
+def test_round_trip_is_bit_exact(tmp_path, family, compressed):
     model = tiny(family)
     x = calibration_for(family)
     report = prunekit.prune(model, 0.6, importance="sparsegpt", calibration=x, progress=False)
-    prunekit.save_pruned(model, tmp_path, report)
+    prunekit.save_pruned(model, tmp_path, report, compressed=compressed)
     loaded = prunekit.load_pruned(tmp_path)
     assert type(loaded) is type(model)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -44,24 +46,25 @@ def test_round_trip_is_bit_exact(tmp_path, family):
     assert all((loaded.get_submodule(n).weight[~k] == 0).all() for n, k in restored.items())
 
 
-def test_saved_directory_is_a_plain_hugging_face_model(tmp_path):
+def test_a_dense_directory_is_a_plain_hugging_face_model(tmp_path):
     model = tiny("llama")
     prunekit.prune(model, 0.5, importance="magnitude", progress=False)
-    prunekit.save_pruned(model, tmp_path)
+    prunekit.save_pruned(model, tmp_path, compressed=False)
     plain = tf.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(plain.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
 
 
-def test_plain_modules_round_trip_into_a_given_model(tmp_path):
+@pytest.mark.parametrize("compressed", [True, False], ids=["compressed", "dense"])
+def test_plain_modules_round_trip_into_a_given_model(tmp_path, compressed):
     torch.manual_seed(0)
     build = lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))  # noqa: E731
     model = build()
     prunekit.prune(model, 0.5, importance="magnitude", progress=False)
-    prunekit.save_pruned(model, tmp_path)
+    prunekit.save_pruned(model, tmp_path, compressed=compressed)
     loaded = prunekit.load_pruned(tmp_path, model=build())
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     assert prunekit.masks(loaded).keys() == {"0", "2"}
-    with pytest.raises(prunekit.MaskMismatchError, match="does not match the saved weights"):
+    with pytest.raises(prunekit.MaskMismatchError, match="does not match the saved weights|has no module of that name"):
         prunekit.load_pruned(tmp_path, model=nn.Sequential(nn.Linear(8, 16)))
 
 
@@ -74,7 +77,7 @@ def test_load_refuses_a_directory_that_is_not_a_pruned_model(tmp_path):
 def save_pruned_tiny(path) -> None:
     model = tiny("llama")
     prunekit.prune(model, 0.5, importance="magnitude", progress=False)
-    prunekit.save_pruned(model, path)
+    prunekit.save_pruned(model, path, compressed=False)
 
 
 def test_load_refuses_weights_that_no_longer_fit_their_masks(tmp_path):

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from safetensors import safe_open
 
 import prunekit
 from prunekit import offload
@@ -18,17 +17,11 @@ from prunekit.cli import main
 from prunekit.errors import PrunekitError, TargetError
 from prunekit.evaluate import perplexity
 from prunekit.bits import unpack_bits
-from prunekit.io import MANIFEST, MASK_FILE
+from prunekit.io import MANIFEST
 
 from conftest import calibration_for, tiny, tiny_lm_dir
 
 WORKER = Path(__file__).with_name("offload_worker.py")
-
-
-def _saved_tensors(path: Path) -> dict:
-    """key -> (file, key) of a saved checkpoint, read lazily."""
-    index = json.loads((path / offload.INDEX).read_text())["weight_map"]
-    return {key: path / name for key, name in index.items()}
 
 
 def test_a_1gb_llama_prunes_in_a_fraction_of_its_size(tmp_path, one_thread):
@@ -66,17 +59,16 @@ def test_a_1gb_llama_prunes_in_a_fraction_of_its_size(tmp_path, one_thread):
     assert report.exact
     expected = prunekit.masks(model)
     manifest = json.loads((out / MANIFEST).read_text())
-    assert set(manifest["masks"]) == set(expected)
-    with safe_open(str(out / MASK_FILE), "pt") as f:
-        for name, keep in expected.items():
-            assert torch.equal(unpack_bits(f.get_tensor(name), keep.shape), keep), name
-    files = _saved_tensors(out)
+    assert manifest["format"] == "sparse-bitmask" and set(manifest["masks"]) == set(expected)
+    checkpoint = offload.Checkpoint(out)  # compressed shards, one per block: the masks are their bitmasks
+    for name, (bits, shape) in checkpoint.packed_masks(manifest["masks"]).items():
+        assert torch.equal(unpack_bits(bits, shape), expected[name]), name
     state = model.state_dict()
-    assert set(files) == set(state) - {"lm_head.weight"} or set(files) == set(state)
-    for key, file in files.items():
-        with safe_open(str(file), "pt") as f:
-            assert torch.equal(f.get_tensor(key), state[key]), key
-    loaded = prunekit.load_pruned(out)  # a plain sharded checkpoint: from_pretrained and load_pruned read it
+    stored = [key for key in state if key in checkpoint]
+    assert set(stored) == set(state) - {"lm_head.weight"} or set(stored) == set(state)
+    for key in stored:
+        assert torch.equal(checkpoint.read([key])[key], state[key]), key
+    loaded = prunekit.load_pruned(out)
     assert prunekit.masks(loaded).keys() == expected.keys()
 
 
@@ -87,9 +79,10 @@ def tiny_dir(tmp_path):
     return tmp_path / "tiny", model
 
 
-@pytest.mark.parametrize("importance,allocator,order", [("wanda", "uniform", "layer"), ("sparsegpt", "owl", "block"),
-                                                        ("wanda", "dp", "layer")])
-def test_offloaded_prune_equals_in_memory(tiny_dir, tmp_path, importance, allocator, order):
+@pytest.mark.parametrize("importance,allocator,order,compressed", [("wanda", "uniform", "layer", True),
+                                                                   ("sparsegpt", "owl", "block", False),
+                                                                   ("wanda", "dp", "layer", True)])
+def test_offloaded_prune_equals_in_memory(tiny_dir, tmp_path, importance, allocator, order, compressed):
     src, dense = tiny_dir
     calibration = calibration_for("llama")
     reference = copy.deepcopy(dense)
@@ -102,7 +95,7 @@ def test_offloaded_prune_equals_in_memory(tiny_dir, tmp_path, importance, alloca
     assert report.exact and all(p.is_meta for p in model.model.layers.parameters())  # written back, not kept
     windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(3))
     assert perplexity(model, windows, progress=False) == perplexity(reference, windows, progress=False)
-    prunekit.save_pruned(model, tmp_path / "out", report)
+    prunekit.save_pruned(model, tmp_path / "out", report, compressed=compressed)
     loaded = prunekit.load_pruned(tmp_path / "out")
     for (k, a), (_, b) in zip(reference.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
