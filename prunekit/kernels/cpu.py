@@ -19,7 +19,7 @@ from .layout import KERNEL_BLOCKS, BlockLayout
 ISAS = ("portable", "avx2", "avx512")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
-_state: dict = {}  # "module" or "reason", once loaded; "forced": the ISA cap
+_state: dict = {}  # "module" or "reason", once loaded; "forced": the ISA cap; "isa": the ISA code now in use
 
 
 def _module():
@@ -33,6 +33,21 @@ def _module():
             warnings.warn(f"prunekit: the CPU sparse kernels are unavailable ({e}); compressed layers run dense",
                           RuntimeWarning, stacklevel=3)
     return _state.get("module")
+
+
+def _ext():
+    """The loaded extension (what the product functions call; their callers checked unsupported() first)."""
+    module = _state.get("module")
+    if module is None and _module() is None:
+        raise PrunekitError(unavailable())
+    return _state["module"]
+
+
+def _isa_code() -> int:
+    code = _state.get("isa")
+    if code is None:
+        code = _state["isa"] = ISAS.index(isa())
+    return code
 
 
 def unavailable() -> str | None:
@@ -56,6 +71,7 @@ def force_isa(name: str | None) -> None:
     if name is not None and name not in ISAS:
         raise PrunekitError(f"unknown instruction set {name!r}; choose from {', '.join(ISAS)}")
     _state["forced"] = name
+    _state.pop("isa", None)
 
 
 def unsupported(dtype: torch.dtype) -> str | None:
@@ -66,15 +82,23 @@ def unsupported(dtype: torch.dtype) -> str | None:
     return reason
 
 
-def _rows(x: torch.Tensor, values: torch.Tensor, in_features: int) -> torch.Tensor:
+def _operands(x: torch.Tensor, values: torch.Tensor, in_features: int,
+              out_features: int) -> tuple[torch.Tensor, int, int, torch.Tensor]:
+    """(x with unit element stride, its rows, its row stride, the output [..., out]) after the checks that raw
+    pointers need. Kept lean: a decoding model calls this a few hundred times per token."""
     if x.dtype != values.dtype:
         raise TypeError(f"input is {x.dtype} but the weight is {values.dtype}")
-    if x.device.type != "cpu" or values.device.type != "cpu":
+    if not (x.is_cpu and values.is_cpu):
         raise ValueError(f"the CPU kernels take CPU tensors; got input on {x.device}, weight on {values.device}")
     if x.shape[-1] != in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the layer takes {in_features}")
+    y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
+    if x.is_contiguous():
+        return x, x.numel() // in_features, in_features, y
     x2 = x.reshape(-1, in_features)
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()  # rows may be strided, elements may not
+    if x2.stride(-1) != 1:  # rows may be strided, elements may not
+        x2 = x2.contiguous()
+    return x2, x2.shape[0], x2.stride(0), y
 
 
 def _bias(bias: torch.Tensor | None) -> tuple[int, int]:
@@ -86,36 +110,32 @@ def bitmask_linear(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor,
     """x [..., in] -> [..., out] with the [out, in] weight given by its kept `values`, `bitmask` [out, ceil(in / 8)]
     and `row_offsets` (bitmask.py)."""
     out_features, in_features = shape
-    x2 = _rows(x, values, in_features)
-    y = torch.empty(x2.shape[0], out_features, dtype=x.dtype)
+    x2, rows, ldx, y = _operands(x, values, in_features, out_features)
     dt = DTYPES[values.dtype]
-    _module().bitmask_linear(x2.data_ptr(), x2.shape[0], in_features, x2.stride(0), dt, values.data_ptr(), dt,
-                             values.numel(), bitmask.data_ptr(), bitmask.shape[1], row_offsets.data_ptr(),
-                             out_features, *_bias(bias), y.data_ptr(), out_features, dt, ISAS.index(isa()),
-                             torch.get_num_threads())
-    return y.view(*x.shape[:-1], out_features)
+    _ext().bitmask_linear(x2.data_ptr(), rows, in_features, ldx, dt, values.data_ptr(), dt, values.numel(),
+                          bitmask.data_ptr(), bitmask.shape[1], row_offsets.data_ptr(), out_features, *_bias(bias),
+                          y.data_ptr(), out_features, dt, _isa_code(), torch.get_num_threads())
+    return y
 
 
 def block_linear(x: torch.Tensor, values: torch.Tensor, layout: BlockLayout,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., in] -> [..., out] with W given by its stored blocks `values` [nnzb, B, B] and `layout`."""
-    x2 = _rows(x, values, layout.in_features)
-    y = torch.empty(x2.shape[0], layout.out_features, dtype=x.dtype)
+    x2, rows, ldx, y = _operands(x, values, layout.in_features, layout.out_features)
     dt = DTYPES[values.dtype]
-    _module().block_linear(x2.data_ptr(), x2.shape[0], layout.in_features, x2.stride(0), dt, values.data_ptr(), dt,
-                           layout.block, layout.row_ptr.data_ptr(), layout.col_idx.data_ptr(), layout.out_features,
-                           *_bias(bias), y.data_ptr(), layout.out_features, dt, ISAS.index(isa()),
-                           torch.get_num_threads())
-    return y.view(*x.shape[:-1], layout.out_features)
+    _ext().block_linear(x2.data_ptr(), rows, layout.in_features, ldx, dt, values.data_ptr(), dt, layout.block,
+                        layout.row_ptr.data_ptr(), layout.col_idx.data_ptr(), layout.out_features, *_bias(bias),
+                        y.data_ptr(), layout.out_features, dt, _isa_code(), torch.get_num_threads())
+    return y
 
 
 def bitmask_dense(values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor,
                   shape: tuple[int, int]) -> torch.Tensor:
     """The dense [out, in] weight of a bitmask layout."""
     out = torch.empty(shape, dtype=values.dtype)
-    _module().bitmask_dense(values.data_ptr(), DTYPES[values.dtype], values.numel(), bitmask.data_ptr(),
-                            bitmask.shape[1], row_offsets.data_ptr(), shape[0], shape[1], out.data_ptr(),
-                            ISAS.index(isa()), torch.get_num_threads())
+    _ext().bitmask_dense(values.data_ptr(), DTYPES[values.dtype], values.numel(), bitmask.data_ptr(),
+                                   bitmask.shape[1], row_offsets.data_ptr(), shape[0], shape[1], out.data_ptr(),
+                                   _isa_code(), torch.get_num_threads())
     return out
 
 

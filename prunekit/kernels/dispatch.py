@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-import weakref
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -47,7 +47,8 @@ class Choice:
 
 
 _cache: dict[Problem, Choice] = {}
-_memos: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_generation = uuid.uuid4().hex  # renewed by forget(); a module's remembered choices (copied, pickled) need this one
+_MEMO = "_prunekit_dispatch"
 
 
 def bucket(rows: int) -> int:
@@ -64,15 +65,17 @@ def pick(module: torch.nn.Module, x: torch.Tensor, kind: str, shape, block: int,
     first costs one dictionary lookup; otherwise the problem's choice, measuring candidates(x as 2-D rows) (which
     must include "dense") if the problem is new."""
     rows = x.numel() // shape[1]
-    key = (bucket(rows), x.dtype, x.device, _threads(x.device))
-    memo = _memos.setdefault(module, {})
-    winner = memo.get(key)
+    key = (bucket(rows), x.dtype, torch.get_num_threads() if x.is_cpu else 0)
+    memo = module.__dict__.get(_MEMO)
+    if memo is None or memo[0] != _generation:  # first call, or measurements forgotten, or from another process
+        memo = module.__dict__[_MEMO] = (_generation, {})
+    winner = memo[1].get(key)
     if winner is None:
         problem = Problem.of(kind, shape, block, density, x.dtype, x.device, rows)
         choice = known(problem)
         if choice is None:
             choice = choose(problem, candidates(x.detach().reshape(-1, shape[1]).contiguous()), x.device)
-        memo[key] = winner = choice.winner
+        memo[1][key] = winner = choice.winner
     return winner
 
 
@@ -156,5 +159,6 @@ def decisions() -> dict[Problem, Choice]:
 
 def forget() -> None:
     """Drops every measurement (after a driver or clock change, say)."""
+    global _generation
     _cache.clear()
-    _memos.clear()
+    _generation = uuid.uuid4().hex
