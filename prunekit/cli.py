@@ -1,4 +1,4 @@
-"""`prunekit prune|eval|report`: the pipeline on the command line, with the protocol's data as defaults."""
+"""`prunekit prune|eval|generate|report`: the pipeline on the command line, with the protocol's data as defaults."""
 from __future__ import annotations
 
 import argparse
@@ -10,9 +10,10 @@ from pathlib import Path
 from .errors import PrunekitError
 
 
-def load_model(spec: str | None, offloaded: bool = False):
+def load_model(spec: str | None, offloaded: bool = False, sparse: bool | None = None):
     """(model, tokenizer) from a Hugging Face id or directory, a pruned directory, a .gguf file, or None for the
-    bundled SmolLM2. offloaded: a local directory whose blocks stay on disk until used (prunekit.load_offloaded)."""
+    bundled SmolLM2. offloaded: a local directory whose blocks stay on disk until used (prunekit.load_offloaded).
+    sparse: how a compressed pruned directory's layers come back (load_pruned's sparse)."""
     from . import data, io
 
     if offloaded:
@@ -34,7 +35,7 @@ def load_model(spec: str | None, offloaded: bool = False):
             return data.load_gguf(path)
         tokenizer = AutoTokenizer.from_pretrained(spec)
         if (path / io.MANIFEST).is_file():
-            return io.load_pruned(path).eval(), tokenizer
+            return io.load_pruned(path, sparse=sparse if io.is_compressed(path) else None).eval(), tokenizer
         return AutoModelForCausalLM.from_pretrained(spec).eval(), tokenizer
     except (OSError, ValueError) as e:
         if isinstance(e, PrunekitError):
@@ -96,6 +97,37 @@ def cmd_eval(args) -> None:
     model, tokenizer = load_model(args.model, args.offload)
     windows = data.eval_windows(tokenizer, args.eval_windows, args.seq_len)
     print(f"perplexity on {args.eval_windows} x {args.seq_len} Wikipedia eval tokens: {perplexity(model, windows):.3f}")
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    import prunekit
+    from .generate import generate
+
+    if args.max_new_tokens < 1:
+        raise PrunekitError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, sparse=not args.dense)
+    if args.dense:
+        prunekit.kernels.revert(model)
+    elif prunekit.masks(model):  # a directory saved dense: its masked layers compressed now
+        prunekit.kernels.convert(model)
+    layers = [m for m in model.modules() if isinstance(m, prunekit.kernels.SPARSE_MODULES)]
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    print(f"generating {args.max_new_tokens} tokens on {torch.get_num_threads()} thread(s); "
+          f"{len(layers)} compressed layers (CPU kernels: {prunekit.kernels.cpu.isa()})", file=sys.stderr)
+    result = generate(model, ids, args.max_new_tokens)
+    print(args.prompt + tokenizer.decode(result.tokens, skip_special_tokens=True))
+    print(f"\n{result.summary()}; process peak RSS {_peak_rss_mib():.0f} MiB")
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
 def cmd_report(args) -> None:
@@ -182,6 +214,15 @@ def main(argv=None) -> int:
     p.add_argument("--offload", action="store_true", help=OFFLOAD_HELP)
     protocol(p, 32)
     p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("generate", help="greedy text from a model, with tokens per second and its resident size")
+    p.add_argument("model", nargs="?", help="pruned directory, Hugging Face id or directory (default: bundled SmolLM2)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--dense", action="store_true",
+                   help="run a pruned model's layers dense (masked), to compare with its compressed layers")
+    p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("report", help="print the per-layer report of saved pruned models, and plot them")
     p.add_argument("dirs", nargs="+", metavar="DIR",

@@ -192,6 +192,12 @@ def load_pruned(path, model: nn.Module | None = None, *, sparse: bool | None = N
 
 
 
+def is_compressed(path) -> bool:
+    """Whether a directory written by save_pruned holds compressed weights."""
+    manifest = Path(path) / MANIFEST
+    return manifest.is_file() and json.loads(manifest.read_text()).get("format") == compressed_format.FORMAT
+
+
 def _load_compressed(path: Path, manifest: dict, model: nn.Module | None, sparse: bool | None,
                      kwargs: dict) -> nn.Module:
     """A compressed directory: every entry checked first, then the model built with its parameters on the meta

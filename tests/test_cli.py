@@ -37,6 +37,31 @@ def test_prune_eval_report(model_dir, tmp_path, capsys):
     assert report.summary() in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("compressed", [True, False], ids=["compressed", "dense-saved"])
+def test_generate_prints_the_text_its_speed_and_size(model_dir, tmp_path, capsys, compressed):
+    out = tmp_path / "pruned"
+    assert main(["prune", str(model_dir), "--budget", "0.5", "--importance", "magnitude", "--out", str(out)]
+                + SMALL) == 0
+    if not compressed:  # a directory saved dense: generate compresses its layers itself
+        from transformers import AutoTokenizer
+
+        prunekit.save_pruned(prunekit.load_pruned(out), tmp_path / "dense", tokenizer=AutoTokenizer.from_pretrained(out),
+                             compressed=False)
+        out = tmp_path / "dense"
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "The city of Paris", "--max-new-tokens", "5", "--threads", "1"]) == 0
+    sparse = capsys.readouterr()
+    assert "14 compressed layers" in sparse.err
+    text, stats = sparse.out.strip().rsplit("\n\n", 1)
+    assert text.startswith("The city of Paris") and "5 new tokens at" in stats and "tokens/s" in stats
+    assert main(["generate", str(out), "--prompt", "The city of Paris", "--max-new-tokens", "5", "--dense"]) == 0
+    dense = capsys.readouterr()
+    assert "0 compressed layers" in dense.err and dense.out.strip().rsplit("\n\n", 1)[0] == text  # same tokens
+    size = lambda stats: float(stats.split("weights resident ")[1].split(" MiB")[0])  # noqa: E731
+    assert size(stats) < size(dense.out)
+    assert main(["generate", str(out), "--prompt", "x", "--max-new-tokens", "0"]) == 2
+
+
 def test_two_four_from_the_command_line(model_dir, capsys):
     assert main(["prune", str(model_dir), "--budget", "2:4", "--importance", "magnitude"] + SMALL) == 0
     assert "2:4" in capsys.readouterr().out

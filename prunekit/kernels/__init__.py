@@ -11,7 +11,7 @@ tensors), "semi_structured" (2:4 on sparse tensor cores) and "dense". See cuda_e
 extension; the CPU one builds with `pip install` or on first use (cpu_build.py).
 """
 from . import backends, dispatch
-from .convert import Conversion, ConversionReport, convert, revert
+from .convert import SPARSE_MODULES, Conversion, ConversionReport, convert, revert
 from .function import block_sparse_linear
 from .layout import KERNEL_BLOCKS, BlockLayout, choose_block
 from .bitmask import BitmaskLinear
@@ -20,4 +20,4 @@ from .semi_structured import SemiStructuredLinear, is_2_4
 
 __all__ = ["convert", "revert", "BitmaskLinear", "BlockSparseLinear", "SemiStructuredLinear", "BlockLayout",
            "block_sparse_linear", "choose_block", "is_2_4", "backends", "dispatch", "Conversion", "ConversionReport",
-           "KERNEL_BLOCKS"]
+           "KERNEL_BLOCKS", "SPARSE_MODULES"]
