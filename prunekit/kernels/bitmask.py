@@ -133,11 +133,21 @@ class BitmaskLinear(nn.Module):
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return cpu.bitmask_linear(x, self.values, self.bitmask, self.row_offsets, self.bias, self.shape)
 
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense product, the weight decompressed for this call only (into the shared workspace on the CPU)."""
+        if torch.is_grad_enabled() and (self.values.requires_grad or x.requires_grad):
+            return F.linear(x, self.dense_weight(), self.bias)  # differentiable in values
+        if self.values.is_cpu and cpu.unsupported(self.values.dtype) is None:
+            weight = cpu.bitmask_dense(self.values, self.bitmask, self.row_offsets, self.shape,
+                                       out=cpu.workspace(self.shape, self.values.dtype))
+            return F.linear(x, weight, self.bias)
+        return F.linear(x, self.dense_weight(), self.bias)
+
     def choose(self, x: torch.Tensor) -> str:
         """The backend "auto" runs `x` on (measured the first time its problem is seen)."""
 
         def candidates(x2):
-            found = {"dense": lambda: F.linear(x2, self.dense_weight(), self.bias)}
+            found = {"dense": lambda: self._dense(x2)}
             if x.device.type == "cpu" and cpu.unsupported(x.dtype) is None:
                 found["cpu"] = lambda: self._kernel(x2)
             return found
@@ -146,11 +156,9 @@ class BitmaskLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (self.values.requires_grad or x.requires_grad):
-            return F.linear(x, self.dense_weight(), self.bias)  # the kernel has no backward
+            return self._dense(x)  # the kernel has no backward
         name = self.choose(x) if self._backend == "auto" else self._backend
-        if name == "cpu":
-            return self._kernel(x)
-        return F.linear(x, self.dense_weight(), self.bias)
+        return self._kernel(x) if name == "cpu" else self._dense(x)
 
     def to_dense(self) -> nn.Module:
         """The equivalent nn.Linear (or Conv1D), with the prunekit mask of everything not kept."""

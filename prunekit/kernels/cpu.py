@@ -9,6 +9,7 @@ runs the dense path instead.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 
 import torch
@@ -129,14 +130,32 @@ def block_linear(x: torch.Tensor, values: torch.Tensor, layout: BlockLayout,
     return y
 
 
-def bitmask_dense(values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor,
-                  shape: tuple[int, int]) -> torch.Tensor:
-    """The dense [out, in] weight of a bitmask layout."""
-    out = torch.empty(shape, dtype=values.dtype)
+def bitmask_dense(values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor, shape: tuple[int, int],
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense [out, in] weight of a bitmask layout (into `out`, contiguous and of that shape, if given)."""
+    if out is None:
+        out = torch.empty(shape, dtype=values.dtype)
     _ext().bitmask_dense(values.data_ptr(), DTYPES[values.dtype], values.numel(), bitmask.data_ptr(),
-                                   bitmask.shape[1], row_offsets.data_ptr(), shape[0], shape[1], out.data_ptr(),
-                                   _isa_code(), torch.get_num_threads())
+                         bitmask.shape[1], row_offsets.data_ptr(), shape[0], shape[1], out.data_ptr(), _isa_code(),
+                         torch.get_num_threads())
     return out
+
+
+_scratch = threading.local()
+
+
+def workspace(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """A [out, in] buffer of this thread's, reused by every layer: the dense weight a compressed layer is decompressed
+    into for one product (where dense wins, prefill say) costs the largest layer's size once, not every layer's,
+    and no fresh allocation (one of a 64 MB weight page-faulted for 30 ms a call here)."""
+    need = shape[0] * shape[1]
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < need:
+        buffer = buffers[dtype] = torch.empty(need, dtype=dtype)
+    return buffer[:need].view(shape)
 
 
 class CpuBSR:

@@ -11,6 +11,7 @@ from ..errors import PrunekitError
 from ..targets import Conv1D
 from . import backends, dispatch
 from .function import block_sparse_linear
+from .cpu import workspace
 from .layout import BlockLayout, choose_block
 
 
@@ -119,11 +120,18 @@ class BlockSparseLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The dense [out, in] weight; differentiable while training. On a GPU it is cached until `values` change;
-        on the CPU it is rebuilt per call, so that the layer stays as small as its blocks."""
+        on the CPU it is rebuilt per call in a workspace all layers share (valid until the next call), so that the
+        layer stays as small as its blocks."""
         if torch.is_grad_enabled() and self.values.requires_grad:
             return self.layout.scatter(self.values)
-        if self.values.device.type == "cpu":
-            return self.layout.scatter(self.values.detach())
+        if self.values.device.type == "cpu":  # into the shared workspace (cpu.workspace): valid until the next layer's
+            layout = self.layout
+            rows, cols = layout.padded
+            weight = workspace((rows, cols), self.values.dtype)
+            weight.zero_()
+            blocks = weight.view(rows // self.block, self.block, cols // self.block, self.block).permute(0, 2, 1, 3)
+            blocks[layout.row_idx.long(), layout.col_idx.long()] = self.values.detach()
+            return weight[: self.out_features, : self.in_features]
         key = (self.values.data_ptr(), self.values._version, self.values.device, self.values.dtype)
         if self._dense_cache is None or self._dense_cache[0] != key:
             self._dense_cache = (key, self.layout.scatter(self.values.detach()))

@@ -201,13 +201,14 @@ PK_AVX512 inline __m512 load16_avx512(const void* values, int64_t p, unsigned co
 typedef uint16_t __attribute__((may_alias)) u16_alias;
 
 constexpr int64_t kAhead = 1024;  // values prefetched ahead of the one in use: DRAM latency at a row's pace
-constexpr int kStreams = 2;        // weight rows one decode step reads at once (2 and 4 measured the same)
+constexpr int kStreams = 4;        // weight rows read side by side
 
 // One chunk of 16 inputs: the kept values spread to their lanes, times MT rows of x, into acc[0], acc[step], ...
 template <int VDT, int MT, bool SAFE>
 PK_AVX512 inline void chunk_avx512(__m512* acc, int step, __mmask16 k, unsigned count, const void* values,
                                    int64_t p, const float* x, int64_t kp) {
   const __m512 v = _mm512_maskz_expand_ps(k, load16_avx512<VDT, SAFE>(values, p, count));
+#pragma GCC unroll 8
   for (int t = 0; t < MT; ++t) acc[t * step] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + t * kp), acc[t * step]);
 }
 
@@ -230,8 +231,10 @@ PK_AVX512 inline void four_chunks_avx512(const Problem& P, Cursor& r, int64_t c,
   const int64_t start[4] = {r.p, r.p + c0, r.p + c01, r.p + c012};
   const unsigned count[4] = {unsigned(c0), unsigned(c01 - c0), unsigned(c012 - c01),
                              unsigned(_mm_popcnt_u64(word) - c012)};
+#pragma GCC unroll 4
   for (int u = 0; u < 4; ++u)  // each chunk's values are at most a cache line: fetch the line kAhead values on
     _mm_prefetch(reinterpret_cast<const char*>(P.values) + (start[u] + kAhead) * (VDT == F32 ? 4 : 2), _MM_HINT_T0);
+#pragma GCC unroll 4
   for (int u = 0; u < 4; ++u)
     chunk_avx512<VDT, MT, SAFE>(acc + u % U, U, _load_mask16(const_cast<__mmask16*>(
                                     reinterpret_cast<const __mmask16*>(bits + c + u))),
@@ -263,70 +266,56 @@ PK_AVX512 inline void write_rows_avx512(const Problem& P, int64_t n, int64_t m0,
   }
 }
 
-// Rows m0 .. m0+MT of x against weight row n.
-template <int VDT, int MT, int U, bool SAFE>
-PK_AVX512 void bitmask_row_avx512(const Problem& P, int64_t n, int64_t m0) {
-  __m512 acc[MT * U];
-  for (int i = 0; i < MT * U; ++i) acc[i] = _mm512_setzero_ps();
-  Cursor r{P.bits + n * P.kb, P.offsets[n]};
+// Rows m0 .. m0+MT of x against the S weight rows n[0..S): each chunk of x, loaded once, serves S weight rows
+// (without that, 8 rows of x streamed from L2 for every weight row), and the S rows, far apart in memory, are S
+// streams that one core keeps fed better than a single one (a single stream reached about 0.8x the dense
+// product's bandwidth in decode).
+template <int VDT, int S, int MT, int U, bool SAFE>
+PK_AVX512 void bitmask_rows_of_avx512(const Problem& P, const int64_t* n, int64_t m0) {
+  __m512 acc[S * MT * U];
+  for (int i = 0; i < S * MT * U; ++i) acc[i] = _mm512_setzero_ps();
+  Cursor r[S];
+  for (int i = 0; i < S; ++i) r[i] = Cursor{P.bits + n[i] * P.kb, P.offsets[n[i]]};
   const float* x = P.x + m0 * P.kp;
   int64_t c = 0;
-  for (; c + 4 <= P.kb / 2; c += 4) four_chunks_avx512<VDT, MT, U, SAFE>(P, r, c, x, acc);
-  last_chunks_avx512<VDT, MT, U, SAFE>(P, r, c, x, acc);
-  write_rows_avx512<MT, U>(P, n, m0, acc);
-}
-
-// One row of x (decode) against S weight rows at once, S/n of the way apart: S streams through memory, which one
-// core keeps fed better than a single one (a single stream reached about 0.8x of what the dense product did).
-template <int VDT, int S, bool SAFE>
-PK_AVX512 void bitmask_streams_avx512(const Problem& P, const int64_t* n) {
-  __m512 acc[2 * S];
-  Cursor r[S];
-  for (int i = 0; i < S; ++i) {
-    acc[2 * i] = acc[2 * i + 1] = _mm512_setzero_ps();
-    r[i] = Cursor{P.bits + n[i] * P.kb, P.offsets[n[i]]};
-  }
-  int64_t c = 0;
   for (; c + 4 <= P.kb / 2; c += 4)
-    for (int i = 0; i < S; ++i) four_chunks_avx512<VDT, 1, 2, SAFE>(P, r[i], c, P.x, acc + 2 * i);
+#pragma GCC unroll 4
+    for (int i = 0; i < S; ++i) four_chunks_avx512<VDT, MT, U, SAFE>(P, r[i], c, x, acc + i * MT * U);
   for (int i = 0; i < S; ++i) {
-    last_chunks_avx512<VDT, 1, 2, SAFE>(P, r[i], c, P.x, acc + 2 * i);
-    write_rows_avx512<1, 2>(P, n[i], 0, acc + 2 * i);
+    last_chunks_avx512<VDT, MT, U, SAFE>(P, r[i], c, x, acc + i * MT * U);
+    write_rows_avx512<MT, U>(P, n[i], m0, acc + i * MT * U);
   }
 }
 
-template <int VDT, bool SAFE>
-PK_AVX512 void bitmask_row_tiles_avx512(const Problem& P, int64_t n) {
+// Every row of x against the S weight rows n[0..S), in tiles of 4, 2 and 1 rows of x.
+template <int VDT, int S, bool SAFE>
+PK_AVX512 void bitmask_tiles_avx512(const Problem& P, const int64_t* n) {
   int64_t m = 0;
-  for (; m + 8 <= P.M; m += 8) bitmask_row_avx512<VDT, 8, 1, SAFE>(P, n, m);
-  if (m + 4 <= P.M) bitmask_row_avx512<VDT, 4, 1, SAFE>(P, n, m), m += 4;
-  if (m + 2 <= P.M) bitmask_row_avx512<VDT, 2, 2, SAFE>(P, n, m), m += 2;
-  if (m < P.M) bitmask_row_avx512<VDT, 1, 4, SAFE>(P, n, m);
+  if (P.M == 1) return bitmask_rows_of_avx512<VDT, S, 1, 4 / S, SAFE>(P, n, 0);  // 4 accumulators in all
+  for (; m + 4 <= P.M; m += 4) bitmask_rows_of_avx512<VDT, S, 4, 1, SAFE>(P, n, m);
+  if (m + 2 <= P.M) bitmask_rows_of_avx512<VDT, S, 2, 1, SAFE>(P, n, m), m += 2;
+  if (m < P.M) bitmask_rows_of_avx512<VDT, S, 1, 1, SAFE>(P, n, m);
+}
+
+template <int VDT, int S>
+PK_AVX512 void bitmask_group_avx512(const Problem& P, const int64_t* n) {
+  bool safe = true;  // no 16-value load can run past the values: the last rows load only what they have
+  for (int i = 0; i < S; ++i) safe = safe && P.offsets[n[i]] + P.K + 16 <= P.nnz;
+  if (safe)
+    bitmask_tiles_avx512<VDT, S, true>(P, n);
+  else
+    bitmask_tiles_avx512<VDT, S, false>(P, n);
 }
 
 template <int VDT>
 PK_AVX512 void bitmask_rows_avx512(const Problem& P, int64_t n0, int64_t n1) {
-  // no 16-value load of a row can run past the values: the last rows load only what they have
-  auto safe = [&P](int64_t n) { return P.offsets[n] + P.K + 16 <= P.nnz; };
-  if (P.M == 1) {
-    const int64_t step = (n1 - n0) / kStreams;
-    for (int64_t i = 0; i < step; ++i) {
-      int64_t rows[kStreams];
-      bool all = true;
-      for (int s = 0; s < kStreams; ++s) all = safe(rows[s] = n0 + s * step + i) && all;
-      if (all)
-        bitmask_streams_avx512<VDT, kStreams, true>(P, rows);
-      else
-        bitmask_streams_avx512<VDT, kStreams, false>(P, rows);
-    }
-    n0 += kStreams * step;
+  const int64_t step = (n1 - n0) / kStreams;  // the rows in kStreams runs, read side by side
+  int64_t rows[kStreams];
+  for (int64_t i = 0; i < step; ++i) {
+    for (int s = 0; s < kStreams; ++s) rows[s] = n0 + s * step + i;
+    bitmask_group_avx512<VDT, kStreams>(P, rows);
   }
-  for (int64_t n = n0; n < n1; ++n) {
-    if (safe(n))
-      bitmask_row_tiles_avx512<VDT, true>(P, n);
-    else
-      bitmask_row_tiles_avx512<VDT, false>(P, n);
-  }
+  for (int64_t n = n0 + kStreams * step; n < n1; ++n) bitmask_group_avx512<VDT, 1>(P, &n);
 }
 
 // r[i] = sum of the 16 lanes of a[i]: a transposing reduction, 45 instructions for 16 sums.
