@@ -18,6 +18,7 @@ be.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -87,6 +88,15 @@ def model_state(model: nn.Module, compressed: bool) -> tuple[dict[str, torch.Ten
         dense = module.to_dense()
         state[f"{name}.weight"], keeps[name] = dense.weight.detach(), dense.prune_mask
     return state, keeps, layers
+
+
+def write_configs(model: nn.Module, out: Path) -> None:
+    """The model's config and generation config (what from_pretrained reads besides the weights), if it has them."""
+    if getattr(model, "config", None) is not None:
+        model.config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        with contextlib.suppress(ValueError):  # an invalid generation config is not the weights' business
+            model.generation_config.save_pretrained(out)
 
 
 def write_index(out: Path, weight_map: dict[str, str], size: int, compressed: list[str]) -> None:

@@ -2,7 +2,6 @@
 masks; the report beside them."""
 from __future__ import annotations
 
-import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -117,11 +116,7 @@ def _param_shape(model: nn.Module, name: str) -> list[int]:
 
 def _save_compressed(model: nn.Module, out: Path, tensors: dict[str, torch.Tensor], layers: list[str]) -> None:
     """One shard, its index (with the sentinel that stops a plain from_pretrained), and the model's configs."""
-    if getattr(model, "config", None) is not None:
-        model.config.save_pretrained(out)
-    if getattr(model, "generation_config", None) is not None:
-        with contextlib.suppress(ValueError):  # an invalid generation config is not the weights' business
-            model.generation_config.save_pretrained(out)
+    compressed_format.write_configs(model, out)
     shard = compressed_format.SHARD.format(1, 1)
     save_file(tensors, str(out / shard), metadata=compressed_format.SAFETENSORS_METADATA)
     size = sum(t.numel() * t.element_size() for t in tensors.values())

@@ -319,10 +319,7 @@ class Offload:
                                 f"choose another output directory")
         if any(self.is_resident(i) for i in range(len(self.blocks))):
             raise PrunekitError("a block is still resident (inside a forward or a runner step); save afterwards")
-        model.config.save_pretrained(out)
-        if getattr(model, "generation_config", None) is not None:
-            with contextlib.suppress(ValueError):  # an invalid generation config is not the weights' business
-                model.generation_config.save_pretrained(out)
+        compressed.write_configs(model, out)
         total = len(self.blocks) + 1
         shard = lambda k: compressed.SHARD.format(k, total)  # noqa: E731
         weight_map, size, layers = {}, 0, []

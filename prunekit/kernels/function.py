@@ -39,5 +39,8 @@ def block_sparse_linear(x: torch.Tensor, values: torch.Tensor, layout: BlockLayo
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:  # rows may be strided (the kernels take a row stride), elements may not
         x2 = x2.contiguous()
-    y = _BlockSparseLinear.apply(x2, values, bias, layout, backend)
+    if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)):
+        y = _BlockSparseLinear.apply(x2, values, bias, layout, backend)
+    else:  # inference: no autograd node to build (a few microseconds a call, which decode pays per layer)
+        y = backend.forward(x2, values, layout, bias)
     return y.view(*lead, layout.out_features)

@@ -202,6 +202,7 @@ typedef uint16_t __attribute__((may_alias)) u16_alias;
 
 constexpr int64_t kAhead = 1024;  // values prefetched ahead of the one in use: DRAM latency at a row's pace
 constexpr int kStreams = 4;        // weight rows read side by side
+constexpr int64_t kBlocksAhead = 4;  // blocks prefetched ahead of the one in use
 
 // One chunk of 16 inputs: the kept values spread to their lanes, times MT rows of x, into acc[0], acc[step], ...
 template <int VDT, int MT, bool SAFE>
@@ -348,6 +349,10 @@ PK_AVX512 void block_rows_avx512(const Problem& P, int64_t j0, int64_t j1) {
         for (int32_t b = P.row_ptr[j]; b < P.row_ptr[j + 1]; ++b) {
           const float* xs = P.x + m * P.kp + int64_t(P.col_idx[b]) * B;
           const int64_t base = (int64_t(b) * B + r0) * B;
+          // the same 16 rows of a block kBlocksAhead on, line by line: blocks are read in strided halves or
+          // quarters, which the hardware prefetcher follows poorly
+          const char* ahead = static_cast<const char*>(P.values) + (base + kBlocksAhead * B * B) * (VDT == F32 ? 4 : 2);
+          for (int64_t line = 0; line < 16 * B * (VDT == F32 ? 4 : 2); line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
           for (int64_t h = 0; h < B; h += 16) {
             const __m512 xv = _mm512_loadu_ps(xs + h);
             for (int r = 0; r < 16; ++r)

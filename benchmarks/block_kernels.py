@@ -1,7 +1,7 @@
 """Block-sparse kernels against dense and their peers, on LLaMA-7B layer shapes.
 
-    python benchmarks/kernels.py --device cpu     # CPU rows: batch 1 and 8, fp32, dense vs PyTorch BSR vs auto
-    python benchmarks/kernels.py --device cuda    # the GPU grid below (builds the extension on first use)
+    python benchmarks/block_kernels.py --device cpu     # CPU rows: batch 1 and 8, fp32, dense vs PyTorch BSR vs auto
+    python benchmarks/block_kernels.py --device cuda    # the GPU grid below (builds the extension on first use)
 
 GPU grid: weights 4096x4096, 11008x4096 and 4096x11008 ([out, in], as q/o, gate/up and down projections), rows 1,
 16, 512 and 4096, bf16, 50/70/90% of the blocks pruned at random (exactly, in whole blocks) with 32x32 and 64x64
@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prunekit  # noqa: E402
+from machine_info import load_average, machine, versions  # noqa: E402
 from prunekit.kernels import BlockLayout, BlockSparseLinear, backends, block_sparse_linear, dispatch  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -48,41 +48,6 @@ BLOCKS = (32, 64)
 ROWS = {"cuda": (1, 16, 512, 4096), "cpu": (1, 8)}
 RESULTS = Path(__file__).resolve().parent / "results"
 LABELS = {"torch": "PyTorch BSR", "cuda_ext": "prunekit (cuda_ext)", "cupy": "prunekit (cupy)", "semi_structured": "2:4"}
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def machine(device: str) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_before": load_average()}
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def versions() -> dict:
-    out = {"prunekit": prunekit.__version__, "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import cupy
-
-        out["cupy"] = cupy.__version__
-    except ImportError:
-        pass
-    return out
 
 
 def time_cuda(fn) -> tuple[float, str]:
