@@ -125,18 +125,21 @@ def test_leading_dimensions_and_no_rows(isa):
 
 
 def test_two_threads_split_the_rows_and_agree_with_one(isa):
-    weight, keep = torch.randn(300, 200), keep_mask(300, 200, 0.5, 3)
+    # large enough for two threads (each gets at least 2**18 of rows x kept weights)
+    weight, keep = torch.randn(600, 1000), keep_mask(600, 1000, 0.5, 3)
     values, bits, offsets = bitmask.compress(weight, keep)
-    x = torch.randn(5, 200)
+    x = torch.randn(5, 1000)
+    layout = BlockLayout.from_mask(block_mask(600, 1000, 32, 0.5, 3), 32)
+    blocks = layout.gather(weight)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cpu.bitmask_linear(x, values, bits, offsets, None, (300, 200))
+        one = cpu.bitmask_linear(x, values, bits, offsets, None, (600, 1000)), cpu.block_linear(x, blocks, layout, None)
         torch.set_num_threads(2)
-        two = cpu.bitmask_linear(x, values, bits, offsets, None, (300, 200))
+        two = cpu.bitmask_linear(x, values, bits, offsets, None, (600, 1000)), cpu.block_linear(x, blocks, layout, None)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, two)  # rows are split, not the sums within a row
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])  # rows are split, not the sums within one
 
 
 def test_the_detected_instruction_set_is_what_the_cpu_reports():

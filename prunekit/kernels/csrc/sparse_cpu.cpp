@@ -124,17 +124,21 @@ inline uint64_t mask_word(const uint8_t* row, int64_t kb, int64_t w) {
   return m;
 }
 
+// body(begin, end) over [0, n), split across threads, each given at least kGrain of the `work` (weights and rows
+// multiplied): a small layer on two threads spent more on waking the second than it saved (0.6x of dense).
+constexpr int64_t kGrain = int64_t(1) << 18;
+
 template <class F>
-void parallel_rows(int64_t n, int threads, F&& body) {  // body(begin, end) over [0, n), split across threads
+void parallel_rows(int64_t n, int threads, int64_t work, F&& body) {
 #ifdef _OPENMP
-  if (threads > 1 && n > 1) {
-    const int64_t parts = std::min<int64_t>(n, threads);
+  const int64_t parts = std::min<int64_t>({n, int64_t(threads), std::max<int64_t>(1, work / kGrain)});
+  if (parts > 1) {
 #pragma omp parallel for num_threads(int(parts)) schedule(static)
     for (int64_t t = 0; t < parts; ++t) body(n * t / parts, n * (t + 1) / parts);
     return;
   }
 #endif
-  (void)threads;
+  (void)threads, (void)work;
   body(0, n);
 }
 
@@ -525,7 +529,7 @@ int detect_isa() { return SCALAR; }
 // ---------------------------------------------------------------------------------------------- dispatch
 
 void run_bitmask(const Problem& P, int isa, int threads) {
-  parallel_rows(P.N, threads, [&](int64_t n0, int64_t n1) {
+  parallel_rows(P.N, threads, P.M * P.nnz, [&](int64_t n0, int64_t n1) {
 #if PK_X86
     if (isa == AVX512) return P.vdt == BF16 ? bitmask_rows_avx512<BF16>(P, n0, n1) : bitmask_rows_avx512<F32>(P, n0, n1);
     if (isa == AVX2) return P.vdt == BF16 ? bitmask_rows_avx2<BF16>(P, n0, n1) : bitmask_rows_avx2<F32>(P, n0, n1);
@@ -536,7 +540,8 @@ void run_bitmask(const Problem& P, int isa, int threads) {
 
 void run_block(const Problem& P, int isa, int threads) {
   const int64_t block_rows = (P.N + P.block - 1) / P.block;
-  parallel_rows(block_rows, threads, [&](int64_t j0, int64_t j1) {
+  const int64_t blocks = P.row_ptr[block_rows] - P.row_ptr[0];
+  parallel_rows(block_rows, threads, P.M * blocks * P.block * P.block, [&](int64_t j0, int64_t j1) {
 #if PK_X86
     if (isa == AVX512 && P.block % 16 == 0)
       return P.vdt == BF16 ? block_rows_avx512<BF16>(P, j0, j1) : block_rows_avx512<F32>(P, j0, j1);
@@ -625,7 +630,7 @@ static PyObject* py_bitmask_dense(PyObject*, PyObject* args) {
   P.bits = reinterpret_cast<const uint8_t*>(bits), P.kb = kb, P.offsets = reinterpret_cast<const int64_t*>(offsets);
   void* dst = reinterpret_cast<void*>(out);
   Py_BEGIN_ALLOW_THREADS
-  parallel_rows(N, threads, [&](int64_t n0, int64_t n1) {
+  parallel_rows(N, threads, N * K, [&](int64_t n0, int64_t n1) {
 #if PK_X86
     if (isa == AVX512) return vdt == BF16 ? bitmask_dense_avx512<BF16>(P, dst, n0, n1)
                                           : bitmask_dense_avx512<F32>(P, dst, n0, n1);
