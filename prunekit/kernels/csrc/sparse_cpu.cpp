@@ -125,8 +125,8 @@ inline uint64_t mask_word(const uint8_t* row, int64_t kb, int64_t w) {
 }
 
 // body(begin, end) over [0, n), split across threads, each given at least kGrain of the `work` (weights and rows
-// multiplied): a small layer on two threads spent more on waking the second than it saved (0.6x of dense).
-constexpr int64_t kGrain = int64_t(1) << 18;
+// multiplied): a small layer gains nothing from a second thread it has to wake.
+constexpr int64_t kGrain = int64_t(1) << 15;
 
 template <class F>
 void parallel_rows(int64_t n, int threads, int64_t work, F&& body) {
