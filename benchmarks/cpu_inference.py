@@ -143,6 +143,21 @@ def layer_line(row: dict) -> str:
             ", ".join(f"{k} {v:.2f}x" for k, v in r.items()) + f" (bytes {row['bytes_ratio']:.2f}); auto -> {row['auto']}")
 
 
+LAYER_FINDINGS = """Where the targets are missed, and why (profiled on this machine):
+- Unstructured 90% (and bf16 70-90%): the bitmask kernel's work is per 16-weight chunk, whatever the chunk keeps: a
+  16-bit mask load, a count, the kept values' load and `vexpandps` (port 5), an FMA. A microbenchmark of that loop
+  alone, on data in cache, takes 0.8 ns a chunk (0.6 ns without the expand), so a 4096x4096 layer cannot go under
+  about 0.85 ms however few weights it keeps, against 2.5-3.5 ms dense: 2.5-4x, not the 6x its bytes allow. bf16
+  adds a widening per chunk. A layout whose work follows the kept weights (column indices, gathers) is the way past
+  it; block masks already are (7-10x at 90%).
+- auto below 0.95x at 8 rows in bf16: oneDNN's bf16 product (AMX on this CPU) runs 8 rows in the time of one, and
+  the kernel's time grows with the rows (fp32 FMAs over each expanded chunk); a compressed layer's own dense path
+  pays the decompression, so auto's best is the kernel, at 0.6-0.9x of a dense layer. Small layers on two threads
+  (576x576, 1536x576) live in L2 there, where dense runs in 14-70 us and the Python call alone costs about 7 us.
+- Blocks at 70% fp32: 2.5-2.7x against a 2.66x target (0.8 x 3.33): the block rows are read in strided halves; a
+  prefetch four blocks ahead brought 90% from 6.1x to 7.5-8x but leaves 70% memory-latency bound."""
+
+
 def layers_markdown(doc: dict) -> str:
     lines = preamble(doc, "One Linear on the CPU: prunekit's compressed layers against dense") + [
         "Ratios are dense time / path time on the same input in the same run (> 1: faster than dense). bytes: dense "
@@ -150,7 +165,7 @@ def layers_markdown(doc: dict) -> str:
         "in brackets). Targets: at 1 row, 1 thread, LLaMA shapes, the kernel >= 0.8 x bytes; everywhere auto >= "
         "0.95.", ""]
     met = [all(layer_targets(r).values()) for r in doc["results"]]
-    lines += [f"Targets met on {sum(met)} of {len(met)} rows.", ""]
+    lines += [f"Targets met on {sum(met)} of {len(met)} rows.", "", LAYER_FINDINGS, ""]
     head = ["shape", "mask", "dtype", "threads", "rows", "dense us", "prunekit", "bytes", "torch BSR", "auto",
             "targets"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -302,6 +317,17 @@ def model_rows(doc: dict):
                 yield dtype, threads, dense, [(n, pick(n, "sparse"), pick(n, "masked")) for n in VARIANTS]
 
 
+MODEL_FINDINGS = """Where the targets are missed, and why: a decode step of the dense model spends about 60% of its time in
+the layers' products (torch profiler: 39.5 of 55 ms in aten::mm, the tied lm_head included), the rest in attention,
+the KV cache's concatenations and Python; the kernels cut the pruned layers' part by their bytes, no more. The block
+model at 70% fp32 (1.54x against 1.6x) runs its SmolLM2-sized blocks (18 block columns) at lower bandwidth than the
+bitmask kernel at the same sparsity (1.64x). A bf16 prefill at 50% (0.91-0.92x) pays the decompression of every
+layer for one call against oneDNN's AMX product, which is fast enough for that to show; fp32 prefill does not. In
+bf16 the compressed and the masked model differ by rounding (the kernel rounds each output once from fp32; oneDNN
+rounds its own way): their logits differ about as much as the dense model's own between 1 and 2 threads, and greedy
+decoding can part at a near-tie."""
+
+
 def model_targets(name: str, dtype: str, threads: int, dense: dict, sparse: dict) -> dict:
     out = {}
     if threads == 1:
@@ -321,7 +347,7 @@ def model_markdown(doc: dict) -> str:
         "process's from loading on (torch and transformers alone hold about 0.4 GB). Ratios are to the dense model "
         "of the same dtype in the same run of this script. Checkpoint: the safetensors files. Layers: the pruned "
         "layers' resident bytes over their dense bytes. Same tokens: the compressed model's 128 tokens equal "
-        "those of its masked dense twin (load_pruned(sparse=False)).", ""]
+        "those of its masked dense twin (load_pruned(sparse=False)).", "", MODEL_FINDINGS, ""]
     for dtype, threads, dense, variants in model_rows(doc):
         lines += [f"## {dtype}, {threads} thread{'s' if threads > 1 else ''}", "",
                   f"Dense: {dense['tokens_per_second']:.2f} tokens/s, prefill {dense['prefill_seconds']:.2f} s, "
