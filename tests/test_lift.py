@@ -28,13 +28,20 @@ def train(model, optimizer, steps, seed=0):
         optimizer.zero_grad()
 
 
-def expected_principal(weight, filter_rank, k, keep=None):
-    """Top-k of |rank-r truncated SVD| computed with numpy."""
+def assert_principal(chosen, weight, filter_rank, k, keep=None, what=""):
+    """`chosen` is the top-k of |rank-r truncated SVD|, computed here in float64 with numpy: k entries, none scoring
+    below an entry left out, up to float32 rounding (LIFT computes in float32: two entries a rounding apart at the
+    k-th place may come either way, and did on one machine)."""
     u, s, vt = np.linalg.svd(weight.detach().double().numpy(), full_matrices=False)
-    approx = np.abs((u[:, :filter_rank] * s[:filter_rank]) @ vt[:filter_rank])
+    approx = np.abs((u[:, :filter_rank] * s[:filter_rank]) @ vt[:filter_rank]).ravel()
     if keep is not None:
-        approx[~keep.numpy()] = -1
-    return set(np.argsort(-approx.ravel(), kind="stable")[:k].tolist())
+        approx[~keep.numpy().ravel()] = -1
+    chosen = np.array(sorted(chosen))
+    left = np.setdiff1d(np.arange(approx.size), chosen)
+    assert chosen.size == k, what
+    assert approx[chosen].min() >= approx[left].max() - 1e-4 * approx.max(), what
+    exact = set(np.argsort(-approx, kind="stable")[:k].tolist())
+    assert len(exact.symmetric_difference(chosen.tolist())) <= 2, what  # at most a tie swapped
 
 
 def test_selection_is_the_top_k_of_the_low_rank_approximation():
@@ -44,7 +51,7 @@ def test_selection_is_the_top_k_of_the_low_rank_approximation():
         out, inp = module.weight.shape
         chosen = set(selection(module.weight).indices.tolist())
         assert len(chosen) == 2 * (out + inp)
-        assert chosen == expected_principal(module.weight, 3, 2 * (out + inp)), name
+        assert_principal(chosen, module.weight, 3, 2 * (out + inp), what=name)
     assert len(tuned.layers) == 2 * 7  # every Linear of the blocks, nothing else trains
     assert tuned.trainable_count() == sum(2 * sum(m.weight.shape) for m in tuned.layers.values())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -133,7 +140,7 @@ def test_lift_refreshes_every_interval_steps():
     train(model, optimizer, 2)
     for module in tuned.layers.values():  # after step 2 the selection is the principal weights of W now
         out, inp = module.weight.shape
-        assert set(selection(module.weight).indices.tolist()) == expected_principal(module.weight, 2, 2 * (out + inp))
+        assert_principal(selection(module.weight).indices.tolist(), module.weight, 2, 2 * (out + inp))
 
 
 def test_pruned_entries_are_never_selected_and_stay_zero():
@@ -145,8 +152,7 @@ def test_pruned_entries_are_never_selected_and_stay_zero():
         keep = masks[name]
         out, inp = keep.shape
         assert keep.view(-1)[selection(module.weight).indices].all()
-        assert set(selection(module.weight).indices.tolist()) == expected_principal(module.weight, 3, 2 * (out + inp),
-                                                                                    keep)
+        assert_principal(selection(module.weight).indices.tolist(), module.weight, 3, 2 * (out + inp), keep, name)
     train(model, tuned.optimizer(lr=0.05), 3)
     for name, module in tuned.layers.items():
         assert not module.weight[~masks[name]].any(), name
