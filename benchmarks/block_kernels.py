@@ -38,7 +38,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import prunekit  # noqa: E402
 from machine_info import load_average, machine, versions  # noqa: E402
 from prunekit.kernels import BlockLayout, BlockSparseLinear, backends, block_sparse_linear, dispatch  # noqa: E402
 
