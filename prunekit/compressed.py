@@ -151,8 +151,9 @@ def install(model: nn.Module, layers: dict[str, dict], entries: dict[str, tuple]
         except AttributeError:
             raise MaskMismatchError(f"compressed layer {name!r} has no module of that name in the model") from None
         if not isinstance(module, PRUNABLE) or tuple(module.weight.shape) != shape:
-            raise MaskMismatchError(f"compressed layer {name} holds a {list(shape)} weight but the model's module is "
-                                    f"{type(module).__name__} with weight {list(getattr(module, 'weight', torch.empty(0)).shape)}")
+            found = f"weight {list(module.weight.shape)}" if isinstance(module, PRUNABLE) else "no Linear weight"
+            raise MaskMismatchError(f"compressed layer {name} holds a {list(shape)} weight but the model's "
+                                    f"{type(module).__name__} there has {found}")
         source = "Linear" if isinstance(module, nn.Linear) else "Conv1D"
         bias = tensors.pop(f"{name}.bias", None)
         kind = layers[name].get("module", "masked")

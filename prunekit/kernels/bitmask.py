@@ -135,13 +135,13 @@ class BitmaskLinear(nn.Module):
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         """The dense product, the weight decompressed for this call only (into the shared workspace on the CPU)."""
-        if torch.is_grad_enabled() and (self.values.requires_grad or x.requires_grad):
-            return F.linear(x, self.dense_weight(), self.bias)  # differentiable in values
-        if self.values.is_cpu and cpu.unsupported(self.values.dtype) is None:
+        training = torch.is_grad_enabled() and (self.values.requires_grad or x.requires_grad)
+        if training or not self.values.is_cpu or cpu.unsupported(self.values.dtype) is not None:
+            weight = self.dense_weight()  # differentiable in values while training
+        else:
             weight = cpu.bitmask_dense(self.values, self.bitmask, self.row_offsets, self.shape,
                                        out=cpu.workspace(self.shape, self.values.dtype))
-            return F.linear(x, weight, self.bias)
-        return F.linear(x, self.dense_weight(), self.bias)
+        return F.linear(x, weight, self.bias)
 
     def choose(self, x: torch.Tensor) -> str:
         """The backend "auto" runs `x` on (measured the first time its problem is seen)."""

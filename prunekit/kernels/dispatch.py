@@ -36,7 +36,8 @@ class Problem:
     @classmethod
     def of(cls, kind: str, shape, block: int, density: float, dtype, device: torch.device, rows: int) -> "Problem":
         name = str(device) if device.type == "cpu" else f"{device}:{torch.cuda.get_device_name(device)}"
-        return cls(kind, tuple(shape), block, round(density * 20) / 20, dtype, name, _threads(device), bucket(rows))
+        return cls(kind, tuple(shape), block, round(density * 20) / 20, dtype, name, _threads(device.type == "cpu"),
+                   bucket(rows))
 
 
 @dataclass
@@ -55,8 +56,8 @@ def bucket(rows: int) -> int:
     return 1 << max(0, int(rows) - 1).bit_length()
 
 
-def _threads(device: torch.device) -> int:
-    return torch.get_num_threads() if device.type == "cpu" else 0
+def _threads(on_cpu: bool) -> int:
+    return torch.get_num_threads() if on_cpu else 0
 
 
 def pick(module: torch.nn.Module, x: torch.Tensor, kind: str, shape, block: int, density: float,
@@ -65,7 +66,7 @@ def pick(module: torch.nn.Module, x: torch.Tensor, kind: str, shape, block: int,
     first costs one dictionary lookup; otherwise the problem's choice, measuring candidates(x as 2-D rows) (which
     must include "dense") if the problem is new."""
     rows = x.numel() // shape[1]
-    key = (bucket(rows), x.dtype, torch.get_num_threads() if x.is_cpu else 0)
+    key = (bucket(rows), x.dtype, _threads(x.is_cpu))
     memo = module.__dict__.get(_MEMO)
     if memo is None or memo[0] != _generation:  # first call, or measurements forgotten, or from another process
         memo = module.__dict__[_MEMO] = (_generation, {})

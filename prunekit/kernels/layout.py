@@ -81,13 +81,14 @@ class BlockLayout:
         self._check(weight)
         return _tiles(weight, self.block)[self.row_idx.long(), self.col_idx.long()].contiguous()
 
-    def scatter(self, values: torch.Tensor) -> torch.Tensor:
-        """The dense [out, in] weight the stored blocks make, zero elsewhere (differentiable in `values`)."""
+    def scatter(self, values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense [out, in] weight the stored blocks make, zero elsewhere (differentiable in `values`); written
+        into `out` (a buffer of the padded shape, overwritten) if given."""
         rows, cols = self.grid
         b = self.block
-        dense = values.new_zeros(rows, cols, b, b)
-        dense = dense.index_put((self.row_idx.long(), self.col_idx.long()), values)
-        return dense.permute(0, 2, 1, 3).reshape(rows * b, cols * b)[: self.out_features, : self.in_features]
+        dense = values.new_zeros(self.padded) if out is None else out.zero_()
+        dense.view(rows, b, cols, b).permute(0, 2, 1, 3)[self.row_idx.long(), self.col_idx.long()] = values
+        return dense[: self.out_features, : self.in_features]
 
     def _check(self, weight: torch.Tensor) -> None:
         if tuple(weight.shape) != (self.out_features, self.in_features):

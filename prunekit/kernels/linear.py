@@ -126,12 +126,7 @@ class BlockSparseLinear(nn.Module):
             return self.layout.scatter(self.values)
         if self.values.device.type == "cpu":  # into the shared workspace (cpu.workspace): valid until the next layer's
             layout = self.layout
-            rows, cols = layout.padded
-            weight = workspace((rows, cols), self.values.dtype)
-            weight.zero_()
-            blocks = weight.view(rows // self.block, self.block, cols // self.block, self.block).permute(0, 2, 1, 3)
-            blocks[layout.row_idx.long(), layout.col_idx.long()] = self.values.detach()
-            return weight[: self.out_features, : self.in_features]
+            return layout.scatter(self.values.detach(), out=workspace(layout.padded, self.values.dtype))
         key = (self.values.data_ptr(), self.values._version, self.values.device, self.values.dtype)
         if self._dense_cache is None or self._dense_cache[0] != key:
             self._dense_cache = (key, self.layout.scatter(self.values.detach()))
