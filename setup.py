@@ -25,7 +25,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-CUDA_SOURCES = ["bsr_kernels.cuh", "launch.cu", "extension.cpp"]
+CUDA_SOURCES = ["bsr_kernels.cuh", "launch.cu", "extension.cpp", "op.cpp"]
 
 
 class BuildPyWithKernelSources(build_py):
@@ -62,7 +62,7 @@ def cuda_extension():
         else:
             ext = CUDAExtension(
                 "prunekit._cuda_ext",
-                sources=["cuda_ext/extension.cpp", "cuda_ext/launch.cu"],
+                sources=["cuda_ext/extension.cpp", "cuda_ext/op.cpp", "cuda_ext/launch.cu"],
                 include_dirs=[str(ROOT / "cuda_ext")],
                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17"]},
             )

@@ -1,6 +1,6 @@
-// Python binding of launch.cu (built as prunekit._cuda_ext by setup.py through torch.utils.cpp_extension). Only
-// pybind11, which torch ships: tensors never cross this boundary, prunekit/kernels/native.py passes their
-// pointers in a packed PkParams.
+// Python binding of launch.cu (built as prunekit._cuda_ext by setup.py through torch.utils.cpp_extension, with
+// op.cpp). Only pybind11, which torch ships: tensors never cross this boundary, prunekit/kernels/native.py passes
+// their pointers in a packed PkParams. The inference forward goes through op.cpp's torch operator instead.
 #include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>  // std::array arguments, std::vector results
@@ -16,6 +16,7 @@ extern "C" const char* pk_kernel_name(int i);
 extern "C" int pk_params_size();
 extern "C" int pk_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                          unsigned bz, const void* params, cudaStream_t stream);
+extern "C" int pk_kernel_index(const char* name);
 
 namespace py = pybind11;
 
@@ -43,4 +44,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("launch", &launch, "launch(name, grid, block, params: bytes, stream: int)");
   m.def("kernels", &kernels, "names of the compiled kernels");
   m.def("params_size", &pk_params_size, "sizeof(PkParams)");
+  m.def("kernel_index", [](const std::string& name) { return pk_kernel_index(name.c_str()); },
+        "a kernel's index in the table (what the prunekit::bsr_linear operator takes), -1 if there is none");
 }

@@ -1,5 +1,6 @@
-// Host side of the kernels: a table of every entry point in bsr_kernels.cuh and one launcher that looks a kernel up
-// by name. No torch headers: extension.cpp binds this to Python, and CI compiles this file alone with nvcc.
+// Host side of the kernels: a table of every entry point in bsr_kernels.cuh and launchers that find a kernel by name
+// or by its index in the table. No torch headers: extension.cpp and op.cpp bind this to Python, and CI compiles
+// this file alone with nvcc.
 #include <cuda_runtime.h>
 
 #include <cstring>
@@ -27,18 +28,30 @@ extern "C" const char* pk_kernel_name(int i) { return i >= 0 && i < kCount ? kEn
 
 extern "C" int pk_params_size() { return static_cast<int>(sizeof(PkParams)); }
 
-// 0 on success, -1 for an unknown name, -2 for a block size other than the kernel's, else a cudaError_t.
-extern "C" int pk_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                         unsigned bz, const void* params, cudaStream_t stream) {
-  for (int i = 0; i < kCount; ++i) {
-    if (std::strcmp(kEntries[i].name, name) != 0) continue;
-    if (static_cast<int>(bx * by * bz) != kEntries[i].threads) return -2;
-    PkParams p;
-    std::memcpy(&p, params, sizeof(PkParams));
-    void* args[] = {&p.x,   &p.values, &p.row_ptr, &p.col_idx, &p.perm, &p.row_idx, &p.bias, &p.out,
-                    &p.grad, &p.M,     &p.N,       &p.K,       &p.ldx,  &p.ldo,     &p.ldg};
-    static_assert(sizeof(args) / sizeof(args[0]) * 8 == sizeof(PkParams), "one argument per PkParams field");
-    return static_cast<int>(cudaLaunchKernel(kEntries[i].fn, dim3(gx, gy, gz), dim3(bx, by, bz), args, 0, stream));
-  }
+extern "C" int pk_kernel_index(const char* name) {
+  for (int i = 0; i < kCount; ++i)
+    if (std::strcmp(kEntries[i].name, name) == 0) return i;
   return -1;
 }
+
+// Kernel `index` of the table with `params` (a PkParams as bytes). 0 on success, -1 for an unknown kernel, -2 for a
+// block size other than the kernel's, else a cudaError_t.
+extern "C" int pk_launch_at(int index, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                            const void* params, cudaStream_t stream) {
+  if (index < 0 || index >= kCount) return -1;
+  if (static_cast<int>(bx * by * bz) != kEntries[index].threads) return -2;
+  PkParams p;
+  std::memcpy(&p, params, sizeof(PkParams));
+  void* args[] = {&p.x,    &p.values, &p.row_ptr, &p.col_idx, &p.perm, &p.row_idx, &p.bias, &p.out,
+                  &p.grad, &p.M,      &p.N,       &p.K,       &p.ldx,  &p.ldo,     &p.ldg};
+  static_assert(sizeof(args) / sizeof(args[0]) * 8 == sizeof(PkParams), "one argument per PkParams field");
+  return static_cast<int>(
+      cudaLaunchKernel(kEntries[index].fn, dim3(gx, gy, gz), dim3(bx, by, bz), args, 0, stream));
+}
+
+extern "C" int pk_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                         unsigned bz, const void* params, cudaStream_t stream) {
+  return pk_launch_at(pk_kernel_index(name), gx, gy, gz, bx, by, bz, params, stream);
+}
+
+extern "C" const char* pk_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }

@@ -2,6 +2,7 @@
 (linked into the extension's binding, which must import and list every kernel), and through NVRTC when CuPy is
 installed. Skipped where nvcc or CuPy is missing."""
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -50,10 +51,27 @@ def test_nvcc_builds_the_kernels_for_sm80_and_sm90_and_the_binding_imports(tmp_p
         sys.modules.pop("_cuda_ext", None)
     assert ext.params_size() == len(plan.pack())
     assert entry_points() <= set(ext.kernels()) and len(ext.kernels()) == 72
+    assert [ext.kernel_index(name) for name in ext.kernels()] == list(range(72)) and ext.kernel_index("pk_x") == -1
     with pytest.raises(ValueError, match="no kernel named"):
         ext.launch("pk_nothing", [1, 1, 1], [1, 1, 1], plan.pack(), 0)
     with pytest.raises(ValueError, match="wrong block size"):
         ext.launch("pk_tc_bf16_b64_n", [1, 1, 1], [256, 1, 1], plan.pack(), 0)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_the_torch_operator_compiles(tmp_path):
+    """op.cpp (prunekit::bsr_linear) against torch's headers. A CPU build of torch ships c10/cuda's headers but not
+    the one its CMake generates; that one only chooses symbol visibility, so an empty stand-in does for a compile
+    check. Linking needs a CUDA build of torch: the GPU tests load it."""
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    torch_include = Path(torch.__file__).parent / "include"
+    cmd = ["nvcc", "-std=c++20", "-c", "-Xcompiler", "-fPIC", f"-I{tmp_path}", f"-I{torch_include}",
+           f"-I{torch_include / 'torch' / 'csrc' / 'api' / 'include'}", f"-I{sysconfig.get_paths()['include']}",
+           str(directory() / "op.cpp"), "-o", str(tmp_path / "op.o")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 def test_nvrtc_compiles_the_same_sources():
@@ -78,3 +96,62 @@ def test_cupy_backend_says_how_to_get_it_when_missing(monkeypatch):
         cupy_loader.cupy_backend()
     reason = backends.unavailable("cupy", torch.device("cpu"), torch.float16, 32)
     assert "runs on CUDA devices" in reason
+
+
+def _tree(root: Path, files: dict[str, list[str]]) -> None:
+    for folder, names in files.items():
+        for name in names:
+            (root / folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / folder / name).write_text("")
+
+
+@pytest.mark.parametrize("layout", ["cuda12 wheels", "cuda13 wheels", "cuda13 runtime wheel and a toolkit", "toolkit"])
+def test_nvrtc_include_path_finds_every_header(tmp_path, monkeypatch, layout):
+    """The headers the kernels include, CUDA 13's crt/mma.h among them (its absence broke CuPy on the H200), found in
+    each layout they come in: pip's CUDA 12 wheels (crt/ in cuda_nvcc's folder), CUDA 13's merged nvidia/cu13, and a
+    system toolkit, preferred whole when one holds everything."""
+    from prunekit.kernels import cupy_loader
+
+    site, toolkit = tmp_path / "site", tmp_path / "cuda"
+    full = ["cuda_fp16.h", "cuda_bf16.h", "mma.h", "crt/mma.h"]
+    if layout == "cuda12 wheels":
+        _tree(site, {"nvidia/cuda_runtime/include": full[:3], "nvidia/cuda_nvcc/include": ["crt/mma.h"]})
+        expected = [site / "nvidia/cuda_runtime/include", site / "nvidia/cuda_nvcc/include"]
+    elif layout == "cuda13 wheels":
+        _tree(site, {"nvidia/cu13/include": full})
+        expected = [site / "nvidia/cu13/include"]
+    elif layout == "cuda13 runtime wheel and a toolkit":  # the H200 image: no nvidia-cuda-crt wheel, nvcc installed
+        _tree(site, {"nvidia/cu13/include": full[:3]})
+        _tree(toolkit, {"include": full})
+        monkeypatch.setenv("CUDA_PATH", str(toolkit))
+        expected = [toolkit / "include"]
+    else:
+        _tree(toolkit, {"targets/x86_64-linux/include": full})
+        monkeypatch.setenv("CUDA_HOME", str(toolkit))
+        expected = [toolkit / "targets/x86_64-linux/include"]
+    for name in ("CUDA_PATH", "CUDA_HOME"):
+        if str(toolkit) not in os.environ.get(name, ""):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cupy_loader.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cupy_loader, "SYSTEM_CUDA", str(tmp_path / "absent"))
+    monkeypatch.setattr(sys, "path", [str(site)])
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.setitem(sys.modules, "cuda.pathfinder", None)
+    assert cupy_loader.header_dirs(cupy_loader.candidate_dirs()) == expected
+    flags = cupy_loader.include_options()
+    assert flags[0] == f"-I{directory()}" and list(flags[1:]) == [f"-I{d}" for d in expected]
+
+
+def test_nvrtc_missing_headers_say_which_and_where(tmp_path, monkeypatch):
+    from prunekit.kernels import cupy_loader
+
+    _tree(tmp_path / "site", {"nvidia/cu13/include": ["cuda_fp16.h", "cuda_bf16.h", "mma.h"]})
+    for name in ("CUDA_PATH", "CUDA_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cupy_loader.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cupy_loader, "SYSTEM_CUDA", str(tmp_path / "absent"))
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "site")])
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.setitem(sys.modules, "cuda.pathfinder", None)
+    message = cupy_loader._missing_headers('mma.h(55): catastrophic error: cannot open source file "crt/mma.h"')
+    assert "crt/mma.h missing from" in message and "nvidia/cu13/include" in message and "nvidia-cuda-crt" in message

@@ -6,6 +6,7 @@ import torch
 
 from prunekit.kernels import BlockLayout, BlockSparseLinear, backends, block_sparse_linear
 from prunekit.kernels import launch as plan
+from prunekit.errors import PrunekitError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -120,7 +121,7 @@ def test_backward_matches_autograd_of_the_dense_reference(runner, dtype, b):
             (xd @ w.t()).backward(dy.double())
             close(backend.grad_input(dy, values, layout), xd.grad, dtype)
             # every entry of a stored block, kept or not (the module masks the rest): gather of the dense gradient
-            close(backend.grad_values(dy, x, layout, values), layout.gather(w.grad.cpu()).to(device), dtype)
+            close(backend.grad_values(dy, x, layout, values), layout.gather(w.grad), dtype)
 
 
 def test_module_trains_only_kept_weights_and_matches_dense(runner):
@@ -167,6 +168,13 @@ def test_layout_lists_the_same_blocks_both_ways():
     weight = torch.randn(70, 50)
     assert torch.equal(layout.scatter(layout.gather(weight)) != 0, layout.scatter(layout.gather(torch.ones(70, 50))) != 0)
     assert torch.equal(layout.scatter(layout.gather(weight * keep)), weight * keep)
+
+
+def test_layout_refuses_a_weight_on_another_device():
+    """The GPU run of the backward test once gathered a CPU gradient with CUDA indices: a clear error, not torch's."""
+    layout = BlockLayout.from_mask(torch.ones(32, 32, dtype=torch.bool), 16).to("meta")
+    with pytest.raises(PrunekitError, match="weight on cpu but the layout on meta"):
+        layout.gather(torch.randn(32, 32))
 
 
 def test_launch_plan_matches_the_kernel_table():

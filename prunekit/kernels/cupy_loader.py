@@ -4,40 +4,81 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import sys
+from pathlib import Path
 
 from .native import Native
 from .sources import directory, kernel_source
 
 OPTIONS = ("-std=c++17",)
+SYSTEM_CUDA = "/usr/local/cuda"
 
 
-def include_options() -> tuple[str, ...]:
-    """-I flags for the CUDA headers the kernels include (cuda_fp16.h, cuda_bf16.h, mma.h): CuPy's CUDA path and,
-    where CuPy found its toolkit through pip wheels, cuda-pathfinder's header directory."""
-    dirs = [str(directory())]
+# What bsr_kernels.cuh includes, directly or through mma.h (CUDA 13's mma.h includes crt/mma.h).
+HEADERS = ("cuda_fp16.h", "cuda_bf16.h", "mma.h", "crt/mma.h")
+
+
+def candidate_dirs() -> list[Path]:
+    """Directories that may hold the CUDA headers, in order of preference: a toolkit named by CUDA_PATH or
+    CUDA_HOME, the one beside nvcc, CuPy's, /usr/local/cuda, then pip's nvidia-* wheels (CUDA 12 puts each
+    component in nvidia/<component>/include, with crt/ in cuda_nvcc's; CUDA 13 merges them in nvidia/cu13/include,
+    crt/ coming from nvidia-cuda-crt) and what cuda-pathfinder finds."""
+    roots = [os.environ.get(name) for name in ("CUDA_PATH", "CUDA_HOME")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        roots.append(str(Path(nvcc).resolve().parent.parent))
     try:
         import cupy
 
-        path = cupy.cuda.get_cuda_path()
-        if path:
-            dirs.append(os.path.join(path, "include"))
+        roots.append(cupy.cuda.get_cuda_path())
     except Exception:  # noqa: BLE001 - an odd CuPy install just means fewer candidates
         pass
+    roots.append(SYSTEM_CUDA)
+    dirs = []
+    for root in filter(None, roots):
+        dirs += [Path(root) / "include", Path(root) / "targets" / "x86_64-linux" / "include"]
+    for site in map(Path, sys.path):
+        dirs += sorted((site / "nvidia").glob("*/include"))
     try:
         from cuda.pathfinder import find_nvidia_header_directory
 
-        found = find_nvidia_header_directory("cudart")
-        if found:
-            dirs.append(found)
-    except Exception:  # noqa: BLE001
+        for lib in ("cudart", "nvcc", "crt"):
+            try:
+                found = find_nvidia_header_directory(lib)
+            except Exception:  # noqa: BLE001 - names differ between pathfinder versions
+                found = None
+            if found:
+                dirs.append(Path(found))
+    except ImportError:
         pass
-    return tuple(f"-I{d}" for d in dict.fromkeys(dirs) if os.path.isdir(d))
+    return list(dict.fromkeys(d for d in dirs if d.is_dir()))
+
+
+def header_dirs(candidates: list[Path]) -> list[Path]:
+    """The directories to put on NVRTC's include path: the first that holds every header in HEADERS, so that they
+    come from one toolkit; else, header by header, the first that holds it (a CUDA 12 pip install splits them)."""
+    for d in candidates:
+        if all((d / h).is_file() for h in HEADERS):
+            return [d]
+    found = (next((d for d in candidates if (d / h).is_file()), None) for h in HEADERS)
+    return [d for d in dict.fromkeys(found) if d is not None]
+
+
+def include_options() -> tuple[str, ...]:
+    """-I flags for the kernels' own directory and the CUDA headers they include."""
+    return tuple(f"-I{d}" for d in [directory(), *header_dirs(candidate_dirs())])
 
 
 def _missing_headers(log: str) -> str:
-    return ("NVRTC could not find the CUDA headers the kernels include (cuda_fp16.h, cuda_bf16.h, mma.h); install "
-            "them (`pip install 'cupy-cuda12x[ctk]'`, or a CUDA toolkit with CUDA_PATH set)"
-            if "could not open source file" in log else log)
+    if "could not open source file" not in log and "cannot open source file" not in log:
+        return log
+    dirs = candidate_dirs()
+    missing = [h for h in HEADERS if not any((d / h).is_file() for d in dirs)]
+    return (f"NVRTC could not find the CUDA headers the kernels include ({', '.join(missing or HEADERS)} missing "
+            f"from {', '.join(map(str, dirs)) or 'every place looked in'}); install a CUDA toolkit and set CUDA_PATH, "
+            f"or the pip wheels (`pip install 'cupy-cuda12x[ctk]'`; for CUDA 13 also nvidia-cuda-crt). NVRTC said: "
+            f"{log.strip()[-300:]}")
 
 
 def compile_ptx(arch: str = "80") -> str:

@@ -1,5 +1,12 @@
 """backend="auto": time every candidate once per problem and keep the fastest, never one slower than dense.
 
+On a GPU what is fastest depends on how the model runs. Called eagerly, every layer pays its host-side launch
+cost (tens of microseconds through Python), so at one row dense cuBLAS often wins although the sparse kernel is
+faster on the device; replayed as a CUDA graph (or compiled), only device time counts. So choices are made per
+*mode*: "eager" times bursts of calls by the wall clock, "graph" times replays of a captured CUDA graph. Set the mode
+the model will run in before its first forward (`with dispatch.mode("graph"): model(x)` as the warm-up before
+capturing); on the CPU there is only "eager".
+
 A problem is (kind, weight shape, block, stored density to 1/20, dtype, device, torch's CPU thread count, rows rounded
 up to a power of two):
 layers of one shape and sparsity share one measurement, and a new batch size only costs a measurement when it
@@ -9,6 +16,7 @@ sparsity), which is why it is measured and not assumed.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 import uuid
@@ -17,9 +25,13 @@ from typing import Callable
 
 import torch
 
+from .launch import bucket  # one definition of the buckets, shared with the kernel planner
+
 MARGIN = 0.95  # sparse must take under 95% of dense's time
 MIN_SECONDS = 0.05  # timing per candidate: at least this long ...
 MAX_REPEATS = 50  # ... and at most this many rounds after the warm-up
+BURST = 10  # GPU calls per sample: a burst (eager) or a captured graph (graph) of this many
+MODES = ("eager", "graph")
 
 
 @dataclass(frozen=True)
@@ -32,12 +44,12 @@ class Problem:
     device: str
     threads: int  # torch's CPU threads (0 on a GPU): what wins on one core may lose on two
     rows: int  # bucket: rows rounded up to a power of two
+    mode: str = "eager"  # how the model runs: "eager" or "graph" (CUDA graphs, torch.compile's cudagraphs)
 
     @classmethod
     def of(cls, kind: str, shape, block: int, density: float, dtype, device: torch.device, rows: int) -> "Problem":
-        name = str(device) if device.type == "cpu" else f"{device}:{torch.cuda.get_device_name(device)}"
-        return cls(kind, tuple(shape), block, round(density * 20) / 20, dtype, name, _threads(device.type == "cpu"),
-                   bucket(rows))
+        return cls(kind, tuple(shape), block, round(density * 20) / 20, dtype, device_name(device),
+                   _threads(device.type == "cpu"), bucket(rows), _mode_on(device))
 
 
 @dataclass
@@ -48,12 +60,46 @@ class Choice:
 
 
 _cache: dict[Problem, Choice] = {}
+_mode = "eager"
 _generation = uuid.uuid4().hex  # renewed by forget(); a module's remembered choices (copied, pickled) need this one
 _MEMO = "_prunekit_dispatch"
 
 
-def bucket(rows: int) -> int:
-    return 1 << max(0, int(rows) - 1).bit_length()
+def device_name(device: torch.device) -> str:
+    """"cpu", or "cuda:<index>:<GPU name>" with the index filled in (torch.device("cuda") and "cuda:0" are one GPU)."""
+    if device.type == "cpu":
+        return "cpu"
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return f"{device.type}:{index}:{torch.cuda.get_device_name(index)}"
+
+
+def current_mode() -> str:
+    return _mode
+
+
+def set_mode(name: str) -> str:
+    """Sets how models run from now on ("eager" or "graph"), for choices not made yet; returns the previous mode."""
+    global _mode
+    if name not in MODES:
+        raise ValueError(f"unknown dispatch mode {name!r}; choose from {', '.join(MODES)}")
+    previous, _mode = _mode, name
+    return previous
+
+
+@contextlib.contextmanager
+def mode(name: str):
+    """`with dispatch.mode("graph"): model(x)`: choices made inside are timed as CUDA-graph replays."""
+    previous = set_mode(name)
+    try:
+        yield
+    finally:
+        set_mode(previous)
+
+
+def _mode_on(device: torch.device) -> str:
+    return _mode if device.type == "cuda" else "eager"  # the CPU has no graphs to replay
+
+
 
 
 def _threads(on_cpu: bool) -> int:
@@ -66,7 +112,7 @@ def pick(module: torch.nn.Module, x: torch.Tensor, kind: str, shape, block: int,
     first costs one dictionary lookup; otherwise the problem's choice, measuring candidates(x as 2-D rows) (which
     must include "dense") if the problem is new."""
     rows = x.numel() // shape[1]
-    key = (bucket(rows), x.dtype, _threads(x.is_cpu))
+    key = (bucket(rows), x.dtype, _threads(x.is_cpu), _mode_on(x.device))
     memo = module.__dict__.get(_MEMO)
     if memo is None or memo[0] != _generation:  # first call, or measurements forgotten, or from another process
         memo = module.__dict__[_MEMO] = (_generation, {})
@@ -81,26 +127,52 @@ def pick(module: torch.nn.Module, x: torch.Tensor, kind: str, shape, block: int,
 
 
 def measure(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds of one call (CUDA events on a GPU)."""
+    """Seconds per call as an eager model pays them: one call on the CPU; on a GPU, the wall time of a burst of
+    BURST calls from an idle device, so that host-side launch costs count where they exceed the kernel's time."""
     if device.type == "cuda":
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return begin.elapsed_time(end) / 1e3
+        torch.cuda.synchronize(device)
+        clock = time.perf_counter()
+        for _ in range(BURST):
+            fn()
+        torch.cuda.synchronize(device)
+        return (time.perf_counter() - clock) / BURST
     clock = time.perf_counter()
     fn()
     return time.perf_counter() - clock
 
 
+def graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], float]:
+    """fn captured BURST times in a CUDA graph (on a side stream, after a warm-up there); returns a sampler giving
+    seconds per call of a replay, timed with CUDA events. Raises what capture raises for paths that cannot be
+    captured (host synchronisation, allocations outside the graph pool)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(BURST):
+            fn()
+
+    def sample() -> float:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3 / BURST
+
+    return sample
+
+
 def timings(candidates: dict[str, Callable[[], object]], device: torch.device, min_seconds: float = MIN_SECONDS,
-            max_rounds: int = MAX_REPEATS) -> tuple[dict, dict]:
-    """(median seconds per call, errors) per candidate. After two warm-up calls each (first calls pay for lazy compilation
-    and first-use allocations; with one, a short measurement once saw PyTorch's BSR at 3x its settled time), the
-    candidates take turns call by call, so that a burst of load from elsewhere on the machine
-    slows all of them alike instead of whichever was being timed; at least 3 rounds, then until `min_seconds` per
-    candidate or `max_rounds`."""
+            max_rounds: int = MAX_REPEATS, mode: str = "eager") -> tuple[dict, dict]:
+    """(median seconds per call, errors) per candidate, in `mode` (measure: eager; graphed: CUDA-graph replays). After
+    two warm-up calls each (first calls pay for lazy compilation and first-use allocations; with one, a short
+    measurement once saw PyTorch's BSR at 3x its settled time), the candidates take turns sample by sample, so that
+    a burst of load from elsewhere on the machine slows all of them alike instead of whichever was being timed; at
+    least 3 rounds, then until `min_seconds` per candidate or `max_rounds`."""
     errors: dict[str, str] = {}
     samples: dict[str, list[float]] = {name: [] for name in candidates}
 
@@ -118,10 +190,16 @@ def timings(candidates: dict[str, Callable[[], object]], device: torch.device, m
             attempt(name, candidates[name])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    samplers: dict[str, Callable[[], float]] = {}
+    for name in list(samples):
+        if mode == "graph":
+            attempt(name, lambda: samplers.__setitem__(name, graphed(candidates[name], device)))
+        else:
+            samplers[name] = lambda fn=candidates[name]: measure(fn, device)
     spent, rounds = 0.0, 0
     while rounds < 3 or (spent < min_seconds * len(samples) and rounds < max_rounds):
         for name in list(samples):
-            attempt(name, lambda: samples[name].append(measure(candidates[name], device)))
+            attempt(name, lambda: samples[name].append(samplers[name]()))
             spent += samples[name][-1] if name in samples else 0.0
         rounds += 1
     return {name: statistics.median(times) for name, times in samples.items()}, errors
@@ -134,10 +212,11 @@ def choose(problem: Problem, candidates: dict[str, Callable[[], object]], device
     if "dense" not in candidates:
         raise ValueError("the candidates must include 'dense', the baseline nothing may be slower than")
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(f"no measurement yet for {problem} and a CUDA graph is being captured; run the model "
-                           f"once at this batch size before capturing, or choose a backend explicitly")
+        raise RuntimeError(f"no measurement yet for {problem} and a CUDA graph is being captured; warm the model "
+                           f"up at this batch size before capturing (inside `with prunekit.kernels.dispatch.mode("
+                           f"'graph'):` so that it is timed as graphs replay), or choose a backend explicitly")
     with torch.no_grad():
-        seconds, errors = timings(candidates, device)
+        seconds, errors = timings(candidates, device, mode=problem.mode)
     choice = Choice("dense", seconds, errors)
     sparse = {n: t for n, t in seconds.items() if n != "dense"}
     if sparse:

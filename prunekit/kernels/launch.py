@@ -28,6 +28,12 @@ class Launch:
     name: str
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
+    tile: int = 0  # rows of the product per thread block (forward kernels; grid[1] = ceil(rows / tile))
+
+
+def bucket(rows: int) -> int:
+    """rows rounded up to a power of two: every threshold below is one, so a bucket always gets the same kernel."""
+    return 1 << max(0, int(rows) - 1).bit_length()
 
 
 def tensor_cores(dtype: torch.dtype, capability: tuple[int, int]) -> bool:
@@ -41,11 +47,11 @@ def forward(rows: int, block_rows: int, block: int, dtype: torch.dtype, capabili
     dt = DTYPE_NAMES[dtype]
     if rows <= SKINNY_ROWS and not transposed:
         tile = next(t for t in SKINNY_TILES if rows <= t)
-        return Launch(f"pk_skinny_{dt}_b{block}_m{tile}", (block_rows, -(-rows // tile), 1), (256, 1, 1))
+        return Launch(f"pk_skinny_{dt}_b{block}_m{tile}", (block_rows, -(-rows // tile), 1), (256, 1, 1), tile)
     kind = "t" if transposed else "n"
     if tensor_cores(dtype, capability):
-        return Launch(f"pk_tc_{dt}_b{block}_{kind}", (block_rows, -(-rows // TC_ROWS), 1), (128, 1, 1))
-    return Launch(f"pk_simt_{dt}_b{block}_{kind}", (block_rows, -(-rows // SIMT_ROWS), 1), (256, 1, 1))
+        return Launch(f"pk_tc_{dt}_b{block}_{kind}", (block_rows, -(-rows // TC_ROWS), 1), (128, 1, 1), TC_ROWS)
+    return Launch(f"pk_simt_{dt}_b{block}_{kind}", (block_rows, -(-rows // SIMT_ROWS), 1), (256, 1, 1), SIMT_ROWS)
 
 
 def grad_values(nnzb: int, block: int, dtype: torch.dtype, capability: tuple[int, int]) -> Launch:

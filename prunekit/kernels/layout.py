@@ -94,6 +94,9 @@ class BlockLayout:
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise PrunekitError(f"weight of shape {tuple(weight.shape)} does not fit a layout for "
                                 f"{self.out_features}x{self.in_features}")
+        if weight.device != self.row_idx.device:  # indexing across devices fails deep inside torch
+            raise PrunekitError(f"weight on {weight.device} but the layout on {self.row_idx.device}: move one of "
+                                f"them (layout.to(weight.device)) first")
 
 
 def _tiles(matrix: torch.Tensor, block: int) -> torch.Tensor:

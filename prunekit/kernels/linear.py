@@ -115,8 +115,15 @@ class BlockSparseLinear(nn.Module):
 
     @property
     def layout(self) -> BlockLayout:
-        return BlockLayout(self.out_features, self.in_features, self.block,
-                           **{name: getattr(self, name) for name in BlockLayout.INDEX_FIELDS})
+        """The BlockLayout over this module's index buffers; kept between calls (a forward at one row on a GPU is
+        a few microseconds, so building it per call showed) and rebuilt when a buffer is replaced (.to(), say)."""
+        indices = tuple(self._buffers[name] for name in BlockLayout.INDEX_FIELDS)
+        cached = self.__dict__.get("_layout")
+        if cached is None or any(a is not b for a, b in zip(cached[0], indices)):
+            layout = BlockLayout(self.out_features, self.in_features, self.block,
+                                 **dict(zip(BlockLayout.INDEX_FIELDS, indices)))
+            self.__dict__["_layout"] = cached = (indices, layout)
+        return cached[1]
 
     def dense_weight(self) -> torch.Tensor:
         """The dense [out, in] weight; differentiable while training. On a GPU it is cached until `values` change;

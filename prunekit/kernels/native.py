@@ -3,6 +3,7 @@
 `launch(name, grid, block, params: bytes, stream: int)`; launch.py decides the kernel and grid."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
@@ -23,12 +24,19 @@ def _cuda_stream(device: torch.device) -> int:
 
 
 class Native:
-    """One BSR backend: forward, input gradient and block gradient for fp32/fp16/bf16 and blocks 16/32/64."""
+    """One BSR backend: forward, input gradient and block gradient for fp32/fp16/bf16 and blocks 16/32/64.
+
+    kernel_index: where the launcher is the compiled extension, its table's index of a kernel name; then the
+    inference forward is one call of the prunekit::bsr_linear operator (op.cpp), with the kernel planned once per
+    batch-size bucket, instead of the Python route through pack() and the launcher."""
 
     def __init__(self, name: str, launcher: Launcher, device_type: str = "cuda",
-                 capability: Callable = _cuda_capability, stream: Callable = _cuda_stream):
+                 capability: Callable = _cuda_capability, stream: Callable = _cuda_stream,
+                 kernel_index: Callable[[str], int] | None = None):
         self.name, self.launcher, self.device_type = name, launcher, device_type
         self.capability, self.stream = capability, stream
+        self.kernel_index = kernel_index
+        self._planned: dict[tuple, tuple[int, int, int]] = {}
 
     def unsupported(self, device: torch.device, dtype: torch.dtype, block: int) -> str | None:
         if device.type != self.device_type:
@@ -47,9 +55,27 @@ class Native:
         else:
             self.launcher(launch.name, launch.grid, launch.block, params, self.stream(device))
 
+    def operator_plan(self, rows: int, layout: BlockLayout, dtype: torch.dtype,
+                      device: torch.device) -> tuple[int, int, int]:
+        """(kernel index, rows per thread block, threads) of the forward for `rows` rows: the same for every row
+        count of a power-of-two bucket (the planner's thresholds are powers of two), so planned once per bucket."""
+        key = (plan.bucket(rows), layout.block, dtype, device)
+        found = self._planned.get(key)
+        if found is None:
+            launch = plan.forward(rows, layout.grid[0], layout.block, dtype, self.capability(device))
+            index = self.kernel_index(launch.name)
+            if index < 0:
+                raise RuntimeError(f"{self.name} has no kernel {launch.name}; rebuild the extension")
+            found = self._planned[key] = (index, launch.tile, launch.block[0])
+        return found
+
     def forward(self, x: torch.Tensor, values: torch.Tensor, layout: BlockLayout,
                 bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.shape[0]
+        if self.kernel_index is not None and rows:
+            kernel, tile, threads = self.operator_plan(rows, layout, x.dtype, x.device)
+            return torch.ops.prunekit.bsr_linear(x, values, layout.row_ptr, layout.col_idx, bias, layout.out_features,
+                                                 kernel, tile, threads)
         out = x.new_empty(rows, layout.out_features)
         if rows:
             launch = plan.forward(rows, layout.grid[0], layout.block, x.dtype, self.capability(x.device))
@@ -105,11 +131,25 @@ def load_extension(jit: bool | None = None):
     from .sources import directory
 
     src = directory()
-    return load(name="prunekit_cuda_ext", sources=[str(src / "extension.cpp"), str(src / "launch.cu")],
+    return load(name="prunekit_cuda_ext", sources=[str(src / name) for name in SOURCES],
                 extra_include_paths=[str(src)], extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-std=c++17"])
+
+
+SOURCES = ("extension.cpp", "op.cpp", "launch.cu")  # what the extension is built from (setup.py lists them too)
+
+
+@functools.lru_cache(maxsize=None)
+def _register_fake() -> None:
+    """The shape of prunekit::bsr_linear's output without running it, for torch.compile and meta tensors."""
+
+    @torch.library.register_fake("prunekit::bsr_linear")
+    def _(x, values, row_ptr, col_idx, bias, out_features, kernel, tile_rows, threads):
+        return x.new_empty(x.shape[0], out_features)
 
 
 def extension_backend(jit: bool | None = None) -> Native:
     ext = load_extension(jit)
+    _register_fake()
     return Native("cuda_ext", lambda name, grid, block, params, stream: ext.launch(name, list(grid), list(block),
-                                                                                  params, stream))
+                                                                                  params, stream),
+                  kernel_index=ext.kernel_index)

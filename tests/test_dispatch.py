@@ -1,0 +1,119 @@
+"""The dispatch's choice logic with injected timings (so that it is checked without a GPU): modes, device keys, the
+margin, and the kernel plan the thin CUDA operator caches per batch-size bucket."""
+import dataclasses
+
+import pytest
+import torch
+
+from prunekit.kernels import dispatch
+from prunekit.kernels import launch as plan
+from prunekit.kernels.layout import BlockLayout
+from prunekit.kernels.native import Native
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def fresh():
+    dispatch.forget()
+    yield
+    dispatch.forget()
+    dispatch.set_mode("eager")
+
+
+def problem(rows=1, mode="eager"):
+    return dataclasses.replace(dispatch.Problem.of("bsr", (4096, 4096), 32, 0.3, torch.bfloat16, CPU, rows), mode=mode)
+
+
+def injected(monkeypatch, eager: dict, graph: dict, capture_fails=()):
+    """Timings per candidate name: `eager` for bursts of eager calls, `graph` for graph replays."""
+    monkeypatch.setattr(dispatch, "measure", lambda fn, device: eager[fn()])
+
+    def graphed(fn, device):
+        name = fn()
+        if name in capture_fails:
+            raise RuntimeError(f"{name} synchronises the host and cannot be captured")
+        return lambda: graph[name]
+
+    monkeypatch.setattr(dispatch, "graphed", graphed)
+
+
+def candidates(*names):
+    return {name: (lambda name=name: name) for name in names}
+
+
+def test_the_choice_follows_the_mode_it_was_measured_in(monkeypatch):
+    # the H200 probe at one row, 70% of 32x32 blocks: eager wall 23.3 / 71.8 us, graph replay 10.6 / 5.3 us
+    injected(monkeypatch, eager={"dense": 23.3e-6, "cuda_ext": 71.8e-6}, graph={"dense": 10.6e-6, "cuda_ext": 5.3e-6})
+    eager = dispatch.choose(problem(), candidates("dense", "cuda_ext"), CPU)
+    graph = dispatch.choose(problem(mode="graph"), candidates("dense", "cuda_ext"), CPU)
+    assert eager.winner == "dense" and graph.winner == "cuda_ext"
+    assert graph.seconds == {"dense": 10.6e-6, "cuda_ext": 5.3e-6}
+    assert set(dispatch.decisions()) == {problem(), problem(mode="graph")}  # both kept, neither overwrote the other
+
+
+def test_graph_mode_excludes_what_cannot_be_captured_and_keeps_the_margin(monkeypatch):
+    injected(monkeypatch, eager={"dense": 1.0, "torch": 0.5, "cuda_ext": 0.97},
+             graph={"dense": 1.0, "torch": 0.1, "cuda_ext": 0.96}, capture_fails=("torch",))
+    graph = dispatch.choose(problem(mode="graph"), candidates("dense", "torch", "cuda_ext"), CPU)
+    assert graph.winner == "dense" and "cannot be captured" in graph.errors["torch"]  # 4% faster: within the margin
+    assert dispatch.choose(problem(), candidates("dense", "torch", "cuda_ext"), CPU).winner == "torch"
+
+
+def test_dense_that_cannot_be_captured_is_an_error(monkeypatch):
+    injected(monkeypatch, eager={}, graph={"x": 1.0}, capture_fails=("dense",))
+    with pytest.raises(RuntimeError, match="cannot be captured"):
+        dispatch.choose(problem(mode="graph"), candidates("dense", "x"), CPU)
+
+
+def test_mode_is_set_scoped_and_checked():
+    assert dispatch.current_mode() == "eager"
+    with dispatch.mode("graph"):
+        assert dispatch.current_mode() == "graph"
+        assert dispatch.Problem.of("bsr", (8, 8), 16, 1, torch.float32, CPU, 1).mode == "eager"  # no graphs on a CPU
+    assert dispatch.current_mode() == "eager"
+    with pytest.raises(ValueError, match="unknown dispatch mode 'compiled'"):
+        dispatch.set_mode("compiled")
+
+
+def test_pick_remembers_per_mode_on_the_module(monkeypatch):
+    seen = []
+    monkeypatch.setattr(dispatch, "_mode_on", lambda device: dispatch.current_mode())  # as on a GPU
+
+    def choose(problem, found, device):
+        seen.append(problem.mode)
+        return dispatch.Choice("cuda_ext" if problem.mode == "graph" else "dense")
+
+    monkeypatch.setattr(dispatch, "choose", choose)
+    module, x = torch.nn.Module(), torch.randn(1, 8)
+    assert dispatch.pick(module, x, "bsr", (8, 8), 16, 1.0, lambda x2: {}) == "dense"
+    with dispatch.mode("graph"):
+        assert dispatch.pick(module, x, "bsr", (8, 8), 16, 1.0, lambda x2: {}) == "cuda_ext"
+    assert dispatch.pick(module, x, "bsr", (8, 8), 16, 1.0, lambda x2: {}) == "dense"
+    assert seen == ["eager", "graph"]  # the third call was the module's memo
+
+
+def test_a_gpu_is_one_key_with_or_without_its_index(monkeypatch):
+    """The benchmark looked its choice up under torch.device("cuda") while the layer recorded it under the input's
+    "cuda:0": a KeyError on the H200. Both name the same GPU now."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H200")
+    of = lambda device: dispatch.Problem.of("bsr", (8, 8), 16, 1, torch.bfloat16, torch.device(device), 3)
+    assert of("cuda") == of("cuda:0") and of("cuda").device == "cuda:0:NVIDIA H200"
+    assert of("cuda:1") != of("cuda:0")
+
+
+def test_the_operator_plan_is_the_planner_s_for_every_row_count_of_a_bucket():
+    """The thin operator takes the kernel once per batch-size bucket: that must be the kernel and tile the planner
+    chooses for each row count inside the bucket."""
+    names = sorted({plan.forward(r, 4, b, dt, (9, 0)).name for r in range(1, 600) for b in (16, 32, 64)
+                    for dt in (torch.float32, torch.bfloat16)})
+    native = Native("table", launcher=None, capability=lambda device: (9, 0), kernel_index=names.index)
+    for b in (16, 32, 64):
+        layout = BlockLayout.from_mask(torch.ones(4 * b, 2 * b, dtype=torch.bool), b)
+        for dtype in (torch.float32, torch.bfloat16):
+            for rows in range(1, 600):
+                launch = plan.forward(rows, 4, b, dtype, (9, 0))
+                kernel, tile, threads = native.operator_plan(rows, layout, dtype, CPU)
+                assert (names[kernel], threads) == (launch.name, launch.block[0])
+                assert -(-rows // tile) == launch.grid[1]
