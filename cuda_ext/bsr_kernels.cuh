@@ -13,26 +13,35 @@
 // output row, input column). The transposed structure (for dX = dY W) lists the same blocks by block column,
 // with perm[i] naming the stored block, which is then read transposed.
 //
-// Three forward paths, as in cuSPARSE/Triton's split between GEMV- and GEMM-like problems:
-// - skinny (<= 16 rows, memory-bound: decode): every weight byte is read once, with 16-byte loads; threads of
-//   a warp split each block's rows and columns, warps split a block row's blocks, partial sums meet in shared
-//   memory. Accumulates in fp32 for every dtype.
-// - tc (fp16/bf16, many rows, compute-bound: prefill): a 128-row x B tile per thread block on tensor cores
-//   (WMMA m16n16k16, fp32 accumulation), the next block's operands loaded into registers while the current one
-//   is multiplied.
-// - simt (fp32, or any dtype where tensor cores are not available): the same tiling on CUDA cores, 4 x B/16
-//   outputs per thread.
+// Four forward paths, as in cuSPARSE/Triton's split between GEMV- and GEMM-like problems:
+// - skinny (one row, or fp32 up to 16: memory-bound decode): every weight byte is read once, with 16-byte loads;
+//   threads of a warp split each block's rows and columns, warps split a block row's blocks, partial sums meet in
+//   shared memory. Accumulates in fp32 for every dtype.
+// - bt (fp16/bf16, 2-64 rows: batched decode, speculative decoding): tensor cores on the transposed product,
+//   out^T = W x^T, so that a block's output features fill the mma's 16-row side and the few rows of x the other
+//   (the "swap AB" of small-batch GEMM); warps split a block row's blocks and meet in a tree reduction.
+// - tc (fp16/bf16, more rows, compute-bound: prefill, training): a TM x B tile per thread block on tensor cores
+//   (WMMA m16n16k16, fp32 accumulation), each warp a 64 x 32 part of it, the operands of the next blocks streamed
+//   into a four-stage shared-memory ring by cp.async while the current one is multiplied.
+// - simt (fp32, or any dtype where tensor cores are not available): a 64 x B tile on CUDA cores, 4 x B/16 outputs
+//   per thread.
 // Gradient of the blocks: dV[i] = dY[:, rows of i]^T X[:, cols of i], one thread block per stored block looping
 // over all rows (tc or simt), so pruned blocks never get a gradient.
+//
+// Kernels that need more than 48 KiB of shared memory take it dynamically (PK_DYNAMIC_SMEM); PK_KERNELS names each
+// kernel's dynamic bytes, which every launcher passes (and raises the kernel's limit to, where CUDA requires it).
 #pragma once
 
 #ifndef PK_EMULATE
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <cuda_pipeline_primitives.h>
 #include <mma.h>
 #define PK_BOUNDS(threads) __launch_bounds__(threads)
+#define PK_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 #else
 #define PK_BOUNDS(threads)
+#define PK_DYNAMIC_SMEM(name) unsigned char* name = emu::dynamic_smem()
 #endif
 
 struct PkParams {
@@ -88,6 +97,10 @@ template <typename A, typename B> struct Pick<false, A, B> { using type = B; };
 
 __device__ __forceinline__ bool aligned16(const void* ptr) {
   return (reinterpret_cast<unsigned long long>(ptr) & 15ull) == 0;
+}
+
+__device__ __forceinline__ bool aligned32(const void* ptr) {
+  return (reinterpret_cast<unsigned long long>(ptr) & 31ull) == 0;
 }
 
 __device__ __forceinline__ uint4 zero16() {
@@ -211,22 +224,139 @@ __device__ __forceinline__ void skinny(const PkParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// tc: grid (block rows, ceil(M / 128)), 128 threads (4 warps), fp16/bf16.
+// bt: grid (block rows, ceil(M / MT)), 256 threads (8 warps), fp16/bf16, MT of 16, 32 or 64 rows.
+template <typename T, int B, int MT>
+struct Bt {
+  static constexpr int WARPS = 8, THREADS = 32 * WARPS, FB = B / 16, FT = MT / 16, HALF = WARPS / 2;
+  static constexpr int RED_BYTES = HALF * MT * B * 4;  // partial sums of half the warps, [warp][MT][B] fp32
+  static constexpr int BYTES = RED_BYTES + WARPS * 256 * 2;  // and one staged 16 x 16 x^T fragment per warp
+  static_assert(BYTES <= 48 * 1024 && FB * FT <= 8, "bt tile does not fit");
+};
+
+template <typename T, int B, int MT>
+__device__ __forceinline__ void bt(const PkParams& p) {
+  if constexpr (!MmaOk<T>::value) {
+    __trap();  // never launched: launch.py picks skinny or simt where tensor cores do not take T
+  } else {
+    namespace wmma = nvcuda::wmma;
+    using S = Bt<T, B, MT>;
+    __shared__ __align__(128) unsigned char smem[S::BYTES];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float* red = reinterpret_cast<float*>(smem);
+    T* scratch = reinterpret_cast<T*>(smem + S::RED_BYTES) + warp * 256;
+    const long long j = blockIdx.x, m0 = (long long)blockIdx.y * MT;
+    const T* x = static_cast<const T*>(p.x);
+    const T* values = static_cast<const T*>(p.values);
+    // x^T fragments load straight from x where 16 whole rows are there and every row starts 32-byte aligned
+    const bool direct = aligned32(p.x) && p.ldx % 16 == 0;
+    const T zero = Cvt<T>::from_f(0.f);
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[S::FB][S::FT];
+#pragma unroll
+    for (int a = 0; a < S::FB; ++a)
+#pragma unroll
+      for (int t = 0; t < S::FT; ++t) wmma::fill_fragment(acc[a][t], 0.f);
+
+    const int end = p.row_ptr[j + 1];
+    for (int i = p.row_ptr[j] + warp; i < end; i += S::WARPS) {
+      const T* blk = values + (long long)i * B * B;
+      const long long c0 = (long long)p.col_idx[i] * B;
+#pragma unroll
+      for (int kk = 0; kk < B; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af[S::FB];  // W: (n, k) at blk[n * B + k]
+#pragma unroll
+        for (int a = 0; a < S::FB; ++a) wmma::load_matrix_sync(af[a], blk + a * 16 * B + kk, B);
+#pragma unroll
+        for (int t = 0; t < S::FT; ++t) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;  // x^T: (k, m) at x[m * ldx + k]
+          const long long r0 = m0 + t * 16, k0 = c0 + kk;
+          if (direct && r0 + 16 <= p.M && k0 + 16 <= p.K) {
+            wmma::load_matrix_sync(bf, x + r0 * p.ldx + k0, static_cast<unsigned>(p.ldx));
+          } else {  // ragged rows or columns, or unaligned rows: through a zero-padded copy
+            for (int e = lane; e < 256; e += 32) {
+              const long long m = r0 + e / 16, k = k0 + e % 16;
+              scratch[e] = m < p.M && k < p.K ? x[m * p.ldx + k] : zero;
+            }
+            __syncwarp();
+            wmma::load_matrix_sync(bf, scratch, 16);
+            __syncwarp();
+          }
+#pragma unroll
+          for (int a = 0; a < S::FB; ++a) wmma::mma_sync(acc[a][t], af[a], bf, acc[a][t]);
+        }
+      }
+    }
+    // Tree reduction: warps [h, 2h) hand their sums to warps [0, h). C^T (n, m) is kept as red[m * B + n].
+    for (int h = S::HALF; h >= 1; h /= 2) {
+      if (warp >= h && warp < 2 * h)
+#pragma unroll
+        for (int a = 0; a < S::FB; ++a)
+#pragma unroll
+          for (int t = 0; t < S::FT; ++t)
+            wmma::store_matrix_sync(red + (warp - h) * MT * B + t * 16 * B + a * 16, acc[a][t], B,
+                                    wmma::mem_col_major);
+      __syncthreads();
+      if (warp < h)
+#pragma unroll
+        for (int a = 0; a < S::FB; ++a)
+#pragma unroll
+          for (int t = 0; t < S::FT; ++t) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> other;
+            wmma::load_matrix_sync(other, red + warp * MT * B + t * 16 * B + a * 16, B, wmma::mem_col_major);
+#pragma unroll
+            for (int e = 0; e < other.num_elements; ++e) acc[a][t].x[e] += other.x[e];
+          }
+      __syncthreads();
+    }
+    if (warp == 0)
+#pragma unroll
+      for (int a = 0; a < S::FB; ++a)
+#pragma unroll
+        for (int t = 0; t < S::FT; ++t)
+          wmma::store_matrix_sync(red + t * 16 * B + a * 16, acc[a][t], B, wmma::mem_col_major);
+    __syncthreads();
+    for (int e = threadIdx.x; e < MT * B; e += S::THREADS) write_out<T>(p, m0 + e / B, j * B + e % B, red[e]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// tc: grid (block rows, ceil(M / TM)), 128 threads (4 warps, each 64 x 32 of the TM x B result tile), fp16/bf16.
 template <typename T, int B>
 struct Tc {
-  static constexpr int TM = 128, WARPS = 4, THREADS = 32 * WARPS, VEC = 8;
-  static constexpr int WN = B == 64 ? 2 : 1, WM = WARPS / WN;  // warps over the tile's rows and columns
-  static constexpr int WTM = TM / WM, WTN = B / WN;             // one warp's tile
-  static constexpr int FM = WTM / 16, FN = WTN / 16;            // its 16 x 16 fragments
-  static constexpr int LD = B + 8;    // padded row of a 16-bit tile: rows stay 16-byte aligned, banks shift
-  static constexpr int LDC = B + 4;   // padded row of the fp32 result tile
-  static constexpr int A_VECS = TM * B / VEC / THREADS;                  // 16-byte loads per thread per block
-  static constexpr int W_VECS = (B * B / VEC + THREADS - 1) / THREADS;
-  static constexpr int IN_BYTES = (TM + B) * LD * 2;
+  static constexpr int WARPS = 4, THREADS = 32 * WARPS, VEC = 8, STAGES = 4;
+  static constexpr int WN = B >= 64 ? B / 32 : 1, WM = WARPS / WN;  // warps over the tile's columns and rows
+  static constexpr int WTM = 64, WTN = B / WN, TM = WM * WTM;      // one warp's tile; the thread block's rows
+  static constexpr int FM = WTM / 16, FN = WTN / 16;               // its 16 x 16 fragments
+  static constexpr int LD = B + 8;   // padded row of a 16-bit tile: rows stay 16-byte aligned, banks shift
+  static constexpr int LDC = B + 4;  // padded row of the fp32 result tile
+  static constexpr int STAGE = (TM + B) * LD;  // elements of one stage: TM rows of x, then the block
+  static constexpr int IN_BYTES = STAGES * STAGE * 2;
   static constexpr int OUT_BYTES = TM * LDC * 4;
-  static constexpr int BYTES = IN_BYTES > OUT_BYTES ? IN_BYTES : OUT_BYTES;
-  static_assert(BYTES <= 48 * 1024, "static shared memory is limited to 48 KiB");
+  static constexpr int BYTES = IN_BYTES > OUT_BYTES ? IN_BYTES : OUT_BYTES;  // dynamic shared memory
 };
+
+// Stage `stage` <- rows m0.. of x at block i's columns, and block i: cp.async where a row is whole and aligned,
+// plain stores (zeros outside x) at ragged edges.
+template <typename T, int B>
+__device__ __forceinline__ void tc_stage(const PkParams& p, T* stage, int i, long long m0, bool vec_ok) {
+  using S = Tc<T, B>;
+  constexpr int CHUNKS = B / S::VEC;  // 16-byte chunks per row of a tile
+  const T* x = static_cast<const T*>(p.x);
+  const T* blk = static_cast<const T*>(p.values) + (long long)(p.perm ? p.perm[i] : i) * B * B;
+  const long long c0 = (long long)p.col_idx[i] * B;
+  for (int v = threadIdx.x; v < S::TM * CHUNKS; v += S::THREADS) {
+    const int row = v / CHUNKS, kc = v % CHUNKS;
+    const long long m = m0 + row, k = c0 + kc * S::VEC;
+    T* dst = stage + row * S::LD + kc * S::VEC;
+    if (vec_ok && m < p.M && k + S::VEC <= p.K)
+      __pipeline_memcpy_async(dst, x + m * p.ldx + k, 16);
+    else
+      *reinterpret_cast<uint4*>(dst) = load16<T>(x, m, p.M, k, p.K, p.ldx, vec_ok);
+  }
+  T* ws = stage + S::TM * S::LD;
+  for (int v = threadIdx.x; v < B * CHUNKS; v += S::THREADS)
+    __pipeline_memcpy_async(ws + (v / CHUNKS) * S::LD + (v % CHUNKS) * S::VEC, blk + v * S::VEC, 16);
+}
 
 template <typename T, int B, bool TRANS>
 __device__ __forceinline__ void tc(const PkParams& p) {
@@ -237,45 +367,13 @@ __device__ __forceinline__ void tc(const PkParams& p) {
     using S = Tc<T, B>;
     // Transposed products read each block as its transpose: the same copy into shared memory, the other layout.
     using BLayout = typename Pick<TRANS, wmma::row_major, wmma::col_major>::type;
-    __shared__ __align__(128) unsigned char smem[S::BYTES];
-    T(*As)[S::LD] = reinterpret_cast<T(*)[S::LD]>(smem);                  // [TM][LD]: rows of x, the block's cols
-    T(*Ws)[S::LD] = reinterpret_cast<T(*)[S::LD]>(smem + S::TM * S::LD * 2);  // [B][LD]: the block as stored
-    float(*Cs)[S::LDC] = reinterpret_cast<float(*)[S::LDC]>(smem);         // [TM][LDC], after the main loop
-    const int tid = threadIdx.x, warp = tid / 32;
-    const int wm = warp / S::WN, wn = warp % S::WN;
+    PK_DYNAMIC_SMEM(smem);
+    T* stages = reinterpret_cast<T*>(smem);
+    float* cs = reinterpret_cast<float*>(smem);  // [TM][LDC], after the main loop
+    const int warp = threadIdx.x / 32, wm = warp / S::WN, wn = warp % S::WN;
     const long long j = blockIdx.x, m0 = (long long)blockIdx.y * S::TM;
-    const T* x = static_cast<const T*>(p.x);
-    const T* values = static_cast<const T*>(p.values);
     const bool vec_ok = aligned16(p.x) && p.ldx % S::VEC == 0;
     const int begin = p.row_ptr[j], end = p.row_ptr[j + 1];
-
-    uint4 ra[S::A_VECS], rw[S::W_VECS];
-    auto fetch = [&](int i) {  // global -> registers
-      const long long c = p.col_idx[i];
-      const T* blk = values + (long long)(p.perm ? p.perm[i] : i) * B * B;
-#pragma unroll
-      for (int s = 0; s < S::A_VECS; ++s) {
-        const int v = tid + s * S::THREADS, row = v / (B / S::VEC), kc = v % (B / S::VEC);
-        ra[s] = load16<T>(x, m0 + row, p.M, c * B + kc * S::VEC, p.K, p.ldx, vec_ok);
-      }
-#pragma unroll
-      for (int s = 0; s < S::W_VECS; ++s) {
-        const int v = tid + s * S::THREADS;
-        if (v < B * B / S::VEC) rw[s] = __ldg(reinterpret_cast<const uint4*>(blk) + v);
-      }
-    };
-    auto stash = [&]() {  // registers -> shared memory
-#pragma unroll
-      for (int s = 0; s < S::A_VECS; ++s) {
-        const int v = tid + s * S::THREADS, row = v / (B / S::VEC), kc = v % (B / S::VEC);
-        *reinterpret_cast<uint4*>(&As[row][kc * S::VEC]) = ra[s];
-      }
-#pragma unroll
-      for (int s = 0; s < S::W_VECS; ++s) {
-        const int v = tid + s * S::THREADS, row = v / (B / S::VEC), kc = v % (B / S::VEC);
-        if (v < B * B / S::VEC) *reinterpret_cast<uint4*>(&Ws[row][kc * S::VEC]) = rw[s];
-      }
-    };
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[S::FM][S::FN];
 #pragma unroll
@@ -283,22 +381,31 @@ __device__ __forceinline__ void tc(const PkParams& p) {
 #pragma unroll
       for (int b = 0; b < S::FN; ++b) wmma::fill_fragment(acc[a][b], 0.f);
 
-    if (begin < end) fetch(begin);
+    // The ring: block begin + s goes to stage s % STAGES; one commit group per block, empty past the end, so
+    // that "all but the newest STAGES - 2 groups have landed" always means "block i has".
+#pragma unroll
+    for (int s = 0; s < S::STAGES - 1; ++s) {
+      if (begin + s < end) tc_stage<T, B>(p, stages + s * S::STAGE, begin + s, m0, vec_ok);
+      __pipeline_commit();
+    }
     for (int i = begin; i < end; ++i) {
-      __syncthreads();  // every warp is done with the previous block
-      stash();
-      __syncthreads();
-      if (i + 1 < end) fetch(i + 1);  // in flight while the tensor cores work on block i
+      __pipeline_wait_prior(S::STAGES - 2);
+      __syncthreads();  // block i is in for every thread, and every warp is done with block i - 1's stage
+      const int next = i + S::STAGES - 1;  // refills the stage block i - 1 used
+      if (next < end) tc_stage<T, B>(p, stages + ((next - begin) % S::STAGES) * S::STAGE, next, m0, vec_ok);
+      __pipeline_commit();
+      const T* as = stages + ((i - begin) % S::STAGES) * S::STAGE;
+      const T* ws = as + S::TM * S::LD;
 #pragma unroll
       for (int kk = 0; kk < B; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af[S::FM];
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> bf[S::FN];
 #pragma unroll
-        for (int a = 0; a < S::FM; ++a) wmma::load_matrix_sync(af[a], &As[wm * S::WTM + a * 16][kk], S::LD);
+        for (int a = 0; a < S::FM; ++a) wmma::load_matrix_sync(af[a], as + (wm * S::WTM + a * 16) * S::LD + kk, S::LD);
 #pragma unroll
         for (int b = 0; b < S::FN; ++b) {
           const int n0 = wn * S::WTN + b * 16;
-          wmma::load_matrix_sync(bf[b], TRANS ? &Ws[kk][n0] : &Ws[n0][kk], S::LD);
+          wmma::load_matrix_sync(bf[b], TRANS ? ws + kk * S::LD + n0 : ws + n0 * S::LD + kk, S::LD);
         }
 #pragma unroll
         for (int a = 0; a < S::FM; ++a)
@@ -306,15 +413,17 @@ __device__ __forceinline__ void tc(const PkParams& p) {
           for (int b = 0; b < S::FN; ++b) wmma::mma_sync(acc[a][b], af[a], bf[b], acc[a][b]);
       }
     }
-    __syncthreads();  // the result tile overwrites the operand tiles
+    __pipeline_wait_prior(0);
+    __syncthreads();  // the result tile overwrites the ring
 #pragma unroll
     for (int a = 0; a < S::FM; ++a)
 #pragma unroll
       for (int b = 0; b < S::FN; ++b)
-        wmma::store_matrix_sync(&Cs[wm * S::WTM + a * 16][wn * S::WTN + b * 16], acc[a][b], S::LDC,
+        wmma::store_matrix_sync(cs + (wm * S::WTM + a * 16) * S::LDC + wn * S::WTN + b * 16, acc[a][b], S::LDC,
                                 wmma::mem_row_major);
     __syncthreads();
-    for (int t = tid; t < S::TM * B; t += S::THREADS) write_out<T>(p, m0 + t / B, j * B + t % B, Cs[t / B][t % B]);
+    for (int t = threadIdx.x; t < S::TM * B; t += S::THREADS)
+      write_out<T>(p, m0 + t / B, j * B + t % B, cs[(t / B) * S::LDC + t % B]);
   }
 }
 
@@ -491,30 +600,41 @@ __device__ __forceinline__ void dw_tc(const PkParams& p) {
 }  // namespace pk
 
 // ---------------------------------------------------------------------------------------------------------------
-// Entry points. X(name, threads per block, call); launch.py builds the same names.
-#define PK_SKINNY_B(X, tn, T, B)                                   \
-  X(pk_skinny_##tn##_b##B##_m1, 256, (pk::skinny<T, B, 1>(p)))     \
-  X(pk_skinny_##tn##_b##B##_m4, 256, (pk::skinny<T, B, 4>(p)))     \
-  X(pk_skinny_##tn##_b##B##_m16, 256, (pk::skinny<T, B, 16>(p)))
-#define PK_SIMT_B(X, tn, T, B)                                     \
-  X(pk_simt_##tn##_b##B##_n, 256, (pk::simt<T, B, false>(p)))      \
-  X(pk_simt_##tn##_b##B##_t, 256, (pk::simt<T, B, true>(p)))       \
-  X(pk_dw_simt_##tn##_b##B, 256, (pk::dw_simt<T, B>(p)))
-#define PK_TC_B(X, tn, T, B)                                       \
-  X(pk_tc_##tn##_b##B##_n, 128, (pk::tc<T, B, false>(p)))          \
-  X(pk_tc_##tn##_b##B##_t, 128, (pk::tc<T, B, true>(p)))           \
-  X(pk_dw_tc_##tn##_b##B, 128, (pk::dw_tc<T, B>(p)))
+// Entry points. X(name, threads per block, dynamic shared memory bytes, call); launch.py builds the same names.
+#define PK_SKINNY_B(X, tn, T, B)                                       \
+  X(pk_skinny_##tn##_b##B##_m1, 256, 0, (pk::skinny<T, B, 1>(p)))      \
+  X(pk_skinny_##tn##_b##B##_m4, 256, 0, (pk::skinny<T, B, 4>(p)))      \
+  X(pk_skinny_##tn##_b##B##_m16, 256, 0, (pk::skinny<T, B, 16>(p)))
+#define PK_SIMT_B(X, tn, T, B)                                         \
+  X(pk_simt_##tn##_b##B##_n, 256, 0, (pk::simt<T, B, false>(p)))       \
+  X(pk_simt_##tn##_b##B##_t, 256, 0, (pk::simt<T, B, true>(p)))        \
+  X(pk_dw_simt_##tn##_b##B, 256, 0, (pk::dw_simt<T, B>(p)))
+#define PK_TC_B(X, tn, T, B)                                                        \
+  X(pk_tc_##tn##_b##B##_n, 128, (pk::Tc<T, B>::BYTES), (pk::tc<T, B, false>(p)))    \
+  X(pk_tc_##tn##_b##B##_t, 128, (pk::Tc<T, B>::BYTES), (pk::tc<T, B, true>(p)))     \
+  X(pk_dw_tc_##tn##_b##B, 128, 0, (pk::dw_tc<T, B>(p)))                             \
+  X(pk_bt_##tn##_b##B##_m16, 256, 0, (pk::bt<T, B, 16>(p)))                         \
+  X(pk_bt_##tn##_b##B##_m32, 256, 0, (pk::bt<T, B, 32>(p)))
+#define PK_BT64(X, tn, T) X(pk_bt_##tn##_b16_m64, 256, 0, (pk::bt<T, 16, 64>(p))) \
+  X(pk_bt_##tn##_b32_m64, 256, 0, (pk::bt<T, 32, 64>(p)))
 #define PK_EACH_B(F, X, tn, T) F(X, tn, T, 16) F(X, tn, T, 32) F(X, tn, T, 64)
 #define PK_KERNELS(X)                                                                                              \
   PK_EACH_B(PK_SKINNY_B, X, f32, float) PK_EACH_B(PK_SKINNY_B, X, f16, __half)                                     \
   PK_EACH_B(PK_SKINNY_B, X, bf16, __nv_bfloat16)                                                                   \
   PK_EACH_B(PK_SIMT_B, X, f32, float) PK_EACH_B(PK_SIMT_B, X, f16, __half) PK_EACH_B(PK_SIMT_B, X, bf16, __nv_bfloat16) \
-  PK_EACH_B(PK_TC_B, X, f16, __half) PK_EACH_B(PK_TC_B, X, bf16, __nv_bfloat16)
+  PK_EACH_B(PK_TC_B, X, f16, __half) PK_EACH_B(PK_TC_B, X, bf16, __nv_bfloat16)                                     \
+  PK_BT64(X, f16, __half) PK_BT64(X, bf16, __nv_bfloat16)
 
-#define PK_DEFINE_KERNEL(name, threads, call)                    \
+#define PK_DEFINE_KERNEL(name, threads, smem, call)                  \
   extern "C" __global__ void PK_BOUNDS(threads) name(PK_PARAM_DECL) { \
-    const PkParams p = PK_PARAM_INIT;                              \
-    call;                                                          \
+    const PkParams p = PK_PARAM_INIT;                                  \
+    call;                                                              \
   }
 PK_KERNELS(PK_DEFINE_KERNEL)
 #undef PK_DEFINE_KERNEL
+
+// Each kernel's dynamic shared memory as a device constant, for launchers that cannot include this file (CuPy reads
+// <name>_smem from the compiled module).
+#define PK_DEFINE_SMEM(name, threads, smem, call) extern "C" { __device__ int name##_smem = smem; }
+PK_KERNELS(PK_DEFINE_SMEM)
+#undef PK_DEFINE_SMEM

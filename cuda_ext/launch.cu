@@ -13,12 +13,14 @@ struct Entry {
   const char* name;
   const void* fn;
   int threads;  // the block size the kernel's launch bounds were compiled for
+  int smem;     // dynamic shared memory bytes
 };
 
-#define PK_ENTRY(name, threads, call) {#name, reinterpret_cast<const void*>(&name), threads},
+#define PK_ENTRY(name, threads, smem, call) {#name, reinterpret_cast<const void*>(&name), threads, smem},
 const Entry kEntries[] = {PK_KERNELS(PK_ENTRY)};
 #undef PK_ENTRY
 constexpr int kCount = sizeof(kEntries) / sizeof(kEntries[0]);
+bool raised[kCount] = {};  // kernels whose dynamic shared memory limit was raised past the default 48 KiB, per process
 
 }  // namespace
 
@@ -40,13 +42,18 @@ extern "C" int pk_launch_at(int index, unsigned gx, unsigned gy, unsigned gz, un
                             const void* params, cudaStream_t stream) {
   if (index < 0 || index >= kCount) return -1;
   if (static_cast<int>(bx * by * bz) != kEntries[index].threads) return -2;
+  const Entry& e = kEntries[index];
+  if (e.smem > 48 * 1024 && !raised[index]) {  // once per kernel (a second time, from another thread, is harmless)
+    const cudaError_t err = cudaFuncSetAttribute(e.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, e.smem);
+    if (err != cudaSuccess) return static_cast<int>(err);
+    raised[index] = true;
+  }
   PkParams p;
   std::memcpy(&p, params, sizeof(PkParams));
   void* args[] = {&p.x,    &p.values, &p.row_ptr, &p.col_idx, &p.perm, &p.row_idx, &p.bias, &p.out,
                   &p.grad, &p.M,      &p.N,       &p.K,       &p.ldx,  &p.ldo,     &p.ldg};
   static_assert(sizeof(args) / sizeof(args[0]) * 8 == sizeof(PkParams), "one argument per PkParams field");
-  return static_cast<int>(
-      cudaLaunchKernel(kEntries[index].fn, dim3(gx, gy, gz), dim3(bx, by, bz), args, 0, stream));
+  return static_cast<int>(cudaLaunchKernel(e.fn, dim3(gx, gy, gz), dim3(bx, by, bz), args, e.smem, stream));
 }
 
 extern "C" int pk_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,

@@ -21,7 +21,7 @@ def entry_points() -> set[str]:
     names = set()
     for dtype in plan.DTYPE_NAMES:
         for b in (16, 32, 64):
-            for rows in (1, 3, 16, 17):
+            for rows in (1, 3, 16, 17, 33, 65):
                 for cap in ((7, 5), (9, 0)):
                     names.add(plan.forward(rows, 1, b, dtype, cap).name)
                     names.add(plan.forward(rows, 1, b, dtype, cap, transposed=True).name)
@@ -50,8 +50,8 @@ def test_nvcc_builds_the_kernels_for_sm80_and_sm90_and_the_binding_imports(tmp_p
     finally:
         sys.modules.pop("_cuda_ext", None)
     assert ext.params_size() == len(plan.pack())
-    assert entry_points() <= set(ext.kernels()) and len(ext.kernels()) == 72
-    assert [ext.kernel_index(name) for name in ext.kernels()] == list(range(72)) and ext.kernel_index("pk_x") == -1
+    assert entry_points() <= set(ext.kernels()) and len(ext.kernels()) == 88
+    assert [ext.kernel_index(name) for name in ext.kernels()] == list(range(88)) and ext.kernel_index("pk_x") == -1
     with pytest.raises(ValueError, match="no kernel named"):
         ext.launch("pk_nothing", [1, 1, 1], [1, 1, 1], plan.pack(), 0)
     with pytest.raises(ValueError, match="wrong block size"):
@@ -113,15 +113,15 @@ def test_nvrtc_include_path_finds_every_header(tmp_path, monkeypatch, layout):
     from prunekit.kernels import cupy_loader
 
     site, toolkit = tmp_path / "site", tmp_path / "cuda"
-    full = ["cuda_fp16.h", "cuda_bf16.h", "mma.h", "crt/mma.h"]
+    full = ["cuda_fp16.h", "cuda_bf16.h", "cuda_pipeline_primitives.h", "mma.h", "crt/mma.h"]
     if layout == "cuda12 wheels":
-        _tree(site, {"nvidia/cuda_runtime/include": full[:3], "nvidia/cuda_nvcc/include": ["crt/mma.h"]})
+        _tree(site, {"nvidia/cuda_runtime/include": full[:4], "nvidia/cuda_nvcc/include": ["crt/mma.h"]})
         expected = [site / "nvidia/cuda_runtime/include", site / "nvidia/cuda_nvcc/include"]
     elif layout == "cuda13 wheels":
         _tree(site, {"nvidia/cu13/include": full})
         expected = [site / "nvidia/cu13/include"]
     elif layout == "cuda13 runtime wheel and a toolkit":  # the H200 image: no nvidia-cuda-crt wheel, nvcc installed
-        _tree(site, {"nvidia/cu13/include": full[:3]})
+        _tree(site, {"nvidia/cu13/include": full[:4]})
         _tree(toolkit, {"include": full})
         monkeypatch.setenv("CUDA_PATH", str(toolkit))
         expected = [toolkit / "include"]
@@ -145,7 +145,8 @@ def test_nvrtc_include_path_finds_every_header(tmp_path, monkeypatch, layout):
 def test_nvrtc_missing_headers_say_which_and_where(tmp_path, monkeypatch):
     from prunekit.kernels import cupy_loader
 
-    _tree(tmp_path / "site", {"nvidia/cu13/include": ["cuda_fp16.h", "cuda_bf16.h", "mma.h"]})
+    _tree(tmp_path / "site", {"nvidia/cu13/include": ["cuda_fp16.h", "cuda_bf16.h", "cuda_pipeline_primitives.h",
+                                                      "mma.h"]})
     for name in ("CUDA_PATH", "CUDA_HOME"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(cupy_loader.shutil, "which", lambda name: None)

@@ -98,7 +98,8 @@ def test_forward_matches_masked_dense_matmul(runner, dtype, b):
         out_f, in_f = shape(b)
         weight, keep, layout, values = problem(out_f, in_f, b, dtype, device, seed=s)
         bias = torch.randn(out_f).to(dtype).to(device)
-        for rows in (1, 3, 16, 37, 130):  # skinny kernel tiles 1, 4, 16; tiled kernels over one and several tiles
+        # skinny (1 row; fp32 to 16), bt's tiles of 16, 32 and 64 (ragged: 37), tc over one and several tiles
+        for rows in (1, 3, 16, 32, 37, 130, 300):
             x = strided(rows, in_f, dtype, device, seed=rows)
             y = backend.forward(x, values, layout, bias if rows % 2 else None)
             ref = x.double() @ (weight.double() * keep).t().to(device) + (bias.double() if rows % 2 else 0)
@@ -184,7 +185,7 @@ def test_launch_plan_matches_the_kernel_table():
     source = (directory() / "bsr_kernels.cuh").read_text()
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for b in (16, 32, 64):
-            for rows in (1, 2, 5, 16, 17, 4096):
+            for rows in (1, 2, 5, 16, 17, 33, 64, 65, 4096):
                 for transposed in (False, True):
                     for cap in ((7, 5), (9, 0)):
                         name = plan.forward(rows, 4, b, dtype, cap, transposed).name
@@ -192,3 +193,48 @@ def test_launch_plan_matches_the_kernel_table():
                         assert f"X({family}_##tn##_b##B" in source, name
             assert f"X({plan.grad_values(3, b, dtype, (9, 0)).name.split('_' + plan.DTYPE_NAMES[dtype])[0]}_##tn" \
                 in source
+
+
+def test_the_operator_is_thin_capturable_and_compilable():
+    """prunekit::bsr_linear (the extension's inference forward): torch's operator checks, the same numbers in a CUDA
+    graph and under torch.compile as eagerly, and auto's choice per mode."""
+    backend = gpu_backend("cuda_ext")
+    from prunekit.kernels import dispatch
+
+    device = torch.device("cuda")
+    weight, keep, layout, values = problem(300, 200, 32, torch.bfloat16, device)
+    bias = torch.randn(300, dtype=torch.bfloat16, device=device)
+    for rows in (1, 5, 40, 200):  # skinny, bt at 16 and 64 rows, tc
+        x = torch.randn(rows, 200, dtype=torch.bfloat16, device=device)
+        kernel, tile, threads = backend.operator_plan(rows, layout, x.dtype, device)
+        args = (x, values, layout.row_ptr, layout.col_idx, bias, 300, kernel, tile, threads)
+        torch.library.opcheck(torch.ops.prunekit.bsr_linear.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+        close(torch.ops.prunekit.bsr_linear(*args), x.double() @ (weight.double() * keep).t().to(device) + bias.double(),
+              torch.bfloat16)
+    linear = torch.nn.Linear(200, 300, dtype=torch.bfloat16)
+    linear.weight.data.copy_(weight)
+    module = BlockSparseLinear.from_dense(linear, keep, 32, backend="cuda_ext").to(device)
+    x = torch.randn(4, 200, dtype=torch.bfloat16, device=device)
+    with torch.no_grad():
+        eager = module(x)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            module(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = module(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager)
+        assert torch.equal(torch.compile(module)(x), eager)
+    dispatch.forget()
+    module.backend = "auto"
+    with torch.no_grad():
+        for mode in ("eager", "graph"):
+            with dispatch.mode(mode):
+                module(x)
+    modes = {p.mode for p in dispatch.decisions() if p.shape == (300, 200)}
+    assert modes == {"eager", "graph"}

@@ -83,4 +83,7 @@ def unavailable(name: str, device: torch.device, dtype: torch.dtype, block: int)
 def usable(device: torch.device, dtype: torch.dtype, block: int) -> list[str]:
     """The BSR backends that can run here (registered extra ones included), in order of preference."""
     names = list(BSR_BACKENDS) + [n for n in _loaded if n not in NAMES]
-    return [n for n in names if unavailable(n, device, dtype, block) is None]
+    found = [n for n in names if unavailable(n, device, dtype, block) is None]
+    if "cuda_ext" in found and "cupy" in found:  # the same kernels; CuPy's launch only adds host time
+        found.remove("cupy")
+    return found

@@ -16,7 +16,7 @@ SYSTEM_CUDA = "/usr/local/cuda"
 
 
 # What bsr_kernels.cuh includes, directly or through mma.h (CUDA 13's mma.h includes crt/mma.h).
-HEADERS = ("cuda_fp16.h", "cuda_bf16.h", "mma.h", "crt/mma.h")
+HEADERS = ("cuda_fp16.h", "cuda_bf16.h", "cuda_pipeline_primitives.h", "mma.h", "crt/mma.h")
 
 
 def candidate_dirs() -> list[Path]:
@@ -120,14 +120,21 @@ def cupy_backend() -> Native:
 
     @functools.lru_cache(maxsize=None)
     def function(name: str):
+        """(kernel, dynamic shared memory bytes), the limit raised where a kernel needs more than the default."""
         try:
-            return _module().get_function(name)
+            module = _module()
+            kernel = module.get_function(name)
         except cupy.cuda.compiler.CompileException as e:
             raise RuntimeError(f"CuPy could not compile prunekit's kernels: {_missing_headers(str(e))}") from None
+        smem = int(cupy.ndarray((), cupy.int32, module.get_global(f"{name}_smem")).get())
+        if smem > 48 * 1024:
+            kernel.max_dynamic_shared_size_bytes = smem
+        return kernel, smem
 
     def launch(name, grid, block, params, stream):
         args = tuple(kind(v) for kind, v in zip(kinds, plan.unpack(params)))
+        kernel, smem = function(name)
         with cupy.cuda.ExternalStream(stream):
-            function(name)(tuple(grid), tuple(block), args)
+            kernel(tuple(grid), tuple(block), args, shared_mem=smem)
 
     return Native("cupy", launch)

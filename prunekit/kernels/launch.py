@@ -10,9 +10,21 @@ from dataclasses import dataclass
 
 import torch
 
-SKINNY_ROWS = 16  # up to this many rows the weight read dominates (decode): the GEMV-like kernel
+SKINNY_ROWS = 16  # up to this many rows (one, where tensor cores take the dtype) the GEMV-like kernel
 SKINNY_TILES = (1, 4, 16)  # rows per thread block of the skinny kernel
-TC_ROWS, SIMT_ROWS = 128, 64  # rows per thread block of the tiled kernels
+BT_ROWS = 64  # up to this many rows (fp16/bf16): tensor cores on the transposed product (batched decode)
+SIMT_ROWS = 64  # rows per thread block of the CUDA-core kernel
+
+
+def bt_tile(rows: int, block: int) -> int:
+    """Rows per thread block of the bt kernel: 16, 32 or 64 (32 at most for 64x64 blocks, whose partial sums
+    would not fit in shared memory)."""
+    return 16 if rows <= 16 else 32 if rows <= 32 or block == 64 else 64
+
+
+def tc_tile(block: int) -> int:
+    """Rows per thread block of the tc kernel: four warps of 64 x 32 over a TM x B tile (bsr_kernels.cuh, Tc)."""
+    return 128 if block == 64 else 256
 
 # PkParams, field by field: nine pointers, then six 64-bit integers (bsr_kernels.cuh, PK_PARAM_DECL).
 PARAMS = ("x", "values", "row_ptr", "col_idx", "perm", "row_idx", "bias", "out", "grad", "M", "N", "K", "ldx", "ldo",
@@ -45,12 +57,17 @@ def forward(rows: int, block_rows: int, block: int, dtype: torch.dtype, capabili
             transposed: bool = False) -> Launch:
     """y = x W^T (or, transposed, dX = dY W) for `rows` rows over `block_rows` block rows of the product."""
     dt = DTYPE_NAMES[dtype]
-    if rows <= SKINNY_ROWS and not transposed:
+    tensor = tensor_cores(dtype, capability)
+    if not transposed and (rows == 1 or (rows <= SKINNY_ROWS and not tensor)):
         tile = next(t for t in SKINNY_TILES if rows <= t)
         return Launch(f"pk_skinny_{dt}_b{block}_m{tile}", (block_rows, -(-rows // tile), 1), (256, 1, 1), tile)
+    if not transposed and tensor and rows <= BT_ROWS:
+        tile = bt_tile(rows, block)
+        return Launch(f"pk_bt_{dt}_b{block}_m{tile}", (block_rows, -(-rows // tile), 1), (256, 1, 1), tile)
     kind = "t" if transposed else "n"
-    if tensor_cores(dtype, capability):
-        return Launch(f"pk_tc_{dt}_b{block}_{kind}", (block_rows, -(-rows // TC_ROWS), 1), (128, 1, 1), TC_ROWS)
+    if tensor:
+        tile = tc_tile(block)
+        return Launch(f"pk_tc_{dt}_b{block}_{kind}", (block_rows, -(-rows // tile), 1), (128, 1, 1), tile)
     return Launch(f"pk_simt_{dt}_b{block}_{kind}", (block_rows, -(-rows // SIMT_ROWS), 1), (256, 1, 1), SIMT_ROWS)
 
 

@@ -13,8 +13,9 @@ struct Entry {
   const char* name;
   Kernel fn;
   int threads;
+  int smem;
 };
-#define PK_ENTRY(name, threads, call) {#name, &name, threads},
+#define PK_ENTRY(name, threads, smem, call) {#name, &name, threads, smem},
 const Entry kEntries[] = {PK_KERNELS(PK_ENTRY)};
 #undef PK_ENTRY
 }  // namespace
@@ -37,6 +38,7 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
   for (unsigned w = 0; w < (threads + 31) / 32; ++w)
     block.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
   block.slots.assign(threads, 0.f);
+  block.dynamic.assign(entry->smem + 128, 0xff);  // garbage, as on a GPU: kernels must not read before writing
   emu::block = &block;
   emu::block_dim = {bx, by, bz};
   emu::grid_dim = {gx, gy, gz};

@@ -40,12 +40,17 @@ struct Block {
   std::unique_ptr<std::barrier<>> all;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<float> slots;  // one per thread, for shuffles
+  std::vector<unsigned char> dynamic;  // the kernel's dynamic shared memory (128 bytes of slack for alignment)
 };
 inline Block* block = nullptr;
 inline thread_local emu_dim3 thread_idx, block_idx;
 inline emu_dim3 block_dim, grid_dim;
 inline unsigned linear_tid() { return thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z); }
 inline unsigned lane() { return linear_tid() % 32; }
+inline unsigned char* dynamic_smem() {
+  const std::uintptr_t at = reinterpret_cast<std::uintptr_t>(block->dynamic.data());
+  return reinterpret_cast<unsigned char*>((at + 127) / 128 * 128);
+}
 
 inline void fail(const char* what, const void* ptr) {
   std::fprintf(stderr, "emu: %s (pointer %p)\n", what, ptr);
@@ -67,6 +72,19 @@ inline uint4 __ldg(const uint4* ptr) {
   emu::require_aligned(ptr, 16, "16-byte vector load from an unaligned address");
   return *ptr;
 }
+inline void __syncwarp() { emu::block->warps[emu::linear_tid() / 32]->arrive_and_wait(); }
+
+// cp.async as the pipeline primitives spell it: here the copy lands at once, so commit and wait have nothing to do.
+// (What this cannot show, reading a stage before its copy has landed, is the ring's invariant in bsr_kernels.cuh.)
+inline void __pipeline_memcpy_async(void* dst, const void* src, std::size_t size, std::size_t zfill = 0) {
+  emu::require_aligned(dst, size, "cp.async to an unaligned shared address");
+  emu::require_aligned(src, size, "cp.async from an unaligned global address");
+  std::memcpy(dst, src, size - zfill);
+  std::memset(static_cast<char*>(dst) + size - zfill, 0, zfill);
+}
+inline void __pipeline_commit() {}
+inline void __pipeline_wait_prior(std::size_t) {}
+
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   const unsigned tid = emu::linear_tid(), warp = tid / 32;
   emu::block->slots[tid] = v;
@@ -142,6 +160,14 @@ inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p
   constexpr bool row = std::is_same<Layout, row_major>::value;
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j) f.x[16 * i + j] = emu::to_float(row ? ptr[i * ldm + j] : ptr[i + j * ldm]);
+}
+
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* ptr, unsigned ldm,
+                             layout_t layout) {
+  check_operand(ptr, ldm);
+  if (emu::lane()) return;
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) f.x[16 * i + j] = layout == mem_row_major ? ptr[i * ldm + j] : ptr[i + j * ldm];
 }
 
 inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float v) {

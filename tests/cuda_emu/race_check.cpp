@@ -20,7 +20,7 @@ int main() {
     const bool skinny = name.find("skinny") != std::string::npos, dw = name.find("_dw_") != std::string::npos;
     const bool transposed = name.size() > 2 && name.compare(name.size() - 2, 2, "_t") == 0;
     // 3 x 3 blocks: block row 0 holds two, row 1 none, row 2 two; N and K ragged, rows strided by K + 8.
-    const long long n = 3 * b - 5, k = 3 * b - 8, m = skinny ? 5 : 70;
+    const long long n = 3 * b - 5, k = 3 * b - 8, m = skinny ? 5 : 70;  // bt runs 70 rows too: its 16-row tiles
     std::vector<int> row_ptr = {0, 2, 2, 4}, col_idx = {0, 2, 1, 2}, perm = {0, 1, 2, 3}, row_idx = {0, 0, 2, 2};
     std::vector<unsigned char> x(m * (k + 8) * bytes), values(4 * b * b * bytes), grad(m * n * bytes);
     std::vector<unsigned char> out(m * n * bytes + 4 * b * b * bytes);
@@ -28,7 +28,9 @@ int main() {
     p.x = x.data(), p.values = values.data(), p.row_ptr = row_ptr.data(), p.col_idx = col_idx.data();
     p.perm = transposed ? perm.data() : nullptr, p.row_idx = row_idx.data(), p.out = out.data(), p.grad = grad.data();
     p.M = m, p.N = n, p.K = k, p.ldx = k + 8, p.ldo = n, p.ldg = n;
-    const unsigned gx = dw ? 4 : 3, gy = skinny ? 2 : 1;  // what launch.py plans for these sizes
+    const std::size_t at = name.find("_m", name.find("_bt_") == std::string::npos ? name.size() : 0);
+    const unsigned mt = at == std::string::npos ? 0 : std::stoi(name.substr(at + 2));  // bt's rows per block
+    const unsigned gx = dw ? 4 : 3, gy = skinny ? 2 : mt ? (m + mt - 1) / mt : 1;  // what launch.py plans here
     if (int rc = emu_launch(e.name, gx, gy, 1, e.threads, 1, 1, &p)) {
       std::printf("%s: launch failed (%d)\n", e.name, rc);
       failed = 1;
