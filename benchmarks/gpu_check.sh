@@ -26,13 +26,17 @@ t = time.perf_counter(); ext = load_extension(True)
 print(f"built in {time.perf_counter() - t:.0f} s: {len(ext.kernels())} kernels")
 PY
 
-stamp "GPU tests"
-$PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_dispatch.py tests/test_device.py \
-    tests/test_convert.py tests/test_cuda_build.py 2>&1 | tee "$OUT/tests.log" | tail -25
+stamp "the kernels against dense first (a wrong kernel would spoil the timings)"
+$PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "cuda_ext and forward" 2>&1 | tee "$OUT/smoke.log" | tail -3
 
 stamp "kernel grid"
 $PY benchmarks/block_kernels.py --device cuda ${QUICK:+--quick} --out "$OUT/kernels_cuda" 2>&1 | tee "$OUT/kernels.log" | tail -5
 
 stamp "whole model"
 $PY benchmarks/gpu_model.py --out "$OUT/kernels_cuda_model" 2>&1 | tee "$OUT/model.log" | tail -14
+
+stamp "GPU tests"
+$PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_dispatch.py tests/test_device.py \
+    tests/test_convert.py tests/test_cuda_build.py 2>&1 | tee "$OUT/tests.log" | tail -25
+
 stamp "done"
