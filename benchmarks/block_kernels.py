@@ -77,7 +77,7 @@ def check(out: torch.Tensor, ref: torch.Tensor, name: str) -> None:
         raise AssertionError(f"{name}: max error {err:.3g} against the dense product (scale {scale:.3g})")
 
 
-def run(device: str, backend_name: str | None, quick: bool) -> list[dict]:
+def run(device: str, backend_name: str | None, quick: bool, rows_only=None) -> list[dict]:
     dev = torch.device(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     ours = None
@@ -93,7 +93,7 @@ def run(device: str, backend_name: str | None, quick: bool) -> list[dict]:
     elif backends.unavailable("cpu", dev, dtype, 32) is None:
         ours = "cpu"  # prunekit's CPU kernel (csrc/sparse_cpu.cpp), block layout
     shapes = SHAPES[:1] if quick else SHAPES
-    rows_list = ROWS[device][::2] if quick else ROWS[device]
+    rows_list = rows_only or (ROWS[device][::2] if quick else ROWS[device])
     results = []
     for out_f, in_f in shapes:
         g = torch.Generator().manual_seed(out_f + in_f)
@@ -324,7 +324,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", choices=["cuda_ext", "cupy"], help="our kernels through this launcher only")
-    parser.add_argument("--quick", action="store_true", help="one shape, two row counts: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="one shape, half the row counts: a smoke run")
+    parser.add_argument("--rows", type=int, nargs="+", help="only these row counts (default: the grid's)")
     parser.add_argument("--out", type=Path, help="results prefix (default benchmarks/results/kernels_<device>)")
     parser.add_argument("--note", default="", help="a line for the results (what else the machine was doing)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 on a shared CPU, where a "
@@ -336,7 +337,7 @@ def main(argv=None) -> None:
         raise SystemExit("--device cuda but torch sees no GPU")
     info = machine(args.device)
     start = time.perf_counter()
-    results = run(args.device, args.backend, args.quick)
+    results = run(args.device, args.backend, args.quick, args.rows)
     info["load_after"] = load_average()
     ours = next((p for r in results for m in r["seconds"].values() for p in m if p in ("cuda_ext", "cupy", "cpu")),
                 None)

@@ -18,8 +18,8 @@
 //   threads of a warp split each block's rows and columns, warps split a block row's blocks, partial sums meet in
 //   shared memory. Accumulates in fp32 for every dtype.
 // - bt (fp16/bf16, 2-64 rows: batched decode, speculative decoding): tensor cores on the transposed product,
-//   out^T = W x^T, so that a block's output features fill the mma's 16-row side and the few rows of x the other
-//   (the "swap AB" of small-batch GEMM); warps split a block row's blocks and meet in a tree reduction.
+//   out^T = W x^T, so that a block's output features fill the mma's 16-row side and 16 rows of x the other
+//   (the "swap AB" of small-batch GEMM); 16 warps split a block row's blocks and meet in a tree reduction.
 // - tc (fp16/bf16, more rows, compute-bound: prefill, training): a TM x B tile per thread block on tensor cores
 //   (WMMA m16n16k16, fp32 accumulation), each warp a 64 x 32 part of it, the operands of the next blocks streamed
 //   into a four-stage shared-memory ring by cp.async while the current one is multiplied.
@@ -224,38 +224,38 @@ __device__ __forceinline__ void skinny(const PkParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// bt: grid (block rows, ceil(M / MT)), 256 threads (8 warps), fp16/bf16, MT of 16, 32 or 64 rows.
-template <typename T, int B, int MT>
+// bt: grid (block rows, ceil(M / 16)), 512 threads (16 warps), fp16/bf16. Few rows leave each warp little to do
+// per block, so the time goes to load latency: many warps per block row keep more loads in flight.
+template <typename T, int B>
 struct Bt {
-  static constexpr int WARPS = 8, THREADS = 32 * WARPS, FB = B / 16, FT = MT / 16, HALF = WARPS / 2;
+  static constexpr int WARPS = 16, THREADS = 32 * WARPS, MT = 16, FB = B / 16, HALF = WARPS / 2;
   static constexpr int RED_BYTES = HALF * MT * B * 4;  // partial sums of half the warps, [warp][MT][B] fp32
   static constexpr int BYTES = RED_BYTES + WARPS * 256 * 2;  // and one staged 16 x 16 x^T fragment per warp
-  static_assert(BYTES <= 48 * 1024 && FB * FT <= 8, "bt tile does not fit");
+  static_assert(BYTES <= 48 * 1024, "bt tile does not fit");
 };
 
-template <typename T, int B, int MT>
+template <typename T, int B>
 __device__ __forceinline__ void bt(const PkParams& p) {
   if constexpr (!MmaOk<T>::value) {
     __trap();  // never launched: launch.py picks skinny or simt where tensor cores do not take T
   } else {
     namespace wmma = nvcuda::wmma;
-    using S = Bt<T, B, MT>;
+    using S = Bt<T, B>;
     __shared__ __align__(128) unsigned char smem[S::BYTES];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     float* red = reinterpret_cast<float*>(smem);
     T* scratch = reinterpret_cast<T*>(smem + S::RED_BYTES) + warp * 256;
-    const long long j = blockIdx.x, m0 = (long long)blockIdx.y * MT;
+    const long long j = blockIdx.x, m0 = (long long)blockIdx.y * S::MT;
     const T* x = static_cast<const T*>(p.x);
     const T* values = static_cast<const T*>(p.values);
-    // x^T fragments load straight from x where 16 whole rows are there and every row starts 32-byte aligned
-    const bool direct = aligned32(p.x) && p.ldx % 16 == 0;
-    const T zero = Cvt<T>::from_f(0.f);
+    // x^T fragments load straight from x where 16 whole rows are there and every row starts 32-byte aligned;
+    // otherwise through a zero-padded copy, 16 bytes per lane where rows are 16-byte aligned
+    const bool direct = aligned32(p.x) && p.ldx % 16 == 0 && m0 + S::MT <= p.M;
+    const bool vec_ok = aligned16(p.x) && p.ldx % 8 == 0;
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[S::FB][S::FT];
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[S::FB];
 #pragma unroll
-    for (int a = 0; a < S::FB; ++a)
-#pragma unroll
-      for (int t = 0; t < S::FT; ++t) wmma::fill_fragment(acc[a][t], 0.f);
+    for (int a = 0; a < S::FB; ++a) wmma::fill_fragment(acc[a], 0.f);
 
     const int end = p.row_ptr[j + 1];
     for (int i = p.row_ptr[j] + warp; i < end; i += S::WARPS) {
@@ -266,24 +266,19 @@ __device__ __forceinline__ void bt(const PkParams& p) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af[S::FB];  // W: (n, k) at blk[n * B + k]
 #pragma unroll
         for (int a = 0; a < S::FB; ++a) wmma::load_matrix_sync(af[a], blk + a * 16 * B + kk, B);
-#pragma unroll
-        for (int t = 0; t < S::FT; ++t) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;  // x^T: (k, m) at x[m * ldx + k]
-          const long long r0 = m0 + t * 16, k0 = c0 + kk;
-          if (direct && r0 + 16 <= p.M && k0 + 16 <= p.K) {
-            wmma::load_matrix_sync(bf, x + r0 * p.ldx + k0, static_cast<unsigned>(p.ldx));
-          } else {  // ragged rows or columns, or unaligned rows: through a zero-padded copy
-            for (int e = lane; e < 256; e += 32) {
-              const long long m = r0 + e / 16, k = k0 + e % 16;
-              scratch[e] = m < p.M && k < p.K ? x[m * p.ldx + k] : zero;
-            }
-            __syncwarp();
-            wmma::load_matrix_sync(bf, scratch, 16);
-            __syncwarp();
-          }
-#pragma unroll
-          for (int a = 0; a < S::FB; ++a) wmma::mma_sync(acc[a][t], af[a], bf, acc[a][t]);
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;  // x^T: (k, m) at x[m * ldx + k]
+        const long long k0 = c0 + kk;
+        if (direct && k0 + 16 <= p.K) {
+          wmma::load_matrix_sync(bf, x + m0 * p.ldx + k0, static_cast<unsigned>(p.ldx));
+        } else {  // lane l: row l / 2, columns 8 (l % 2) .. + 8; (k, m) at scratch[16 m + k]
+          const int r = lane / 2, h = (lane % 2) * 8;
+          *reinterpret_cast<uint4*>(scratch + r * 16 + h) = load16<T>(x, m0 + r, p.M, k0 + h, p.K, p.ldx, vec_ok);
+          __syncwarp();
+          wmma::load_matrix_sync(bf, scratch, 16);
+          __syncwarp();
         }
+#pragma unroll
+        for (int a = 0; a < S::FB; ++a) wmma::mma_sync(acc[a], af[a], bf, acc[a]);
       }
     }
     // Tree reduction: warps [h, 2h) hand their sums to warps [0, h). C^T (n, m) is kept as red[m * B + n].
@@ -291,31 +286,23 @@ __device__ __forceinline__ void bt(const PkParams& p) {
       if (warp >= h && warp < 2 * h)
 #pragma unroll
         for (int a = 0; a < S::FB; ++a)
-#pragma unroll
-          for (int t = 0; t < S::FT; ++t)
-            wmma::store_matrix_sync(red + (warp - h) * MT * B + t * 16 * B + a * 16, acc[a][t], B,
-                                    wmma::mem_col_major);
+          wmma::store_matrix_sync(red + (warp - h) * S::MT * B + a * 16, acc[a], B, wmma::mem_col_major);
       __syncthreads();
       if (warp < h)
 #pragma unroll
-        for (int a = 0; a < S::FB; ++a)
+        for (int a = 0; a < S::FB; ++a) {
+          wmma::fragment<wmma::accumulator, 16, 16, 16, float> other;
+          wmma::load_matrix_sync(other, red + warp * S::MT * B + a * 16, B, wmma::mem_col_major);
 #pragma unroll
-          for (int t = 0; t < S::FT; ++t) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> other;
-            wmma::load_matrix_sync(other, red + warp * MT * B + t * 16 * B + a * 16, B, wmma::mem_col_major);
-#pragma unroll
-            for (int e = 0; e < other.num_elements; ++e) acc[a][t].x[e] += other.x[e];
-          }
+          for (int e = 0; e < other.num_elements; ++e) acc[a].x[e] += other.x[e];
+        }
       __syncthreads();
     }
     if (warp == 0)
 #pragma unroll
-      for (int a = 0; a < S::FB; ++a)
-#pragma unroll
-        for (int t = 0; t < S::FT; ++t)
-          wmma::store_matrix_sync(red + t * 16 * B + a * 16, acc[a][t], B, wmma::mem_col_major);
+      for (int a = 0; a < S::FB; ++a) wmma::store_matrix_sync(red + a * 16, acc[a], B, wmma::mem_col_major);
     __syncthreads();
-    for (int e = threadIdx.x; e < MT * B; e += S::THREADS) write_out<T>(p, m0 + e / B, j * B + e % B, red[e]);
+    for (int e = threadIdx.x; e < S::MT * B; e += S::THREADS) write_out<T>(p, m0 + e / B, j * B + e % B, red[e]);
   }
 }
 
@@ -613,17 +600,13 @@ __device__ __forceinline__ void dw_tc(const PkParams& p) {
   X(pk_tc_##tn##_b##B##_n, 128, (pk::Tc<T, B>::BYTES), (pk::tc<T, B, false>(p)))    \
   X(pk_tc_##tn##_b##B##_t, 128, (pk::Tc<T, B>::BYTES), (pk::tc<T, B, true>(p)))     \
   X(pk_dw_tc_##tn##_b##B, 128, 0, (pk::dw_tc<T, B>(p)))                             \
-  X(pk_bt_##tn##_b##B##_m16, 256, 0, (pk::bt<T, B, 16>(p)))                         \
-  X(pk_bt_##tn##_b##B##_m32, 256, 0, (pk::bt<T, B, 32>(p)))
-#define PK_BT64(X, tn, T) X(pk_bt_##tn##_b16_m64, 256, 0, (pk::bt<T, 16, 64>(p))) \
-  X(pk_bt_##tn##_b32_m64, 256, 0, (pk::bt<T, 32, 64>(p)))
+  X(pk_bt_##tn##_b##B, 512, 0, (pk::bt<T, B>(p)))
 #define PK_EACH_B(F, X, tn, T) F(X, tn, T, 16) F(X, tn, T, 32) F(X, tn, T, 64)
 #define PK_KERNELS(X)                                                                                              \
   PK_EACH_B(PK_SKINNY_B, X, f32, float) PK_EACH_B(PK_SKINNY_B, X, f16, __half)                                     \
   PK_EACH_B(PK_SKINNY_B, X, bf16, __nv_bfloat16)                                                                   \
   PK_EACH_B(PK_SIMT_B, X, f32, float) PK_EACH_B(PK_SIMT_B, X, f16, __half) PK_EACH_B(PK_SIMT_B, X, bf16, __nv_bfloat16) \
-  PK_EACH_B(PK_TC_B, X, f16, __half) PK_EACH_B(PK_TC_B, X, bf16, __nv_bfloat16)                                     \
-  PK_BT64(X, f16, __half) PK_BT64(X, bf16, __nv_bfloat16)
+  PK_EACH_B(PK_TC_B, X, f16, __half) PK_EACH_B(PK_TC_B, X, bf16, __nv_bfloat16)
 
 #define PK_DEFINE_KERNEL(name, threads, smem, call)                  \
   extern "C" __global__ void PK_BOUNDS(threads) name(PK_PARAM_DECL) { \

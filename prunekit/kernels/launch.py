@@ -12,14 +12,8 @@ import torch
 
 SKINNY_ROWS = 16  # up to this many rows (one, where tensor cores take the dtype) the GEMV-like kernel
 SKINNY_TILES = (1, 4, 16)  # rows per thread block of the skinny kernel
-BT_ROWS = 64  # up to this many rows (fp16/bf16): tensor cores on the transposed product (batched decode)
+BT_ROWS, BT_TILE = 64, 16  # up to 64 rows (fp16/bf16): tensor cores on the transposed product, 16 rows a block
 SIMT_ROWS = 64  # rows per thread block of the CUDA-core kernel
-
-
-def bt_tile(rows: int, block: int) -> int:
-    """Rows per thread block of the bt kernel: 16, 32 or 64 (32 at most for 64x64 blocks, whose partial sums
-    would not fit in shared memory)."""
-    return 16 if rows <= 16 else 32 if rows <= 32 or block == 64 else 64
 
 
 def tc_tile(block: int) -> int:
@@ -62,8 +56,7 @@ def forward(rows: int, block_rows: int, block: int, dtype: torch.dtype, capabili
         tile = next(t for t in SKINNY_TILES if rows <= t)
         return Launch(f"pk_skinny_{dt}_b{block}_m{tile}", (block_rows, -(-rows // tile), 1), (256, 1, 1), tile)
     if not transposed and tensor and rows <= BT_ROWS:
-        tile = bt_tile(rows, block)
-        return Launch(f"pk_bt_{dt}_b{block}_m{tile}", (block_rows, -(-rows // tile), 1), (256, 1, 1), tile)
+        return Launch(f"pk_bt_{dt}_b{block}", (block_rows, -(-rows // BT_TILE), 1), (512, 1, 1), BT_TILE)
     kind = "t" if transposed else "n"
     if tensor:
         tile = tc_tile(block)

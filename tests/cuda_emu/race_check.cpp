@@ -28,9 +28,8 @@ int main() {
     p.x = x.data(), p.values = values.data(), p.row_ptr = row_ptr.data(), p.col_idx = col_idx.data();
     p.perm = transposed ? perm.data() : nullptr, p.row_idx = row_idx.data(), p.out = out.data(), p.grad = grad.data();
     p.M = m, p.N = n, p.K = k, p.ldx = k + 8, p.ldo = n, p.ldg = n;
-    const std::size_t at = name.find("_m", name.find("_bt_") == std::string::npos ? name.size() : 0);
-    const unsigned mt = at == std::string::npos ? 0 : std::stoi(name.substr(at + 2));  // bt's rows per block
-    const unsigned gx = dw ? 4 : 3, gy = skinny ? 2 : mt ? (m + mt - 1) / mt : 1;  // what launch.py plans here
+    const bool bt = name.find("_bt_") != std::string::npos;  // 16 rows per thread block
+    const unsigned gx = dw ? 4 : 3, gy = skinny ? 2 : bt ? (m + 15) / 16 : 1;  // what launch.py plans here
     if (int rc = emu_launch(e.name, gx, gy, 1, e.threads, 1, 1, &p)) {
       std::printf("%s: launch failed (%d)\n", e.name, rc);
       failed = 1;
