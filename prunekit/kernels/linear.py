@@ -115,15 +115,23 @@ class BlockSparseLinear(nn.Module):
 
     @property
     def layout(self) -> BlockLayout:
-        """The BlockLayout over this module's index buffers; kept between calls (a forward at one row on a GPU is
-        a few microseconds, so building it per call showed) and rebuilt when a buffer is replaced (.to(), say)."""
-        indices = tuple(self._buffers[name] for name in BlockLayout.INDEX_FIELDS)
-        cached = self.__dict__.get("_layout")
-        if cached is None or any(a is not b for a, b in zip(cached[0], indices)):
-            layout = BlockLayout(self.out_features, self.in_features, self.block,
-                                 **dict(zip(BlockLayout.INDEX_FIELDS, indices)))
-            self.__dict__["_layout"] = cached = (indices, layout)
-        return cached[1]
+        """The BlockLayout over this module's index buffers, kept between calls (at one row on a GPU a forward is a
+        few microseconds, so building it per call showed); dropped when the buffers are moved or replaced."""
+        layout = self.__dict__.get("_layout")
+        if layout is None:
+            layout = self.__dict__["_layout"] = BlockLayout(
+                self.out_features, self.in_features, self.block,
+                **{name: self._buffers[name] for name in BlockLayout.INDEX_FIELDS})
+        return layout
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): new index tensors
+        self.__dict__.pop("_layout", None)
+        return super()._apply(fn, recurse)
+
+    def __setattr__(self, name, value):
+        if name in BlockLayout.INDEX_FIELDS:
+            self.__dict__.pop("_layout", None)
+        super().__setattr__(name, value)
 
     def dense_weight(self) -> torch.Tensor:
         """The dense [out, in] weight; differentiable while training. On a GPU it is cached until `values` change;
@@ -142,9 +150,9 @@ class BlockSparseLinear(nn.Module):
     def choose(self, x: torch.Tensor) -> str:
         """The backend "auto" runs `x` on (measured the first time its problem is seen)."""
         layout = self.layout
-        values, bias = self.values.detach(), None if self.bias is None else self.bias.detach()
 
         def candidates(x2):  # dense as forward runs it: on the CPU, the weight rebuilt per call
+            values, bias = self.values.detach(), None if self.bias is None else self.bias.detach()
             found = {"dense": lambda: F.linear(x2, self.dense_weight(), bias)}
             for name in backends.usable(x.device, x.dtype, self.block):
                 found[name] = lambda name=name: block_sparse_linear(x2, values, layout, bias, backends.get(name))
