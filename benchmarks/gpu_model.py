@@ -189,6 +189,12 @@ def main(argv=None) -> None:
             with dispatch.mode(mode):
                 doc["decode"][f"{name} {mode}"] = decode(model, prompt, args.new_tokens, graph=mode == "graph")
         print(name, json.dumps({k: v for k, v in doc["decode"].items() if k.startswith(name)})[:400], flush=True)
+    choices = {}  # what auto ran, per mode and batch-size bucket, over the model's distinct layer problems
+    for problem, choice in dispatch.decisions().items():
+        key = f"{problem.mode}, {problem.rows} rows"
+        choices.setdefault(key, {}).setdefault(choice.winner, 0)
+        choices[key][choice.winner] += 1
+    doc["choices"] = choices
     for mode in ("eager", "graph"):
         a, b = doc["decode"].get(f"dense {mode}", {}), doc["decode"].get(f"sparse {mode}", {})
         if "tokens" in a and "tokens" in b:
@@ -214,6 +220,8 @@ def markdown(doc: dict) -> str:
              "", f"Pruned (magnitude, block granularity) in {doc['prune_seconds']} s; converted in "
              f"{doc['convert_seconds']} s: {doc['converted']['layers']} of {doc['converted']['of']} layers sparse "
              f"(choices per rows bucket: {', '.join(doc['converted']['choices'])}).", "",
+             "Auto's choices (per mode and rows bucket, over the distinct layer problems): " + "; ".join(
+                 f"{k}: {v}" for k, v in sorted(doc.get("choices", {}).items())) + ".", "",
              "| | masked dense | converted | speedup | tokens equal |", "|---|---|---|---|---|",
              f"| prefill {p['batch'][0]} x {p['batch'][1]} tokens (ms) | {p['dense'] * 1e3:.1f} | "
              f"{p['sparse'] * 1e3:.1f} | {p['speedup']:.2f}x | |"]
