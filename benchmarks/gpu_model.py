@@ -108,15 +108,15 @@ class Decoder:
         with torch.cuda.graph(self._graph):
             self.logits = self._step()
 
-    def run(self) -> tuple[list[int], float]:
-        """(new tokens, decode seconds for the tokens after the first)."""
+    def run(self) -> tuple[list[int], float, torch.Tensor]:
+        """(new tokens, decode seconds for the tokens after the first, each step's logits [new tokens - 1, vocab])."""
         with torch.no_grad():
             token = self._prefill()
             self.ids.copy_(token.view(1, 1))
             self.pos.fill_(self.prompt.shape[1])
             if self.graph and self._graph is None:
                 self._capture()  # its warm-up steps wrote this position's cache entry, which each step rewrites
-            tokens = [token.view(1)]
+            tokens, logits_seen = [token.view(1)], []
             sync(self.device)
             start = time.perf_counter()
             for i in range(self.new_tokens - 1):
@@ -127,21 +127,22 @@ class Decoder:
                     logits = self._step()
                 token = logits.argmax(-1)
                 tokens.append(token.view(1))
+                logits_seen.append(logits[0].float())  # a copy on the device, so the timing stays host-sync free
                 self.ids.copy_(token.view(1, 1))
                 self.pos.add_(1)
             sync(self.device)
             seconds = time.perf_counter() - start
-        return torch.cat(tokens).tolist(), seconds
+        return torch.cat(tokens).tolist(), seconds, torch.stack(logits_seen) if logits_seen else None
 
 
 def decode(model, prompt: torch.Tensor, new_tokens: int, graph: bool) -> dict:
     decoder = Decoder(model, prompt, new_tokens, graph)
     try:
         decoder.run()  # warm-up (and, graphed, the capture)
-        tokens, seconds = decoder.run()
+        tokens, seconds, logits = decoder.run()
     except Exception as e:  # noqa: BLE001 - reported, not fatal: the other rows still say something
         return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": (new_tokens - 1) / seconds}
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": (new_tokens - 1) / seconds, "logits": logits}
 
 
 def main(argv=None) -> None:
@@ -188,7 +189,8 @@ def main(argv=None) -> None:
         for mode in ("eager", "graph") if device.type == "cuda" else ("eager",):
             with dispatch.mode(mode):
                 doc["decode"][f"{name} {mode}"] = decode(model, prompt, args.new_tokens, graph=mode == "graph")
-        print(name, json.dumps({k: v for k, v in doc["decode"].items() if k.startswith(name)})[:400], flush=True)
+        print(name, {k: v.get("tokens_per_second", v.get("error")) for k, v in doc["decode"].items()
+                     if k.startswith(name)}, f"prefill {doc['prefill'][name] * 1e3:.1f} ms", flush=True)
     choices = {}  # what auto ran, per mode and batch-size bucket, over the model's distinct layer problems
     for problem, choice in dispatch.decisions().items():
         key = f"{problem.mode}, {problem.rows} rows"
@@ -200,9 +202,19 @@ def main(argv=None) -> None:
         if "tokens" in a and "tokens" in b:
             same = sum(x == y for x, y in zip(a["tokens"], b["tokens"]))
             first = next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y), None)
-            doc["decode"][f"tokens equal {mode}"] = {"equal": a["tokens"] == b["tokens"], "same": same,
-                                                     "of": len(a["tokens"]), "first_difference": first}
+            equal = {"equal": a["tokens"] == b["tokens"], "same": same, "of": len(a["tokens"]),
+                     "first_difference": first}
+            if first:  # the same prefix so far: how close was the dense model's choice, how far apart the logits
+                la, lb = a["logits"][first - 1], b["logits"][first - 1]
+                top = la.topk(2).values
+                equal["dense_top2_margin"] = float(top[0] - top[1])
+                equal["max_logit_difference"] = float((la - lb).abs().max())
+                equal["logit_scale"] = float(la.abs().max())
+            doc["decode"][f"tokens equal {mode}"] = equal
             doc["decode"][f"speedup {mode}"] = b["tokens_per_second"] / a["tokens_per_second"]
+    for run in doc["decode"].values():
+        if isinstance(run, dict):
+            run.pop("logits", None)
     doc["prefill"]["speedup"] = doc["prefill"]["dense"] / doc["prefill"]["sparse"]
     doc["seconds"] = round(time.perf_counter() - started, 1)
     out = args.out or RESULTS / "kernels_cuda_model"
@@ -231,8 +243,10 @@ def markdown(doc: dict) -> str:
             continue
         cell = lambda r: f"{r['tokens_per_second']:.1f}" if "tokens_per_second" in r else r.get("error", "")
         eq = d.get(f"tokens equal {mode}", {})
-        same = (f"{eq['same']} of {eq['of']}" + ("" if eq["equal"] else f" (first difference at {eq['first_difference']})")
-                if eq else "")
+        same = (f"{eq['same']} of {eq['of']}" + ("" if eq["equal"] else f" (first difference at {eq['first_difference']}"
+                + (f"; there the dense model's top two logits were {eq['dense_top2_margin']:.3g} apart and the two "
+                   f"models' logits differed by up to {eq['max_logit_difference']:.3g} of {eq['logit_scale']:.3g}"
+                   if "dense_top2_margin" in eq else "") + ")") if eq else "")
         sp = f"{d[f'speedup {mode}']:.2f}x" if f"speedup {mode}" in d else ""
         lines.append(f"| decode, {mode} (tokens/s) | {cell(a)} | {cell(b)} | {sp} | {same} |")
     return "\n".join(lines) + "\n"
