@@ -4,13 +4,15 @@ A mask lives on its module as a non-persistent bool buffer `prune_mask` (it move
 state_dict so a pruned Hugging Face model still loads with plain from_pretrained). Hooks keep it true:
 a gradient hook zeroes the gradient of pruned entries, so optimizers see no signal and keep no state there,
 and a global optimizer step hook re-applies the mask after every step, which also covers weight decay and
-momentum built up before pruning. Both need a link from the weight Parameter to its module, which a deep copy
-or pickling drops; a forward pre-hook (which survives both) restores the link on the next forward.
+momentum built up before pruning. Both need a link from the weight Parameter to its module: an attribute holding
+the module (pickled with the Parameter's state, so an unpickled model is enforced from its first step) and a _Link
+in the module that re-creates both on a deep copy (whose Parameters are new objects without attributes). torch
+pickles no hooks, so the gradient hook of an unpickled model comes back with a forward pre-hook.
 """
 from __future__ import annotations
 
+import copy
 import functools
-import weakref
 
 import torch
 from torch import nn
@@ -19,8 +21,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .errors import MaskMismatchError
 
 BUFFER = "prune_mask"
-_OWNER = "_prunekit_owner"  # attribute on a masked Parameter: weakref to its module
-_HANDLE = "_prunekit_grad_hook"
+_OWNER = "_prunekit_owner"  # attribute on a masked Parameter: its module
+_HANDLE = "_prunekit_grad_hook"  # a _Link in the module's __dict__
 _PARAM = "_prunekit_param"  # name of the masked Parameter, when it is not `weight` (a block-sparse layer's values)
 _step_hook = None
 
@@ -44,10 +46,10 @@ def attach(module: nn.Module, keep: torch.Tensor, param: str = "weight") -> None
 
 def detach(module: nn.Module) -> None:
     """Removes the module's mask and hooks; the weights keep their zeros but may train again."""
-    handle = module.__dict__.pop(_HANDLE, None)
-    if _linked(module):  # a deep copy carries a handle that belongs to the original's weight: leave that alone
-        if handle is not None:
-            handle.remove()
+    link = module.__dict__.pop(_HANDLE, None)
+    if _linked(module):
+        if link is not None:
+            link.remove()
         delattr(_masked(module), _OWNER)
     module.__dict__.pop(_PARAM, None)
     for key, hook in list(module._forward_pre_hooks.items()):
@@ -61,28 +63,60 @@ def _masked(module: nn.Module) -> torch.Tensor | None:
 
 
 def _linked(module: nn.Module) -> bool:
-    owner = getattr(_masked(module), _OWNER, None)
-    return owner is not None and owner() is module
+    return getattr(_masked(module), _OWNER, None) is module
+
+
+class _Link:
+    """The gradient hook of a masked module's Parameter. A deep copy of the module links the copy's new Parameter
+    (to the copied module, with its own gradient hook) as it is made; pickled, it keeps no hook (torch pickles none)."""
+
+    def __init__(self, module: nn.Module, param: torch.Tensor | None = None):
+        self.module = module
+        param = _masked(module) if param is None else param
+        setattr(param, _OWNER, module)
+        # A frozen weight gets no gradient (and register_hook refuses it): its hook comes with the first forward in
+        # which it trains (_relink).
+        self.handle = param.register_hook(functools.partial(_mask_grad, module)) if param.requires_grad else None
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def __deepcopy__(self, memo):
+        # The copy's __dict__ is filled only after all of it is copied; its Parameters are in the memo already
+        # (_parameters comes first in a module's __dict__), and so is the copy itself.
+        twin, param = memo.get(id(self.module)), memo.get(id(_masked(self.module)))
+        return _Link(twin, param) if twin is not None and param is not None else _Unlinked()
+
+    def __reduce__(self):
+        return _Unlinked, ()
+
+
+class _Unlinked:
+    """A _Link without its hook, as unpickled or copied before the Parameter exists; the next forward links."""
+
+    handle = None
+
+    def remove(self) -> None:
+        pass
 
 
 def _link(module: nn.Module) -> None:
-    owner = weakref.ref(module)
-    param = _masked(module)
-    setattr(param, _OWNER, owner)
-    # A frozen weight gets no gradient (and register_hook refuses it): its hook comes with the first forward in which
-    # it trains (_relink).
-    module.__dict__[_HANDLE] = (param.register_hook(functools.partial(_mask_grad, owner)) if param.requires_grad
-                                else None)
+    old = module.__dict__.get(_HANDLE)
+    if old is not None and _linked(module):
+        old.remove()
+    module.__dict__[_HANDLE] = _Link(module)
 
 
 def _relink(module: nn.Module, args) -> None:
-    if not _linked(module) or (module.__dict__.get(_HANDLE) is None and _masked(module).requires_grad):
+    if not _linked(module) or (module.__dict__.get(_HANDLE) is None or module.__dict__[_HANDLE].handle is None) \
+            and _masked(module).requires_grad:
         _link(module)
 
 
-def _mask_grad(owner, grad: torch.Tensor) -> torch.Tensor:
-    module = owner()
-    return grad.masked_fill(~module.prune_mask, 0) if module is not None and BUFFER in module._buffers else grad
+def _mask_grad(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+    return grad.masked_fill(~module.prune_mask, 0) if BUFFER in module._buffers else grad
 
 
 def _zero_pruned(tensor: torch.Tensor, keep: torch.Tensor) -> None:
@@ -120,8 +154,7 @@ def remove_masks(model: nn.Module) -> int:
 def _reapply(optimizer, args, kwargs) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
-            owner = getattr(p, _OWNER, None)
-            module = owner() if owner is not None else None
+            module = getattr(p, _OWNER, None)
             if module is not None:
                 rezero(module)
 

@@ -128,3 +128,43 @@ def test_frozen_weights_prune_and_copy():
     layer.weight.requires_grad_(True)
     twin(input_ids=torch.zeros(1, 4, dtype=torch.long)).logits.sum().backward()
     assert layer.weight.grad is not None and not layer.weight.grad[~layer.prune_mask].any()
+
+
+def _step_before_any_forward(model):
+    """An optimizer step on a copy before its first forward: weight decay and a gradient of ones everywhere."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.5)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save", "deepcopy"])
+def test_a_pickled_or_copied_model_is_enforced_from_its_first_step(how):
+    """Issue 26: pickling failed (a weakref on each masked Parameter), and a deep copy's first optimizer step filled
+    every pruned entry (the copy's new Parameters had no link to their masks until a forward)."""
+    import io
+    import pickle
+
+    model = tiny("llama")
+    x = calibration_for("llama")
+    prunekit.prune(model, 0.5, importance="magnitude", progress=False)
+    if how == "pickle":
+        twin = pickle.loads(pickle.dumps(model))
+    elif how == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+    else:
+        twin = copy.deepcopy(model)
+    assert {n: k.sum() for n, k in prunekit.masks(twin).items()} == {n: k.sum() for n, k in prunekit.masks(model).items()}
+    _step_before_any_forward(twin)
+    assert pruned_nonzeros(twin) == 0
+    train(twin, x, torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.1))
+    assert pruned_nonzeros(twin) == 0
+    layer = twin.model.layers[0].mlp.down_proj
+    twin(input_ids=x, labels=x).loss.backward()
+    assert not layer.weight.grad[~layer.prune_mask].any()
+    _step_before_any_forward(model)  # the original is still its own
+    assert pruned_nonzeros(model) == 0
