@@ -1,8 +1,17 @@
 """Save and load pruned models: compressed weights (compressed.py), or save_pretrained's dense ones and bit-packed
-masks; the report beside them."""
+masks; the report beside them.
+
+A saved directory is written whole into a temporary directory beside the target and renamed into place, so that an
+interruption leaves the old directory or none, never a mix; its manifest records each masked layer's shape, kept
+count and mask checksum and every file's sha256, which load_pruned verifies before it changes anything.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import shutil
+import uuid
 import warnings
 from pathlib import Path
 
@@ -12,11 +21,12 @@ from torch import nn
 
 from . import __version__, masks
 from . import compressed as compressed_format
-from .bits import pack_bits, unpack_bits
+from .bits import pack_bits, unpack_bits, unpack_rows
 from .errors import MaskMismatchError, PrunekitError
 from .report import PruneReport
 
 MANIFEST = "prunekit.json"
+INTEGRITY = "integrity"  # manifest key: {"layers": name -> mask record, "files": file name -> sha256}
 MASK_FILE = "prunekit_masks.safetensors"
 PLAIN_WEIGHTS = "model.safetensors"
 
@@ -53,6 +63,11 @@ def save_pruned(model: nn.Module, out_dir, report: PruneReport | None = None, to
     An offloaded model (prunekit.load_offloaded) is streamed block by block into a sharded checkpoint.
     evaluation: measurements of the pruned model to keep beside the report ({"perplexity": 31.4, "dense": 13.1}),
     which `prunekit report` plots against sparsity.
+
+    The directory is written whole beside out_dir and renamed into place: an existing one (written by save_pruned)
+    is replaced only once the new one is complete. A directory holding other files is written into in place, the
+    manifest last (without it, nothing loads). The manifest records, per masked layer, its shape, kept count and
+    mask checksum, and every file's sha256; load_pruned checks them all.
     """
     from . import offload
 
@@ -60,6 +75,7 @@ def save_pruned(model: nn.Module, out_dir, report: PruneReport | None = None, to
     if offloaded is not None:  # its masks stay packed: unpacked, a model's masks take a quarter of its fp32 size
         packed = {name: bits for name, (bits, _) in offloaded.packed_masks(model).items()}
         layers = {name: {"module": "masked"} for name in packed}
+        state = keeps = None
     else:
         state, keeps, layers = compressed_format.model_state(model, compressed)
         packed = None
@@ -69,38 +85,129 @@ def save_pruned(model: nn.Module, out_dir, report: PruneReport | None = None, to
                             "pruned model is saved with its report: save_pruned(model, dir, report))")
     compressed = compressed and bool(layers)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_target(out, offloaded)
+    # A directory holding files of its own is written in place, its old manifest removed first and the new one
+    # written last (the commit record: without it nothing loads); any other is written whole beside the target and
+    # renamed into place.
+    in_place = not _replaceable(out)
+    staging = out if in_place else out.parent / f".{out.name}.prunekit-tmp-{uuid.uuid4().hex[:8]}"
+    before = _stamps(staging) if in_place else {}
+    if in_place:
+        (out / MANIFEST).unlink(missing_ok=True)
+    staging.mkdir(parents=True, exist_ok=in_place)
+    try:
+        records = _write(model, staging, offloaded, packed, state, keeps, layers, compressed)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        manifest = {"prunekit_version": __version__, "model_class": type(model).__name__,
+                    "format": compressed_format.FORMAT if compressed else "dense",
+                    "masks": {name: _param_shape(model, name) for name in layers},
+                    "report": report.to_dict() if report is not None else None}
+        if compressed:
+            manifest["compressed"] = layers
+        if evaluation:
+            manifest["evaluation"] = evaluation
+        if structured:
+            from .structured.shapes import record
+
+            manifest["structured"] = {**record(model), "reload": report.size.get("reload", "")}
+        written = [name for name, stamp in _stamps(staging).items() if before.get(name) != stamp]
+        manifest[INTEGRITY] = {"layers": records, "files": {name: file_sha256(staging / name) for name in written}}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if not in_place:
+            _commit(staging, out)
+    except BaseException:
+        if not in_place:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _replaceable(out: Path) -> bool:
+    """Whether `out` may be replaced whole: absent, empty, or holding nothing but what a save_pruned recorded."""
+    if not out.is_dir():
+        return True
+    names = {f.name for f in out.iterdir()}
+    if not names:
+        return True
+    try:
+        ours = set(json.loads((out / MANIFEST).read_text())[INTEGRITY]["files"]) | {MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return names <= ours
+
+
+def _stamps(directory: Path) -> dict[str, tuple[int, int]]:
+    """name -> (modification time, size) of the files in a directory (which of them a save wrote)."""
+    return {f.name: (f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(directory.iterdir()) if f.is_file()} \
+        if directory.is_dir() else {}
+
+
+def _check_target(out: Path, offloaded) -> None:
+    """Refuses, before anything is written, a target that is a file or the directory an offloaded model reads its
+    weights from."""
+    if out.is_file():
+        raise PrunekitError(f"{out} is a file; save_pruned writes a directory")
+    if offloaded is not None and out.exists() and out.resolve() == offloaded.checkpoint.path.resolve():
+        raise PrunekitError(f"{out} is the directory this offloaded model reads its weights from; save it to "
+                            f"another directory")
+
+
+def _write(model, out: Path, offloaded, packed, state, keeps, layers, compressed: bool) -> dict:
+    """The weights (and, dense, the masks file) into `out`; returns the mask record of every masked layer."""
     if hasattr(model, "save_pretrained") and clear_gguf_marker(model):
         warnings.warn("cleared the model's GGUF quantization marker: its weights are dequantized float tensors and "
-                      "are saved as such", stacklevel=2)
+                      "are saved as such", stacklevel=3)
+    shapes = {name: _param_shape(model, name) for name in layers}
     if offloaded is not None:
         offloaded.save_weights(model, out, compress=compressed)
+        records = {name: mask_record(unpack_bits(bits, shapes[name])) for name, bits in packed.items()}
     elif compressed:
-        _save_compressed(model, out, compressed_format.compress_state(state, keeps), list(layers))
-    elif hasattr(model, "save_pretrained"):
-        model.save_pretrained(out, state_dict=state)
+        tensors = compressed_format.compress_state(state, keeps)
+        records = {name: mask_record(unpack_rows(tensors[f"{name}.bitmask"], shapes[name][-1])) for name in layers}
+        _save_compressed(model, out, tensors, list(layers))
     else:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out / PLAIN_WEIGHTS))
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(out, state_dict=state)
+        else:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(out / PLAIN_WEIGHTS))
+        packed = {name: pack_bits(keep.cpu()) for name, keep in keeps.items()}
+        records = {name: mask_record(keep) for name, keep in keeps.items()}
     if not compressed:
-        if packed is None:
-            packed = {name: pack_bits(keep.cpu()) for name, keep in keeps.items()}
         save_file(packed, str(out / MASK_FILE))
-    manifest = {"prunekit_version": __version__, "model_class": type(model).__name__,
-                "format": compressed_format.FORMAT if compressed else "dense",
-                "masks": {name: _param_shape(model, name) for name in layers},
-                "report": report.to_dict() if report is not None else None}
-    if compressed:
-        manifest["compressed"] = layers
-    if evaluation:
-        manifest["evaluation"] = evaluation
-    if structured:
-        from .structured.shapes import record
+    return records
 
-        manifest["structured"] = {**record(model), "reload": report.size.get("reload", "")}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return out
+
+def _commit(tmp: Path, out: Path) -> None:
+    """tmp becomes out: the old directory is moved aside first and deleted last, so that an interruption leaves
+    the old directory, or none (then the new one is still complete in tmp), never a mix."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.prunekit-old-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)  # the old directory back in place
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def mask_record(keep: torch.Tensor) -> dict:
+    """What a manifest records of a layer's mask: its shape, how many weights it keeps, and the sha256 of its bits
+    packed 8 to a byte (bits.pack_bits), whatever the format stored them as."""
+    digest = hashlib.sha256(pack_bits(keep.cpu()).numpy().tobytes()).hexdigest()
+    return {"shape": list(keep.shape), "kept": int(keep.sum()), "sha256": digest}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _param_shape(model: nn.Module, name: str) -> list[int]:
@@ -134,9 +241,8 @@ def load_pruned(path, model: nn.Module | None = None, *, sparse: bool | None = N
     without ever building its dense weight; False makes every layer a masked dense Linear.
     """
     path = Path(path)
-    if not (path / MANIFEST).is_file():
-        raise PrunekitError(f"{path} is not a pruned model written by prunekit.save_pruned (missing {MANIFEST})")
-    manifest = json.loads((path / MANIFEST).read_text())
+    manifest = read_manifest(path)
+    verify_files(path, manifest)
     if manifest.get("format") == compressed_format.FORMAT:
         return _load_compressed(path, manifest, model, sparse, from_pretrained_kwargs)
     if not (path / MASK_FILE).is_file():
@@ -162,9 +268,15 @@ def load_pruned(path, model: nn.Module | None = None, *, sparse: bool | None = N
                                     f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     else:
         raise PrunekitError(f"{path} holds a Hugging Face model; call load_pruned without `model`")
-    packed = load_file(str(path / MASK_FILE))
+    try:
+        packed = load_file(str(path / MASK_FILE))
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors say little about what to do
+        raise MaskMismatchError(f"{path / MASK_FILE} cannot be read ({e}); the directory is damaged: save the model "
+                                f"again") from None
     keeps = {}
     for name, shape in manifest["masks"].items():
+        if name not in packed or packed[name].dtype != torch.uint8 or packed[name].numel() != -(-math.prod(shape) // 8):
+            raise MaskMismatchError(f"the masks file has no packed mask of {math.prod(shape)} bits for {name}")
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -173,16 +285,77 @@ def load_pruned(path, model: nn.Module | None = None, *, sparse: bool | None = N
         if weight is None or list(weight.shape) != shape:
             raise MaskMismatchError(f"saved mask for {name} has shape {shape} but the weight is "
                                     f"{None if weight is None else list(weight.shape)}")
-        keep = unpack_bits(packed[name], shape).to(weight.device)
+        keep = unpack_bits(packed[name], shape)
+        verify_layer(manifest, name, keep)
+        keep = keep.to(weight.device)
         stray = int((weight.detach()[~keep] != 0).sum())
         if stray:
             raise MaskMismatchError(f"masks do not match the weights: {stray} entries of {name} that the mask "
                                     f"prunes are nonzero; the weights were changed after pruning, or come from "
                                     f"another model")
         keeps[module] = keep
+    verify_layer_set(manifest, {name for name in manifest["masks"]})
     for module, keep in keeps.items():  # only after every mask checked out
         masks.attach(module, keep)
     return model
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of a directory written by save_pruned, checked for the fields every loader reads."""
+    file = path / MANIFEST
+    if not file.is_file():
+        raise PrunekitError(f"{path} is not a pruned model written by prunekit.save_pruned (missing {MANIFEST})")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PrunekitError(f"{file} is not valid JSON ({e}); the directory is damaged: save the model again") \
+            from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("masks"), dict):
+        raise PrunekitError(f"{file} has no 'masks' map of layer names to shapes; it was not written by "
+                            f"prunekit.save_pruned, or was edited")
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict) -> None:
+    """Every file the manifest lists, present and with its recorded sha256 (MaskMismatchError naming the file); a
+    directory from before these records loads with a warning that it could not be verified."""
+    record = manifest.get(INTEGRITY)
+    if record is None:
+        warnings.warn(f"{path} was written by prunekit {manifest.get('prunekit_version', '(unknown)')}, which did not "
+                      f"record checksums: its masks and files cannot be verified; save it again to add them",
+                      stacklevel=3)
+        return
+    for name, digest in record.get("files", {}).items():
+        if not (path / name).is_file():
+            raise MaskMismatchError(f"{path / name} is missing; the directory is incomplete: save the model again")
+        if file_sha256(path / name) != digest:
+            raise MaskMismatchError(f"{path / name} differs from what save_pruned wrote (its sha256 changed): the "
+                                    f"file was modified, truncated or replaced")
+
+
+def verify_layer(manifest: dict, name: str, keep: torch.Tensor) -> None:
+    """A loaded mask against its manifest record: same shape, kept count and checksum (MaskMismatchError)."""
+    record = manifest.get(INTEGRITY, {}).get("layers")
+    if record is None:
+        return
+    if name not in record:
+        raise MaskMismatchError(f"the manifest lists a mask for {name}, but its integrity record has none")
+    found = mask_record(keep)
+    for key in ("shape", "kept", "sha256"):
+        if found[key] != record[name][key]:
+            raise MaskMismatchError(f"the mask of {name} is not the one saved: its {key} is {found[key]}, saved "
+                                    f"{record[name][key]}")
+
+
+def verify_layer_set(manifest: dict, loaded: set[str]) -> None:
+    """Every layer the integrity record lists was loaded: a manifest whose masks map lost a layer would otherwise
+    leave that layer's pruned weights free to train."""
+    record = manifest.get(INTEGRITY, {}).get("layers")
+    missing = sorted(set(record or ()) - loaded)
+    if missing:
+        raise MaskMismatchError(f"the manifest's masks map lacks {missing[0]}"
+                                f"{f' and {len(missing) - 1} more layers' if len(missing) > 1 else ''}, which were "
+                                f"saved pruned; the manifest was edited or damaged")
 
 
 
@@ -204,7 +377,10 @@ def _load_compressed(path: Path, manifest: dict, model: nn.Module | None, sparse
         raise PrunekitError(f"load_pruned takes no {', '.join(kwargs)} for a compressed directory (only dtype)")
     tensors = compressed_format.read(path)
     layers = manifest["compressed"]
+    verify_layer_set(manifest, set(layers) & set(manifest["masks"]))
     entries = compressed_format.take_layers(tensors, layers)
+    for name, (values, bitmask, row_offsets, shape) in entries.items():
+        verify_layer(manifest, name, unpack_rows(bitmask, shape[1]))
     structured = manifest.get("structured")
     if model is None:
         cls, config = hf_class(path, manifest)

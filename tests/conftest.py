@@ -92,3 +92,12 @@ def tiny_lm_dir(path):
     tf.LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def without_checksums(path) -> None:
+    """Drops a saved directory's integrity record, as directories written before prunekit recorded one look."""
+    import json
+
+    manifest = json.loads((path / "prunekit.json").read_text())
+    del manifest["integrity"]
+    (path / "prunekit.json").write_text(json.dumps(manifest))
