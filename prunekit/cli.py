@@ -68,6 +68,8 @@ def cmd_prune(args) -> None:
     prunekit.allocation.ALLOCATORS.create(args.allocator)
     if args.offload and not args.out:
         raise PrunekitError("--offload keeps the pruned blocks on disk until they are saved; pass --out DIR")
+    if not args.out and not args.no_save:  # the whole job would run and its result be thrown away
+        raise PrunekitError("pass --out DIR to save the pruned model, or --no-save to only print the report")
     model, tokenizer = load_model(args.model, args.offload)
     windows = data.eval_windows(tokenizer, args.eval_windows, args.seq_len) if args.eval_windows else None
     before = perplexity(model, windows) if windows is not None else None
@@ -169,6 +171,10 @@ def cmd_report(args) -> None:
         print(f"{what} plot: {path}")
 
 
+class Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each option's default."""
+
+
 OFFLOAD_HELP = ("keep each block's weights on disk until it is used (a local safetensors directory): memory for one "
                 "block instead of the whole model")
 
@@ -181,7 +187,11 @@ def main(argv=None) -> int:
         p.add_argument("--eval-windows", type=int, default=eval_default, help="eval windows (0 skips evaluation)")
         p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
 
-    p = sub.add_parser("prune", help="prune a causal LM and save it")
+    from .allocation import ALLOCATORS
+    from .importance import ESTIMATORS
+
+    estimators, allocators = ", ".join(ESTIMATORS.names()), ", ".join(ALLOCATORS.names())
+    p = sub.add_parser("prune", help="prune a causal LM and save it", formatter_class=Defaults)
     p.add_argument("model", nargs="?", help="Hugging Face id or directory, or a .gguf file (default: bundled SmolLM2)")
     p.add_argument("--budget", default="0.5", help="fraction of weights to remove (0.5), or N:M ('2:4')")
     p.add_argument("--granularity", default="unstructured",
@@ -192,30 +202,33 @@ def main(argv=None) -> int:
     p.add_argument("--round-to", type=int, help="structured: keep a multiple of this many channels per layer")
     p.add_argument("--refit", action="store_true",
                    help="structured: refit the kept columns of the layers reading removed channels (least squares)")
-    p.add_argument("--importance", default="wanda")
-    p.add_argument("--allocator", default="uniform")
-    p.add_argument("--min-layer-sparsity", type=float, default=0.0)
-    p.add_argument("--max-layer-sparsity", type=float, default=1.0)
+    p.add_argument("--importance", default="wanda", metavar="NAME", help=f"how weights are scored: {estimators}")
+    p.add_argument("--allocator", default="uniform", metavar="NAME",
+                   help=f"how the budget is shared between layers: {allocators}")
+    p.add_argument("--min-layer-sparsity", type=float, default=0.0, help="floor of any layer's sparsity")
+    p.add_argument("--max-layer-sparsity", type=float, default=1.0, help="cap of any layer's sparsity")
     p.add_argument("--include", help="regex of layers to prune (default: every Linear in the repeated blocks)")
     p.add_argument("--exclude", help="regex of layers to leave alone")
     p.add_argument("--order", default="layer", choices=["layer", "block"],
                    help="layer: calibrate each layer with the earlier ones pruned, one pass per block; "
                         "block: the reference scheme, two passes per block, less memory")
-    p.add_argument("--calibration-windows", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calibration-windows", type=int, default=64, help="Wikipedia training windows to calibrate on")
+    p.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
     p.add_argument("--device", help="run each block here during calibration, e.g. cuda")
     p.add_argument("--offload", action="store_true", help=OFFLOAD_HELP + "; needs --out")
-    p.add_argument("--out", help="directory to save the pruned model in")
+    p.add_argument("--out", help="directory to save the pruned model in (or --no-save)")
+    p.add_argument("--no-save", action="store_true", help="only print the report and perplexities; keep nothing")
     protocol(p, 32)
     p.set_defaults(run=cmd_prune)
 
-    p = sub.add_parser("eval", help="perplexity on the Wikipedia eval split (PROTOCOL.md)")
+    p = sub.add_parser("eval", help="perplexity on the Wikipedia eval split (PROTOCOL.md)", formatter_class=Defaults)
     p.add_argument("model", nargs="?", help="pruned directory, Hugging Face id or directory (default: bundled SmolLM2)")
     p.add_argument("--offload", action="store_true", help=OFFLOAD_HELP)
     protocol(p, 32)
     p.set_defaults(run=cmd_eval)
 
-    p = sub.add_parser("generate", help="greedy text from a model, with tokens per second and its resident size")
+    p = sub.add_parser("generate", help="greedy text from a model, with tokens per second and its resident size",
+                       formatter_class=Defaults)
     p.add_argument("model", nargs="?", help="pruned directory, Hugging Face id or directory (default: bundled SmolLM2)")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")

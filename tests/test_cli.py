@@ -63,7 +63,7 @@ def test_generate_prints_the_text_its_speed_and_size(model_dir, tmp_path, capsys
 
 
 def test_two_four_from_the_command_line(model_dir, capsys):
-    assert main(["prune", str(model_dir), "--budget", "2:4", "--importance", "magnitude"] + SMALL) == 0
+    assert main(["prune", str(model_dir), "--budget", "2:4", "--importance", "magnitude", "--no-save"] + SMALL) == 0
     assert "2:4" in capsys.readouterr().out
 
 
@@ -73,13 +73,13 @@ def test_two_four_from_the_command_line(model_dir, capsys):
     (["--budget", "2:4", "--max-layer-sparsity", "0.9"], "floors and caps do not apply"),
 ])
 def test_errors_are_one_clear_line(model_dir, capsys, argv, message):
-    assert main(["prune", str(model_dir)] + argv + SMALL) == 2
+    assert main(["prune", str(model_dir), "--no-save"] + argv + SMALL) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and err[0].startswith("prunekit: error:")
 
 
 def test_a_model_that_is_not_there(tmp_path, capsys):
-    assert main(["prune", str(tmp_path / "missing-model")] + SMALL) == 2
+    assert main(["prune", str(tmp_path / "missing-model"), "--no-save"] + SMALL) == 2
     assert "cannot load model" in capsys.readouterr().err
 
 
@@ -142,3 +142,21 @@ def test_structured_from_the_command_line(model_dir, tmp_path, capsys):
 def test_granularity_and_an_n_m_budget_conflict(model_dir, capsys):
     assert main(["prune", str(model_dir), "--budget", "2:4", "--granularity", "block"] + SMALL) == 2
     assert "leave out --granularity" in capsys.readouterr().err
+
+
+def test_prune_without_out_says_so_before_any_work(model_dir, capsys, monkeypatch):
+    """Issue 26: without --out the whole job ran and its result was thrown away without a word."""
+    from prunekit import cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    assert main(["prune", str(model_dir)] + SMALL) == 2
+    assert "pass --out DIR to save the pruned model, or --no-save" in capsys.readouterr().err
+
+
+def test_prune_help_lists_the_choices_and_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ESTIMATORS.names() + ["uniform", "owl", "dp"]:
+        assert name in text, name
+    assert "(default: wanda)" in text and "(default: uniform)" in text and "(default: 64)" in text
