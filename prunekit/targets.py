@@ -49,13 +49,14 @@ class Target:
 
 
 def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
-    """The model's trunk: the ModuleList/Sequential of >= 2 same-class blocks holding the most parameters.
+    """The model's trunk: the ModuleList/Sequential of same-class blocks holding the most parameters (one block
+    will do: a one-layer decoder's lm_head is no more a target than a deep one's).
 
     Falls back to the whole model as one block when there is no such container (a plain MLP, say).
     """
     best, best_size = None, 0
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 1:
             continue
         kinds = {type(child) for child in module}
         if len(kinds) != 1 or not any(isinstance(m, PRUNABLE) for m in module[0].modules()):

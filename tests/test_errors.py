@@ -139,3 +139,17 @@ def test_a_failure_part_way_rolls_the_model_back(model, windows):
 def test_budget_error_type_is_specific():
     with pytest.raises(BudgetError):
         prunekit.Budget(sparsity=2)
+
+
+def test_a_one_layer_decoder_keeps_its_lm_head_out_of_the_default_targets():
+    """Issue 26: with one decoder layer there was no container of two blocks, so the whole model (lm_head
+    included) became the default targets, against the README."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = tf.LlamaForCausalLM(config)
+    prunekit.prune(model, 0.5, importance="magnitude", progress=False)
+    names = set(prunekit.masks(model))
+    assert "lm_head" not in names and len(names) == 7 and all(n.startswith("model.layers.0.") for n in names)

@@ -589,3 +589,25 @@ def test_global_allocation_differs_per_layer_and_meets_the_budget():
 def test_input_statistics_do_not_apply_to_convolutions():
     with pytest.raises(TargetError, match="importance 'wanda' read per-feature input statistics"):
         prunekit.prune(cnn(), structured(0.3), importance="wanda", calibration=images(), progress=False)
+
+
+@pytest.mark.parametrize("widths", [{"": {"forward": "a string"}}, {"bert.encoder.layer.0.attention.self":
+                                                                     {"num_attention_heads": "2"}},
+                                    {"bert.no.such.module": {"num_attention_heads": 1}},
+                                    {"bert.encoder.layer.0.attention.self": {"query": 3}}])
+def test_a_manifest_can_set_only_the_widths_prunekit_records(tmp_path, widths):
+    """Issue 26: `structured.widths` could set any attribute of any module (model.forward became a string)."""
+    import json
+
+    model = tiny("bert")
+    report = prunekit.prune(model, structured(0.4), importance="magnitude", calibration=calibration_for("bert"),
+                            progress=False)
+    prunekit.save_pruned(model, tmp_path, report, compressed=False)
+    manifest = json.loads((tmp_path / "prunekit.json").read_text())
+    assert manifest["structured"]["reload"] != "from_pretrained"  # the loader restores the widths itself
+    manifest["structured"]["widths"].update(widths)
+    del manifest["integrity"]  # an edit an older directory could carry unchecked
+    (tmp_path / "prunekit.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="cannot be verified"), \
+            pytest.raises(prunekit.MaskMismatchError, match="which is not a width prunekit records"):
+        prunekit.load_pruned(tmp_path)

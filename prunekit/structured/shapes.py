@@ -29,8 +29,19 @@ def record(model: nn.Module) -> dict:
 
 def restore(model: nn.Module, recorded: dict) -> nn.Module:
     """Gives every parameter and buffer of a freshly built model its recorded shape (contents are left to the weights
-    loaded next) and sets the recorded width attributes, layer sizes (in/out features, channels, norm sizes) too."""
+    loaded next) and sets the recorded width attributes, layer sizes (in/out features, channels, norm sizes) too.
+
+    Only what record() writes is taken: width attributes named in WIDTHS, positive ints, on modules that have them
+    as ints already; anything else in a manifest (edited or hostile) raises before the model is touched."""
     shapes = recorded["shapes"]
+    modules = dict(model.named_modules())
+    for name, found in recorded["widths"].items():
+        module = modules.get(name)
+        for key, value in (found.items() if isinstance(found, dict) else [("(not a map)", found)]):
+            if (module is None or key not in WIDTHS or not isinstance(vars(module).get(key), int)
+                    or isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise MaskMismatchError(f"the manifest sets {key}={value!r} on {name or 'the model'!r}, which is not a "
+                                        f"width prunekit records (the manifest was edited, or is from another model)")
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         changed = False
