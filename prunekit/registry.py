@@ -9,8 +9,8 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
-        self.kind = kind
+    def __init__(self, kind: str, base: type):
+        self.kind, self.base = kind, base  # what an instance given in place of a name must be
         self._items: dict[str, type[T]] = {}
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
@@ -29,6 +29,9 @@ class Registry(Generic[T]):
     def create(self, spec: str | T, **options) -> T:
         """An instance from a registered name (with options), or the instance itself if one is given."""
         if not isinstance(spec, str):
+            if not isinstance(spec, self.base):
+                raise PrunekitError(f"the {self.kind} must be a name ({', '.join(self.names())}) or an instance "
+                                    f"of {self.base.__name__}, got {spec!r}")
             if options:
                 raise PrunekitError(f"options {sorted(options)} only apply when the {self.kind} is given by name")
             return spec

@@ -153,3 +153,40 @@ def test_a_one_layer_decoder_keeps_its_lm_head_out_of_the_default_targets():
     prunekit.prune(model, 0.5, importance="magnitude", progress=False)
     names = set(prunekit.masks(model))
     assert "lm_head" not in names and len(names) == 7 and all(n.startswith("model.layers.0.") for n in names)
+
+
+@pytest.mark.parametrize("importance", [None, 3, "wanda ", object()])
+def test_an_importance_that_is_not_one_is_a_clear_error(importance):
+    model = tiny("llama")
+    with pytest.raises(PrunekitError, match="unknown importance|must be a name"):
+        prunekit.prune(model, 0.5, importance=importance, calibration=calibration_for("llama"), progress=False)
+    with pytest.raises(PrunekitError, match="must be a name .* or an instance of Allocator, got 0.5"):
+        prunekit.prune(model, 0.5, allocator=0.5, calibration=calibration_for("llama"), progress=False)
+    assert prunekit.masks(model) == {}
+
+
+def test_windows_longer_than_learned_positions_are_refused_and_rotary_ones_warned():
+    gpt2 = tiny("gpt2")  # 64 learned positions: longer windows were an IndexError deep in the embedding
+    long = torch.randint(0, VOCAB, (4, 80))
+    with pytest.raises(CalibrationError, match="windows of 80 tokens but the model takes at most 64 positions; cut"):
+        prunekit.prune(gpt2, 0.5, importance="wanda", calibration=long, progress=False)
+    llama = tiny("llama")
+    limit = llama.config.max_position_embeddings
+    with pytest.warns(UserWarning, match=f"at most {limit} positions; past them its rotary positions extrapolate"):
+        prunekit.prune(llama, 0.5, importance="wanda", calibration=torch.randint(0, VOCAB, (2, limit + 8)),
+                       progress=False)
+
+
+def test_calibration_without_the_models_input_and_bad_labels_are_clear_errors():
+    model = tiny("llama")
+    x = calibration_for("llama")
+    with pytest.raises(CalibrationError, match="batch 0 has no 'input_ids' \\(it holds \\['ids'\\]\\)"):
+        prunekit.prune(model, 0.5, importance="wanda", calibration=[{"ids": x}], progress=False)
+    with pytest.raises(CalibrationError, match=r"labels \(8, 15\) do not match input_ids \(8, 16\)"):
+        prunekit.prune(model, 0.5, importance="fisher", calibration=[{"input_ids": x, "labels": x[:, 1:]}],
+                       progress=False)
+    labels = torch.where(x == x.max(), VOCAB + 5, x)  # one id past the vocabulary
+    with pytest.raises(CalibrationError, match=f"labels span \\[\\d+, {VOCAB + 5}\\] but the vocabulary has {VOCAB}"):
+        prunekit.prune(model, 0.5, importance="fisher", calibration=[{"input_ids": x, "labels": labels}],
+                       progress=False)
+    assert prunekit.masks(model) == {}

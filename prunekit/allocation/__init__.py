@@ -2,7 +2,7 @@
 from ..registry import Registry
 from .base import Allocator, exact_counts, fit_to_budget
 
-ALLOCATORS: Registry[Allocator] = Registry("allocator")
+ALLOCATORS: Registry[Allocator] = Registry("allocator", Allocator)
 
 from . import dp, ecoflap, global_rank, owl, uniform  # noqa: E402,F401  (each file registers its allocator)
 

@@ -1,6 +1,7 @@
 """Turn what users pass as `calibration` into a list of model-input dicts, validated before anything changes."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -31,9 +32,36 @@ def as_batches(calibration, model: nn.Module) -> list[dict[str, torch.Tensor]]:
     if not batches:
         raise CalibrationError("calibration data is empty; give at least one batch")
     vocab = _vocab_size(model)
+    positions, learned = _positions(model)
     for i, batch in enumerate(batches):
+        if hasattr(model, "main_input_name") and main not in batch and "inputs_embeds" not in batch:
+            raise CalibrationError(f"calibration batch {i} has no {main!r} (it holds {sorted(batch)}); "
+                                   f"{type(model).__name__} takes its input as {main!r}")
         _check_batch(batch, i, vocab)
+        _check_length(batch, i, positions, learned)
     return batches
+
+
+def _positions(model: nn.Module) -> tuple[int | None, bool]:
+    """(the model's longest sequence, whether that is a hard limit): learned position embeddings (GPT-2, BERT, OPT)
+    have a row per position and fail past the last one; rotary ones only degrade."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    learned = any(isinstance(m, nn.Embedding) and ("wpe" in name or "position" in name)
+                  for name, m in model.named_modules())
+    return (limit if isinstance(limit, int) else None), learned
+
+
+def _check_length(batch: dict[str, torch.Tensor], index: int, limit: int | None, learned: bool) -> None:
+    ids = batch.get("input_ids")
+    if limit is None or ids is None or ids.dim() != 2 or ids.shape[1] <= limit:
+        return
+    message = (f"calibration batch {index} has windows of {ids.shape[1]} tokens but the model takes at most {limit} "
+               f"positions")
+    if learned:
+        raise CalibrationError(message + f"; cut the windows to {limit} tokens or fewer")
+    warnings.warn(message + "; past them its rotary positions extrapolate and the statistics may not be the "
+                  "model's", stacklevel=4)
 
 
 def _check_windows(windows: torch.Tensor, main: str) -> None:
@@ -85,6 +113,15 @@ def _check_batch(batch: dict[str, torch.Tensor], index: int, vocab: int | None) 
                     f"model's vocabulary has {vocab} entries; was it tokenized for another model?")
     mask = batch.get("attention_mask")
     ids = batch.get("input_ids")
+    labels = batch.get("labels")
+    if labels is not None and ids is not None and labels.dim() == 2:  # token labels (a language model's)
+        if labels.shape != ids.shape:
+            raise CalibrationError(f"calibration batch {index}: labels {tuple(labels.shape)} do not match input_ids "
+                                   f"{tuple(ids.shape)}; a language model's labels are its token ids (-100 ignored)")
+        kept = labels[labels != -100]
+        if kept.numel() and (kept.min() < 0 or (vocab is not None and kept.max() >= vocab)):
+            raise CalibrationError(f"calibration batch {index}: labels span [{int(kept.min())}, {int(kept.max())}] "
+                                   f"but the vocabulary has {vocab} entries (and -100 marks ignored tokens)")
     if mask is not None and ids is not None and mask.shape != ids.shape:
         raise CalibrationError(f"calibration batch {index}: attention_mask {tuple(mask.shape)} does not match "
                                f"input_ids {tuple(ids.shape)}")

@@ -2,7 +2,7 @@
 from ..registry import Registry
 from .base import Estimator, Scores
 
-ESTIMATORS: Registry[Estimator] = Registry("importance")
+ESTIMATORS: Registry[Estimator] = Registry("importance", Estimator)
 
 # Each file registers its estimator.
 from . import (beta_rank, hessian, lrp, magnitude, mask_sparsity, sparsegpt, wanda,  # noqa: E402,F401

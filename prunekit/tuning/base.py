@@ -107,7 +107,7 @@ class Method:
         return {}
 
 
-TUNERS: Registry[Method] = Registry("tuning method")
+TUNERS: Registry[Method] = Registry("tuning method", Method)
 
 
 def prepare(model: nn.Module, method: str | Method = "lift", *, distributed=False, **options) -> Method:
