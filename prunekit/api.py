@@ -45,8 +45,9 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
         that score on the whole model (gradients, relevance, loss) run where the model is. A model loaded with
         prunekit.load_offloaded(dir) keeps its blocks on disk: each is read when the runner reaches it and written
         back pruned, so a model larger than memory prunes in about one block's memory.
-    rollback: keep a CPU copy of each weight until pruning finishes, so that an error or an interrupt part way
-        restores the model exactly; turn off when memory is too tight for one copy of the targeted weights.
+    rollback: keep a CPU copy of every parameter and buffer until pruning finishes, so that an error or an
+        interrupt part way (in allocation, scoring, training or masking) restores the model exactly; turn off when
+        memory is too tight for one copy of the model.
     distributed: True (torch.distributed's default group) or a process group: `calibration` is this rank's shard
         (prunekit.distributed.shard), statistics are all-reduced before each layer is pruned, and every rank ends
         with the masks one process would choose on all the shards in rank order (see prunekit.distributed).
@@ -71,13 +72,13 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
 
         return prune_structured(model, budget, estimator, allocator, calibration, device, progress, rollback)
     seconds: dict[str, float] = {}
-    with torch.no_grad():
+    with torch.no_grad(), _transaction(model, targets, rollback):
         clock = time.perf_counter()
         plan = _allocate(DenseModel(model, targets, batches, estimator, device, progress, group), budget, allocator)
         seconds["allocation"] = time.perf_counter() - clock
         clock = time.perf_counter()
         timings = _prune_targets(model, targets, plan.counts, budget.nm, budget.block, batches, estimator, order,
-                                 device, progress, rollback, group)
+                                 device, progress, group)
         seconds["pruning"] = time.perf_counter() - clock
     seconds["total"] = time.perf_counter() - start
     layers = [LayerRow(name=t.name, shape=t.shape, target=sparsity, achieved=count / t.numel, pruned=count,
@@ -228,7 +229,7 @@ def _check_plan(targets: list[Target], budget: Budget, estimator: Estimator, all
             raise TargetError(f"{t.name}.weight holds NaN or Inf; the model is broken before pruning")
 
 
-def _prune_targets(model, targets, counts, nm, block, batches, estimator, order, device, progress, rollback,
+def _prune_targets(model, targets, counts, nm, block, batches, estimator, order, device, progress,
                    ranks=None) -> dict:
     """Prunes every target; sequentially block by block when the estimator needs data. Returns seconds per target.
     ranks: a prunekit.distributed.Group whose shards' statistics are summed before each layer is pruned."""
@@ -243,48 +244,55 @@ def _prune_targets(model, targets, counts, nm, block, batches, estimator, order,
         masks.attach(t.module, t.to_native(keep))
         seconds[t] = time.perf_counter() - clock
 
-    with _transaction(model, targets, rollback):
-        if estimator.needs == Needs.NONE:
-            for t in tqdm(targets, desc=estimator.name, disable=not progress, unit="layer"):
-                prune_one(t, None)
-            return seconds
-        if estimator.needs & Needs.WHOLE_MODEL:  # scored on the dense model where it is, then pruned
-            stats_of = estimator.gather(model, targets, batches, progress=progress)
-            for t in tqdm(targets, desc=estimator.name, disable=not progress, unit="layer"):
-                prune_one(t, stats_of[t.module])
-            return seconds
-        groups, outside = by_block(targets)
-        _, blocks = find_blocks(model)
-        for step in sequential(model, blocks, batches, device=device, desc=estimator.name, progress=progress):
-            group = groups.get(step.index, [])
-            if group and order == "layer":
-                stats, target_of = empty_stats(group, estimator.needs, device), {t.module: t for t in group}
-                step.run_layerwise(stats, lambda m: prune_one(target_of[m], gathered(target_of[m], stats, ranks)))
-            rest = [t for t in group if t not in seconds]  # all of them in "block" order, or after a fallback
-            if rest:
-                stats = empty_stats(rest, estimator.needs, device)
-                step.run(stats)
-                for t in rest:
-                    prune_one(t, gathered(t, stats, ranks))
-        if outside:
-            stats = empty_stats(outside, estimator.needs, None)
-            full_pass(model, batches, stats)
-            for t in outside:
+    if estimator.needs == Needs.NONE:
+        for t in tqdm(targets, desc=estimator.name, disable=not progress, unit="layer"):
+            prune_one(t, None)
+        return seconds
+    if estimator.needs & Needs.WHOLE_MODEL:  # scored on the dense model where it is, then pruned
+        stats_of = estimator.gather(model, targets, batches, progress=progress)
+        for t in tqdm(targets, desc=estimator.name, disable=not progress, unit="layer"):
+            prune_one(t, stats_of[t.module])
+        return seconds
+    groups, outside = by_block(targets)
+    _, blocks = find_blocks(model)
+    for step in sequential(model, blocks, batches, device=device, desc=estimator.name, progress=progress):
+        group = groups.get(step.index, [])
+        if group and order == "layer":
+            stats, target_of = empty_stats(group, estimator.needs, device), {t.module: t for t in group}
+            step.run_layerwise(stats, lambda m: prune_one(target_of[m], gathered(target_of[m], stats, ranks)))
+        rest = [t for t in group if t not in seconds]  # all of them in "block" order, or after a fallback
+        if rest:
+            stats = empty_stats(rest, estimator.needs, device)
+            step.run(stats)
+            for t in rest:
                 prune_one(t, gathered(t, stats, ranks))
+    if outside:
+        stats = empty_stats(outside, estimator.needs, None)
+        full_pass(model, batches, stats)
+        for t in outside:
+            prune_one(t, gathered(t, stats, ranks))
     return seconds
 
 
 @contextlib.contextmanager
 def _transaction(model: nn.Module, targets: list[Target], enabled: bool):
-    """On any exception (Ctrl-C included) restores every target's weight and removes its mask, then re-raises.
-    An offloaded block needs no copy: its checkpoint is never written, so forgetting the changed blocks restores it."""
-    backup = {t: t.module.weight.detach().to("cpu", copy=True) for t in targets
-              if enabled and not t.module.weight.is_meta}
+    """On any exception (Ctrl-C included) restores every parameter and buffer of the model (estimators that train,
+    as MaskSparsity, and allocators that perturb weights change more than the targets), each module's train/eval
+    mode, and removes the targets' masks, then re-raises. An offloaded block needs no copy: its checkpoint is never
+    written, so forgetting the changed blocks restores it."""
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())} if enabled else {}
+    backup = {name: t.detach().to("cpu", copy=True) for name, t in tensors.items() if not t.is_meta}
+    modes = {m: m.training for m in model.modules()}
     try:
         yield
     except BaseException:
         offload.rollback(model)
-        for t, saved in backup.items():
+        for t in targets:
             masks.detach(t.module)
-            t.module.weight.data.copy_(saved)
+        now = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        for name, saved in backup.items():
+            if name in now and not now[name].is_meta:
+                now[name].data.copy_(saved)
+        for module, training in modes.items():
+            module.training = training
         raise
