@@ -1,7 +1,8 @@
-"""Rollback restores the whole model, not only the pruned weights (issue 26, item 3): every estimator, interrupted
-at each stage of a prune (while it scores or trains on the model, at the first, a middle and the last layer it
-masks), and every allocator interrupted while it measures, leave every parameter, buffer and train/eval flag as
-they were, and no mask behind."""
+"""Rollback restores the whole model, not only the pruned weights (issue 26, item 3), and pruning is deterministic.
+
+Every estimator, interrupted at each stage of a prune (while it scores or trains on the model, at the first, a
+middle and the last layer it masks), and every allocator interrupted while it measures, leave every parameter,
+buffer and train/eval flag as they were, and no mask behind."""
 import importlib
 
 import pytest
@@ -88,3 +89,18 @@ def test_every_allocator_interrupted_while_it_measures_restores_the_whole_model(
     assert calls["n"] >= 2
     monkeypatch.setattr(type(model), "forward", forward)
     assert_restored(model, before)
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS.names()))
+def test_pruning_is_deterministic(name):
+    """The same model, data and options give the same masks and weights, run after run (README, Guarantees)."""
+    x = calibration_for("llama")
+    runs = []
+    for _ in range(2):
+        model = tiny("llama")
+        prunekit.prune(model, 0.5, importance=ESTIMATORS.create(name, **FAST.get(name, {})), calibration=x,
+                       progress=False)
+        runs.append((prunekit.masks(model), model.state_dict()))
+    (masks_a, state_a), (masks_b, state_b) = runs
+    assert masks_a.keys() == masks_b.keys() and all(torch.equal(masks_a[k], masks_b[k]) for k in masks_a)
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
