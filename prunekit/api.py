@@ -209,6 +209,9 @@ def _calibration(calibration, model, budget: Budget | None, estimator: Estimator
 
 def _check_plan(targets: list[Target], budget: Budget, estimator: Estimator, allocator: Allocator) -> None:
     """Everything that can be known wrong before calibration starts."""
+    if allocator.structured_only:  # its allocate() would say so too, but only after measuring the model
+        raise BudgetError(f"allocator {allocator.name!r} ranks heads and channels, so it needs "
+                          f"granularity='structured'")
     if allocator.measured is not None and len(allocator.measured) != len(targets):
         raise PrunekitError(f"the allocator reuses {len(allocator.measured)} measurements but the model has "
                             f"{len(targets)} targets; measure on this model (without reuse)")

@@ -190,3 +190,11 @@ def test_calibration_without_the_models_input_and_bad_labels_are_clear_errors():
         prunekit.prune(model, 0.5, importance="fisher", calibration=[{"input_ids": x, "labels": labels}],
                        progress=False)
     assert prunekit.masks(model) == {}
+
+
+def test_a_structured_only_allocator_is_refused_before_any_measurement(monkeypatch):
+    model = tiny("llama")
+    monkeypatch.setattr(type(model), "forward", lambda *a, **k: pytest.fail("the model ran"))
+    with pytest.raises(BudgetError, match="allocator 'global' ranks heads and channels"):
+        prunekit.prune(model, 0.5, importance="wanda", allocator="global", calibration=calibration_for("llama"),
+                       progress=False)

@@ -23,6 +23,7 @@ class Allocator:
 
     name: ClassVar[str]
     needs_data: ClassVar[bool] = False  # does measure() need calibration data?
+    structured_only: ClassVar[bool] = False  # ranks heads and channels only: masks need another allocator
     # Structured pruning allocates over heads and channels from the same per-layer measurements; a rule whose
     # measurement only means something for unstructured masks (DP's distortion curves) says False.
     structured: ClassVar[bool] = True

@@ -25,6 +25,8 @@ class Global(Allocator):
     its allowed counts (whole steps of round_to, at least one unit kept). Only for granularity="structured".
     """
 
+    structured_only = True
+
     def allocate(self, sizes: Sequence[int], costs: Sequence[float], budget: Budget, measured=None) -> list[float]:
         raise BudgetError("allocator 'global' ranks heads and channels, so it needs granularity='structured'")
 
