@@ -11,7 +11,6 @@ pickles no hooks, so the gradient hook of an unpickled model comes back with a f
 """
 from __future__ import annotations
 
-import copy
 import functools
 
 import torch

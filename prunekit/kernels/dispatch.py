@@ -100,8 +100,6 @@ def _mode_on(device: torch.device) -> str:
     return _mode if device.type == "cuda" else "eager"  # the CPU has no graphs to replay
 
 
-
-
 def _threads(on_cpu: bool) -> int:
     return torch.get_num_threads() if on_cpu else 0
 
