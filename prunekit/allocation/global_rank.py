@@ -4,7 +4,6 @@ from __future__ import annotations
 import heapq
 from typing import Sequence
 
-
 from ..budget import Budget
 from ..errors import BudgetError
 from . import ALLOCATORS
