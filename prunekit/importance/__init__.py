@@ -5,7 +5,7 @@ from .base import Estimator, Scores
 ESTIMATORS: Registry[Estimator] = Registry("importance", Estimator)
 
 # Each file registers its estimator.
-from . import (beta_rank, hessian, lrp, magnitude, mask_sparsity, sparsegpt, wanda,  # noqa: E402,F401
+from . import (admm, beta_rank, dsnot, hessian, lrp, magnitude, mask_sparsity, sparsegpt, wanda,  # noqa: E402,F401
                zeroth_order)
 
 __all__ = ["ESTIMATORS", "Estimator", "Scores"]
