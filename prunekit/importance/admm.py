@@ -8,6 +8,7 @@ from ..calibration.stats import LayerStats, Needs
 from . import ESTIMATORS
 from .base import Estimator
 from .sparsegpt import SparseGPT
+from .wanda import Wanda
 
 
 @ESTIMATORS.register("admm")
@@ -56,8 +57,8 @@ class ADMM(Estimator):
         w0 = weight.float()
         h = curvature(stats.hessian().to(w0.device).float())
         start, keep = self.warm.prune(w0.clone(), stats, count, nm, block)
-        wanda = masking.select(w0.abs() * torch.diagonal(h).sqrt().unsqueeze(0), count, nm, "row", block)
-        candidates = [(self._admm(w0, h, start, count, nm, block), None), (keep, start), (wanda, w0 * wanda)]
+        wanda_weight, wanda = Wanda().prune(w0, stats, count, nm, block)
+        candidates = [(self._admm(w0, h, start, count, nm, block), None), (keep, start), (wanda, wanda_weight)]
         best = None
         for keep, init in candidates:
             refit = refit_on_support(w0, h, keep, w0 * keep if init is None else init, self.refit_iterations)
