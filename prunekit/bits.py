@@ -16,6 +16,14 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return (flat << _SHIFTS.to(flat.device)).sum(1, dtype=torch.uint8)
 
 
+_ONES = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64)  # set bits of each byte value
+
+
+def count_bits(packed: torch.Tensor) -> int:
+    """How many bits of a packed uint8 tensor are set (its padding is zero)."""
+    return int(_ONES.to(packed.device)[packed.long()].sum())
+
+
 def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
     bits = (packed.unsqueeze(1) >> _SHIFTS.to(packed.device)) & 1
     return bits.reshape(-1)[: torch.Size(shape).numel()].bool().view(shape)

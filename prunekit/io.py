@@ -21,7 +21,7 @@ from torch import nn
 
 from . import __version__, masks
 from . import compressed as compressed_format
-from .bits import pack_bits, unpack_bits, unpack_rows
+from .bits import count_bits, pack_bits, unpack_bits, unpack_rows
 from .errors import MaskMismatchError, PrunekitError
 from .report import PruneReport
 
@@ -101,7 +101,7 @@ def save_pruned(model: nn.Module, out_dir, report: PruneReport | None = None, to
             tokenizer.save_pretrained(staging)
         manifest = {"prunekit_version": __version__, "model_class": type(model).__name__,
                     "format": compressed_format.FORMAT if compressed else "dense",
-                    "masks": {name: _param_shape(model, name) for name in layers},
+                    "masks": {name: record["shape"] for name, record in records.items()},
                     "report": report.to_dict() if report is not None else None}
         if compressed:
             manifest["compressed"] = layers
@@ -161,10 +161,11 @@ def _write(model, out: Path, offloaded, packed, state, keeps, layers, compressed
     shapes = {name: _param_shape(model, name) for name in layers}
     if offloaded is not None:
         offloaded.save_weights(model, out, compress=compressed)
-        records = {name: mask_record(unpack_bits(bits, shapes[name])) for name, bits in packed.items()}
+        records = {name: mask_record(bits, shapes[name]) for name, bits in packed.items()}
     elif compressed:
         tensors = compressed_format.compress_state(state, keeps)
-        records = {name: mask_record(unpack_rows(tensors[f"{name}.bitmask"], shapes[name][-1])) for name in layers}
+        records = {name: mask_record(pack_bits(unpack_rows(tensors[f"{name}.bitmask"], shapes[name][-1])),
+                                     shapes[name]) for name in layers}
         _save_compressed(model, out, tensors, list(layers))
     else:
         if hasattr(model, "save_pretrained"):
@@ -172,7 +173,7 @@ def _write(model, out: Path, offloaded, packed, state, keeps, layers, compressed
         else:
             save_file({k: v.contiguous() for k, v in state.items()}, str(out / PLAIN_WEIGHTS))
         packed = {name: pack_bits(keep.cpu()) for name, keep in keeps.items()}
-        records = {name: mask_record(keep) for name, keep in keeps.items()}
+        records = {name: mask_record(bits, shapes[name]) for name, bits in packed.items()}
     if not compressed:
         save_file(packed, str(out / MASK_FILE))
     return records
@@ -195,11 +196,11 @@ def _commit(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def mask_record(keep: torch.Tensor) -> dict:
-    """What a manifest records of a layer's mask: its shape, how many weights it keeps, and the sha256 of its bits
-    packed 8 to a byte (bits.pack_bits), whatever the format stored them as."""
-    digest = hashlib.sha256(pack_bits(keep.cpu()).numpy().tobytes()).hexdigest()
-    return {"shape": list(keep.shape), "kept": int(keep.sum()), "sha256": digest}
+def mask_record(bits: torch.Tensor, shape) -> dict:
+    """What a manifest records of a layer's mask, from its bits packed 8 to a byte (bits.pack_bits, whatever the
+    format stored them as): its shape, how many weights it keeps, and the sha256 of the packed bits."""
+    bits = bits.cpu()
+    return {"shape": list(shape), "kept": count_bits(bits), "sha256": hashlib.sha256(bits.numpy().tobytes()).hexdigest()}
 
 
 def file_sha256(path: Path) -> str:
@@ -285,9 +286,8 @@ def load_pruned(path, model: nn.Module | None = None, *, sparse: bool | None = N
         if weight is None or list(weight.shape) != shape:
             raise MaskMismatchError(f"saved mask for {name} has shape {shape} but the weight is "
                                     f"{None if weight is None else list(weight.shape)}")
-        keep = unpack_bits(packed[name], shape)
-        verify_layer(manifest, name, keep)
-        keep = keep.to(weight.device)
+        verify_layer(manifest, name, packed[name], shape)
+        keep = unpack_bits(packed[name], shape).to(weight.device)
         stray = int((weight.detach()[~keep] != 0).sum())
         if stray:
             raise MaskMismatchError(f"masks do not match the weights: {stray} entries of {name} that the mask "
@@ -333,14 +333,15 @@ def verify_files(path: Path, manifest: dict) -> None:
                                     f"file was modified, truncated or replaced")
 
 
-def verify_layer(manifest: dict, name: str, keep: torch.Tensor) -> None:
-    """A loaded mask against its manifest record: same shape, kept count and checksum (MaskMismatchError)."""
+def verify_layer(manifest: dict, name: str, bits: torch.Tensor, shape) -> None:
+    """A loaded mask (bits packed as bits.pack_bits) against its manifest record: same shape, kept count and
+    checksum (MaskMismatchError)."""
     record = manifest.get(INTEGRITY, {}).get("layers")
     if record is None:
         return
     if name not in record:
         raise MaskMismatchError(f"the manifest lists a mask for {name}, but its integrity record has none")
-    found = mask_record(keep)
+    found = mask_record(bits, shape)
     for key in ("shape", "kept", "sha256"):
         if found[key] != record[name][key]:
             raise MaskMismatchError(f"the mask of {name} is not the one saved: its {key} is {found[key]}, saved "
@@ -380,7 +381,7 @@ def _load_compressed(path: Path, manifest: dict, model: nn.Module | None, sparse
     verify_layer_set(manifest, set(layers) & set(manifest["masks"]))
     entries = compressed_format.take_layers(tensors, layers)
     for name, (values, bitmask, row_offsets, shape) in entries.items():
-        verify_layer(manifest, name, unpack_rows(bitmask, shape[1]))
+        verify_layer(manifest, name, pack_bits(unpack_rows(bitmask, shape[1])), shape)
     structured = manifest.get("structured")
     if model is None:
         cls, config = hf_class(path, manifest)
