@@ -109,8 +109,8 @@ def _link(module: nn.Module) -> None:
 
 
 def _relink(module: nn.Module, args) -> None:
-    if not _linked(module) or (module.__dict__.get(_HANDLE) is None or module.__dict__[_HANDLE].handle is None) \
-            and _masked(module).requires_grad:
+    hookless = getattr(module.__dict__.get(_HANDLE), "handle", None) is None
+    if not _linked(module) or (hookless and _masked(module).requires_grad):
         _link(module)
 
 
