@@ -161,6 +161,22 @@ def test_the_detected_instruction_set_is_what_the_cpu_reports():
     assert cpu.isa() == expected
 
 
+@pytest.mark.parametrize("vbmi2", ("1", "0"))
+def test_decompression_is_bit_exact_on_every_path(isa, vbmi2, monkeypatch):
+    """The dense weight a compressed layer multiplies where dense wins (prefill): every ISA, and on AVX-512 with and
+    without the 16-bit expand of AVX512-VBMI2 (PRUNEKIT_CPU_VBMI2=0); rows whose ends fall inside a 16-, 32- and
+    64-weight step."""
+    monkeypatch.setenv("PRUNEKIT_CPU_VBMI2", vbmi2)
+    for seed, (out_features, in_features) in enumerate(SHAPES + [(9, 33), (5, 16), (3, 7)]):
+        for dtype in DTYPES:
+            weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)).to(dtype)
+            for sparsity in SPARSITIES:
+                keep = keep_mask(out_features, in_features, sparsity, seed)
+                values, bits, offsets = bitmask.compress(weight, keep)
+                dense = cpu.bitmask_dense(values, bits, offsets, keep.shape)
+                assert torch.equal(dense, weight * keep), f"{isa} {dtype} {keep.shape} {sparsity:.0%}"
+
+
 def test_bad_layouts_are_refused():
     weight, keep = torch.randn(6, 20), keep_mask(6, 20, 0.5, 0)
     values, bits, offsets = bitmask.compress(weight, keep)
