@@ -26,7 +26,7 @@ from .targets import Target, by_block, find_blocks, find_targets
 
 def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "wanda",
           allocator: str | Allocator = "uniform", calibration=None, *, order: str = "layer", device=None,
-          progress: bool = True, rollback: bool = True, distributed=False) -> PruneReport:
+          progress: bool = True, rollback: bool = True, distributed=False, permute: bool = False) -> PruneReport:
     """Prunes `model` in place to `budget` and returns the per-layer report.
 
     budget: a Budget, a fraction of the targeted weights to remove (0.5), or an N:M pattern ("2:4").
@@ -48,6 +48,10 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
     rollback: keep a CPU copy of every parameter and buffer until pruning finishes, so that an error or an
         interrupt part way (in allocation, scoring, training or masking) restores the model exactly; turn off when
         memory is too tight for one copy of the model.
+    permute: for an N:M budget, first reorder the channels inside each block that a reorder leaves exact (an MLP's
+        hidden channels: rows of gate and up, columns of down) so that the N:M groups keep more importance (RIA's
+        channel permutation; prunekit.structured.permute). The model computes the same function before pruning
+        and keeps its architecture; the report says how much importance each group's masks gained.
     distributed: True (torch.distributed's default group) or a process group: `calibration` is this rank's shard
         (prunekit.distributed.shard), statistics are all-reduced before each layer is pruned, and every rank ends
         with the masks one process would choose on all the shards in rank order (see prunekit.distributed).
@@ -59,7 +63,7 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
     group = group_of(distributed)
     error, checked = None, None
     try:
-        checked = _checked_inputs(model, budget, importance, allocator, calibration, order, group)
+        checked = _checked_inputs(model, budget, importance, allocator, calibration, order, group, permute)
     except Exception as e:
         if group is None:
             raise
@@ -73,6 +77,10 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
         return prune_structured(model, budget, estimator, allocator, calibration, device, progress, rollback)
     seconds: dict[str, float] = {}
     with torch.no_grad(), _transaction(model, targets, rollback):
+        clock = time.perf_counter()
+        permuted = _permute(model, targets, batches, budget.nm, device, progress, group) if permute else {}
+        if permute:
+            seconds["permutation"] = time.perf_counter() - clock
         clock = time.perf_counter()
         plan = _allocate(DenseModel(model, targets, batches, estimator, device, progress, group), budget, allocator)
         seconds["allocation"] = time.perf_counter() - clock
@@ -88,17 +96,38 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator = "w
     return PruneReport(model=type(model).__name__, importance=repr(estimator), allocator=repr(allocator),
                        granularity=_granularity(budget), requested=budget.sparsity, metric=budget.metric, layers=layers,
                        seconds=seconds, measured=plan.measured,
-                       calibration=_summary(batches, group))
+                       calibration=_summary(batches, group), permuted=permuted)
 
 
-def _checked_inputs(model, budget, importance, allocator, calibration, order, group):
+def _permute(model, targets, batches, nm, device, progress, group) -> dict[str, float]:
+    """Reorders the model's permutable channel groups for `nm`, scored by Wanda on the dense model."""
+    from .structured.permute import permutable_groups, permute
+
+    groups = permutable_groups(model, targets, batches[0])
+    if not groups:
+        raise PrunekitError(f"permute=True found no channel group of {type(model).__name__} that a reorder leaves "
+                            f"exact (an MLP's hidden channels between Linear layers); prune without permute")
+    readers = {r for g in groups for r in g.readers}
+    scored = [t for t in targets if t.module in readers]
+    wanda = ESTIMATORS.create("wanda")
+    scores = Scores(wanda, scored, DenseModel(model, scored, batches, wanda, device, progress, group).stats(wanda))
+    return permute(groups, {t.module: scores.weights(t.name) for t in scored}, *nm)
+
+
+def _checked_inputs(model, budget, importance, allocator, calibration, order, group, permute=False):
     """(budget, estimator, allocator, targets, batches), everything validated; raises before anything changes."""
     if order not in ("layer", "block"):
         raise PrunekitError(f"order must be 'layer' or 'block', got {order!r}")
     budget = Budget.coerce(budget)
     estimator = ESTIMATORS.create(importance)
     allocator = ALLOCATORS.create(allocator)
+    if permute and budget.nm is None:
+        raise BudgetError(f"permute=True reorders channels for N:M groups; the budget is {budget.granularity}, "
+                          f"give an N:M one such as '2:4' (or drop permute)")
     if offload.store(model) is not None:
+        if permute:
+            raise PrunekitError("permute=True rewrites weights across each block before pruning, which an offloaded "
+                                "model does not hold; load the model in memory")
         _block_by_block(budget, estimator, "an offloaded model holds one block at a time", "load the model in memory")
         offload.check_prunable(model, allocator)
     if group is not None:
@@ -107,7 +136,7 @@ def _checked_inputs(model, budget, importance, allocator, calibration, order, gr
         return budget, estimator, allocator, None, None
     targets = find_targets(model, budget.include, budget.exclude)
     _check_plan(targets, budget, estimator, allocator)
-    batches = _calibration(calibration, model, budget, estimator, allocator)
+    batches = _calibration(calibration, model, budget, estimator, allocator, permute)
     return budget, estimator, allocator, targets, batches
 
 
@@ -195,12 +224,13 @@ def _granularity(budget: Budget) -> str:
     return f"block{budget.block[0]}x{budget.block[1]}" if budget.block else budget.granularity
 
 
-def _calibration(calibration, model, budget: Budget | None, estimator: Estimator, allocator: Allocator) -> list[dict]:
+def _calibration(calibration, model, budget: Budget | None, estimator: Estimator, allocator: Allocator,
+                 permute: bool = False) -> list[dict]:
     """Validated batches, or [] when nothing needs data; refuses a method that needs data and got none."""
     measuring = allocator.needs_data and budget.nm is None and allocator.measured is None
     users = [f"{kind} {name!r}" for kind, name, needed in (
-        ("importance", estimator.name, estimator.needs != Needs.NONE), ("allocator", allocator.name, measuring))
-        if needed]
+        ("importance", estimator.name, estimator.needs != Needs.NONE), ("allocator", allocator.name, measuring),
+        ("channel permutation", "permute=True", permute)) if needed]
     if users and calibration is None:
         raise CalibrationError(f"{' and '.join(users)} need calibration data; pass calibration=<token windows [N, L] "
                                f"or input dicts>, e.g. from prunekit.data.calibration_windows(tokenizer)")

@@ -57,6 +57,7 @@ class PruneReport:
     measured: list | None = None  # the allocator's measurements per layer, for Allocator.reuse
     structures: list[StructureRow] = field(default_factory=list)  # structured pruning: per head set / channel group
     size: dict = field(default_factory=dict)  # structured: model params and MACs before and after, how it reloads
+    permuted: dict[str, float] = field(default_factory=dict)  # N:M permutation: group -> importance kept after/before
 
     @property
     def total(self) -> int:
@@ -129,6 +130,10 @@ class PruneReport:
             (p0, p1), (m0, m1) = self.size["params"], self.size["macs"]
             text += (f"\nmodel: {p0:,} -> {p1:,} parameters ({p1 / p0:.2%}), {m0:,} -> {m1:,} MACs per sample "
                      f"({m1 / m0:.2%}); reloads with {self.size['reload']}")
+        if self.permuted:
+            gains = sorted(self.permuted.values())
+            text += (f"\nchannels permuted in {len(gains)} groups before N:M masking: importance kept x{gains[0]:.4f} "
+                     f"to x{gains[-1]:.4f} (median x{gains[len(gains) // 2]:.4f})")
         return text
 
     def table(self) -> str:
