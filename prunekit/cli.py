@@ -75,7 +75,7 @@ def cmd_prune(args) -> None:
     before = perplexity(model, windows) if windows is not None else None
     calibration = data.calibration_windows(tokenizer, args.calibration_windows, args.seq_len, args.seed)
     report = prunekit.prune(model, budget, importance=args.importance, allocator=args.allocator,
-                            calibration=calibration, order=args.order, device=args.device)
+                            calibration=calibration, order=args.order, device=args.device, permute=args.permute)
     after = perplexity(model, windows) if windows is not None else None
     print(report)
     if before is not None:
@@ -212,6 +212,8 @@ def main(argv=None) -> int:
     p.add_argument("--order", default="layer", choices=["layer", "block"],
                    help="layer: calibrate each layer with the earlier ones pruned, one pass per block; "
                         "block: the reference scheme, two passes per block, less memory")
+    p.add_argument("--permute", action="store_true",
+                   help="N:M budgets: reorder each MLP's hidden channels first so the groups keep more (RIA)")
     p.add_argument("--calibration-windows", type=int, default=64, help="Wikipedia training windows to calibrate on")
     p.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
     p.add_argument("--device", help="run each block here during calibration, e.g. cuda")
