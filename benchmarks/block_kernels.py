@@ -42,6 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine_info import load_average, machine, versions  # noqa: E402
+
 from prunekit.kernels import BlockLayout, BlockSparseLinear, backends, block_sparse_linear, dispatch  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -51,7 +52,8 @@ ROWS = {"cuda": (1, 4, 16, 64, 512, 4096), "cpu": (1, 8)}
 MODES = {"cuda": ("graph", "eager"), "cpu": ("eager",)}
 TOLERANCE = 1.05  # auto's pick may be this much slower than the fastest path of its row and mode
 RESULTS = Path(__file__).resolve().parent / "results"
-LABELS = {"torch": "PyTorch BSR", "cpu": "prunekit (cpu)", "cuda_ext": "prunekit (cuda_ext)", "cupy": "prunekit (cupy)", "semi_structured": "2:4"}
+LABELS = {"torch": "PyTorch BSR", "cpu": "prunekit (cpu)", "cuda_ext": "prunekit (cuda_ext)", "cupy": "prunekit (cupy)",
+          "semi_structured": "2:4"}
 
 
 def block_mask(out_f: int, in_f: int, block: int, sparsity: float, seed: int) -> torch.Tensor:

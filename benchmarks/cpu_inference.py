@@ -40,11 +40,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine_info import load_average, machine, versions  # noqa: E402
+
 import prunekit  # noqa: E402
 from prunekit.kernels import BitmaskLinear, BlockSparseLinear, dispatch  # noqa: E402
 from prunekit.kernels.convert import SPARSE_MODULES, stored_bytes  # noqa: E402
-
-from machine_info import load_average, machine, versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path(__file__).resolve().parents[1] / "out" / "cpu_inference"  # pruned checkpoints (ignored by git)

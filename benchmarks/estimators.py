@@ -190,7 +190,7 @@ def encoder_worker(name: str) -> list[dict]:
         else:
             order, seconds, peak = shared
         with torch.no_grad():
-            for (i, k), (units, layer_parts) in order.items():
+            for (_, k), (units, layer_parts) in order.items():
                 if k != kind:
                     continue
                 for n, size, dim in layer_parts:

@@ -119,7 +119,7 @@ class Decoder:
             tokens, logits_seen = [token.view(1)], []
             sync(self.device)
             start = time.perf_counter()
-            for i in range(self.new_tokens - 1):
+            for _ in range(self.new_tokens - 1):
                 if self.graph:
                     self._graph.replay()
                     logits = self.logits

@@ -67,7 +67,6 @@ LLM = {"wanda": ("wanda", "uniform", False), "sparsegpt": ("sparsegpt", "uniform
 
 def encoder_setup():
     import torch
-
     from estimators import minilm_task
 
     torch.manual_seed(0)
@@ -148,7 +147,6 @@ def encoder_worker(name: str, ratio: float, budget: float | None) -> dict:
 
 def torch_pruning_encoder(model, name: str, ratio: float, batches, loss) -> None:
     """Torch-Pruning's BasePruner as its BERT example sets it up, residual stream ignored."""
-    import torch
     import torch_pruning as tp
     from transformers.models.bert.modeling_bert import BertSelfAttention
 

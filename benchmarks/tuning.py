@@ -99,7 +99,7 @@ def setup(method: str, model, batches, lr: float, overrides: dict | None = None,
             keep[tuning.sparse.selection(module.weight).indices] = True
             tuning.sparse.unselect(module.weight)
             module.weight.requires_grad_(True)
-            module.weight.register_hook(lambda g, keep=keep.view_as(module.weight): g * keep)
+            module.weight.register_hook(lambda g, keep=keep.view_as(module.weight): g * keep)  # noqa: B008
             params.append((module.weight, int(keep.sum())))
         return model, torch.optim.AdamW([p for p, _ in params], lr=lr), sum(k for _, k in params)
     # S2FT trains whole slices but only their unpruned entries: widen the slices by the kept fraction's inverse so

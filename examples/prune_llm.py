@@ -22,16 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 import torch
+from tqdm.auto import tqdm
 
 import prunekit
 from prunekit import data
 from prunekit.cli import load_model, run
-from prunekit.generate import generate
 from prunekit.errors import PrunekitError
 from prunekit.evaluate import perplexity
+from prunekit.generate import generate
 
 METHOD_OPTIONS = {  # sized like a rank-`--rank` LoRA on every projection; LIFT's choice is not refreshed in a short run
     "lift": dict(filter_rank=32, interval=0),

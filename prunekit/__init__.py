@@ -10,7 +10,6 @@ from .offload import load_offloaded
 from .report import LayerRow, PruneReport
 
 
-
 def __getattr__(name):
     # prunekit.tuning loads on first use: it imports peft, which prune() users need not pay for; kernels and
     # structured (Torch-Pruning) likewise.
@@ -22,4 +21,5 @@ def __getattr__(name):
 
 
 __all__ = ["prune", "score", "Budget", "PruneReport", "LayerRow", "save_pruned", "load_pruned", "load_offloaded", "masks",
-           "pruned_nonzero", "remove_masks", "PrunekitError", "BudgetError", "CalibrationError", "TargetError", "MaskMismatchError"]
+           "pruned_nonzero", "remove_masks", "PrunekitError", "BudgetError", "CalibrationError", "TargetError",
+           "MaskMismatchError"]

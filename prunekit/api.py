@@ -13,7 +13,8 @@ from . import masks, offload
 from .allocation import ALLOCATORS, Allocator, exact_counts
 from .allocation.context import DenseModel
 from .budget import Budget, BudgetLike
-from .calibration.inputs import as_batches, summary as calibration_summary
+from .calibration.inputs import as_batches
+from .calibration.inputs import summary as calibration_summary
 from .calibration.runner import full_pass, sequential
 from .calibration.stats import LayerStats, Needs, empty_stats, gathered
 from .distributed import group_of
@@ -111,7 +112,7 @@ def _permute(model, targets, batches, nm, device, progress, group) -> dict[str, 
     scored = [t for t in targets if t.module in readers]
     wanda = ESTIMATORS.create("wanda")
     scores = Scores(wanda, scored, DenseModel(model, scored, batches, wanda, device, progress, group).stats(wanda))
-    return permute(groups, {t.module: scores.weights(t.name) for t in scored}, *nm)
+    return permute(groups, {t.module: scores.weights(t.name) for t in scored}, *nm, progress=progress)
 
 
 def _checked_inputs(model, budget, importance, allocator, calibration, order, group, permute=False):

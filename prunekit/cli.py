@@ -60,6 +60,7 @@ def _budget(args):
 
 def cmd_prune(args) -> None:
     import prunekit
+
     from . import data
     from .evaluate import perplexity
 
@@ -105,6 +106,7 @@ def cmd_generate(args) -> None:
     import torch
 
     import prunekit
+
     from .generate import generate
 
     if args.max_new_tokens < 1:

@@ -61,10 +61,10 @@ def model_state(model: nn.Module, compressed: bool) -> tuple[dict[str, torch.Ten
     `compressed`, a BitmaskLinear's weight already as its entries; every other weight dense), the keep-mask of
     every other masked weight, and name -> {"module": what each masked layer is, "block": its block size}. Tied
     copies (lm_head of the embeddings) are left out, as save_pretrained does."""
-    from .masks import masks
     from .kernels.bitmask import BitmaskLinear
     from .kernels.convert import SPARSE_MODULES
     from .kernels.linear import BlockSparseLinear
+    from .masks import masks
 
     sparse = {name: m for name, m in model.named_modules() if isinstance(m, SPARSE_MODULES)}
     inside = tuple(f"{name}." for name in sparse)
@@ -139,10 +139,10 @@ def install(model: nn.Module, layers: dict[str, dict], entries: dict[str, tuple]
     """Puts each compressed layer into `model` (whose modules may still be on the meta device) as the module it was
     saved from, or (sparse=True) as a sparse layer, or (sparse=False) as a masked dense one; biases come from
     `tensors`. Every layer is built before the first is swapped in."""
+    from .bits import unpack_rows
     from .kernels.bitmask import BitmaskLinear, decompress
     from .kernels.linear import BlockSparseLinear, dense_module
     from .targets import PRUNABLE
-    from .bits import unpack_rows
 
     built = []
     for name, (values, bitmask, row_offsets, shape) in entries.items():

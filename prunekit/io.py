@@ -380,7 +380,7 @@ def _load_compressed(path: Path, manifest: dict, model: nn.Module | None, sparse
     layers = manifest["compressed"]
     verify_layer_set(manifest, set(layers) & set(manifest["masks"]))
     entries = compressed_format.take_layers(tensors, layers)
-    for name, (values, bitmask, row_offsets, shape) in entries.items():
+    for name, (_, bitmask, _, shape) in entries.items():
         verify_layer(manifest, name, pack_bits(unpack_rows(bitmask, shape[1])), shape)
     structured = manifest.get("structured")
     if model is None:

@@ -10,10 +10,9 @@ import torch
 import torch.distributed as dist
 
 import prunekit
+from conftest import tiny
 from prunekit.distributed import shard
 from prunekit.tuning.sparse import selection
-
-from conftest import tiny
 
 # (importance, allocator, budget, order): one process on all the data is the reference for each
 PRUNE_CONFIGS = [("wanda", "uniform", 0.5, "layer"), ("sparsegpt", "owl", 0.6, "block"),

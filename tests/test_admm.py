@@ -10,7 +10,7 @@ from conftest import calibration_for, tiny
 from prunekit import masking
 from prunekit.calibration.stats import LayerStats, Needs
 from prunekit.importance import ESTIMATORS
-from prunekit.importance.admm import ADMM, reconstruction_error, refit_on_support
+from prunekit.importance.admm import ADMM, refit_on_support
 from prunekit.importance.dsnot import DSnoT
 
 

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 import prunekit
+from conftest import calibration_for, tiny
 from prunekit.allocation import ALLOCATORS
 from prunekit.allocation.owl import OWL
 from prunekit.targets import find_targets
-from conftest import calibration_for, tiny
 
 
 def test_registry_lists_the_allocators():

@@ -3,10 +3,10 @@ out by hand, outputs recomputed), on convolutions and Linear layers, and through
 import numpy as np
 import pytest
 import torch
-from conftest import calibration_for, tiny
 from torch import nn
 
 import prunekit
+from conftest import calibration_for, tiny
 from prunekit.importance import beta_rank as beta_rank_module
 from prunekit.importance.beta_rank import BetaRank, gather_moments
 from prunekit.targets import Target, find_targets

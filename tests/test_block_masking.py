@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import prunekit
+from conftest import calibration_for, tiny
 from prunekit import Budget, BudgetError
 from prunekit.masking import block_mask, select
-from conftest import calibration_for, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,10 +5,9 @@ import pytest
 import torch
 
 import prunekit
+from conftest import tiny_lm_dir
 from prunekit.cli import main
 from prunekit.importance import ESTIMATORS
-
-from conftest import tiny_lm_dir
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import prunekit
+from conftest import VOCAB, calibration_for, tiny, without_checksums
 from prunekit import Budget, compressed
 from prunekit.io import MANIFEST
 from prunekit.kernels import BitmaskLinear, BlockSparseLinear, convert
-from conftest import without_checksums, VOCAB, calibration_for, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

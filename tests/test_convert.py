@@ -5,10 +5,18 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit import Budget, PrunekitError
-from prunekit.kernels import (BlockSparseLinear, SemiStructuredLinear, backends, choose_block, convert, dispatch,
-                              is_2_4, revert)
 from conftest import VOCAB, tiny
+from prunekit import Budget, PrunekitError
+from prunekit.kernels import (
+    BlockSparseLinear,
+    SemiStructuredLinear,
+    backends,
+    choose_block,
+    convert,
+    dispatch,
+    is_2_4,
+    revert,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

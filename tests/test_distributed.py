@@ -7,15 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import distributed_worker as worker
 import pytest
 import torch
 
 import prunekit
+from conftest import tiny
 from prunekit.distributed import shard
 from prunekit.errors import PrunekitError
-
-import distributed_worker as worker
-from conftest import tiny
 
 HERE = Path(__file__).parent
 

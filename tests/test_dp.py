@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import prunekit
+from conftest import calibration_for, tiny
 from prunekit.allocation.dp import DP, knapsack
 from prunekit.targets import find_targets
-from conftest import calibration_for, tiny
 
 
 def brute_force(costs, distortion, target):

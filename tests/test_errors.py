@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 import prunekit
+from conftest import VOCAB, calibration_for, tiny
 from prunekit import BudgetError, CalibrationError, PrunekitError, TargetError
 from prunekit.allocation import ALLOCATORS
 from prunekit.importance import ESTIMATORS
 from prunekit.importance.wanda import Wanda
-from conftest import VOCAB, calibration_for, tiny
 
 
 def untouched(model, fn, error=PrunekitError):

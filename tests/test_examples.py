@@ -10,11 +10,10 @@ import torch
 import transformers as tf
 
 import prunekit
+from conftest import tiny_lm_dir
 from prunekit import data
 from prunekit.cli import run
 from prunekit.evaluate import perplexity
-
-from conftest import tiny_lm_dir
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 SMALL_LM = ["--calibration-windows", "4", "--eval-windows", "2", "--seq-len", "32", "--steps", "3", "--lr", "1e-2"]

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import prunekit
-from prunekit.targets import find_targets
 from conftest import BLOCK_LAYERS, FAMILIES, calibration_for, tiny
+from prunekit.targets import find_targets
 
 PREFIX = {"llama": "model.layers", "qwen2": "model.layers", "mistral": "model.layers", "gpt2": "transformer.h",
           "opt": "model.decoder.layers", "bert": "encoder.layer"}

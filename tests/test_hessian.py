@@ -6,11 +6,10 @@ import torch
 from torch import nn
 
 import prunekit
+from conftest import calibration_for, tiny
 from prunekit.calibration import as_batches
 from prunekit.importance.hessian import Fisher, Hutchinson, StructuralHessian, structure_saliency
 from prunekit.targets import find_targets
-
-from conftest import calibration_for, tiny
 
 
 class MLP(nn.Module):

@@ -9,9 +9,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import prunekit
+from conftest import calibration_for, tiny, without_checksums
 from prunekit.bits import pack_bits, unpack_bits
 from prunekit.io import MANIFEST
-from conftest import without_checksums, calibration_for, tiny
 
 
 def test_bit_packing_round_trips():

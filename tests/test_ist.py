@@ -12,11 +12,10 @@ from torch import nn
 
 import prunekit
 import prunekit.tuning.ist  # noqa: F401  (registers "ist")
+from conftest import VOCAB, tiny
 from prunekit import PrunekitError, TargetError
 from prunekit.tuning import load_deltas, prepare, save_deltas
 from prunekit.tuning.ist import draw
-from conftest import VOCAB, tiny
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

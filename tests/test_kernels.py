@@ -4,9 +4,9 @@ and CuPy. Shapes include ragged edges, empty block rows, fully dense block rows 
 import pytest
 import torch
 
+from prunekit.errors import PrunekitError
 from prunekit.kernels import BlockLayout, BlockSparseLinear, backends, block_sparse_linear
 from prunekit.kernels import launch as plan
-from prunekit.errors import PrunekitError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

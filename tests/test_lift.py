@@ -8,11 +8,11 @@ import transformers as tf
 from torch import nn
 
 import prunekit
+from conftest import VOCAB, tiny
 from prunekit import PrunekitError, TargetError
 from prunekit.masks import attach
 from prunekit.tuning import load_deltas, prepare, save_deltas
 from prunekit.tuning.sparse import SparseAdam, reselect, select, selection
-from conftest import VOCAB, tiny
 
 
 def batch(seed=0, n=2, length=12):
@@ -96,7 +96,7 @@ def test_sparse_adam_equals_adamw_on_the_selected_entries_and_on_whole_unselecte
     frozen = torch.ones(30, dtype=torch.bool)
     frozen[chosen] = False
     original = dense.weight.detach().view(-1)[frozen].clone()
-    for step in range(4):
+    for _ in range(4):
         x = torch.randn(8, 6)
         for layer, opt in ((dense, reference), (sparse, optimizer)):
             layer(x).square().sum().backward()
@@ -223,7 +223,8 @@ def test_trains_through_transformers_trainer(tmp_path):
     (dict(method="lift", ranks=4), PrunekitError, "bad options for tuning method 'lift'"),
     (dict(method="lift", rank=0), PrunekitError, "rank must be an integer >= 1"),
     (dict(method="lift", svd="qr"), PrunekitError, "svd must be one of"),
-    (dict(method="lift", rank=64), PrunekitError, r"than model.layers.0.self_attn.k_proj \(16x32\) has unpruned; pass rank <= 10"),
+    (dict(method="lift", rank=64), PrunekitError,
+     r"than model.layers.0.self_attn.k_proj \(16x32\) has unpruned; pass rank <= 10"),
     (dict(method="lift", include="nothing_matches"), TargetError, "no Linear or Conv1D layer"),
 ])
 def test_bad_input_fails_before_the_model_changes(options, error, message):

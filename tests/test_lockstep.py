@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.targets import find_targets
 from conftest import calibration_for, tiny
+from prunekit.targets import find_targets
 
 
 def input_sq_norms(model, x):

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import prunekit
+from conftest import VOCAB, calibration_for, tiny
 from prunekit import PrunekitError
 from prunekit.tuning import load_deltas, save_deltas
 from prunekit.tuning.lowrank import _MaskedProduct, inject, lora_deltas, lora_layers
-from conftest import VOCAB, calibration_for, tiny
 
 
 class Saved:

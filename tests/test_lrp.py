@@ -5,15 +5,13 @@ from torch import nn
 from torch.nn import functional as F
 
 import prunekit
+from conftest import calibration_for, tiny
 from prunekit.calibration import as_batches
 from prunekit.errors import CalibrationError, PrunekitError
 from prunekit.importance import ESTIMATORS
 from prunekit.importance.lrp import LRP, Rule, explain, propagation
 from prunekit.masks import BUFFER
 from prunekit.targets import find_targets
-
-from conftest import calibration_for, tiny
-
 
 # ------------------------------------------------------------------------------------- hand computations
 

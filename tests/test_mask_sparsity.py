@@ -5,16 +5,22 @@ import copy
 
 import pytest
 import torch
-from conftest import calibration_for, tiny
 from torch import nn
 from torch.nn import functional as F
 
 import prunekit
+from conftest import calibration_for, tiny
 from prunekit.calibration.inputs import as_batches
 from prunekit.calibration.loss import model_loss
 from prunekit.errors import CalibrationError, PrunekitError
-from prunekit.importance.mask_sparsity import (ChannelGates, ChannelScales, MaskSparsity, channels_first,
-                                               lr_schedule, shrink)
+from prunekit.importance.mask_sparsity import (
+    ChannelGates,
+    ChannelScales,
+    MaskSparsity,
+    channels_first,
+    lr_schedule,
+    shrink,
+)
 from prunekit.targets import Target, find_targets
 
 STEPS, LR = 20, 1e-2  # a short phase; the default λ scales with it (see MaskSparsity)

@@ -12,14 +12,13 @@ import torch
 import transformers as tf
 
 import prunekit
+from conftest import calibration_for, tiny, tiny_lm_dir
 from prunekit import offload
+from prunekit.bits import unpack_bits
 from prunekit.cli import main
 from prunekit.errors import PrunekitError, TargetError
 from prunekit.evaluate import perplexity
-from prunekit.bits import unpack_bits
 from prunekit.io import MANIFEST
-
-from conftest import calibration_for, tiny, tiny_lm_dir
 
 WORKER = Path(__file__).with_name("offload_worker.py")
 

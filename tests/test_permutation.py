@@ -9,13 +9,11 @@ import torch
 import transformers as tf
 
 import prunekit
+from conftest import calibration_for, tiny
 from prunekit.errors import BudgetError, CalibrationError
-from prunekit.masking.nm import nm_mask
 from prunekit.masking.permutation import _gains, kept, nm_permutation, refine, snake
 from prunekit.structured.permute import permutable_groups, permute
 from prunekit.targets import find_targets
-
-from conftest import calibration_for, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

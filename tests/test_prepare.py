@@ -5,10 +5,10 @@ import peft
 import pytest
 import torch
 
+from conftest import VOCAB, tiny
 from prunekit import PrunekitError
 from prunekit.tuning import prepare
 from prunekit.tuning.sparse import select
-from conftest import VOCAB, tiny
 
 
 def options(method):

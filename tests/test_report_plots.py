@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 
 import prunekit
+from conftest import calibration_for, tiny
 from prunekit.cli import main
 from prunekit.report import QualityPoint, benchmark_points, evaluation_points
-
-from conftest import calibration_for, tiny
 
 PNG = b"\x89PNG\r\n\x1a\n"
 RESULTS = Path(__file__).parents[1] / "benchmarks" / "results"

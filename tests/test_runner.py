@@ -4,9 +4,9 @@ import torch
 import transformers as tf
 
 import prunekit
+from conftest import VOCAB, calibration_for, tiny
 from prunekit.calibration import as_batches, sequential
 from prunekit.targets import find_blocks
-from conftest import VOCAB, calibration_for, tiny
 
 
 def runner_outputs(model, batches):

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import prunekit
+from conftest import VOCAB, calibration_for, tiny
 from prunekit import PrunekitError
 from prunekit.tuning import load_deltas, prepare, save_deltas
 from prunekit.tuning.s2ft import coupled_blocks, permute
-from conftest import VOCAB, calibration_for, tiny
 
 ALL = dict(heads=0.5, channels=0.25, value_heads=0.5, up_channels=0.25)  # every kind of slice, overlapping sets
 

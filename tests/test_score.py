@@ -3,10 +3,9 @@ import pytest
 import torch
 
 import prunekit
+from conftest import calibration_for, tiny
 from prunekit.calibration import as_batches
 from prunekit.importance.base import group_sum
-
-from conftest import calibration_for, tiny
 
 
 def test_wanda_scores_match_input_norms_taken_by_a_hook_and_leave_the_model_alone():

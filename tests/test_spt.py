@@ -8,11 +8,11 @@ import torch
 
 import prunekit
 import prunekit.tuning.spt  # noqa: F401  (registers "spt")
+from conftest import VOCAB, tiny
 from prunekit import PrunekitError, TargetError
 from prunekit.tuning import load_deltas, prepare, save_deltas
-from prunekit.tuning.spt import allocate, sensitivity
 from prunekit.tuning.sparse import selection
-from conftest import VOCAB, tiny
+from prunekit.tuning.spt import allocate, sensitivity
 
 INF = float("inf")
 

@@ -11,13 +11,13 @@ import transformers as tf
 from torch import nn
 
 import prunekit
+from conftest import VOCAB, calibration_for, tiny
 from prunekit import Budget, BudgetError, TargetError
 from prunekit.importance import ESTIMATORS
 from prunekit.importance.base import StructurePart
 from prunekit.importance.hessian import GradientStats, StructuralHessian
 from prunekit.structured import EstimatorImportance, register_pruner
 from prunekit.structured import graph as structured_graph
-from conftest import VOCAB, calibration_for, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

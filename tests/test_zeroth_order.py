@@ -4,11 +4,10 @@ import torch
 from torch import nn
 
 import prunekit
+from conftest import calibration_for, tiny
 from prunekit.calibration import as_batches
 from prunekit.importance.zeroth_order import ZerothOrder
 from prunekit.targets import find_targets
-
-from conftest import calibration_for, tiny
 
 
 class Chain(nn.Module):

@@ -96,7 +96,7 @@ def capture(model: nn.Module, blocks: list[nn.Module], batches: list[dict], devi
         block.forward = recorder(i)
     try:
         with offload.paused(model):  # recorders need no weights: offloaded blocks stay on disk
-            for current, batch in enumerate(batches):
+            for batch in batches:
                 try:
                     call_model(model, batch)
                 except Stop:
@@ -148,7 +148,7 @@ class BlockStep:
         block without another pass. Without it, each forward stops once every hooked module has its input."""
         outputs = []
         with hooked(stats or {}, lambda: self._masks[self._batch], stop_after_all=not keep_outputs) as new_forward:
-            for self._batch, (args, kwargs) in enumerate(self.inputs()):
+            for self._batch, (args, kwargs) in enumerate(self.inputs()):  # noqa: B020 - the hooks read _batch
                 new_forward()
                 try:
                     out = self.block(*args, **kwargs)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 
 import torch
+
 from ..errors import CalibrationError
 
 

@@ -5,7 +5,6 @@ from .base import Estimator, Scores
 ESTIMATORS: Registry[Estimator] = Registry("importance", Estimator)
 
 # Each file registers its estimator.
-from . import (admm, beta_rank, dsnot, hessian, lrp, magnitude, mask_sparsity, sparsegpt, wanda,  # noqa: E402,F401
-               zeroth_order)
+from . import admm, beta_rank, dsnot, hessian, lrp, magnitude, mask_sparsity, sparsegpt, wanda, zeroth_order  # noqa: E402,F401
 
 __all__ = ["ESTIMATORS", "Estimator", "Scores"]

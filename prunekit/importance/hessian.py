@@ -60,7 +60,7 @@ def per_sample_gradients(model, targets: Sequence, batches: list[dict], loss: Lo
         for sample in tqdm(samples(batches, limit), total=min(total, limit or total), desc="per-sample gradients",
                            disable=not progress, unit="sample"):
             grads = torch.autograd.grad(loss(model, sample), weights)
-            for t, w, g in zip(targets, weights, grads):
+            for t, g in zip(targets, grads):
                 stats[t.module].add(g.t() if t.transposed else g, t.weight)  # as [out, in]
     return stats
 

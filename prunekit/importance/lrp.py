@@ -338,7 +338,7 @@ def constant_attention():
     model is a constant then (routers of mixtures of experts included), and so is any in a `start` function."""
     with contextlib.ExitStack() as stack:
         for owner in (F, torch, torch.Tensor):
-            stack.enter_context(_patched(owner, "softmax", _detached(getattr(owner, "softmax"))))
+            stack.enter_context(_patched(owner, "softmax", _detached(owner.softmax)))
         stack.enter_context(_patched(F, "scaled_dot_product_attention", _written_out_attention))
         yield
 
@@ -562,7 +562,7 @@ class LRP(Estimator):
         if silent:
             names = ", ".join(silent[:4]) + (", ..." if len(silent) > 4 else "")
             warnings.warn(f"LRP: no relevance reached {len(silent)} layer(s) ({names}); their weights all score 0 "
-                          f"(under the AH-rule attention queries and keys get none)")
+                          f"(under the AH-rule attention queries and keys get none)", stacklevel=2)
         everything = sum(float(r.abs().sum()) for r in sums.values())
         return {module: LayerRelevance(r, everything) for module, r in sums.items()}
 

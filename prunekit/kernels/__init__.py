@@ -11,10 +11,10 @@ tensors), "semi_structured" (2:4 on sparse tensor cores) and "dense". See cuda_e
 extension; the CPU one builds with `pip install` or on first use (cpu_build.py).
 """
 from . import backends, dispatch
+from .bitmask import BitmaskLinear
 from .convert import SPARSE_MODULES, Conversion, ConversionReport, convert, revert
 from .function import block_sparse_linear
 from .layout import KERNEL_BLOCKS, BlockLayout, choose_block
-from .bitmask import BitmaskLinear
 from .linear import BlockSparseLinear
 from .semi_structured import SemiStructuredLinear, is_2_4
 

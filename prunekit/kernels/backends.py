@@ -1,8 +1,9 @@
 """The block-sparse backends by name, each loaded on first use, and why one cannot run a given product.
 
 "cuda_ext": the compiled extension; "cupy": the same kernels compiled by NVRTC through CuPy; "torch": PyTorch's
-sparse BSR tensors; "cpu": prunekit's CPU kernel (cpu.py, inference; gradients through dense products); "dense": the weight materialised and multiplied by cuBLAS/MKL (always available; what "auto"
-falls back to). 2:4 semi-structured sparsity is a different storage and lives in semi_structured.py.
+sparse BSR tensors; "cpu": prunekit's CPU kernel (cpu.py, inference; gradients through dense products); "dense":
+the weight materialised and multiplied by cuBLAS/MKL (always available; what "auto" falls back to). 2:4
+semi-structured sparsity is a different storage and lives in semi_structured.py.
 """
 from __future__ import annotations
 

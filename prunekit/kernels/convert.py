@@ -7,14 +7,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..masks import BUFFER
 from ..errors import PrunekitError
+from ..masks import BUFFER
 from ..targets import PRUNABLE
 from . import backends, cpu
 from .bitmask import BitmaskLinear
 from .layout import KERNEL_BLOCKS, BlockLayout, choose_block
 from .linear import BlockSparseLinear, dense_mask, dense_view
-from .semi_structured import SemiStructuredLinear, is_2_4, unsupported as semi_unsupported
+from .semi_structured import SemiStructuredLinear, is_2_4
+from .semi_structured import unsupported as semi_unsupported
 
 CHOICES = ("auto", "dense", "semi_structured") + backends.BSR_BACKENDS
 LAYOUTS = ("auto", "bitmask", "block")

@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..masks import BUFFER, attach
 from ..errors import PrunekitError
+from ..masks import BUFFER, attach
 from ..targets import Conv1D
 from . import backends, dispatch
-from .function import block_sparse_linear
 from .cpu import workspace
+from .function import block_sparse_linear
 from .layout import BlockLayout, choose_block
 
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from ..calibration.runner import call_model
 from ..masking.permutation import kept, nm_permutation
 from ..targets import Target
-from ..calibration.runner import call_model
 from .graph import _tensors, find_structures
 from .units import Channels
 
@@ -79,11 +80,12 @@ def apply(group: Permutable, order: torch.Tensor) -> None:
         module.weight.data = module.weight.data.index_select(1, order.to(module.weight.device))
 
 
-def permute(groups: list[Permutable], scores: dict[nn.Module, torch.Tensor], n: int, m: int) -> dict[str, float]:
+def permute(groups: list[Permutable], scores: dict[nn.Module, torch.Tensor], n: int, m: int,
+            progress: bool = False) -> dict[str, float]:
     """Reorders every group for an N:M mask on its readers' `scores` ([out, in] each, as the weight); returns, per
     group, the importance its readers' N:M masks keep after over before."""
     gained = {}
-    for g in groups:
+    for g in tqdm(groups, desc=f"{n}:{m} permutation", unit="group", disable=not progress):
         joint = torch.cat([scores[r].float().cpu() for r in g.readers])
         order = nm_permutation(joint, n, m)
         before = kept(joint, n, m)

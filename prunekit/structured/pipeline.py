@@ -16,7 +16,8 @@ from torch import nn
 from ..allocation import Allocator
 from ..allocation.context import DenseModel
 from ..budget import Budget
-from ..calibration.inputs import as_batches, summary as calibration_summary
+from ..calibration.inputs import as_batches
+from ..calibration.inputs import summary as calibration_summary
 from ..calibration.runner import call_model, evaluating, full_pass, sequential
 from ..calibration.stats import Needs, empty_stats
 from ..errors import BudgetError, CalibrationError, PrunekitError, TargetError
