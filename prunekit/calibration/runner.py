@@ -96,7 +96,7 @@ def capture(model: nn.Module, blocks: list[nn.Module], batches: list[dict], devi
         block.forward = recorder(i)
     try:
         with offload.paused(model):  # recorders need no weights: offloaded blocks stay on disk
-            for batch in batches:
+            for current, batch in enumerate(batches):  # noqa: B007 - the recorders read `current`
                 try:
                     call_model(model, batch)
                 except Stop:
