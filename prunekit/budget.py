@@ -55,7 +55,9 @@ class Budget:
     refit: after removing heads or channels, refit the kept input columns of the layers that read them (o_proj,
         down_proj) by least squares on their calibration inputs, block by block on the activations of the model
         as pruned so far: the OBS update of structured pruning (ZipLM, Kurtic et al. 2023). Changes kept weights;
-        one more pass over the calibration data. SparseGPT as the importance always refits.
+        one more pass over the calibration data. SparseGPT as the importance always refits. A refit also
+        re-estimates every BatchNorm's running statistics on the calibration data (one more forward pass), which
+        the removed channels left describing the dense model.
     """
 
     sparsity: float | None = None

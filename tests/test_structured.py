@@ -611,3 +611,69 @@ def test_a_manifest_can_set_only_the_widths_prunekit_records(tmp_path, widths):
     with pytest.warns(UserWarning, match="cannot be verified"), \
             pytest.raises(prunekit.MaskMismatchError, match="which is not a width prunekit records"):
         prunekit.load_pruned(tmp_path)
+
+
+def test_input_rows_are_a_convolutions_patches():
+    """hooks.input_rows against patches cut out by hand, and the product it makes a convolution into."""
+    from prunekit.calibration.hooks import input_rows
+
+    conv = nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(1, 0), bias=False)
+    x = torch.randn(2, 3, 7, 6, generator=torch.Generator().manual_seed(0))
+    rows = input_rows(conv, x)
+    padded = F.pad(x, (0, 0, 1, 1))
+    expected = [padded[n, :, oy * 2:oy * 2 + 3, ox:ox + 2].reshape(-1)
+                for n in range(2) for oy in range(4) for ox in range(5)]
+    assert torch.equal(rows, torch.stack(expected))
+    y = (rows @ conv.weight.detach().reshape(5, -1).t()).reshape(2, 4, 5, 5).permute(0, 3, 1, 2)
+    torch.testing.assert_close(y, conv(x).detach())
+    with pytest.raises(ValueError, match="groups=1"):
+        input_rows(nn.Conv2d(4, 4, 3, groups=4), torch.randn(1, 4, 5, 5))
+
+
+def test_conv_refit_is_least_squares_on_the_input_patches():
+    """Refit on a convolution reading removed filters: the kept columns (input channel x 3 x 3 patch positions)
+    are the damped least squares on its calibration patches, as for a Linear."""
+    model, x = cnn(), images()
+    block = model.stage1[0]
+    conv1, w = block.conv1.weight.detach().clone(), block.conv2.weight.detach().clone()
+    seen = []
+    handle = block.conv2.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(x[0]["input"])
+    handle.remove()
+    patches = F.unfold(seen[0], 3, padding=1).transpose(1, 2).reshape(-1, 16 * 9).double()
+    prunekit.prune(model, Budget(flops=0.7, granularity="structured", refit=True), importance="magnitude",
+                   calibration=x, progress=False)
+    kept = torch.tensor([int((conv1 == f).flatten(1).all(1).nonzero()) for f in block.conv1.weight.detach()])
+    assert 0 < len(kept) < 16
+    cols = (kept[:, None] * 9 + torch.arange(9)).flatten()
+    w2 = w.reshape(8, -1).double()
+    h = 2 * patches.t() @ patches / len(patches)
+    damp = 0.01 * torch.diagonal(h).mean()
+    expected = (w2 @ h[:, cols] + damp * w2[:, cols]) @ torch.linalg.inv(h[cols][:, cols] + damp * torch.eye(len(cols),
+                                                                                              dtype=torch.float64))
+    torch.testing.assert_close(block.conv2.weight.detach().reshape(8, -1).double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_batch_norms_get_the_calibration_statistics_back():
+    """recalibrate: each BatchNorm's running mean and variance become the average of its per-batch statistics
+    (computed here from the layers before it), with dropout off; train flags and momenta come back."""
+    from prunekit.structured.batchnorm import recalibrate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=0.3), nn.ReLU(), nn.Dropout(0.5),
+                          nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6)).eval()
+    model[4].train()  # a flag to come back as it was
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input": torch.randn(3, 3, 6, 6, generator=g)} for _ in range(3)]
+    assert recalibrate(model, batches) == 2
+    with torch.no_grad():
+        first = [model[0](b["input"]) for b in batches]
+        second = [model[4](F.relu((a - a.mean((0, 2, 3), keepdim=True))
+                                  / (a.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5).sqrt()
+                                  * model[1].weight[:, None, None] + model[1].bias[:, None, None])) for a in first]
+    for bn, inputs in ((model[1], first), (model[5], second)):
+        torch.testing.assert_close(bn.running_mean, torch.stack([a.mean((0, 2, 3)) for a in inputs]).mean(0))
+        torch.testing.assert_close(bn.running_var, torch.stack([a.var((0, 2, 3)) for a in inputs]).mean(0))
+    assert model[1].momentum == 0.3 and model[5].momentum == 0.1
+    assert [m.training for m in model] == [False, False, False, False, True, False]

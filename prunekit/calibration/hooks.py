@@ -5,6 +5,7 @@ import contextlib
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .stats import LayerStats
@@ -12,6 +13,19 @@ from .stats import LayerStats
 
 class Stop(Exception):
     """Cuts a forward short once nothing after this point is needed."""
+
+
+def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module's input as rows over its weight's columns: a 2-D convolution's input patches (im2col: [positions,
+    in x kh x kw], in the order of weight.reshape(out, -1)), which makes it a Linear on every patch; anything else's
+    input as it is (features last)."""
+    if not isinstance(module, nn.Conv2d):
+        return x
+    if module.groups != 1 or isinstance(module.padding, str) or module.padding_mode != "zeros":
+        raise ValueError(f"input statistics of a convolution need groups=1, zero padding given as numbers; got "
+                         f"groups={module.groups}, padding={module.padding!r}, padding_mode={module.padding_mode!r}")
+    patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # [N, C*k*k, L]
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
 def record(stats: dict[nn.Module, LayerStats], seen: dict, module: nn.Module, x: torch.Tensor,
@@ -29,6 +43,7 @@ def record(stats: dict[nn.Module, LayerStats], seen: dict, module: nn.Module, x:
     elif stats[module].count == 0:
         stats[module] = stats[first[1]]
         return
+    x = input_rows(module, x)
     stats[module].update((x[mask] if mask is not None and x.shape[:-1] == mask.shape else x).detach())
 
 

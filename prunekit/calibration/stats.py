@@ -93,7 +93,8 @@ class LayerStats:
 def empty_stats(targets, needs: Needs, device=None) -> dict:
     """Fresh LayerStats per target module (on `device`, else where the module is); a pass may make layers that
     share an input share one."""
-    return {t.module: LayerStats(needs, t.shape[1], device or next(t.module.parameters()).device) for t in targets}
+    return {t.module: LayerStats(needs, t.numel // t.shape[0], device or next(t.module.parameters()).device)
+            for t in targets}  # a convolution's columns: in x kh x kw (hooks.input_rows)
 
 
 def gathered(target, stats: dict, group=None) -> LayerStats:

@@ -25,6 +25,7 @@ from ..importance import Estimator
 from ..report import LayerRow, PruneReport, StructureRow
 from ..targets import Target, find_blocks, find_targets
 from . import graph, plan
+from .batchnorm import recalibrate
 from .graph import KINDS, find_structures, structure_blocks
 from .units import AttentionHeads, Channels, Structure
 
@@ -111,6 +112,7 @@ def prune_structured(model: nn.Module, budget: Budget, estimator: Estimator, all
                 s.remove(pick)
         else:
             _remove_refitting(model, work, refit, batches, device, progress)
+            recalibrate(model, batches, progress)  # what the refit leaves to the batch norms' statistics
         reload = _update_config(model, structures, units_before)
     seconds["pruning"] = time.perf_counter() - clock
     after = model_size(model, batches[0])
@@ -167,16 +169,19 @@ def _remove_refitting(model: nn.Module, work: list, refit: Estimator, batches: l
     by_block: dict = {}
     for structure, pick in work:
         keeps = column_keeps(structure, pick)
-        if any(isinstance(m, _CONVS) for m, _ in keeps):
-            raise TargetError(f"refit solves least squares on a Linear layer's inputs; {structure.name} is read by a "
-                              f"convolution: prune it without refit")
+        odd = next((m for m, _ in keeps if isinstance(m, _CONVS) and not _patchable(m)), None)
+        if odd is not None:
+            raise TargetError(f"refit solves least squares on a layer's input patches; {names[odd]}, which reads "
+                              f"{structure.name}, is a grouped or {type(odd).__name__} convolution: prune without refit")
         by_block.setdefault(where.get(keeps[0][0]) if keeps else None, []).append((structure, pick, keeps))
 
     def refit_and_remove(entries, stats):
         for structure, pick, keeps in entries:
             for module, keep in keeps:
-                new = refit.refit_columns(module.weight.detach().float(), stats[module], keep)
-                module.weight.data[:, keep.to(module.weight.device)] = new.to(module.weight)
+                weight = module.weight.data.view(module.weight.shape[0], -1)  # a convolution's: [out, in x kh x kw]
+                columns = keep.repeat_interleave(weight.shape[1] // keep.numel()).to(weight.device)
+                new = refit.refit_columns(weight.float(), stats[module], columns)
+                weight[:, columns] = new.to(weight)
             structure.remove(pick)
 
     def consumers(entries):
@@ -193,6 +198,12 @@ def _remove_refitting(model: nn.Module, work: list, refit: Estimator, batches: l
         stats = empty_stats(consumers(entries), Needs.HESSIAN)
         full_pass(model, batches, stats)
         refit_and_remove(entries, stats)
+
+
+def _patchable(module: nn.Module) -> bool:
+    """A convolution whose input patches hooks.input_rows can take (and so refit can solve on)."""
+    return (isinstance(module, nn.Conv2d) and module.groups == 1 and not isinstance(module.padding, str)
+            and module.padding_mode == "zeros")
 
 
 def _check(targets: list[Target], estimator: Estimator, allocator: Allocator) -> None:
