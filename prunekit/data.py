@@ -252,13 +252,53 @@ def efficientnet_preprocess(image, resize: int = 256, crop: int = 224) -> torch.
     return x.contiguous() if batched else x[0].contiguous()
 
 
-def imagenet_images() -> tuple[torch.Tensor, torch.Tensor]:
-    """foolbox's 20 real ImageNet validation photographs, prepared by efficientnet_preprocess: ([20, 3, 224, 224]
-    float32, [20] ImageNet-1k class indices)."""
+def imagenet_photos() -> tuple[list[torch.Tensor], torch.Tensor]:
+    """foolbox's 20 real ImageNet validation photographs as they are: ([20 uint8 [3, height, width] tensors, sizes
+    differ], [20] ImageNet-1k class indices)."""
     folder = _vision_file(*FOOLBOX_IMAGES, "foolbox's sample images")
     files = _labelled_files(folder, "imagenet", ".jpg")
-    images = torch.stack([efficientnet_preprocess(_read_image(path)) for path, _ in files])
-    return images, torch.tensor([label for _, label in files], dtype=torch.long)
+    photos = [torch.from_numpy(np.ascontiguousarray(_read_image(path))).permute(2, 0, 1) for path, _ in files]
+    return photos, torch.tensor([label for _, label in files], dtype=torch.long)
+
+
+def imagenet_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 20 photographs of imagenet_photos prepared by efficientnet_preprocess: ([20, 3, 224, 224] float32, [20]
+    ImageNet-1k class indices)."""
+    photos, labels = imagenet_photos()
+    return torch.stack([efficientnet_preprocess(photo) for photo in photos]), labels
+
+
+def image_views(photos: list[torch.Tensor], n: int, seed: int, size: int = 224,
+                scales: tuple[float, float] = (0.3, 1.0)) -> torch.Tensor:
+    """n views of uint8 [3, height, width] photos, for measuring a pruned classifier against its dense self on more
+    inputs than there are photos: view i is of photo i mod len(photos), a square whose side is a uniform fraction
+    in `scales` of the photo's shorter side, at a uniform position (both continuous: sampled bilinearly, after an
+    antialiased downscale where the square shrinks), flipped left-right with probability 1/2, size x size,
+    normalised as efficientnet_preprocess. Fixed by `seed`; views of two seeds differ (calibration and evaluation
+    views are disjoint). Returns float32 [n, 3, size, size]."""
+    if not photos or n < 1:
+        raise ValueError(f"image_views needs photos and n >= 1; got {len(photos)} photos, n={n}")
+    g = torch.Generator().manual_seed(seed)
+    F = torch.nn.functional
+    views = torch.empty(n, 3, size, size)
+    for i in range(n):
+        photo = photos[i % len(photos)].float()[None]
+        height, width = photo.shape[-2:]
+        u, y, x, flip = torch.rand(4, generator=g, dtype=torch.float64).tolist()
+        side = min(height, width) * (scales[0] + (scales[1] - scales[0]) * u)
+        top, left = y * (height - side), x * (width - side)
+        shrink = side / size
+        if shrink > 1:  # bilinear sampling alone would alias
+            photo = F.interpolate(photo, size=(max(1, round(height / shrink)), max(1, round(width / shrink))),
+                                  mode="bilinear", align_corners=False, antialias=True)
+        # the square in normalised coordinates (-1..1 across the photo, the same at any resolution)
+        sx, sy = side / width, side / height
+        theta = torch.tensor([[[-sx if flip < 0.5 else sx, 0.0, (2 * left + side) / width - 1],
+                               [0.0, sy, (2 * top + side) / height - 1]]])
+        grid = F.affine_grid(theta, [1, 3, size, size], align_corners=False)
+        crop = F.grid_sample(photo, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        views[i] = (crop[0] - 127.0) / 128.0
+    return views
 
 
 def cifar_images(which: str = "cifar10") -> tuple[torch.Tensor, torch.Tensor]:

@@ -234,3 +234,32 @@ def test_svhn_cnn_on_real_samples():
         logits = model(images)
     assert torch.isfinite(logits).all()
     assert logits.argmax(1).tolist() == labels.tolist()
+
+
+def test_image_views_are_fixed_by_their_seed_and_disjoint_across_seeds():
+    photo = torch.randint(0, 256, (3, 300, 300), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    whole = data.image_views([photo], 6, seed=0, size=64, scales=(1.0, 1.0))  # the whole square, maybe flipped
+    resized = (torch.nn.functional.interpolate(photo.float()[None], size=(64, 64), mode="bilinear",
+                                               align_corners=False, antialias=True)[0] - 127) / 128
+    for view in whole:
+        assert torch.allclose(view, resized, atol=1e-5) or torch.allclose(view, resized.flip(-1), atol=1e-5)
+    small = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    a, b = data.image_views([photo, small], 40, seed=0, size=48), data.image_views([photo, small], 40, seed=1, size=48)
+    assert a.shape == (40, 3, 48, 48) and torch.equal(a, data.image_views([photo, small], 40, seed=0, size=48))
+    assert not any(torch.equal(x, y) for x in a for y in b)
+    assert float(a.min()) >= -127 / 128 - 1e-6 and float(a.max()) <= 128 / 128 + 1e-6
+
+
+def test_agreement_by_hand():
+    from prunekit.evaluate import agreement
+
+    reference = torch.tensor([[6.0, 5, 4, 3, 2, 1, 0], [0.0, 1, 2, 3, 4, 5, 6], [1.0, 0, 0, 0, 0, 0, 0]])
+    pruned = torch.tensor([[6.0, 5, 4, 3, 2, 1, 0], [6.0, 5, 4, 3, 2, 1, 0], [1.0, 0, 0, 0, 0, 0, 0]])
+    found = agreement(reference, pruned)
+    assert found["top1_agreement"] == pytest.approx(2 / 3)
+    # row 2: the reference's best five are classes 2..6, the pruned model's 0..4: classes 2, 3, 4 shared
+    assert found["top5_overlap"] == pytest.approx((1 + 3 / 5 + 1) / 3)
+    p, q = torch.softmax(reference[1].double(), 0), torch.softmax(pruned[1].double(), 0)
+    assert found["kl"] == pytest.approx(float((p * (p / q).log()).sum()) / 3, rel=1e-9)
+    with pytest.raises(ValueError, match="one shape"):
+        agreement(reference, pruned[:2])
