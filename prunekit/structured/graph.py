@@ -145,7 +145,10 @@ def _channel_structure(group, members, graph, root: Target, names, block_of, tar
         return None  # a coupled layer is excluded: the whole group stays
     if not any(not out and isinstance(m, KINDS + tuple(PRUNERS)) for m, out in layers):
         return None  # nothing reads these channels: an output
-    cuts = {m: per_channel(m, 0 if out else 1) for m, out in layers if m in targeted}
+    # weights one unit takes from each layer: a channel may be several of a reader's columns (a convolution's
+    # channel flattened into a Linear's inputs is height x width of them), as the group's indices say
+    spread = {item.dep.target.module: len(item.idxs) // len(group[0].idxs) for item in group}
+    cuts = {m: per_channel(m, 0 if out else 1) * max(1, spread.get(m, 1)) for m, out in layers if m in targeted}
     step = round_to or 1
     units = len(group[0].idxs)
     prefix = os.path.commonprefix([names[m].split(".") for m in cuts])
