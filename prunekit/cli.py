@@ -65,7 +65,8 @@ def cmd_prune(args) -> None:
     from .evaluate import perplexity
 
     budget = _budget(args)  # a bad budget fails before the model loads
-    prunekit.importance.ESTIMATORS.create(args.importance)
+    if args.importance is not None:
+        prunekit.importance.ESTIMATORS.create(args.importance)
     prunekit.allocation.ALLOCATORS.create(args.allocator)
     if args.offload and not args.out:
         raise PrunekitError("--offload keeps the pruned blocks on disk until they are saved; pass --out DIR")
@@ -204,7 +205,8 @@ def main(argv=None) -> int:
     p.add_argument("--round-to", type=int, help="structured: keep a multiple of this many channels per layer")
     p.add_argument("--refit", action="store_true",
                    help="structured: refit the kept columns of the layers reading removed channels (least squares)")
-    p.add_argument("--importance", default="wanda", metavar="NAME", help=f"how weights are scored: {estimators}")
+    p.add_argument("--importance", metavar="NAME",
+                   help=f"how weights are scored: {estimators} (default: admm for N:M budgets, wanda otherwise)")
     p.add_argument("--allocator", default="uniform", metavar="NAME",
                    help=f"how the budget is shared between layers: {allocators}")
     p.add_argument("--min-layer-sparsity", type=float, default=0.0, help="floor of any layer's sparsity")

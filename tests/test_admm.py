@@ -126,3 +126,9 @@ def test_they_run_in_the_pipeline(order, importance, allocator):
 def test_dsnot_refuses_a_whole_model_base():
     with pytest.raises(prunekit.PrunekitError, match="refines masks of estimators the block runner feeds"):
         DSnoT("fisher")
+
+
+def test_the_default_importance_is_admm_for_n_m_and_wanda_otherwise():
+    calibration = calibration_for("llama", n=4)
+    assert prunekit.prune(tiny("llama"), "2:4", calibration=calibration, progress=False).importance.startswith("ADMM")
+    assert prunekit.prune(tiny("llama"), 0.5, calibration=calibration, progress=False).importance.startswith("Wanda")

@@ -158,4 +158,5 @@ def test_prune_help_lists_the_choices_and_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for name in ESTIMATORS.names() + ["uniform", "owl", "dp"]:
         assert name in text, name
-    assert "(default: wanda)" in text and "(default: uniform)" in text and "(default: 64)" in text
+    assert "(default: admm for N:M budgets, wanda otherwise)" in text and "(default: uniform)" in text
+    assert "(default: 64)" in text
