@@ -155,7 +155,7 @@ def test_a_one_layer_decoder_keeps_its_lm_head_out_of_the_default_targets():
     assert "lm_head" not in names and len(names) == 7 and all(n.startswith("model.layers.0.") for n in names)
 
 
-@pytest.mark.parametrize("importance", [3, "wanda ", object()]  # None is the default: see test_admm.py)
+@pytest.mark.parametrize("importance", [3, "wanda ", object()])  # None is the default: see test_admm.py
 def test_an_importance_that_is_not_one_is_a_clear_error(importance):
     model = tiny("llama")
     with pytest.raises(PrunekitError, match="unknown importance|must be a name"):
