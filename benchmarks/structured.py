@@ -47,19 +47,29 @@ RATIOS = (0.3, 0.5)
 # name: (importance, global_pruning)
 PEERS = {"tp-magnitude": ("magnitude", False), "tp-taylor": ("taylor", False),
          "tp-magnitude-global": ("magnitude", True), "tp-taylor-global": ("taylor", True)}
-# name: (importance, allocator, uniform, refit); uniform None: per layer alike (the default for a model with a config)
+# name: (importance, allocator, uniform, refit, heads); uniform None: per layer alike (the default for a model with a
+# config); None elsewhere: prunekit.prune's default ("default" is what a user gets who gives only the budget)
 OURS = {
-    "magnitude": ("magnitude", "uniform", None, False),
-    "wanda": ("wanda", "uniform", None, False),
-    "fisher": ("fisher", "uniform", None, False),
-    "structural_hessian": ("structural_hessian", "uniform", None, False),
-    "sparsegpt": ("sparsegpt", "uniform", None, False),
-    "fisher-refit": ("fisher", "uniform", None, True),
-    "structural_hessian-refit": ("structural_hessian", "uniform", None, True),
-    "structural_hessian-owl-free": ("structural_hessian", "owl", False, False),
-    "structural_hessian-global-free": ("structural_hessian", "global", False, False),
-    "structural_hessian-global-free-refit": ("structural_hessian", "global", False, True),
-    "fisher-global-free-refit": ("fisher", "global", False, True),
+    "default": (None, None, None, None, None),
+    "magnitude": ("magnitude", "uniform", None, False, "kv"),
+    "wanda": ("wanda", "uniform", None, False, "kv"),
+    "fisher": ("fisher", "uniform", None, False, "kv"),
+    "structural_hessian": ("structural_hessian", "uniform", None, False, "kv"),
+    "sparsegpt": ("sparsegpt", "uniform", None, False, "kv"),
+    "fisher-refit": ("fisher", "uniform", None, True, "kv"),
+    "structural_hessian-refit": ("structural_hessian", "uniform", None, True, "kv"),
+    "structural_hessian-owl-free": ("structural_hessian", "owl", False, False, "kv"),
+    "structural_hessian-global-free": ("structural_hessian", "global", False, False, "kv"),
+    "structural_hessian-global-free-refit": ("structural_hessian", "global", False, True, "kv"),
+    "fisher-global-free-refit": ("fisher", "global", False, True, "kv"),
+    # heads left alone: the pruned BERT keeps its config's head size and reloads with plain from_pretrained
+    "magnitude-heads-none-refit": ("magnitude", "uniform", None, True, "none"),
+    "wanda-heads-none": ("wanda", "uniform", None, False, "none"),
+    "wanda-heads-none-refit": ("wanda", "uniform", None, True, "none"),
+    "sparsegpt-heads-none": ("sparsegpt", "uniform", None, False, "none"),
+    "structural_hessian-heads-none-refit": ("structural_hessian", "uniform", None, True, "none"),
+    "lrp-heads-none-refit": ("lrp", "uniform", None, True, "none"),
+    "lrp-refit": ("lrp", "uniform", None, True, "kv"),
 }
 # name: (importance, allocator, refit)
 LLM = {"wanda": ("wanda", "uniform", False), "sparsegpt": ("sparsegpt", "uniform", False)}
@@ -130,12 +140,15 @@ def encoder_worker(name: str, ratio: float, budget: float | None) -> dict:
         import prunekit
         from prunekit.importance import ESTIMATORS
 
-        importance, allocator, uniform, refit = OURS[name]
+        importance, allocator, uniform, refit, heads = OURS[name]
+        given = {k: v for k, v in (("uniform", uniform), ("refit", refit), ("heads", heads)) if v is not None}
         options = {"loss": loss} if importance in ("fisher", "structural_hessian") else {}
-        report = prunekit.prune(model, prunekit.Budget(sparsity=budget, granularity="structured", uniform=uniform,
-                                                       refit=refit),
-                                importance=ESTIMATORS.create(importance, **options), allocator=allocator,
-                                calibration=batches, progress=False)
+        chosen = {k: v for k, v in (("allocator", allocator),) if v is not None}
+        if importance is not None:
+            chosen["importance"] = ESTIMATORS.create(importance, **options)
+        report = prunekit.prune(model, prunekit.Budget(sparsity=budget, granularity="structured", **given),
+                                calibration=batches, progress=False, **chosen)
+        row["ran"] = report.importance + " / " + report.allocator
         row["reload"] = report.size["reload"]
         row["heads_kept"] = [r.units - r.removed for r in report.structures if r.kind == "heads"]
         row["channels_kept"] = [r.units - r.removed for r in report.structures if r.kind == "channels"]
