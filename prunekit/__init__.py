@@ -1,6 +1,4 @@
 """prunekit: prune PyTorch models to a budget, run them fast, fine-tune them cheaply."""
-__version__ = "0.1.0"
-
 from .api import prune, score
 from .budget import Budget
 from .errors import BudgetError, CalibrationError, MaskMismatchError, PrunekitError, TargetError
@@ -8,6 +6,7 @@ from .io import load_pruned, save_pruned
 from .masks import masks, pruned_nonzero, remove_masks
 from .offload import load_offloaded
 from .report import LayerRow, PruneReport
+from .version import __version__
 
 
 def __getattr__(name):
@@ -20,6 +19,6 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["prune", "score", "Budget", "PruneReport", "LayerRow", "save_pruned", "load_pruned", "load_offloaded", "masks",
-           "pruned_nonzero", "remove_masks", "PrunekitError", "BudgetError", "CalibrationError", "TargetError",
-           "MaskMismatchError"]
+__all__ = ["__version__", "prune", "score", "Budget", "PruneReport", "LayerRow", "save_pruned", "load_pruned",
+           "load_offloaded", "masks", "pruned_nonzero", "remove_masks", "PrunekitError", "BudgetError",
+           "CalibrationError", "TargetError", "MaskMismatchError"]

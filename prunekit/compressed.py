@@ -26,14 +26,14 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .bits import unpack_rows
+from .checkpoint import INDEX
 from .errors import MaskMismatchError, PrunekitError
 
 FORMAT = "sparse-bitmask"
 SUFFIXES = ("shape", "compressed", "bitmask", "row_offsets")
-INDEX = "model.safetensors.index.json"
 SENTINEL = "prunekit-compressed--load-with-prunekit.load_pruned.safetensors"
 SHARD = "model-{:05d}-of-{:05d}.safetensors"
-SAFETENSORS_METADATA = {"format": "pt"}  # from_pretrained refuses safetensors files without it
 
 
 def entries(name: str, shape, values: torch.Tensor, bitmask: torch.Tensor,
@@ -139,7 +139,6 @@ def install(model: nn.Module, layers: dict[str, dict], entries: dict[str, tuple]
     """Puts each compressed layer into `model` (whose modules may still be on the meta device) as the module it was
     saved from, or (sparse=True) as a sparse layer, or (sparse=False) as a masked dense one; biases come from
     `tensors`. Every layer is built before the first is swapped in."""
-    from .bits import unpack_rows
     from .kernels.bitmask import BitmaskLinear, decompress
     from .kernels.linear import BlockSparseLinear, dense_module
     from .targets import PRUNABLE

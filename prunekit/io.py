@@ -19,16 +19,22 @@ import torch
 from safetensors.torch import load_file, load_model, save_file
 from torch import nn
 
-from . import __version__, masks
 from . import compressed as compressed_format
+from . import masks, offload
 from .bits import count_bits, pack_bits, unpack_bits, unpack_rows
+from .checkpoint import (
+    INTEGRITY,
+    MANIFEST,
+    MASK_FILE,
+    SAFETENSORS_METADATA,
+    WEIGHTS,
+    empty_model,
+    hf_class,
+    read_manifest,
+)
 from .errors import MaskMismatchError, PrunekitError
 from .report import PruneReport
-
-MANIFEST = "prunekit.json"
-INTEGRITY = "integrity"  # manifest key: {"layers": name -> mask record, "files": file name -> sha256}
-MASK_FILE = "prunekit_masks.safetensors"
-PLAIN_WEIGHTS = "model.safetensors"
+from .version import __version__
 
 
 def clear_gguf_marker(model: nn.Module) -> bool:
@@ -69,8 +75,6 @@ def save_pruned(model: nn.Module, out_dir, report: PruneReport | None = None, to
     manifest last (without it, nothing loads). The manifest records, per masked layer, its shape, kept count and
     mask checksum, and every file's sha256; load_pruned checks them all.
     """
-    from . import offload
-
     offloaded = offload.store(model)
     if offloaded is not None:  # its masks stay packed: unpacked, a model's masks take a quarter of its fp32 size
         packed = {name: bits for name, (bits, _) in offloaded.packed_masks(model).items()}
@@ -171,7 +175,7 @@ def _write(model, out: Path, offloaded, packed, state, keeps, layers, compressed
         if hasattr(model, "save_pretrained"):
             model.save_pretrained(out, state_dict=state)
         else:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(out / PLAIN_WEIGHTS))
+            save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS))
         packed = {name: pack_bits(keep.cpu()) for name, keep in keeps.items()}
         records = {name: mask_record(bits, shapes[name]) for name, bits in packed.items()}
     if not compressed:
@@ -226,7 +230,7 @@ def _save_compressed(model: nn.Module, out: Path, tensors: dict[str, torch.Tenso
     """One shard, its index (with the sentinel that stops a plain from_pretrained), and the model's configs."""
     compressed_format.write_configs(model, out)
     shard = compressed_format.SHARD.format(1, 1)
-    save_file(tensors, str(out / shard), metadata=compressed_format.SAFETENSORS_METADATA)
+    save_file(tensors, str(out / shard), metadata=SAFETENSORS_METADATA)
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     compressed_format.write_index(out, dict.fromkeys(tensors, shard), size, layers)
 
@@ -259,9 +263,9 @@ def load_pruned(path, model: nn.Module | None = None, *, sparse: bool | None = N
         _load_weights(model, path)
     elif model is None:
         model = _load_hf(path, manifest, from_pretrained_kwargs)
-    elif (path / PLAIN_WEIGHTS).is_file():
+    elif (path / WEIGHTS).is_file():
         try:
-            missing, unexpected = load_model(model, str(path / PLAIN_WEIGHTS), strict=False)
+            missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
         except RuntimeError as e:  # shape mismatches
             raise MaskMismatchError(f"the given model does not match the saved weights: {e}") from None
         if missing or unexpected:
@@ -298,22 +302,6 @@ def load_pruned(path, model: nn.Module | None = None, *, sparse: bool | None = N
     for module, keep in keeps.items():  # only after every mask checked out
         masks.attach(module, keep)
     return model
-
-
-def read_manifest(path: Path) -> dict:
-    """The manifest of a directory written by save_pruned, checked for the fields every loader reads."""
-    file = path / MANIFEST
-    if not file.is_file():
-        raise PrunekitError(f"{path} is not a pruned model written by prunekit.save_pruned (missing {MANIFEST})")
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PrunekitError(f"{file} is not valid JSON ({e}); the directory is damaged: save the model again") \
-            from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("masks"), dict):
-        raise PrunekitError(f"{file} has no 'masks' map of layer names to shapes; it was not written by "
-                            f"prunekit.save_pruned, or was edited")
-    return manifest
 
 
 def verify_files(path: Path, manifest: dict) -> None:
@@ -371,8 +359,6 @@ def _load_compressed(path: Path, manifest: dict, model: nn.Module | None, sparse
                      kwargs: dict) -> nn.Module:
     """A compressed directory: every entry checked first, then the model built with its parameters on the meta
     device (nothing dense is allocated), the compressed layers put in, and the rest of the weights assigned."""
-    from .offload import parameters_on_meta
-
     dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
     if kwargs:
         raise PrunekitError(f"load_pruned takes no {', '.join(kwargs)} for a compressed directory (only dtype)")
@@ -384,10 +370,7 @@ def _load_compressed(path: Path, manifest: dict, model: nn.Module | None, sparse
         verify_layer(manifest, name, pack_bits(unpack_rows(bitmask, shape[1])), shape)
     structured = manifest.get("structured")
     if model is None:
-        cls, config = hf_class(path, manifest)
-        with parameters_on_meta():
-            model = cls._from_config(config)
-        model.eval()
+        model = empty_model(path, manifest)
         if (path / "generation_config.json").is_file():
             from transformers import GenerationConfig
 
@@ -405,18 +388,6 @@ def _load_compressed(path: Path, manifest: dict, model: nn.Module | None, sparse
         raise MaskMismatchError(f"the saved weights do not fit the model: missing {left[:5]}, unexpected "
                                 f"{list(unexpected)[:5]}")
     return model if dtype is None else model.to(dtype)
-
-
-def hf_class(path: Path, manifest: dict):
-    """(model class, config) of a saved Hugging Face directory, by its config's architectures."""
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(path)
-    names = (config.architectures or []) + [manifest.get("model_class")]
-    cls = next((getattr(transformers, n) for n in names if n and hasattr(transformers, n)), None)
-    if cls is None:
-        raise PrunekitError(f"cannot find the model class {names} in transformers; pass `model=` to load into")
-    return cls, config
 
 
 def _load_hf(path: Path, manifest: dict, kwargs: dict) -> nn.Module:

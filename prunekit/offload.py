@@ -38,19 +38,18 @@ import weakref
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import masks
-from .bits import pack_bits, unpack_bits
+from . import compressed, masks
+from .bits import pack_bits, unpack_bits, unpack_rows
+from .checkpoint import INDEX, MANIFEST, MASK_FILE, SAFETENSORS_METADATA, WEIGHTS, empty_model, read_manifest
 from .errors import PrunekitError, TargetError
 from .targets import find_blocks
 
 ATTR = "_prunekit_offload"
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
-_FORMAT = {"format": "pt"}  # from_pretrained refuses safetensors files without it
 
 
 class Checkpoint:
@@ -58,18 +57,16 @@ class Checkpoint:
     in a compressed one (compressed.py) which weights are stored as bitmask entries."""
 
     def __init__(self, path: Path):
-        from .compressed import SENTINEL
-
         self.path = path
         if (path / INDEX).is_file():
             weight_map = json.loads((path / INDEX).read_text())["weight_map"]
-            self.files = {key: path / name for key, name in weight_map.items() if name != SENTINEL}
-        elif (path / SINGLE).is_file():
-            with safe_open(str(path / SINGLE), "pt") as f:
-                self.files = dict.fromkeys(f.keys(), path / SINGLE)
+            self.files = {key: path / name for key, name in weight_map.items() if name != compressed.SENTINEL}
+        elif (path / WEIGHTS).is_file():
+            with safe_open(str(path / WEIGHTS), "pt") as f:
+                self.files = dict.fromkeys(f.keys(), path / WEIGHTS)
         else:
             found = sorted(p.name for p in path.glob("*.bin")) or sorted(p.name for p in path.iterdir())[:5]
-            raise PrunekitError(f"{path} holds no safetensors weights ({SINGLE} or {INDEX}; found {found}), which "
+            raise PrunekitError(f"{path} holds no safetensors weights ({WEIGHTS} or {INDEX}; found {found}), which "
                                 f"offloading memory-maps; re-save the model with save_pretrained(dir)")
         # modules whose weight is stored compressed
         self.compressed = {key[: -len(".compressed")] for key in self.files if key.endswith(".compressed")}
@@ -80,12 +77,12 @@ class Checkpoint:
     def read(self, keys) -> dict[str, torch.Tensor]:
         """The tensors, memory-mapped (copy-on-write: pages are read when touched, and writes stay in memory); a
         compressed weight decompressed."""
-        from .compressed import SUFFIXES
-        from .kernels.bitmask import decompress
+        from .kernels.bitmask import decompress  # the kernels load on first use
 
         keys = list(keys)
         packed = {key: key[: -len(".weight")] for key in keys if key not in self.files and key in self}
-        wanted = [key for key in keys if key not in packed] + [f"{m}.{s}" for m in packed.values() for s in SUFFIXES]
+        wanted = [key for key in keys if key not in packed] + [f"{m}.{s}" for m in packed.values()
+                                                               for s in compressed.SUFFIXES]
         by_file: dict[Path, list[str]] = {}
         for key in wanted:
             by_file.setdefault(self.files[key], []).append(key)
@@ -94,16 +91,13 @@ class Checkpoint:
             with safe_open(str(file), "pt") as f:
                 out.update((key, f.get_tensor(key)) for key in names)
         for key, module in packed.items():
-            shape, values, bitmask, row_offsets = (out.pop(f"{module}.{s}") for s in SUFFIXES)
+            shape, values, bitmask, row_offsets = (out.pop(f"{module}.{s}") for s in compressed.SUFFIXES)
             out[key] = decompress(values, bitmask, row_offsets, tuple(shape.tolist()))
         return out
 
     def packed_masks(self, shapes: dict[str, list[int]]) -> dict[str, tuple[torch.Tensor, list[int]]]:
         """The saved masks of these modules as (packed bits, shape): from the masks file of a dense directory, from
         the bitmasks of a compressed one."""
-        from .bits import unpack_rows
-        from .io import MASK_FILE
-
         if not shapes:
             return {}
         if all(name in self.compressed for name in shapes):
@@ -112,24 +106,6 @@ class Checkpoint:
                     for name, shape in shapes.items()}
         with safe_open(str(self.path / MASK_FILE), "pt") as f:
             return {name: (f.get_tensor(name), shape) for name, shape in shapes.items()}
-
-
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Every parameter created inside goes to the meta device as soon as it is registered (so initialising it costs
-    nothing); buffers stay real, since non-persistent ones (rotary frequencies) are not in the checkpoint."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        register(module, name, param)
-        if param is not None:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
 
 
 @functools.lru_cache(maxsize=1)
@@ -158,11 +134,11 @@ def _return_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def _set_param(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    owner_name, _, leaf = name.rpartition(".")
-    owner = root.get_submodule(owner_name) if owner_name else root
-    old = owner._parameters[leaf]
-    owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+def _set_param(root: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> None:
+    """Parameter `name` of `root` becomes `tensor`, cast to `dtype` if it is floating point; None keeps the tensor's
+    own dtype (accelerate would cast it to the placeholder's)."""
+    set_module_tensor_to_device(root, name, tensor.device, value=tensor, dtype=tensor.dtype if dtype is None else dtype,
+                                clear_cache=False)
 
 
 class Offload:
@@ -228,9 +204,7 @@ class Offload:
             try:
                 block, prefix = self.blocks[i], self.names[i]
                 for name, tensor in self.block_tensors(i).items():
-                    if self.dtype is not None and tensor.is_floating_point():
-                        tensor = tensor.to(self.dtype)
-                    _set_param(block, name[len(prefix):], tensor)
+                    _set_param(block, name[len(prefix):], tensor, self.dtype)
                 for name, (packed, shape) in self.block_masks(i).items():
                     masks.attach(block.get_submodule(name[len(prefix):]), unpack_bits(packed, shape))
                 bad = [n for n, p in block.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
@@ -267,7 +241,7 @@ class Offload:
         block, prefix = self.blocks[i], self.names[i]
         found = {prefix + name: m.prune_mask for name, m in block.named_modules() if masks.BUFFER in m._buffers}
         save_file({prefix + n: p.detach().cpu().contiguous() for n, p in block.named_parameters()},
-                  str(self._params_file(i)), metadata=_FORMAT)
+                  str(self._params_file(i)), metadata=SAFETENSORS_METADATA)
         save_file({n: pack_bits(k.cpu()) for n, k in found.items()}, str(self._masks_file(i)),
                   metadata={"shapes": json.dumps({n: list(k.shape) for n, k in found.items()})})
         self.changed.add(i)
@@ -278,8 +252,8 @@ class Offload:
         for module in block.modules():
             if masks.BUFFER in module._buffers:
                 masks.detach(module)
-        for name, p in list(block.named_parameters()):
-            _set_param(block, name, torch.empty_like(p, device="meta"))
+        for name, _ in list(block.named_parameters()):
+            set_module_tensor_to_device(block, name, "meta", clear_cache=False)
         _return_freed_memory()
 
     def rollback(self) -> None:
@@ -312,8 +286,6 @@ class Offload:
         """The model as a sharded Hugging Face checkpoint: one shard per block, copied from scratch or streamed from
         the checkpoint, and one for everything else; with its index and config. compress: each masked weight as
         its bitmask entries (compressed.py), block by block."""
-        from . import compressed
-
         if out.resolve() == self.checkpoint.path.resolve():
             raise PrunekitError(f"cannot save an offloaded model into the directory it is read from ({out}); "
                                 f"choose another output directory")
@@ -332,7 +304,7 @@ class Offload:
             if copy_from is not None:  # a changed block's scratch file is already its shard
                 shutil.copyfile(copy_from, out / name)
             else:
-                save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / name), metadata=_FORMAT)
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / name), metadata=SAFETENSORS_METADATA)
             weight_map.update(dict.fromkeys(tensors, name))
             size += sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -421,21 +393,16 @@ def load_offloaded(path, dtype: torch.dtype | None = None, scratch=None) -> nn.M
     Then `prunekit.prune(model, ...)` prunes it block by block and `prunekit.save_pruned(model, out, report)`
     streams the result into a sharded checkpoint that from_pretrained and load_pruned read as usual.
     """
-    from .io import MANIFEST, MASK_FILE, hf_class
-
     path = Path(path)
     if not path.is_dir() or not (path / "config.json").is_file():
         raise PrunekitError(f"load_offloaded reads a local model directory with config.json and safetensors weights; "
                             f"{str(path)!r} is not one (download the model first, e.g. with huggingface-cli)")
-    manifest = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).is_file() else {}
+    manifest = read_manifest(path) if (path / MANIFEST).is_file() else {}  # a pruned directory, or a plain one
     if manifest.get("structured"):
         raise PrunekitError(f"{path} was pruned structurally; load it in memory with prunekit.load_pruned")
     checkpoint = Checkpoint(path)
-    cls, config = hf_class(path, manifest)
     _keep_large_buffers_mapped()
-    with parameters_on_meta():
-        model = cls._from_config(config)
-    model.eval()
+    model = empty_model(path, manifest)
     prefix, blocks = find_blocks(model)
     if not prefix:
         raise PrunekitError(f"{type(model).__name__} has no repeated blocks (a ModuleList of same-class layers) to "
@@ -444,9 +411,7 @@ def load_offloaded(path, dtype: torch.dtype | None = None, scratch=None) -> nn.M
     outside = [n for n, _ in model.named_parameters(remove_duplicate=False) if not n.startswith(inside)]
     stored = [n for n in outside if n in checkpoint]
     for name, tensor in checkpoint.read(stored).items():
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        _set_param(model, name, tensor.clone())  # resident for good: a private copy, not a mapping
+        _set_param(model, name, tensor.clone(), dtype)  # resident for good: a private copy, not a mapping
     buffers = [n for n, _ in model.named_buffers() if n in checkpoint.files and not n.startswith(inside)]
     for name, tensor in checkpoint.read(buffers).items():
         model.get_buffer(name).copy_(tensor)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import prunekit
 from conftest import VOCAB, calibration_for, tiny, without_checksums
 from prunekit import Budget, compressed
-from prunekit.io import MANIFEST
+from prunekit.checkpoint import MANIFEST, SAFETENSORS_METADATA
 from prunekit.kernels import BitmaskLinear, BlockSparseLinear, convert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -161,7 +161,7 @@ def test_entries_that_disagree_are_refused_before_anything_changes(tmp_path):
     tensors = load_file(shard(tmp_path))
     key = "model.layers.1.mlp.down_proj.compressed"
     tensors[key] = tensors[key][:-1]  # one value short of what the bitmask keeps
-    save_file(tensors, shard(tmp_path), metadata=compressed.SAFETENSORS_METADATA)
+    save_file(tensors, shard(tmp_path), metadata=SAFETENSORS_METADATA)
     target = tiny("llama")
     before = {k: v.clone() for k, v in target.state_dict().items()}
     with pytest.raises(prunekit.MaskMismatchError, match="model-00001-of-00001.safetensors differs from what"):
@@ -172,7 +172,7 @@ def test_entries_that_disagree_are_refused_before_anything_changes(tmp_path):
         prunekit.load_pruned(tmp_path, model=target)
     assert all(torch.equal(v, target.state_dict()[k]) for k, v in before.items())
     del tensors["model.layers.1.mlp.down_proj.bitmask"]
-    save_file(tensors, shard(tmp_path), metadata=compressed.SAFETENSORS_METADATA)
+    save_file(tensors, shard(tmp_path), metadata=SAFETENSORS_METADATA)
     with pytest.warns(UserWarning), \
             pytest.raises(prunekit.MaskMismatchError, match="lacks model.layers.1.mlp.down_proj.bitmask"):
         prunekit.load_pruned(tmp_path)
