@@ -1,4 +1,4 @@
-"""Every importance estimator on PROTOCOL.md's models: 50% unstructured on SmolLM2-135M (perplexity), and 30% /
+"""Every importance estimator on docs/protocol.md's models: 50% unstructured on SmolLM2-135M (perplexity), and 30% /
 50% of heads or of MLP channels on all-MiniLM-L6-v2 (embedding fidelity and retrieval recall@1).
 
     python benchmarks/estimators.py                       # both parts
@@ -225,7 +225,7 @@ def run_worker(part: str, name: str) -> list[dict]:
 
 def markdown(doc: dict) -> str:
     commits = sorted({r["commit"] for r in doc["results"] if r.get("commit")})
-    out = ["# Importance estimators, PROTOCOL.md", "", f"Command: `{doc['command']}`  ",
+    out = ["# Importance estimators, docs/protocol.md", "", f"Command: `{doc['command']}`  ",
            f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores, {doc['machine']['threads']} torch "
            f"threads  ", "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items() if v) + "  ",
            f"Date: {doc['date']}; prunekit commit(s): {', '.join(commits) or '-'}", "",

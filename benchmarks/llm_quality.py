@@ -1,4 +1,4 @@
-"""PROTOCOL.md's LLM quality benchmark on SmolLM2-135M.
+"""docs/protocol.md's LLM quality benchmark on SmolLM2-135M.
 
     python benchmarks/llm_quality.py                    # prunekit vs llm-compressor (about 3 hours on 2 cores)
     python benchmarks/llm_quality.py --configs wanda-50 sparsegpt-2:4 --repeats 1
@@ -223,7 +223,7 @@ def cpu_name() -> str:
 
 def preamble(doc: dict, title: str) -> list[str]:
     commits = sorted({r["commit"] for r in doc["results"] if r.get("commit")})
-    return [f"# {title}: SmolLM2-135M, PROTOCOL.md", "",
+    return [f"# {title}: SmolLM2-135M, docs/protocol.md", "",
             f"Command: `{doc['command']}`  ",
             f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores, {doc['machine']['threads']} torch "
             f"threads, Python {doc['machine']['python']}  ",
@@ -275,7 +275,7 @@ def main():
     parser.add_argument("--calibration-windows", type=int, default=64)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (PROTOCOL.md: 0); "
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (docs/protocol.md: 0); "
                                                             "other seeds show how much a result moves with the sample")
     parser.add_argument("--window-batch", type=int,
                         help="windows per forward in prunekit's calibration (default: its own, 8); another size "

@@ -1,4 +1,4 @@
-"""Structured pruning on PROTOCOL.md's models: all-MiniLM-L6-v2 (heads and MLP channels removed, no fine-tuning)
+"""Structured pruning on docs/protocol.md's models: all-MiniLM-L6-v2 (heads and MLP channels removed, no fine-tuning)
 against Torch-Pruning's own importances in the same run, and SmolLM2-135M at 20% of its decoder weights removed.
 
     python benchmarks/structured.py                      # both parts
@@ -249,7 +249,7 @@ def run_worker(args: list[str]) -> dict:
 def markdown(doc: dict) -> str:
     commits = sorted({r["commit"] for r in doc["results"] if r.get("commit")})
     rows = doc["results"]
-    out = ["# Structured pruning, PROTOCOL.md", "", f"Command: `{doc['command']}`  ",
+    out = ["# Structured pruning, docs/protocol.md", "", f"Command: `{doc['command']}`  ",
            f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores, {doc['machine']['threads']} torch "
            f"threads  ", "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items() if v) + "  ",
            f"Date: {doc['date']}; prunekit commit(s): {', '.join(commits) or '-'}", "",

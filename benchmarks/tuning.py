@@ -1,4 +1,4 @@
-"""Fine-tuning methods on SmolLM2-135M (PROTOCOL.md): trainable parameters, training memory, seconds per step and
+"""Fine-tuning methods on SmolLM2-135M (docs/protocol.md): trainable parameters, training memory, seconds per step and
 perplexity after training, for full fine-tuning, peft's LoRA and SHiRA, a naive sparse update, and prunekit's
 LIFT, S2FT, IST and SPT; on the dense model and on a 50%-pruned one (recovery fine-tuning).
 
@@ -259,7 +259,7 @@ def chosen(rows: list[dict]) -> list[dict]:
 
 
 def markdown(doc: dict) -> str:
-    out = ["# Fine-tuning methods: SmolLM2-135M, PROTOCOL.md", "", f"Command: `{doc['command']}`  ",
+    out = ["# Fine-tuning methods: SmolLM2-135M, docs/protocol.md", "", f"Command: `{doc['command']}`  ",
            f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores, 1 torch thread per run  ",
            "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items() if v) + "  ",
            f"Date: {doc['date']}", "", (__doc__ or "").split("\n\n", 2)[2].strip()]

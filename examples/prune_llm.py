@@ -4,7 +4,7 @@
     python examples/prune_llm.py path/or/id --importance sparsegpt --allocator owl --budget 0.6 --method spt
     python examples/prune_llm.py --budget 2:4 --importance sparsegpt --out pruned-2of4
 
-Steps: perplexity of the dense model on the Wikipedia eval split (PROTOCOL.md's, fewer windows by default);
+Steps: perplexity of the dense model on the Wikipedia eval split (docs/protocol.md's, fewer windows by default);
 prune to --budget with --importance and --allocator on calibration windows of the calibration split; perplexity;
 fine-tune with --method (LIFT by default: its principal entries, pruned ones never chosen) on other windows of
 the calibration split; the tuned deltas applied to a plain copy of the pruned model (prunekit.tuning.load_deltas:

@@ -3,7 +3,7 @@
     python examples/sparse_finetune.py                # bundled SmolLM2-135M pruned 50% (Wanda); 13 min on 2 busy cores
     python examples/sparse_finetune.py path/or/id --prune 0 --methods lift spt --steps 40
 
-The task: next-token prediction on Wikipedia (PROTOCOL.md's calibration split, windows drawn with random.Random(1);
+The task: next-token prediction on Wikipedia (docs/protocol.md's calibration split, windows drawn with random.Random(1);
 perplexity on the eval split). The model is pruned once (--prune; 0 keeps it dense), then every method fine-tunes its
 own copy for --steps Trainer steps, sized like a rank-`--rank` LoRA on every projection. Each method hands the
 Trainer its optimizer (`tuned.optimizer(lr)`), whose step hooks run what the method does between steps (IST's layer

