@@ -4,7 +4,8 @@
 blocks (decoder layers, ViT blocks) on the meta device, which holds no memory, and everything else (embeddings,
 final norm, head) loaded. A block's weights are read from the memory-mapped safetensors only while it is resident:
 
-- during the runner's step for it (`resident`, which `calibration.runner.sequential` enters for every block), and
+- during the runner's step for it (`Offload.resident`: the model's Residency, calibration/residency.py, which
+  `calibration.runner.sequential` enters for every block), and
 - during one forward of it (forward hooks), so whole-model passes (perplexity, an allocator's measurement) hold one
   block at a time too.
 
@@ -45,6 +46,7 @@ from torch import nn
 
 from . import compressed, masks
 from .bits import pack_bits, unpack_bits, unpack_rows
+from .calibration.residency import Residency, install, residency_of
 from .checkpoint import INDEX, MANIFEST, MASK_FILE, SAFETENSORS_METADATA, WEIGHTS, empty_model, read_manifest
 from .errors import PrunekitError, TargetError
 from .targets import find_blocks
@@ -141,8 +143,9 @@ def _set_param(root: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dt
                                 clear_cache=False)
 
 
-class Offload:
-    """The blocks of one offloaded model: where their weights are, which are resident, what changed."""
+class Offload(Residency):
+    """The blocks of one offloaded model: where their weights are, which are resident, what changed. As the model's
+    Residency, it reads each block for the runner's step on it."""
 
     def __init__(self, model: nn.Module, checkpoint: Checkpoint, prefix: str, blocks: list[nn.Module], dtype,
                  saved_masks: dict[str, list[int]], scratch: Path | None):
@@ -269,6 +272,25 @@ class Offload:
     def is_resident(self, i: int) -> bool:
         return self._count[i] > 0
 
+    @contextlib.contextmanager
+    def capturing(self):
+        """The blocks' forward hooks load nothing inside: the runner's recorders replace their forwards."""
+        was, self.paused = self.paused, True
+        try:
+            yield
+        finally:
+            self.paused = was
+
+    @contextlib.contextmanager
+    def resident(self, block: nn.Module):
+        """Block's weights in memory inside; nested entries share one read."""
+        i = block.__dict__[ATTR][1]
+        self.acquire(i)
+        try:
+            yield
+        finally:
+            self.release(i)
+
     # -- saving
     def packed_masks(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, list[int]]]:
         """Every mask of the model, packed, block by block (and those of resident layers outside the blocks)."""
@@ -330,36 +352,14 @@ class Offload:
 
 def store(model: nn.Module) -> Offload | None:
     """The model's Offload, if it was loaded with load_offloaded."""
-    return model.__dict__.get(ATTR)
+    found = residency_of(model)
+    return found if isinstance(found, Offload) else None
 
 
 def resident(block: nn.Module):
     """Context: the block's weights are in memory inside (a no-op for a block that is not offloaded)."""
     found = block.__dict__.get(ATTR)
-    return _residency(*found) if found is not None else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _residency(offload: Offload, i: int):
-    offload.acquire(i)
-    try:
-        yield
-    finally:
-        offload.release(i)
-
-
-@contextlib.contextmanager
-def paused(model: nn.Module):
-    """Blocks are not loaded by their forward hooks inside (the runner's capture pass replaces their forwards)."""
-    offload = store(model)
-    if offload is None:
-        yield
-        return
-    was, offload.paused = offload.paused, True
-    try:
-        yield
-    finally:
-        offload.paused = was
+    return found[0].resident(block) if found is not None else contextlib.nullcontext()
 
 
 def rollback(model: nn.Module) -> None:
@@ -422,5 +422,5 @@ def load_offloaded(path, dtype: torch.dtype | None = None, scratch=None) -> nn.M
         raise PrunekitError(f"the checkpoint at {path} lacks {', '.join(missing[:3])}; is it a checkpoint of "
                             f"{type(model).__name__}?")
     saved = manifest.get("masks", {}) if (path / MASK_FILE).is_file() or checkpoint.compressed else {}
-    model.__dict__[ATTR] = Offload(model, checkpoint, prefix, blocks, dtype, saved, scratch)
+    install(model, Offload(model, checkpoint, prefix, blocks, dtype, saved, scratch))
     return model

@@ -5,8 +5,9 @@ the other arguments (attention masks, rotary embeddings...) each block receives.
 at a time on the captured activations: a consumer gathers statistics from a block and prunes it, either after
 a statistics pass (`BlockStep.run`, then an output pass) or layer by layer inside one pass
 (`BlockStep.run_layerwise`, see lockstep.py), and the runner feeds the pruned block's outputs to the next one.
-Only one block's activations are held at a time, and for a model loaded with prunekit.load_offloaded only one
-block's weights: each is read from disk when its step begins and leaves when it ends.
+Only one block's activations are held at a time, and for a model that keeps its blocks elsewhere (residency.py:
+prunekit.load_offloaded's, on disk) only one block's weights: each comes in when its step begins and leaves when
+it ends.
 """
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import offload
 from ..errors import CalibrationError
 from .hooks import Stop, hooked
 from .inputs import token_mask
 from .lockstep import lockstep
+from .residency import residency_of
 from .stats import LayerStats
 
 _HIDDEN_NAMES = ("hidden_states", "x", "input", "inputs_embeds")
@@ -95,7 +96,7 @@ def capture(model: nn.Module, blocks: list[nn.Module], batches: list[dict], devi
     for i, block in enumerate(blocks):
         block.forward = recorder(i)
     try:
-        with offload.paused(model):  # recorders need no weights: offloaded blocks stay on disk
+        with residency_of(model).capturing():  # recorders need no weights: blocks kept elsewhere stay there
             for current, batch in enumerate(batches):  # noqa: B007 - the recorders read `current`
                 try:
                     call_model(model, batch)
@@ -204,10 +205,11 @@ def sequential(model: nn.Module, blocks: list[nn.Module], batches: list[dict], *
     device = torch.device(device) if device is not None else model_device(model)
     with evaluating(model):
         hidden, calls = capture(model, blocks, batches, device)
+        residency = residency_of(model)
         masks = [None if (m := token_mask(b)) is None else m.to(device) for b in batches]
         for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress, unit="block")):
             last = i + 1 == len(blocks)
-            with offload.resident(block), on_device(block, device):  # an offloaded block is read from disk here
+            with residency.resident(block), on_device(block, device):  # a block kept elsewhere comes in here
                 step = BlockStep(i, block, hidden, [per_batch[i] for per_batch in calls], masks)
                 yield step
                 if step.outputs is None and not last:  # nothing consumes the last block's outputs
