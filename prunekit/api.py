@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 
 from . import masks, offload
 from .allocation import ALLOCATORS, Allocator, exact_counts
-from .allocation.context import DenseModel
 from .budget import Budget, BudgetLike
+from .calibration.dense import DenseModel
 from .calibration.inputs import as_batches
 from .calibration.inputs import summary as calibration_summary
 from .calibration.runner import full_pass, sequential
@@ -85,11 +85,11 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator | No
         if permute:
             seconds["permutation"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        plan = _allocate(DenseModel(model, targets, batches, estimator, device, progress, group), budget, allocator)
+        dense = DenseModel(model, targets, batches, estimator, device, progress, group)
+        plan = _allocate(dense, budget, allocator)
         seconds["allocation"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        timings = _prune_targets(model, targets, plan.counts, budget.nm, budget.block, batches, estimator, order,
-                                 device, progress, group)
+        timings = _prune_targets(dense, plan.counts, budget, order)
         seconds["pruning"] = time.perf_counter() - clock
     seconds["total"] = time.perf_counter() - start
     layers = [LayerRow(name=t.name, shape=t.shape, target=sparsity, achieved=count / t.numel, pruned=count,
@@ -271,48 +271,50 @@ def _check_plan(targets: list[Target], budget: Budget, estimator: Estimator, all
             raise TargetError(f"{t.name}.weight holds NaN or Inf; the model is broken before pruning")
 
 
-def _prune_targets(model, targets, counts, nm, block, batches, estimator, order, device, progress,
-                   ranks=None) -> dict:
-    """Prunes every target; sequentially block by block when the estimator needs data. Returns seconds per target.
-    ranks: a prunekit.distributed.Group whose shards' statistics are summed before each layer is pruned."""
-    count_of = dict(zip(targets, counts))
+def _prune_targets(dense: DenseModel, counts: list[int], budget: Budget, order: str) -> dict:
+    """Prunes `counts` weights of each of dense's targets (in its order) with its estimator, in budget's granularity;
+    sequentially block by block when the estimator needs data, the statistics summed over dense.group's ranks before
+    each layer is pruned. Returns seconds per target."""
+    estimator, device = dense.estimator, dense.device
+    count_of = dict(zip(dense.targets, counts))
     seconds: dict[Target, float] = {}
 
     def prune_one(t: Target, stats: LayerStats | None):
         clock = time.perf_counter()
         # Computed where the weight is: inside the sequential pass its block sits on the compute device.
-        new, keep = estimator.prune(t.weight.float(), stats, count_of[t], nm, block)
+        new, keep = estimator.prune(t.weight.float(), stats, count_of[t], budget.nm, budget.block)
         t.module.weight.data.copy_(t.to_native(new))
         masks.attach(t.module, t.to_native(keep))
         seconds[t] = time.perf_counter() - clock
 
     if estimator.needs == Needs.NONE:
-        for t in tqdm(targets, desc=estimator.name, disable=not progress, unit="layer"):
+        for t in tqdm(dense.targets, desc=estimator.name, disable=not dense.progress, unit="layer"):
             prune_one(t, None)
         return seconds
     if estimator.needs & Needs.WHOLE_MODEL:  # scored on the dense model where it is, then pruned
-        stats_of = estimator.gather(model, targets, batches, progress=progress)
-        for t in tqdm(targets, desc=estimator.name, disable=not progress, unit="layer"):
+        stats_of = estimator.gather(dense.model, dense.targets, dense.batches, progress=dense.progress)
+        for t in tqdm(dense.targets, desc=estimator.name, disable=not dense.progress, unit="layer"):
             prune_one(t, stats_of[t.module])
         return seconds
-    groups, outside = by_block(targets)
-    _, blocks = find_blocks(model)
-    for step in sequential(model, blocks, batches, device=device, desc=estimator.name, progress=progress):
+    groups, outside = by_block(dense.targets)
+    _, blocks = find_blocks(dense.model)
+    for step in sequential(dense.model, blocks, dense.batches, device=device, desc=estimator.name,
+                           progress=dense.progress):
         group = groups.get(step.index, [])
         if group and order == "layer":
             stats, target_of = empty_stats(group, estimator.needs, device), {t.module: t for t in group}
-            step.run_layerwise(stats, lambda m: prune_one(target_of[m], gathered(target_of[m], stats, ranks)))
+            step.run_layerwise(stats, lambda m: prune_one(target_of[m], gathered(target_of[m], stats, dense.group)))
         rest = [t for t in group if t not in seconds]  # all of them in "block" order, or after a fallback
         if rest:
             stats = empty_stats(rest, estimator.needs, device)
             step.run(stats)
             for t in rest:
-                prune_one(t, gathered(t, stats, ranks))
+                prune_one(t, gathered(t, stats, dense.group))
     if outside:
         stats = empty_stats(outside, estimator.needs, None)
-        full_pass(model, batches, stats)
+        full_pass(dense.model, dense.batches, stats)
         for t in outside:
-            prune_one(t, gathered(t, stats, ranks))
+            prune_one(t, gathered(t, stats, dense.group))
     return seconds
 
 

@@ -10,8 +10,9 @@ from conftest import calibration_for, tiny
 from prunekit import masking
 from prunekit.calibration.stats import LayerStats, Needs
 from prunekit.importance import ESTIMATORS
-from prunekit.importance.admm import ADMM, refit_on_support
+from prunekit.importance.admm import ADMM
 from prunekit.importance.dsnot import DSnoT
+from prunekit.importance.reconstruction import refit_on_support
 
 
 def layer(rows, cols, seed, samples=256):

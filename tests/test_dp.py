@@ -75,7 +75,7 @@ def test_allocation_prunes_the_layer_that_hurts_least():
 
 
 def dense_model(model, x, estimator="wanda"):
-    return prunekit.allocation.context.DenseModel(model, find_targets(model), prunekit.calibration.as_batches(x, model),
+    return prunekit.calibration.dense.DenseModel(model, find_targets(model), prunekit.calibration.as_batches(x, model),
                                                   prunekit.importance.ESTIMATORS.create(estimator), progress=False)
 
 

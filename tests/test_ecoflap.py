@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.allocation.context import DenseModel
 from prunekit.allocation.ecoflap import ECoFLaP, zeroth_order_scores
 from prunekit.calibration import as_batches
+from prunekit.calibration.dense import DenseModel
 from prunekit.targets import find_targets
 
 
@@ -97,7 +97,7 @@ def test_water_filling_by_hand():
 
 MEMORY_PROBE = textwrap.dedent("""
     import json, sys, torch, transformers as tf
-    from prunekit.allocation.context import DenseModel
+    from prunekit.calibration.dense import DenseModel
     from prunekit.allocation.ecoflap import first_order_scores, zeroth_order_scores
     from prunekit.calibration.loss import model_loss
     from prunekit.calibration import as_batches

@@ -9,13 +9,14 @@ import torch
 
 from ..budget import Budget
 from ..errors import BudgetError
+from ..registry import Registry
 
 
 class Allocator:
     """Turns a model-wide budget into one sparsity per target, in two steps.
 
     measure(dense): one measurement per target (a score, a distortion curve), taken on the dense model before
-        anything is pruned; None when the rule needs none. See allocation.context.DenseModel.
+        anything is pruned; None when the rule needs none. See calibration.dense.DenseModel.
     allocate(sizes, costs, budget, measured): a pure rule. sizes are weights per target, costs the FLOPs per
         weight (all 1 unless the budget is in FLOPs); it returns sparsities whose cost-weighted mean is the
         budget, each within the budget's per-layer floor and cap.
@@ -58,6 +59,9 @@ class Allocator:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+ALLOCATORS: Registry[Allocator] = Registry("allocator", Allocator)  # each allocator's file registers it
 
 
 def layer_bounds(sizes: Sequence[int], budget: Budget) -> tuple[list[int], list[int]]:

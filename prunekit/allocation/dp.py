@@ -12,8 +12,7 @@ from ..calibration.inputs import split_first, token_mask
 from ..calibration.runner import call_model, evaluating
 from ..errors import BudgetError, TargetError
 from ..targets import find_blocks
-from . import ALLOCATORS
-from .base import Allocator, fit_to_budget
+from .base import ALLOCATORS, Allocator, fit_to_budget
 
 
 def knapsack(costs: np.ndarray, distortion: np.ndarray, target: int) -> list[int]:

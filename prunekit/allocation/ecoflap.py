@@ -13,8 +13,7 @@ from ..errors import BudgetError, CalibrationError
 from ..importance import ESTIMATORS
 from ..importance.zeroth_order import gaussian, two_point
 from ..targets import Target, by_block
-from . import ALLOCATORS
-from .base import Allocator, fit_to_budget
+from .base import ALLOCATORS, Allocator, fit_to_budget
 
 
 def zeroth_order_scores(dense, samples: int, noises: int, eps: float, seed: int, loss: Loss) -> dict[int, float]:

@@ -6,8 +6,7 @@ from typing import Sequence
 
 from ..budget import Budget
 from ..errors import BudgetError
-from . import ALLOCATORS
-from .base import Allocator
+from .base import ALLOCATORS, Allocator
 
 
 @ALLOCATORS.register("global")

@@ -7,8 +7,7 @@ import torch
 
 from ..budget import Budget
 from ..calibration.stats import Needs
-from . import ALLOCATORS
-from .base import Allocator, fit_to_budget
+from .base import ALLOCATORS, Allocator, fit_to_budget
 
 
 @ALLOCATORS.register("owl")

@@ -4,8 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..budget import Budget
-from . import ALLOCATORS
-from .base import Allocator, fit_to_budget
+from .base import ALLOCATORS, Allocator, fit_to_budget
 
 
 @ALLOCATORS.register("uniform")

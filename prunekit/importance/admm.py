@@ -5,8 +5,8 @@ import torch
 
 from .. import masking
 from ..calibration.stats import LayerStats, Needs
-from . import ESTIMATORS
-from .base import Estimator
+from .base import ESTIMATORS, Estimator
+from .reconstruction import curvature, reconstruction_error, refit_on_support, swap
 from .sparsegpt import SparseGPT
 from .wanda import Wanda
 
@@ -66,8 +66,6 @@ class ADMM(Estimator):
             if best is None or error < best[0]:
                 best = (error, refit, keep)
         if self.swaps and block is None:  # DSnoT's prune-and-grow on the winner, refitted, if it helps
-            from .dsnot import swap
-
             w, keep = swap(w0, h, best[1], best[2], nm, self.swaps)
             w = refit_on_support(w0, h, keep, w, self.refit_iterations)
             error = reconstruction_error(w0, w, h)
@@ -96,45 +94,3 @@ class ADMM(Estimator):
     def __repr__(self) -> str:
         return (f"ADMM(iterations={self.iterations}, update={self.update}, rho={self.rho}, growth={self.growth}, "
                 f"refit_iterations={self.refit_iterations}, swaps={self.swaps})")
-
-
-def curvature(hessian: torch.Tensor) -> torch.Tensor:
-    """H with unit curvature on inputs never active in calibration (as SparseGPT): their weights cost nothing, and a
-    zero diagonal would stall the solvers."""
-    h = hessian.clone()
-    diag = torch.diagonal(h)
-    diag[diag == 0] = 1.0
-    return h
-
-
-def reconstruction_error(w0: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> float:
-    """Σ_rows (w₀ − ŵ)ᵀ H (w₀ − ŵ): ||W₀ X − Ŵ X||² for H = X Xᵀ."""
-    d = (w0 - w).double()
-    return float(((d @ h.double()) * d).sum())
-
-
-def refit_on_support(w0: torch.Tensor, h: torch.Tensor, keep: torch.Tensor, start: torch.Tensor,
-                     iterations: int, tol: float = 1e-10) -> torch.Tensor:
-    """The least-squares weights on each row's support, H_SS ŵ_S = (H w₀)_S, by conjugate gradients preconditioned
-    with diag(H), every row at once, from `start` (zero outside the support). Each step lowers every row's error."""
-    mask = keep.to(w0.dtype)
-    x = start * mask
-    b = (w0 @ h) * mask
-    r = b - (x @ h) * mask
-    inverse_diag = mask / torch.diagonal(h).unsqueeze(0)
-    z = r * inverse_diag
-    p = z.clone()
-    rz = (r * z).sum(1)
-    first = rz.clone()
-    for _ in range(iterations):
-        if bool((rz <= tol * first.clamp_min(1e-30)).all()):
-            break
-        ap = (p @ h) * mask
-        alpha = rz / (p * ap).sum(1).clamp_min(1e-30)
-        x += alpha.unsqueeze(1) * p
-        r -= alpha.unsqueeze(1) * ap
-        z = r * inverse_diag
-        new = (r * z).sum(1)
-        p = z + (new / rz.clamp_min(1e-30)).unsqueeze(1) * p
-        rz = new
-    return x * mask

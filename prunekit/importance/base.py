@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import masking
 from ..calibration.stats import LayerStats, Needs
+from ..registry import Registry
 
 
 class Estimator:
@@ -76,6 +77,9 @@ class Estimator:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+ESTIMATORS: Registry[Estimator] = Registry("importance", Estimator)  # each estimator's file registers it
 
 
 def group_sum(values: torch.Tensor, size: int = 1, dim: int = 0) -> torch.Tensor:

@@ -48,8 +48,7 @@ from ..calibration.runner import call_model, evaluating, model_device
 from ..calibration.stats import Needs
 from ..errors import CalibrationError, TargetError
 from ..targets import Conv1D
-from . import ESTIMATORS
-from .base import Estimator, group_sum
+from .base import ESTIMATORS, Estimator, group_sum
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LINEARS = (nn.Linear,) + ((Conv1D,) if Conv1D else ())

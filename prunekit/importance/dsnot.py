@@ -5,11 +5,8 @@ import torch
 
 from ..calibration.stats import LayerStats, Needs
 from ..errors import PrunekitError
-from . import ESTIMATORS
-from .admm import curvature, reconstruction_error, refit_on_support
-from .base import Estimator
-
-_INF = float("inf")
+from .base import ESTIMATORS, Estimator
+from .reconstruction import curvature, reconstruction_error, refit_on_support, swap
 
 
 @ESTIMATORS.register("dsnot")
@@ -57,35 +54,3 @@ class DSnoT(Estimator):
 
     def __repr__(self) -> str:
         return f"DSnoT(base={self.base!r}, cycles={self.cycles})"
-
-
-def swap(w0: torch.Tensor, h: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, nm, cycles: int):
-    """Greedy prune-and-grow swaps, every row at once, while a swap lowers the row's error; returns (Ŵ, keep).
-
-    With d = w₀ − ŵ and g = H d per row: growing j (ŵ_j = w₀_j) changes the error by −2 d_j g_j + d_j² H_jj;
-    pruning i after it by 2 ŵ_i g_i + ŵ_i² H_ii − 2 d_j ŵ_i H_ij."""
-    w, keep = w.clone(), keep.clone()
-    rows = torch.arange(w.shape[0], device=w.device)
-    diag = torch.diagonal(h).unsqueeze(0)
-    d = w0 - w
-    g = d @ h
-    group = torch.arange(w.shape[1], device=w.device) // (nm[1] if nm is not None else w.shape[1])
-    for _ in range(cycles):
-        grow = torch.where(keep, _INF, -2 * d * g + d.square() * diag)
-        j = grow.argmin(1)
-        dj = d[rows, j].unsqueeze(1)
-        cut = 2 * w * g + w.square() * diag - 2 * dj * w * h[j]
-        allowed = keep & (group.unsqueeze(0) == group[j].unsqueeze(1))
-        cut = torch.where(allowed, cut, _INF)
-        i = cut.argmin(1)
-        gain = grow[rows, j] + cut[rows, i]
-        better = gain < -1e-12 * (d.square() * diag).sum(1).clamp_min(1e-30)
-        if not bool(better.any()):
-            break
-        r, i, j = rows[better], i[better], j[better]
-        wi, dj = w[r, i], d[r, j]
-        g[r] += -dj.unsqueeze(1) * h[j] + wi.unsqueeze(1) * h[i]
-        d[r, j], d[r, i] = 0.0, d[r, i] + wi
-        w[r, j], w[r, i] = w0[r, j], 0.0
-        keep[r, j], keep[r, i] = True, False
-    return w, keep

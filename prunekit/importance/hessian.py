@@ -11,8 +11,7 @@ from tqdm.auto import tqdm
 
 from ..calibration.loss import Loss, grads_for, model_loss, samples
 from ..calibration.stats import Needs
-from . import ESTIMATORS
-from .base import Estimator
+from .base import ESTIMATORS, Estimator
 
 
 def _per_slice(values: torch.Tensor, dim: int) -> torch.Tensor:

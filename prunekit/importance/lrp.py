@@ -58,8 +58,7 @@ from ..calibration.runner import call_model
 from ..calibration.stats import Needs
 from ..errors import CalibrationError, PrunekitError
 from ..targets import Conv1D
-from . import ESTIMATORS
-from .base import Estimator, group_sum
+from .base import ESTIMATORS, Estimator, group_sum
 
 Start = Callable[[nn.Module, dict], torch.Tensor]  # (model, batch) -> the scalar relevance starts from
 

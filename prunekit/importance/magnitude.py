@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ESTIMATORS
-from .base import Estimator
+from .base import ESTIMATORS, Estimator
 
 
 @ESTIMATORS.register("magnitude")

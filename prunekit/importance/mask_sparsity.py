@@ -57,13 +57,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import masking
+from ..calibration.dense import DenseModel
 from ..calibration.loss import Loss, model_loss
 from ..calibration.runner import call_model, evaluating
 from ..calibration.stats import Needs
 from ..errors import CalibrationError, PrunekitError, TargetError
 from ..targets import Conv1D
-from . import ESTIMATORS
-from .base import Estimator, group_sum
+from .base import ESTIMATORS, Estimator, group_sum
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -182,8 +182,6 @@ def select_channels(base: Estimator, model: nn.Module, targets: Sequence, batche
     """{target module: bool mask of its output channels}: per layer, the `fraction` of its groups of `group`
     consecutive channels (1: single channels; a head's width: heads) that `base` scores lowest, with base's
     statistics gathered on the dense model as prunekit.score gathers them."""
-    from ..allocation.context import DenseModel  # the allocation package imports the estimators: import late
-
     ragged = [t.name for t in targets if _channels(t.module) % group]
     if ragged:
         raise TargetError(f"MaskSparsity's group={group} does not divide the output channels of {', '.join(ragged)}; "

@@ -7,8 +7,7 @@ import torch
 
 from .. import masking
 from ..calibration.stats import LayerStats, Needs
-from . import ESTIMATORS
-from .base import Estimator
+from .base import ESTIMATORS, Estimator
 
 _INNER = 32  # columns per rank-1 update run inside a lazy batch (see prune)
 

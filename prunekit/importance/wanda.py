@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..calibration.stats import LayerStats, Needs
-from . import ESTIMATORS
-from .base import Estimator
+from .base import ESTIMATORS, Estimator
 
 
 @ESTIMATORS.register("wanda")

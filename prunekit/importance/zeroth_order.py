@@ -14,8 +14,7 @@ from ..calibration.loss import Loss, model_loss
 from ..calibration.runner import evaluating, sequential
 from ..calibration.stats import Needs
 from ..targets import Target, by_block, find_blocks
-from . import ESTIMATORS
-from .base import Estimator, group_sum
+from .base import ESTIMATORS, Estimator, group_sum
 
 Direction = Callable[[int, int, torch.Tensor], torch.Tensor]  # (probe, target index, dense weight) -> u
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..allocation import Allocator
-from ..allocation.context import DenseModel
 from ..budget import Budget
+from ..calibration.dense import DenseModel
 from ..calibration.inputs import as_batches
 from ..calibration.inputs import summary as calibration_summary
 from ..calibration.runner import call_model, evaluating, full_pass, sequential

@@ -1,4 +1,6 @@
-"""What an allocator may measure on the dense model, before anything is pruned."""
+"""The dense model with what every pass over it shares: its targets, the calibration batches, the estimator that will
+prune it, where to compute and across which ranks. Estimators and allocators measure on it before anything is
+pruned (`blocks`, `stats`, `rows`); prune() then prunes its targets in place, block by block."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -6,10 +8,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..calibration.inputs import split_first
-from ..calibration.runner import BlockStep, call_model, evaluating, full_pass, sequential
-from ..calibration.stats import LayerStats, Needs, empty_stats, gathered
 from ..targets import Target, by_block, find_blocks
+from .inputs import split_first
+from .runner import BlockStep, call_model, evaluating, full_pass, sequential
+from .stats import LayerStats, Needs, empty_stats, gathered
 
 
 @dataclass
