@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..budget import Budget
+from ..calibration.hooks import removing
 from ..calibration.inputs import split_first, token_mask
 from ..calibration.runner import call_model, evaluating
 from ..errors import BudgetError, TargetError
@@ -148,11 +149,8 @@ def propagation_gains(model: nn.Module, batch: dict, errors: dict[int, torch.Ten
         reference = _model_output(call_model(model, batch))
         gains = {}
         for b, error in errors.items():
-            hook = blocks[b].register_forward_hook(lambda m, args, out, e=error: _add_to_hidden(out, e))
-            try:
+            with removing([blocks[b].register_forward_hook(lambda m, args, out, e=error: _add_to_hidden(out, e))]):
                 output = _model_output(call_model(model, batch))
-            finally:
-                hook.remove()
             added = _distortion(error, torch.zeros_like(error), mask)
             gains[b] = _distortion(output, reference, mask) / added if added > 0 else 1.0
     return gains

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..targets import Target, by_block, find_blocks
+from .hooks import removing
 from .inputs import split_first
 from .runner import BlockStep, call_model, evaluating, full_pass, sequential
 from .stats import LayerStats, Needs, empty_stats, gathered
@@ -64,13 +65,13 @@ class DenseModel:
         """Rows (tokens, positions) each target processes in one forward of the first calibration batch. A layer's
         FLOPs are 2 x rows x weights, so this is its FLOPs per weight, up to a common factor."""
         counts = {t: 0 for t in self.targets}
-        hooks = [t.module.register_forward_pre_hook(
-            lambda m, args, t=t: counts.__setitem__(t, counts[t] + args[0].reshape(-1, args[0].shape[-1]).shape[0]))
-            for t in self.targets]
-        try:
-            with evaluating(self.model):
-                call_model(self.model, self.batches[0])
-        finally:
-            for h in hooks:
-                h.remove()
+
+        def counter(t: Target):
+            def hook(module, args):
+                counts[t] += args[0].reshape(-1, args[0].shape[-1]).shape[0]
+
+            return hook
+
+        with removing([t.module.register_forward_pre_hook(counter(t)) for t in self.targets]), evaluating(self.model):
+            call_model(self.model, self.batches[0])
         return counts

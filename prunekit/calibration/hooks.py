@@ -1,14 +1,26 @@
-"""Forward hooks that feed layer inputs to their statistics."""
+"""Forward hooks: the one way prunekit removes the hooks it adds (`removing`), and those that feed layer inputs to
+their statistics (`hooked`)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .stats import LayerStats
+
+
+@contextlib.contextmanager
+def removing(handles: list) -> Iterator[list]:
+    """Context: the hooks whose handles (torch's RemovableHandle) are in the list, which may grow inside, are all
+    removed on leaving, by an exception too."""
+    try:
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class Stop(Exception):
@@ -68,9 +80,5 @@ def hooked(stats: dict[nn.Module, LayerStats], mask_of: Callable[[], torch.Tenso
         seen.clear()
         fired.clear()
 
-    handles = [module.register_forward_pre_hook(pre_hook) for module in stats]
-    try:
+    with removing([module.register_forward_pre_hook(pre_hook) for module in stats]):
         yield new_forward
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .hooks import record
+from .hooks import record, removing
 from .stats import LayerStats
 
 
@@ -81,32 +81,30 @@ def lockstep(block: nn.Module, inputs: list[tuple[tuple, dict]], stats: dict[nn.
         record(stats, batch.seen, module, args[0], batch.mask)
         batch.park(module)
 
-    handles = [module.register_forward_pre_hook(pre_hook) for module in stats]
-    try:
-        for b in batches:
-            b.start()
-        by_thread.update({b.ident: b for b in batches})
-        while True:
+    with removing([module.register_forward_pre_hook(pre_hook) for module in stats]):
+        try:
             for b in batches:
-                if b.state[0] in ("new", "at"):
-                    b.advance()
-                if b.state[0] == "error":
-                    raise b.state[1]
-            if all(b.state[0] == "done" for b in batches):
-                return [b.state[1] for b in batches]
-            parked_at = {b.state[1] if b.state[0] == "at" else None for b in batches}
-            if len(parked_at) != 1:  # some finished or wait elsewhere: no common order
-                return None
-            module = parked_at.pop()
-            if module not in released:  # a module called twice per forward is pruned once
-                ready(module)
-                released.add(module)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for b in batches:
-            if b.is_alive():
-                b.cancelled = True
-                b._go.set()
-        for b in batches:
-            b.join()
+                b.start()
+            by_thread.update({b.ident: b for b in batches})
+            while True:
+                for b in batches:
+                    if b.state[0] in ("new", "at"):
+                        b.advance()
+                    if b.state[0] == "error":
+                        raise b.state[1]
+                if all(b.state[0] == "done" for b in batches):
+                    return [b.state[1] for b in batches]
+                parked_at = {b.state[1] if b.state[0] == "at" else None for b in batches}
+                if len(parked_at) != 1:  # some finished or wait elsewhere: no common order
+                    return None
+                module = parked_at.pop()
+                if module not in released:  # a module called twice per forward is pruned once
+                    ready(module)
+                    released.add(module)
+        finally:
+            for b in batches:
+                if b.is_alive():
+                    b.cancelled = True
+                    b._go.set()
+            for b in batches:
+                b.join()

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calibration.hooks import removing
 from ..calibration.inputs import token_mask
 from ..calibration.runner import call_model, evaluating, model_device
 from ..calibration.stats import Needs
@@ -208,16 +209,12 @@ def gather_moments(model: nn.Module, targets: Sequence, batches: list[dict], pro
     gradients. Only forward hooks are added, and removed again: the model is left exactly as it was."""
     stats = {t.module: BetaStats(t.module) for t in targets}
     current = {"mask": None}
-    handles = [module.register_forward_hook(_recorder(st, current), with_kwargs=True) for module, st in stats.items()]
-    try:
-        with evaluating(model):
-            for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-                mask = token_mask(batch)
-                current["mask"] = None if mask is None else mask.to(model_device(model))
-                call_model(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooks = [module.register_forward_hook(_recorder(st, current), with_kwargs=True) for module, st in stats.items()]
+    with removing(hooks), evaluating(model):
+        for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+            mask = token_mask(batch)
+            current["mask"] = None if mask is None else mask.to(model_device(model))
+            call_model(model, batch)
     for t in targets:
         if stats[t.module].samples == 0:
             raise CalibrationError(f"{t.name} received no calibration data (never called, or every token padding?)")

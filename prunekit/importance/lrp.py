@@ -53,6 +53,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..calibration.hooks import removing
 from ..calibration.loss import grads_for
 from ..calibration.runner import call_model
 from ..calibration.stats import Needs
@@ -381,14 +382,9 @@ def propagation(model: nn.Module, rule: Rule | None = None):
     """Inside: the model back-propagates LRP's modified gradients (see the module docstring); outputs unchanged.
     Everything is restored on exit."""
     rule = rule or Rule()
-    handles = []
-    try:
-        with _out_of_place(model), eager_attention(model), constant_attention():
-            _install_rules(model, rule, handles)
-            yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    with removing([]) as handles, _out_of_place(model), eager_attention(model), constant_attention():
+        _install_rules(model, rule, handles)
+        yield
 
 
 # --------------------------------------------------------------------------------------------------- passes
@@ -470,11 +466,8 @@ def _input_leaves(model: nn.Module, batch: dict) -> Iterator[tuple[dict, dict]]:
         leaves["embeddings" if not leaves else f"embeddings.{len(leaves)}"] = made  # one per call
         return made
 
-    handle = embeddings.register_forward_hook(leaf)
-    try:
+    with removing([embeddings.register_forward_hook(leaf)]):
         yield batch, leaves
-    finally:
-        handle.remove()
 
 
 def _out_first(module: nn.Module, values: torch.Tensor) -> torch.Tensor:

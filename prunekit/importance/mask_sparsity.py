@@ -48,6 +48,7 @@ exactly as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from tqdm.auto import tqdm
 
 from .. import masking
 from ..calibration.dense import DenseModel
+from ..calibration.hooks import removing
 from ..calibration.loss import Loss, model_loss
 from ..calibration.runner import call_model, evaluating
 from ..calibration.stats import Needs
@@ -107,13 +109,12 @@ class ChannelGates:
     def __init__(self, modules: Iterable[nn.Module]):
         sizes = {module: _channels(module) for module in modules}  # refuses an unsupported module before any hook
         self.gates = {module: nn.Parameter(torch.ones(n, device=module.weight.device)) for module, n in sizes.items()}
-        self._handles = [module.register_forward_hook(_gating(gate)) for module, gate in self.gates.items()]
+        self._hooks = contextlib.ExitStack()  # open until remove(), or fold()
+        self._hooks.enter_context(removing([m.register_forward_hook(_gating(g)) for m, g in self.gates.items()]))
 
     def remove(self) -> None:
         """Removes the hooks: the modules compute what they computed without gates."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.close()
 
     @torch.no_grad()
     def fold(self) -> None:
@@ -156,14 +157,9 @@ def _batchnorms_after(model: nn.Module, modules: Sequence[nn.Module], batch: dic
         if hit is not None and hit[0] is args[0] and norm.num_features == _channels(hit[1]):
             found.setdefault(hit[1], (norms[norm], norm))
 
-    handles = [m.register_forward_hook(after) for m in modules]
-    handles += [norm.register_forward_pre_hook(before) for norm in norms]
-    try:
-        with evaluating(model):
-            call_model(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooks = [m.register_forward_hook(after) for m in modules] + [n.register_forward_pre_hook(before) for n in norms]
+    with removing(hooks), evaluating(model):
+        call_model(model, batch)
     return found
 
 

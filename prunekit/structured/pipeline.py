@@ -16,6 +16,7 @@ from torch import nn
 from ..allocation import Allocator
 from ..budget import Budget
 from ..calibration.dense import DenseModel
+from ..calibration.hooks import removing
 from ..calibration.inputs import as_batches
 from ..calibration.inputs import summary as calibration_summary
 from ..calibration.runner import call_model, evaluating, full_pass, sequential
@@ -48,13 +49,8 @@ def rows_per_sample(model: nn.Module, batch: dict) -> dict[nn.Module, int]:
         channels = module.weight.shape[0] if not isinstance(module, nn.Linear) else module.out_features
         found[module] = found.get(module, 0) + out.numel() // channels
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, KINDS)]
-    try:
-        with evaluating(model):
-            call_model(model, {k: v[:1] for k, v in batch.items() if k != "labels"})
-    finally:
-        for h in hooks:
-            h.remove()
+    with removing([m.register_forward_hook(hook) for m in model.modules() if isinstance(m, KINDS)]), evaluating(model):
+        call_model(model, {k: v[:1] for k, v in batch.items() if k != "labels"})
     return found
 
 
