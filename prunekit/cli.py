@@ -139,20 +139,20 @@ def cmd_report(args) -> None:
     import json
 
     from . import io
-    from .report import PruneReport, benchmark_points, evaluation_points, plot_quality, plot_sparsity
+    from .report import PruneReport, evaluation_points, plot_quality, plot_sparsity
 
     reports, points = {}, []
-    for spec in args.dirs:  # pruned directories and report JSONs; benchmark results only feed the quality plot
+    for spec in args.dirs:
         path = Path(spec)
         if not path.exists():
-            raise PrunekitError(f"{spec} does not exist; give directories written by prunekit prune --out, report "
-                                f"JSONs or benchmark results (benchmarks/results/*.json)")
+            raise PrunekitError(f"{spec} does not exist; give directories written by prunekit prune --out, or report "
+                                f"JSONs")
         if path.is_dir() and not (path / io.MANIFEST).is_file():
             raise PrunekitError(f"{spec} is not a pruned model directory (it has no {io.MANIFEST})")
         saved = json.loads((path / io.MANIFEST if path.is_dir() else path).read_text())
         if path.is_file() and isinstance(saved.get("results"), list):
-            points += benchmark_points(saved["results"], path.name)
-            continue
+            raise PrunekitError(f"{spec} is a benchmark result, not a report; plot it with python "
+                                f"benchmarks/plot_quality.py {spec} --out DIR")
         report = PruneReport.from_dict(saved["report"] if path.is_dir() else saved)
         reports[path.name] = report
         points += evaluation_points(report, saved.get("evaluation") or {})
@@ -168,8 +168,6 @@ def cmd_report(args) -> None:
         written.append(("per-layer sparsity", plot_sparsity(reports, args.plot or plots / "sparsity.png")))
     if points and plots:
         written.append(("quality against sparsity", plot_quality(points, plots / "quality.png")))
-    elif plots and args.plots and not reports:
-        raise PrunekitError("nothing to plot: give pruned directories, report JSONs or benchmark results")
     for what, path in written:
         print(f"{what} plot: {path}")
 
@@ -245,8 +243,8 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("report", help="print the per-layer report of saved pruned models, and plot them")
     p.add_argument("dirs", nargs="+", metavar="DIR",
-                   help="directories written by prunekit prune --out, report JSONs, or benchmark results "
-                        "(benchmarks/results/*.json, plotted against sparsity)")
+                   help="directories written by prunekit prune --out (with the evaluation they recorded, plotted "
+                        "against sparsity), or report JSONs")
     p.add_argument("--plots", metavar="OUT", help="directory for the PNGs: sparsity.png (per layer, every DIR side "
                                                   "by side) and quality.png (perplexity or accuracy against sparsity); "
                                                   "default: the first DIR")

@@ -235,9 +235,7 @@ def plot_sparsity(reports: dict[str, PruneReport], path: str | Path) -> Path:
 
 # -- quality against sparsity
 
-METRICS = ("perplexity", "accuracy", "fidelity", "recall_at_1")  # what a benchmark row or an evaluation may hold
-_X = ("sparsity", "removed_share", "ratio")  # where a row says how much was pruned, first found wins
-_LABELS = ("tool", "part", "importance", "allocator", "method", "config")
+METRICS = ("perplexity", "accuracy", "fidelity", "recall_at_1")  # what an evaluation may hold
 
 
 @dataclass
@@ -246,30 +244,8 @@ class QualityPoint:
     sparsity: float
     metric: str  # one of METRICS
     value: float
-    source: str  # the file (or "pruned models") it came from: one panel per source and metric
+    source: str  # where it came from ("pruned models", a benchmark's file): one panel per source and metric
     dense: bool = False  # the unpruned model's value, drawn as a reference line
-
-
-def benchmark_points(rows: list[dict], source: str) -> list[QualityPoint]:
-    """Points of a benchmark result's rows (benchmarks/results/*.json): each row with a sparsity (or removed share)
-    and a metric, its series named by the row's tool/part/estimator/allocator/config (the config without its
-    sparsity: "wanda-70-owl" -> "wanda-owl"); rows of config "dense" are reference values."""
-    points = []
-    for row in rows:
-        metrics = [m for m in METRICS if isinstance(row.get(m), (int, float))]
-        x = next((row[k] for k in _X if isinstance(row.get(k), (int, float))), None)
-        if row.get("config") == "dense":
-            group = " ".join(str(row[k]) for k in ("tool", "part") if k in row)
-            points += [QualityPoint(f"{group} dense".strip(), 0.0, m, float(row[m]), source, dense=True)
-                       for m in metrics]
-            continue
-        if x is None:
-            continue
-        words = [str(row[k]) if k != "config" else
-                 "-".join(w for w in str(row[k]).split("-") if not w.isdigit()) for k in _LABELS if k in row]
-        series = " ".join(w for w in words if w)
-        points += [QualityPoint(series, float(x), m, float(row[m]), source) for m in metrics]
-    return points
 
 
 def evaluation_points(report: PruneReport, evaluation: dict) -> list[QualityPoint]:
@@ -291,8 +267,8 @@ def plot_quality(points: list[QualityPoint], path: str | Path) -> Path:
     """PNG with one panel per source and metric: each series' value against its sparsity (perplexity on a log
     scale), dense values as dashed reference lines."""
     if not any(not p.dense for p in points):
-        raise PrunekitError("nothing to plot against sparsity: give benchmark results (benchmarks/results/*.json) or "
-                            "pruned directories saved with an evaluation (prunekit prune --out DIR measures one)")
+        raise PrunekitError("nothing to plot against sparsity: give pruned directories saved with an evaluation "
+                            "(prunekit prune --out DIR measures one)")
     plt = _pyplot()
     panels = list(dict.fromkeys((p.source, p.metric) for p in points if not p.dense))
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 4.2 * len(panels)), constrained_layout=True, squeeze=False)
