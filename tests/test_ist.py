@@ -196,7 +196,7 @@ def test_pruned_entries_stay_zero_and_deltas_reload_to_the_same_logits(tmp_path)
     model.eval()
     with torch.no_grad():
         adapted = model(**batch(9)).logits
-    meta = load_deltas(fresh, save_deltas(tuned, tmp_path / "ist.safetensors"))
+    meta = load_deltas(fresh, save_deltas(tuned, tmp_path / "ist"))
     assert meta["method"] == "ist"
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch(9)).logits, adapted, atol=1e-5, rtol=1e-5)
@@ -225,10 +225,41 @@ def test_existing_peft_dora_adapters_are_used_a_trainer_runs_ist_through_its_cal
     assert any("magnitude" in n for n, p in model.named_parameters() if id(p) in held)
     model.eval()
     fresh = deep_llama()
-    load_deltas(fresh, save_deltas(tuned, tmp_path / "dora.safetensors"))
+    load_deltas(fresh, save_deltas(tuned, tmp_path / "dora"))
     ids = batch(9)["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_peft_itself_loads_the_saved_adapter_to_the_logits_of_prunekits_loaded_model(tmp_path, prune):
+    """The LoRA part of deltas is a peft adapter folder: PeftModel.from_pretrained reads it as it is (over a pruned
+    base, with protect() keeping the pruned entries out of B·A) and computes what load_deltas' merged model does."""
+    model = deep_llama()
+    if prune:
+        prunekit.prune(model, 0.5, importance="magnitude")
+    fresh = copy.deepcopy(model)
+    tuned = prepare(model, "ist", rank=2, interval=2)
+    randomise_adapters(tuned)  # every adapter nonzero, trained or not
+    optimizer = tuned.optimizer(lr=0.05)
+    for step in range(3):
+        model(**batch(step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    path = save_deltas(tuned, tmp_path / "ist")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {f.name for f in path.iterdir()}
+    by_peft = peft.PeftModel.from_pretrained(copy.deepcopy(fresh), str(path))
+    if prune:
+        prunekit.tuning.lowrank.protect(prunekit.tuning.lowrank.lora_layers(by_peft))
+    ids = batch(9)["input_ids"]
+    with torch.no_grad():
+        base = fresh(input_ids=ids).logits
+    load_deltas(fresh, path)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        assert not torch.allclose(expected, base, atol=1e-3)  # the adapters do change the model
+        torch.testing.assert_close(by_peft(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fresh(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
 class OneLayer(nn.Module):

@@ -1,4 +1,5 @@
-"""LIFT and the sparse update machinery (selection, reduced gradients, SparseAdam) against references in the test."""
+"""LIFT and the sparse update machinery (selection, reduced gradients, torch's AdamW on the selected values) against
+references in the test."""
 import copy
 
 import numpy as np
@@ -12,7 +13,7 @@ from conftest import VOCAB, tiny
 from prunekit import PrunekitError, TargetError
 from prunekit.masks import attach
 from prunekit.tuning import load_deltas, prepare, save_deltas
-from prunekit.tuning.sparse import SparseAdam, reselect, select, selection
+from prunekit.tuning.sparse import adamw, reselect, select, selection, state_size
 
 
 def batch(seed=0, n=2, length=12):
@@ -72,7 +73,7 @@ def test_only_selected_entries_change_and_state_is_sized_by_the_selection():
     optimizer = tuned.optimizer(lr=1e-2)
     train(model, optimizer, 2)
     k = sum(selection(m.weight).indices.numel() for m in tuned.layers.values())
-    assert optimizer.state_size() == 2 * k
+    assert state_size(optimizer) == 2 * k
     for name, value in model.state_dict().items():
         changed = (value != before[name]).view(-1)
         module = tuned.layers.get(name.removesuffix(".weight"))
@@ -84,7 +85,7 @@ def test_only_selected_entries_change_and_state_is_sized_by_the_selection():
             assert changed.any() and not (changed & ~allowed).any(), name
 
 
-def test_sparse_adam_equals_adamw_on_the_selected_entries_and_on_whole_unselected_parameters():
+def test_adamw_on_selected_values_equals_dense_adamw_on_those_entries_and_on_whole_unselected_parameters():
     torch.manual_seed(0)
     dense, sparse = nn.Linear(6, 5), nn.Linear(6, 5)
     sparse.load_state_dict(dense.state_dict())
@@ -92,7 +93,7 @@ def test_sparse_adam_equals_adamw_on_the_selected_entries_and_on_whole_unselecte
     select(sparse.weight, chosen)  # the bias has no selection: it trains whole, as an adapter would
     options = dict(lr=0.05, weight_decay=0.1, betas=(0.8, 0.9), eps=1e-6)
     reference = torch.optim.AdamW([dense.weight, dense.bias], **options)
-    optimizer = SparseAdam([sparse.weight, sparse.bias], **options)
+    optimizer = adamw([sparse.weight, sparse.bias], **options)
     frozen = torch.ones(30, dtype=torch.bool)
     frozen[chosen] = False
     original = dense.weight.detach().view(-1)[frozen].clone()
@@ -107,7 +108,7 @@ def test_sparse_adam_equals_adamw_on_the_selected_entries_and_on_whole_unselecte
             dense.weight.view(-1)[frozen] = original
         torch.testing.assert_close(sparse.weight.view(-1)[chosen], dense.weight.view(-1)[chosen])
         torch.testing.assert_close(sparse.bias, dense.bias)
-    assert optimizer.state_size() == 2 * (len(chosen) + 5)
+    assert state_size(optimizer) == 2 * (len(chosen) + 5)
 
 
 def test_gradients_accumulate_over_micro_batches():
@@ -123,14 +124,15 @@ def test_gradients_accumulate_over_micro_batches():
 def test_refresh_carries_moments_of_entries_that_stay():
     layer = nn.Linear(4, 3)
     select(layer.weight, torch.tensor([1, 2, 5]))
-    optimizer = SparseAdam([layer.weight], lr=0.1)
+    optimizer = adamw([layer.weight], lr=0.1)
     layer(torch.randn(2, 4)).sum().backward()
     optimizer.step()
-    old = {k: optimizer.state[layer.weight][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+    values = selection(layer.weight).values  # what the optimizer trains
+    old = {k: optimizer.state[values][k].clone() for k in ("exp_avg", "exp_avg_sq")}
     reselect(layer.weight, torch.tensor([2, 5, 9]), optimizer)
     for key, value in old.items():
-        torch.testing.assert_close(optimizer.state[layer.weight][key], torch.stack([value[1], value[2],
-                                                                                   torch.tensor(0.0)]))
+        torch.testing.assert_close(optimizer.state[values][key], torch.stack([value[1], value[2],
+                                                                              torch.tensor(0.0)]))
 
 
 def test_lift_refreshes_every_interval_steps():
@@ -163,7 +165,7 @@ def test_saved_deltas_reproduce_the_trained_model_on_a_fresh_base(tmp_path):
     model = copy.deepcopy(base)
     tuned = prepare(model, "lift", rank=2, filter_rank=3, interval=1)
     train(model, tuned.optimizer(lr=0.05), 3)
-    meta = load_deltas(base, save_deltas(tuned, tmp_path / "lift.safetensors"))
+    meta = load_deltas(base, save_deltas(tuned, tmp_path / "lift"))
     assert meta["method"] == "lift"
     ids = batch(99)["input_ids"]
     with torch.no_grad():
@@ -181,7 +183,7 @@ def test_deltas_trained_dense_keep_a_pruned_copys_zeros_and_change_only_its_kept
     attach(down, down.prune_mask.T.contiguous().T)  # a strided mask, as SparseGPT's are
     assert not down.prune_mask.is_contiguous()
     before = {n: p.detach().clone() for n, p in pruned_base.named_parameters()}
-    load_deltas(pruned_base, save_deltas(tuned, tmp_path / "lift.safetensors"))
+    load_deltas(pruned_base, save_deltas(tuned, tmp_path / "lift"))
     trained, original = dict(model.named_parameters()), dict(base.named_parameters())
     for name, keep in prunekit.masks(pruned_base).items():
         weight = dict(pruned_base.named_modules())[name].weight
@@ -194,7 +196,7 @@ def test_deltas_trained_dense_keep_a_pruned_copys_zeros_and_change_only_its_kept
 def test_deltas_onto_a_different_base_are_refused_before_anything_changes(tmp_path):
     model = tiny("llama")
     tuned = prepare(model, "lift", rank=1, filter_rank=2)
-    path = save_deltas(tuned, tmp_path / "d.safetensors")
+    path = save_deltas(tuned, tmp_path / "d")
     torch.manual_seed(0)
     other = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))

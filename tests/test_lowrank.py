@@ -7,22 +7,13 @@ import torch
 import prunekit
 from conftest import VOCAB, calibration_for, tiny
 from prunekit import PrunekitError
-from prunekit.tuning import load_deltas, save_deltas
-from prunekit.tuning.lowrank import _MaskedProduct, inject, lora_deltas, lora_layers
+from prunekit.tuning.lowrank import _MaskedProduct, inject, lora_layers, merge_adapter, save_adapter
 
 
-class Saved:
-    """What save_deltas needs from a method: a name, options and deltas."""
-    name = "lora"
-
-    def __init__(self, layers):
-        self.layers = layers
-
-    def options(self):
-        return {}
-
-    def deltas(self):
-        return lora_deltas(self.layers)
+def saved(model, layers, path):
+    """The adapter saved in peft's format, as save_deltas saves a method's LoRA layers."""
+    save_adapter(model, layers, "default", path)
+    return path
 
 
 def pruned_llama():
@@ -107,8 +98,7 @@ def test_saved_lora_deltas_reload_onto_a_fresh_pruned_base_to_the_same_logits(tm
     ids = calibration_for("llama", n=2, length=10, seed=9)
     with torch.no_grad():
         adapted = model(input_ids=ids).logits
-    path = save_deltas(Saved(layers), tmp_path / "lowrank.safetensors")
-    load_deltas(fresh, path)
+    merge_adapter(fresh, saved(model, layers, tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)
     for name, keep in prunekit.masks(fresh).items():
@@ -124,7 +114,7 @@ def test_gpt2_conv1d_adapters_save_in_the_base_weights_orientation(tmp_path):
     ids = torch.randint(0, VOCAB, (2, 8))
     with torch.no_grad():
         adapted = model(input_ids=ids).logits
-        load_deltas(fresh, save_deltas(Saved(layers), tmp_path / "d.safetensors"))
+        merge_adapter(fresh, saved(model, layers, tmp_path))
         torch.testing.assert_close(fresh(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)
 
 
@@ -136,7 +126,7 @@ def test_dora_full_change_reloads_and_dora_over_pruned_layers_is_refused(tmp_pat
     ids = torch.randint(0, VOCAB, (2, 8))
     with torch.no_grad():
         adapted = model(input_ids=ids).logits
-        load_deltas(fresh, save_deltas(Saved(layers), tmp_path / "d.safetensors"))
+        merge_adapter(fresh, saved(model, layers, tmp_path))
         torch.testing.assert_close(fresh(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)
     with pytest.raises(PrunekitError, match="DoRA"):
         inject(pruned_llama(), ["model.layers.0.self_attn.v_proj"], rank=2, dora=True)

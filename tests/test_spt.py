@@ -3,6 +3,7 @@ import copy
 import math
 from collections import Counter
 
+import peft
 import pytest
 import torch
 
@@ -11,7 +12,8 @@ import prunekit.tuning.spt  # noqa: F401  (registers "spt")
 from conftest import VOCAB, tiny
 from prunekit import PrunekitError, TargetError
 from prunekit.tuning import load_deltas, prepare, save_deltas
-from prunekit.tuning.sparse import selection
+from prunekit.tuning.lowrank import base_name, lora_layers
+from prunekit.tuning.sparse import selection, state_size
 from prunekit.tuning.spt import allocate, sensitivity
 
 INF = float("inf")
@@ -208,7 +210,7 @@ def test_prepare_trains_exactly_the_allocation():
     optimizer = tuned.optimizer(lr=1e-2)
     assert optimizer.param_groups[0]["params"] == tuned.trainable()
     train(model, optimizer, 2)
-    assert optimizer.state_size() == 2 * (lora + sparse)
+    assert state_size(optimizer) == 2 * (lora + sparse)
     state = {n.replace(".base_layer", ""): v for n, v in model.state_dict().items() if "lora_" not in n}
     assert set(state) == set(before)
     for name, value in state.items():
@@ -249,7 +251,7 @@ def test_pruned_entries_are_never_selected_and_stay_zero(tmp_path):
     for name, layer in tuned.lora.items():
         assert not layer.get_base_layer().weight[~masks[name]].any(), name
     # the LoRA'd layers compute with pruned entries at zero: the trained model equals a pruned base plus deltas
-    load_deltas(base, save_deltas(tuned, tmp_path / "spt.safetensors"))
+    load_deltas(base, save_deltas(tuned, tmp_path / "spt"))
     for name, keep in masks.items():
         assert not dict(base.named_modules())[name].weight[~keep].any(), name
     ids = batches(1, seed=99)[0]["input_ids"]
@@ -264,13 +266,29 @@ def test_saved_deltas_reproduce_the_trained_model_on_a_fresh_base(tmp_path, fami
     tuned = prepare(model, "spt", batches=batches(2), rank=2, budget=1200, progress=False)
     assert tuned.lora and tuned.layers
     train(model, tuned.optimizer(lr=0.05), 3)
-    meta = load_deltas(base, save_deltas(tuned, tmp_path / "spt.safetensors"))
+    meta = load_deltas(base, save_deltas(tuned, tmp_path / "spt"))
     assert meta["method"] == "spt"
     ids = batches(1, seed=99)[0]["input_ids"]
     with torch.no_grad():
         trained, reloaded = model(ids).logits, base(ids).logits
     assert not torch.allclose(trained, tiny(family)(ids).logits, atol=1e-4)  # training did change the model
     torch.testing.assert_close(reloaded, trained, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_peft_itself_loads_the_lora_part_of_the_saved_deltas(tmp_path, family):
+    """The structured matrices' LoRA is saved as a peft adapter: PeftModel.from_pretrained puts the trained
+    adapters (and only them) on a fresh base, each with the trained layer's delta B·A · scale."""
+    base = tiny(family)
+    model = copy.deepcopy(base)
+    tuned = prepare(model, "spt", batches=batches(2), rank=2, budget=1200, progress=False)
+    train(model, tuned.optimizer(lr=0.05), 3)
+    by_peft = peft.PeftModel.from_pretrained(base, str(save_deltas(tuned, tmp_path / "spt")))
+    loaded = {base_name(n): layer for n, layer in lora_layers(by_peft).items()}
+    assert sorted(loaded) == sorted(tuned.lora) and tuned.layers  # the sparse matrices are not peft's
+    for name, layer in tuned.lora.items():
+        torch.testing.assert_close(loaded[name].get_delta_weight("default"), layer.get_delta_weight("default"))
+        assert loaded[name].get_delta_weight("default").abs().sum() > 0, name
 
 
 def test_vit_classifier_trains_and_reloads(tmp_path):
@@ -287,7 +305,7 @@ def test_vit_classifier_trains_and_reloads(tmp_path):
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    load_deltas(base, save_deltas(tuned, tmp_path / "vit.safetensors"))
+    load_deltas(base, save_deltas(tuned, tmp_path / "vit"))
     with torch.no_grad():
         torch.testing.assert_close(base(data[0]["pixel_values"]).logits, model(data[0]["pixel_values"]).logits,
                                    atol=1e-5, rtol=1e-5)

@@ -1,15 +1,16 @@
-"""What every fine-tuning method shares: the registry, `prepare`, the optimizer hooks, and deltas on disk.
+"""What every fine-tuning method shares: its config, the registry, `prepare` and the optimizer hooks.
 
-A method is set up on a model by `prepare(model, method, **options)`, which validates everything before it
-changes anything, freezes what does not train and returns the `Method`. A model carries one method: a prepared
-model (or its deep copy) is refused, as are peft adapters for the methods that set up their own parameters (all
-but IST, which schedules the user's). Training then runs in any loop:
+A method is set up on a model by `prepare(model, method, **options)` (or `prepare(model, config)` with the
+method's config, e.g. `LIFTConfig(rank=16)`: the keywords build the same config), which validates everything
+before it changes anything, freezes what does not train and returns the `Method`. A model carries one method: a
+prepared model (or its deep copy) is refused, as are peft adapters for the methods that set up their own
+parameters (all but IST, which schedules the user's). Training then runs in any loop:
 
     tuned = prunekit.tuning.prepare(model, "lift", rank=16)
-    optimizer = tuned.optimizer(lr=1e-4)          # the right optimizer; its step hooks drive the method
+    optimizer = tuned.optimizer(lr=1e-4)          # torch's AdamW over what trains; its step hooks drive the method
     for batch in loader:
         model(**batch).loss.backward(); optimizer.step(); optimizer.zero_grad()
-    prunekit.tuning.save_deltas(tuned, "deltas.safetensors")
+    prunekit.tuning.save_deltas(tuned, "deltas")  # a folder (prunekit.tuning.deltas)
 
 or through `transformers.Trainer(model, ..., optimizers=(tuned.optimizer(lr=1e-4), None))`: what a method does
 between steps (LIFT's mask refresh, IST's layer sampling) hangs on the optimizer's step hooks, so it runs in
@@ -19,68 +20,87 @@ Data parallel: `prepare(model, method, distributed=True)` on every rank of a tor
 then averages what trains over the ranks before every step, and the method takes its choices from every rank's data
 alike (see prunekit.distributed), so all ranks stay identical.
 
-Deltas are what training changed, in one of two forms per weight, so that one loader serves every method:
-sparse (`<param>.indices`, `<param>.values`: flat indices into the weight and the change there) and low-rank
-(`<param>.lora_A`, `<param>.lora_B`, `<param>.scale`: the change is scale · B @ A). `load_deltas(model, path)`
-adds them to a fresh copy of the base model.
+Deltas (what training changed) go to disk and back through prunekit.tuning.deltas.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from dataclasses import fields
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import PrunekitError
-from ..masks import BUFFER, rezero
+from ..masks import BUFFER
 from ..registry import Registry
-from .sparse import selection
+from .config import Config
+from .sparse import adamw, selection, trains_selections
 
 
 class Method:
-    """A fine-tuning method bound to one model. Subclasses implement `attach` (validate, then set up: freeze,
-    select, wrap) and `deltas`, and override `before_step` / `after_step` where they act between steps."""
+    """A fine-tuning method bound to one model, built from its config (`config_class`) or the keywords of one.
+    Subclasses implement `attach` (validate against the model, then set up: freeze, select, wrap) and `deltas`,
+    and override `before_step` / `after_step` where they act between steps. The config's options read as
+    attributes too (tuned.rank is tuned.config.rank)."""
 
     name: str
+    config_class: type[Config] = Config
     takes_adapters = False  # True: the method schedules peft adapters the user already put on the model (IST)
+    adapter = "default"  # the peft adapter whose LoRA layers `lora_layers` returns
 
-    def __init__(self):
+    def __init__(self, config: Config | None = None, **options):
+        if config is None:
+            config = self.config_class(**options)
+        elif options:
+            raise PrunekitError(f"{self.config_class.label()} takes a config or keyword options, not both; got a "
+                                f"config and {sorted(options)}")
+        elif not isinstance(config, self.config_class):
+            raise PrunekitError(f"{self.config_class.label()} takes a {self.config_class.__name__}, got "
+                                f"{type(config).__name__}")
+        self.config = config
         self.model: nn.Module | None = None
         self.group = None  # a prunekit.distributed.Group when the ranks of a data-parallel run train together
         self.steps = 0
         self._optimizer: torch.optim.Optimizer | None = None  # the one optimizer() built
 
+    def __getattr__(self, name: str):
+        config = self.__dict__.get("config")  # not there while copy or pickle rebuild the object
+        if config is not None and name in {f.name for f in fields(config)}:
+            return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
     # -- set-up
     def attach(self, model: nn.Module) -> None:
         raise NotImplementedError
 
-    def trainable(self) -> list[nn.Parameter]:
-        """The parameters a dense optimizer should train (requires_grad after attach)."""
+    def trainable(self) -> list[torch.Tensor]:
+        """What an optimizer trains: the parameters that require grad after attach, a selected weight's values in
+        its place (prunekit.tuning.sparse)."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def trainable_count(self) -> int:
         """How many numbers training changes (for a sparse method, the selected entries, not whole weights)."""
         return sum(p.numel() for p in self.trainable())
 
-    optimizer_class = torch.optim.AdamW  # SparseAdam for methods that train selected entries
-
     def optimizer(self, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
-        """`optimizer_class` (AdamW, or SparseAdam) over `trainable()`, with the method's step hooks on it."""
+        """torch's AdamW over `trainable()` (fused where the device has it; `prunekit.tuning.sparse.adamw`), with
+        the method's step hooks on it."""
         params = self.trainable()
         if not params:
             raise PrunekitError(f"{self.name}: nothing to train; was the model prepared with these options?")
-        self._optimizer = self.hooked(self.optimizer_class(params, lr=lr, weight_decay=weight_decay, betas=betas,
-                                                           eps=eps))
+        self._optimizer = self.hooked(adamw(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
         return self._optimizer
 
     def hooked(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """Registers before_step / after_step on an optimizer (use it for an optimizer of your own); once."""
+        """Registers before_step / after_step on an optimizer (use it for an optimizer of your own over
+        `trainable()`), and the reads and writes of sparse selections around its steps; once."""
         if getattr(optimizer, "_prunekit_method", None) is self:
             return optimizer
+        trains_selections(optimizer)
         optimizer._prunekit_method = self
-        if self.group is not None:  # first of the pre-hooks: the method sees the averaged gradients
+        if self.group is not None:  # first of the method's pre-hooks: the method sees the averaged gradients
             optimizer.register_step_pre_hook(lambda opt, *_: average_gradients(opt, self.group))
         optimizer.register_step_pre_hook(lambda *_: self.before_step())
         optimizer.register_step_post_hook(lambda *_: self._after())
@@ -99,19 +119,28 @@ class Method:
 
     # -- results
     def deltas(self) -> dict[str, torch.Tensor]:
-        """What training changed, as sparse or low-rank tensors named after the weights (see module docstring)."""
-        raise NotImplementedError
+        """What training changed at entries, as sparse deltas named after the weights (see module docstring)."""
+        return {}
+
+    def lora_layers(self) -> dict[str, nn.Module]:
+        """The peft LoRA layers (by module name) whose adapter `self.adapter` training changed; saved in peft's
+        format."""
+        return {}
+
+    def summary(self) -> dict:
+        """What came of the options (saved beside them): the numbers trained, and the method's own facts."""
+        return {"trainable": self.trainable_count(), "steps": self.steps}
 
     def options(self) -> dict:
-        """The options the method was created with (saved beside the deltas)."""
-        return {}
+        """The config's saved options and the summary, in one dict."""
+        return {**self.config.to_dict(), **self.summary()}
 
 
 TUNERS: Registry[Method] = Registry("tuning method", Method)
 
 
-def prepare(model: nn.Module, method: str | Method = "lift", *, distributed=False, **options) -> Method:
-    """Sets `method` (a registered name with options, or an instance) up on `model` and returns it.
+def prepare(model: nn.Module, method: str | Method | Config = "lift", *, distributed=False, **options) -> Method:
+    """Sets `method` (a registered name with options, a method's config, or a Method) up on `model` and returns it.
 
     Validation comes first: a model the method cannot address, or bad options, raise before the model changes.
     distributed: True (torch.distributed's default group) or a process group, on every rank of a data-parallel run:
@@ -119,7 +148,10 @@ def prepare(model: nn.Module, method: str | Method = "lift", *, distributed=Fals
     from ..distributed import group_of
 
     group = group_of(distributed)
-    tuner = TUNERS.create(method, **options)
+    if isinstance(method, Config):
+        tuner = TUNERS.create(method.method, config=method, **options)
+    else:
+        tuner = TUNERS.create(method, **options)
     _refuse_tuned(model, tuner)
     tuner.model = model
     tuner.group = group
@@ -153,76 +185,12 @@ def _refuse_tuned(model: nn.Module, tuner: Method) -> None:
 
 
 def average_gradients(optimizer: torch.optim.Optimizer, group) -> None:
-    """Averages over the ranks every gradient the optimizer's next step uses: a sparse selection's reduced gradient
-    (never the dense one of its weight), a plain parameter's .grad; one all-reduce per dtype and device."""
-    grads = []
-    for param_group in optimizer.param_groups:
-        for p in param_group["params"]:
-            sel = selection(p)
-            grads.append(sel.grad if sel is not None else p.grad)
+    """Averages over the ranks every gradient the optimizer's next step uses (a sparse selection's is its values'
+    reduced gradient, never the dense one of its weight); one all-reduce per dtype and device."""
+    grads = [p.grad for param_group in optimizer.param_groups for p in param_group["params"]]
     present = [g is not None for g in grads]
     group.agree("which parameters have gradients this step", present)
     group.mean_([g for g in grads if g is not None])
-
-
-def save_deltas(method: Method, path: str | Path) -> Path:
-    """Writes the method's deltas to a safetensors file (with the method's name and options as metadata)."""
-    path = Path(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in method.deltas().items()}
-    save_file(tensors, str(path), metadata={"method": method.name, "options": json.dumps(method.options(),
-                                                                                         default=str)})
-    return path
-
-
-def load_deltas(model: nn.Module, path: str | Path) -> dict:
-    """Adds the deltas saved at `path` to the model's weights (a fresh copy of the base the method was trained
-    on, or a pruned copy of it: entries its prune masks remove stay zero); returns the saved metadata. Every delta
-    is checked against its weight before any weight changes."""
-    tensors = load_file(str(path))
-    params = dict(model.named_parameters())
-    modules = dict(model.named_modules())
-    changes = {}
-    for key in tensors:
-        name, _, kind = key.rpartition(".")
-        if kind not in ("indices", "lora_A"):
-            continue
-        if name not in params:
-            raise PrunekitError(f"deltas at {path} change {name!r}, which this model does not have; load them onto "
-                                f"the base model they were trained on")
-        changes[name] = _delta(params[name], name, tensors, path)
-    with torch.no_grad():
-        for name, change in changes.items():
-            change(params[name])
-            rezero(modules[name.rpartition(".")[0]])  # deltas trained on a dense model must not fill pruned entries
-    with open(path, "rb") as f:  # the safetensors header holds the metadata
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return header.get("__metadata__", {})
-
-
-def _delta(weight: torch.Tensor, name: str, tensors: dict, path) -> callable:
-    """A function adding the saved delta of `name` to its weight, after checking that it fits."""
-    if f"{name}.indices" in tensors:
-        indices, values = tensors[f"{name}.indices"].long(), tensors[f"{name}.values"]
-        if indices.numel() and (indices.min() < 0 or indices.max() >= weight.numel()):
-            raise PrunekitError(f"deltas at {path} index {name!r} up to {int(indices.max())}, but its weight here has "
-                                f"{weight.numel()} entries (shape {tuple(weight.shape)}); a different base model?")
-        return lambda w: w.view(-1).index_add_(0, indices.to(w.device), values.to(w.device, w.dtype))
-    a, b = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
-    scale = float(tensors[f"{name}.scale"])
-    if (b.shape[0], a.shape[1]) != tuple(weight.shape):
-        raise PrunekitError(f"deltas at {path} change {name!r} by a {b.shape[0]}x{a.shape[1]} matrix, but its weight "
-                            f"here is {tuple(weight.shape)}; a different base model?")
-    return lambda w: w.add_((scale * (b.float() @ a.float())).to(w.device, w.dtype))
-
-
-def lowrank_delta(name: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
-    """The saved form of a change scale · B @ A to weight `name` ([out, in] = [out, r] @ [r, in])."""
-    return {f"{name}.lora_A": a.detach(), f"{name}.lora_B": b.detach(), f"{name}.scale": torch.tensor(float(scale))}
-
-
-def sparse_delta(name: str, indices: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The saved form of a change `values` at flat `indices` of weight `name`."""
-    return {f"{name}.indices": indices.detach(), f"{name}.values": values.detach()}
 
 
 def pruned(module: nn.Module) -> torch.Tensor | None:

@@ -42,6 +42,9 @@ add `callbacks=[tuned.callback()]`. Adapters over pruned layers keep the pruned 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -49,7 +52,8 @@ from torch import nn
 from ..errors import PrunekitError
 from ..targets import find_blocks, find_targets
 from .base import TUNERS, Method
-from .lowrank import check_protectable, inject, lora_deltas, lora_layers, protect
+from .config import BATCHES, FLAG, LOSS_FN, PATTERN, Config, Rule, integer, number, option, optional
+from .lowrank import check_protectable, inject, lora_layers, protect
 
 
 def draw(scores: torch.Tensor, count: int, generator: torch.Generator, important: bool = True) -> list[int]:
@@ -59,59 +63,49 @@ def draw(scores: torch.Tensor, count: int, generator: torch.Generator, important
     return sorted(torch.multinomial(weights, count, replacement=False, generator=generator).tolist())
 
 
-def _fraction(name: str, value, example: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise PrunekitError(f"IST's {name} is a fraction of the layers in (0, 1] ({example}), got {value!r}")
+def _fraction(example: str) -> Rule:
+    return number(lambda v: 0 < v <= 1, f"is a fraction of the layers in (0, 1] ({example})")
+
+
+@dataclass
+class ISTConfig(Config):
+    """IST's options. rank: LoRA rank to inject when the model has no peft LoRA layers yet (alpha = 2 · rank,
+    dropout 0; dora=True for DoRA), on every Linear of the repeated blocks or those `include` / `exclude` (regexes)
+    name; a model that already has them (peft.get_peft_model) is used as it is, and then rank / dora / include /
+    exclude must not be given. update / suppress: fractions of the layers trained per step / suppressed per round;
+    interval: steps between score updates; factor: λ; rounds; score_lr; seed: of the layer draws. Inputs of the run
+    (not saved): batches, an iterable of batches for the suppression losses (default: the latest training batch);
+    loss_fn(outputs, batch), the loss when outputs.loss is not it."""
+
+    method: ClassVar[str] = "ist"
+    rank: int | None = option(None, optional(integer(1), "must be an integer >= 1 (the LoRA rank to inject), or "
+                                                         "None to use the model's own peft adapters;"))
+    dora: bool = option(False, FLAG)
+    update: float = option(0.25, _fraction("0.25 trains the adapters of a quarter of the layers in each step"))
+    suppress: float = option(0.5, _fraction("0.5 suppresses half of the layers in each round"))
+    interval: int = option(10, integer(1, " (steps between score updates, 10 by default)"))
+    factor: float = option(0.25, number(lambda v: 0 <= v < 1, "(λ, the scale of the suppressed adapters) must be in "
+                                                               "[0, 1); 0.25 by default"))
+    rounds: int = option(3, integer(1, " (suppression rounds per score update, 3 by default)"))
+    score_lr: float = option(10.0, number(lambda v: v > 0, "(step size of the importance scores) must be a positive "
+                                                           "number; 10 by default"))
+    seed: int = option(0, integer())
+    include: str | None = option(None, PATTERN)
+    exclude: str | None = option(None, PATTERN)
+    batches: Iterable | None = option(None, BATCHES, saved=False)
+    loss_fn: Callable | None = option(None, LOSS_FN, saved=False)
 
 
 @TUNERS.register("ist")
 class IST(Method):
-    """Importance-aware Sparse Tuning (Yao et al., EMNLP 2024 Findings); see the module docstring.
+    """Importance-aware Sparse Tuning (Yao et al., EMNLP 2024 Findings); see the module docstring and `ISTConfig`."""
 
-    rank: LoRA rank to inject when the model has no peft LoRA layers yet (alpha = 2 · rank, dropout 0; dora=True
-    for DoRA), on every Linear of the repeated blocks or those `include` / `exclude` (regexes) name; a model that
-    already has them (peft.get_peft_model) is used as it is, and then rank / dora / include / exclude must not be
-    given. update / suppress: fractions of the layers trained per step / suppressed per round; interval: steps
-    between score updates; factor: λ; rounds; score_lr; batches: an iterable of batches for the suppression
-    losses (default: the latest training batch); loss_fn(outputs, batch): the loss when outputs.loss is not it;
-    seed: of the layer draws.
-    """
-
+    config_class = ISTConfig
     takes_adapters = True
 
-    def __init__(self, rank: int | None = None, dora: bool = False, update: float = 0.25, suppress: float = 0.5,
-                 interval: int = 10, factor: float = 0.25, rounds: int = 3, score_lr: float = 10.0, batches=None,
-                 loss_fn=None, seed: int = 0, include: str | None = None, exclude: str | None = None):
-        super().__init__()
-        _fraction("update", update, "0.25 trains the adapters of a quarter of the layers in each step")
-        _fraction("suppress", suppress, "0.5 suppresses half of the layers in each round")
-        for what, value, hint in (("interval", interval, "steps between score updates, 10 by default"),
-                                  ("rounds", rounds, "suppression rounds per score update, 3 by default")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise PrunekitError(f"IST's {what} must be an integer >= 1 ({hint}), got {value!r}")
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-            raise PrunekitError(f"IST's rank must be an integer >= 1 (the LoRA rank to inject), or None to use the "
-                                f"model's own peft adapters; got {rank!r}")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor < 1:
-            raise PrunekitError(f"IST's factor (λ, the scale of the suppressed adapters) must be in [0, 1); 0.25 by "
-                                f"default, got {factor!r}")
-        if isinstance(score_lr, bool) or not isinstance(score_lr, (int, float)) or not score_lr > 0 \
-                or not math.isfinite(score_lr):
-            raise PrunekitError(f"IST's score_lr (step size of the importance scores) must be a positive number; "
-                                f"10 by default, got {score_lr!r}")
-        if not isinstance(dora, bool):
-            raise PrunekitError(f"IST's dora must be True or False, got {dora!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise PrunekitError(f"IST's seed must be an integer, got {seed!r}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise PrunekitError(f"IST's loss_fn must be a function (outputs, batch) -> loss, got {loss_fn!r}")
-        if batches is not None and (isinstance(batches, (dict, torch.Tensor)) or not hasattr(batches, "__iter__")):
-            raise PrunekitError(f"IST's batches must be an iterable of batches (a list or a DataLoader), got "
-                                f"{type(batches).__name__}; wrap a single batch in a list")
-        self.rank, self.dora, self.update, self.suppress = rank, dora, update, suppress
-        self.interval, self.factor, self.rounds, self.score_lr = interval, factor, rounds, score_lr
-        self.batches, self._batches = batches, None
-        self.loss_fn, self.seed, self.include, self.exclude = loss_fn, seed, include, exclude
+    def __init__(self, config: ISTConfig | None = None, **options):
+        super().__init__(config, **options)
+        self._batches = None  # the iterator over config.batches
         self.layers: dict[str, nn.Module] = {}  # peft LoRA layers by name
         self.blocks: list[list[nn.Module]] = []  # per scheduled layer (block holding adapters), its LoRA layers
         self.block_index: list[int] = []  # the index of each scheduled layer among the model's blocks
@@ -119,22 +113,16 @@ class IST(Method):
         self.scores = torch.zeros(0)
         self.active: list[int] = []
         self.history: list[tuple[list[int], float]] = []  # the last score update's (suppressed layers, loss)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(self.config.seed)
         self._batch = None
         self._hook = None
 
-    def options(self) -> dict:
-        return dict(rank=self.rank, dora=self.dora, update=self.update, suppress=self.suppress,
-                    interval=self.interval, factor=self.factor, rounds=self.rounds, score_lr=self.score_lr,
-                    seed=self.seed, include=self.include, exclude=self.exclude)
-
     # -- set-up
     def attach(self, model: nn.Module) -> None:
-        name = type(model).__name__
+        name, c = type(model).__name__, self.config
         layers = lora_layers(model)
         if layers:
-            given = [k for k, v in (("rank", self.rank), ("dora", self.dora), ("include", self.include),
-                                    ("exclude", self.exclude)) if v not in (None, False)]
+            given = [k for k in ("rank", "dora", "include", "exclude") if getattr(c, k) not in (None, False)]
             if given:
                 raise PrunekitError(f"{name} already has peft LoRA layers ({len(layers)}), which IST schedules as "
                                     f"they are; {', '.join(given)} would be ignored: drop "
@@ -143,11 +131,11 @@ class IST(Method):
             check_protectable(layers)
             names = None
         else:
-            if self.rank is None:
+            if c.rank is None:
                 raise PrunekitError(f"IST looked for peft LoRA/DoRA layers (peft.tuners.lora.Linear) in {name} and "
                                     f"found none: pass rank=<r> to put LoRA on the Linear layers of its blocks, or "
                                     f"wrap it with peft.get_peft_model first")
-            names = [t.name for t in find_targets(model, self.include, self.exclude)]
+            names = [t.name for t in find_targets(model, c.include, c.exclude)]
             adapter = "default"  # inject() refuses DoRA over pruned layers before it changes anything
         _, blocks = find_blocks(model)
         if len(blocks) < 2:
@@ -157,10 +145,10 @@ class IST(Method):
         owner = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
         if names is not None:
             if not any(id(model.get_submodule(n)) in owner for n in names):
-                raise PrunekitError(f"none of the layers include={self.include!r} / exclude={self.exclude!r} name in "
+                raise PrunekitError(f"none of the layers include={c.include!r} / exclude={c.exclude!r} name in "
                                     f"{name} is inside its blocks, so IST would have no layer to schedule; name "
                                     f"Linear layers of the blocks")
-            layers = inject(model, names, self.rank, alpha=2 * self.rank, dropout=0.0, dora=self.dora)
+            layers = inject(model, names, c.rank, alpha=2 * c.rank, dropout=0.0, dora=c.dora)
         else:
             if not any(id(layer) in owner for layer in layers.values()):
                 raise PrunekitError(f"none of {name}'s peft LoRA layers ({', '.join(list(layers)[:3])}...) is inside "
@@ -219,7 +207,7 @@ class IST(Method):
 
     def sample(self) -> list[int]:
         """The layers whose adapters train in the next step (drawn ∝ sigmoid(−I))."""
-        return draw(self.scores, self.count(self.update), self.generator)
+        return draw(self.scores, self.count(self.config.update), self.generator)
 
     # -- training
     def trainable(self) -> list[nn.Parameter]:
@@ -237,7 +225,7 @@ class IST(Method):
         return optimizer
 
     def after_step(self) -> None:
-        if self.steps % self.interval == 0:
+        if self.steps % self.config.interval == 0:
             self.update_scores()
         self._activate(self.sample())
 
@@ -247,20 +235,20 @@ class IST(Method):
         scaled by λ, rewards exp(−loss) centred on their mean, a REINFORCE step on the suppressed layers' scores.
         The rounds' (suppressed layers, loss) are kept in `history`."""
         batch = self._next_batch()
-        n = self.count(self.suppress)
+        n = self.count(self.config.suppress)
         distinct = math.comb(len(self.blocks), n)
         rounds: list[tuple[list[int], float]] = []
         was_training = self.model.training
         self.model.eval()
         try:
-            for _ in range(self.rounds):
+            for _ in range(self.config.rounds):
                 picked = draw(self.scores, n, self.generator, important=False)
                 while any(picked == seen for seen, _ in rounds) and len({tuple(s) for s, _ in rounds}) < distinct:
                     picked = draw(self.scores, n, self.generator, important=False)
                 suppressed = [layer for i in picked for layer in self.blocks[i]]
                 saved = [dict(layer.scaling) for layer in suppressed]
                 for layer in suppressed:
-                    layer.scale_layer(self.factor)
+                    layer.scale_layer(self.config.factor)
                 try:
                     loss = self._loss(*batch)
                     if self.group is not None:  # the loss over every rank's batch, so every rank's scores agree
@@ -277,12 +265,12 @@ class IST(Method):
         step = torch.zeros_like(self.scores)
         for (picked, _), reward in zip(rounds, rewards):
             for i in picked:
-                step[i] += (reward - mean) * p[i] * (1 - p[i]) * self.score_lr
+                step[i] += (reward - mean) * p[i] * (1 - p[i]) * self.config.score_lr
         self.scores += step
         self.history = rounds
 
     def _next_batch(self) -> tuple[tuple, dict]:
-        if self.batches is None:
+        if self.config.batches is None:
             if self._batch is None:
                 raise PrunekitError("IST has no batch to measure suppression on: no forward with gradients ran "
                                     "since prepare(); train with forward + backward, or pass batches=[...]")
@@ -290,7 +278,7 @@ class IST(Method):
         if self._batches is not None:
             batch = next(self._batches, None)
         if self._batches is None or batch is None:
-            self._batches = iter(self.batches)  # again from the start (a DataLoader reshuffles)
+            self._batches = iter(self.config.batches)  # again from the start (a DataLoader reshuffles)
             batch = next(self._batches, None)
             if batch is None:
                 raise PrunekitError("IST's batches are empty; pass at least one batch")
@@ -301,9 +289,9 @@ class IST(Method):
 
     def _loss(self, args: tuple, kwargs: dict) -> float:
         outputs = self.model(*args, **kwargs)
-        if self.loss_fn is not None:
+        if self.config.loss_fn is not None:
             batch = kwargs if not args else args[0] if len(args) == 1 and not kwargs else (args, kwargs)
-            loss = self.loss_fn(outputs, batch)
+            loss = self.config.loss_fn(outputs, batch)
         else:
             loss = getattr(outputs, "loss", None)
             if loss is None and isinstance(outputs, dict):
@@ -328,5 +316,5 @@ class IST(Method):
 
         return ISTCallback()
 
-    def deltas(self) -> dict[str, torch.Tensor]:
-        return lora_deltas(self.layers, self.adapter)
+    def lora_layers(self) -> dict[str, nn.Module]:
+        return self.layers

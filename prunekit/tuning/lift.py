@@ -11,10 +11,13 @@ Defaults are the paper's LLaMA-2-7B arithmetic configuration (reference scripts:
 filter rank 64, refresh every 400 steps, randomized SVD with q = 2 · filter_rank); embeddings and the LM head do
 not train. Where the reference keeps a dense gradient and dense-shaped buffers for every matrix and masks them
 in the optimizer, here gradients are reduced to the selected entries as autograd produces them and the optimizer
-holds state for the selected entries only (`prunekit.tuning.sparse`): memory close to LoRA's.
+(torch's AdamW) holds state for the selected entries only (`prunekit.tuning.sparse`): memory close to LoRA's.
 Entries pruned by prunekit are never selected (they stay zero).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -22,8 +25,10 @@ from tqdm.auto import tqdm
 
 from ..errors import PrunekitError
 from ..targets import find_targets
-from .base import TUNERS, Method, pruned, sparse_delta
-from .sparse import SparseAdam, change, reselect, select, selection
+from .base import TUNERS, Method, pruned
+from .config import PATTERN, Config, integer, one_of, option
+from .deltas import sparse_delta
+from .sparse import change, reselect, select, selection
 
 SVDS = ("randomized", "exact")
 
@@ -41,41 +46,41 @@ def low_rank(weight: torch.Tensor, rank: int, svd: str = "randomized", niter: in
     return (u[:, :rank] * s[:rank]) @ v[:, :rank].mT
 
 
+@dataclass
+class LIFTConfig(Config):
+    """LIFT's options. rank: trainable entries per matrix as a LoRA rank, K = rank · (out + in); filter_rank: rank
+    of the approximation whose magnitudes choose them; interval: optimizer steps between selections (0: never
+    refresh); svd: "randomized" or "exact"; niter: power iterations of the randomized SVD; include / exclude:
+    regexes over module names (default: every Linear of the repeated blocks, as prune() targets them)."""
+
+    method: ClassVar[str] = "lift"
+    rank: int = option(128, integer(1))
+    filter_rank: int = option(64, integer(1))
+    interval: int = option(400, integer(0))
+    svd: str = option("randomized", one_of(*SVDS))
+    niter: int = option(2, integer(0))
+    include: str | None = option(None, PATTERN)
+    exclude: str | None = option(None, PATTERN)
+
+
 @TUNERS.register("lift")
 class LIFT(Method):
-    """Low-rank Informed sparse Fine-Tuning (Liu et al., ICML 2025); see the module docstring.
+    """Low-rank Informed sparse Fine-Tuning (Liu et al., ICML 2025); see the module docstring and `LIFTConfig`.
 
-    rank: trainable entries per matrix as a LoRA rank, K = rank · (out + in); filter_rank: rank of the
-    approximation whose magnitudes choose them; interval: optimizer steps between selections (0: never refresh);
-    svd: "randomized" or "exact"; include / exclude: regexes over module names (default: every Linear of the
-    repeated blocks, as prune() targets them).
-    Train with `optimizer(lr)` (SparseAdam; its step hook refreshes the selection), in a plain loop or as
-    `transformers.Trainer(..., optimizers=(tuned.optimizer(lr), None))`. Trainer's gradient clipping does not see
-    the reduced gradients; set max_grad_norm=0 there.
+    Train with `optimizer(lr)` (torch's AdamW over the selected entries; its step hook refreshes the selection), in
+    a plain loop or as `transformers.Trainer(..., optimizers=(tuned.optimizer(lr), None))`. Trainer's gradient
+    clipping does not see the reduced gradients; set max_grad_norm=0 there.
     """
 
-    optimizer_class = SparseAdam
+    config_class = LIFTConfig
 
-    def __init__(self, rank: int = 128, filter_rank: int = 64, interval: int = 400, svd: str = "randomized",
-                 niter: int = 2, include: str | None = None, exclude: str | None = None):
-        super().__init__()
-        for what, value, low in (("rank", rank, 1), ("filter_rank", filter_rank, 1), ("interval", interval, 0),
-                                 ("niter", niter, 0)):
-            if not isinstance(value, int) or value < low:
-                raise PrunekitError(f"LIFT's {what} must be an integer >= {low}, got {value!r}")
-        if svd not in SVDS:
-            raise PrunekitError(f"LIFT's svd must be one of {', '.join(SVDS)}, got {svd!r}")
-        self.rank, self.filter_rank, self.interval, self.svd, self.niter = rank, filter_rank, interval, svd, niter
-        self.include, self.exclude = include, exclude
+    def __init__(self, config: LIFTConfig | None = None, **options):
+        super().__init__(config, **options)
         self.layers: dict[str, nn.Module] = {}
-
-    def options(self) -> dict:
-        return dict(rank=self.rank, filter_rank=self.filter_rank, interval=self.interval, svd=self.svd,
-                    niter=self.niter, include=self.include, exclude=self.exclude)
 
     def budget(self, module: nn.Module) -> int:
         """K for one matrix: a rank-`rank` LoRA's parameter count."""
-        return self.rank * sum(module.weight.shape)
+        return self.config.rank * sum(module.weight.shape)
 
     def largest_rank(self, module: nn.Module) -> int:
         """The largest rank whose K fits in the matrix's unpruned entries."""
@@ -84,18 +89,18 @@ class LIFT(Method):
 
     def principal(self, module: nn.Module) -> torch.Tensor:
         """Flat indices of the top-K entries of |low-rank approximation|, pruned entries excluded."""
-        score = low_rank(module.weight, self.filter_rank, self.svd, self.niter).abs()
+        score = low_rank(module.weight, self.config.filter_rank, self.config.svd, self.config.niter).abs()
         keep = pruned(module)
         if keep is not None:
             score = score.masked_fill(~keep, -1.0)  # below every |value|: never chosen
         return score.view(-1).topk(self.budget(module)).indices
 
     def attach(self, model: nn.Module) -> None:
-        targets = find_targets(model, self.include, self.exclude)
+        targets = find_targets(model, self.config.include, self.config.exclude)
         tightest = min(targets, key=lambda t: self.largest_rank(t.module))
-        if self.largest_rank(tightest.module) < self.rank:
+        if self.largest_rank(tightest.module) < self.config.rank:
             limit = self.largest_rank(tightest.module)
-            raise PrunekitError(f"LIFT rank {self.rank} trains more entries than {tightest.name} "
+            raise PrunekitError(f"LIFT rank {self.config.rank} trains more entries than {tightest.name} "
                                 f"({'x'.join(map(str, tightest.shape))}) has unpruned; pass rank <= {limit}, or "
                                 f"exclude the smallest layers")
         indices = {t.name: self.principal(t.module) for t in tqdm(targets, desc="lift: principal weights",
@@ -108,14 +113,14 @@ class LIFT(Method):
             select(t.module.weight, indices[t.name])
             self.layers[t.name] = t.module
 
-    def trainable(self) -> list[nn.Parameter]:
-        return [m.weight for m in self.layers.values()]
+    def trainable(self) -> list[torch.Tensor]:
+        return [selection(m.weight).values for m in self.layers.values()]
 
     def trainable_count(self) -> int:
         return sum(selection(m.weight).indices.numel() for m in self.layers.values())
 
     def after_step(self) -> None:
-        if self.interval and self.steps % self.interval == 0:
+        if self.config.interval and self.steps % self.config.interval == 0:
             self.refresh()
 
     def refresh(self) -> None:

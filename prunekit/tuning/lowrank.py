@@ -1,4 +1,4 @@
-"""peft LoRA adapters that keep pruned entries zero, and their deltas in prunekit's saved form.
+"""peft LoRA adapters that keep pruned entries zero, saved and merged in peft's own format.
 
 A LoRA adapter adds scale · B @ A to a weight; over a pruned weight that product is dense, so the adapted layer
 would compute with weights where the mask says zero, and merging would undo the pruning. `protect` gives every
@@ -11,16 +11,22 @@ the sparsity; this keeps it).
 """
 from __future__ import annotations
 
+import copy
 import re
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import PrunekitError
+from ..masks import rezero
 from ..targets import PRUNABLE
-from .base import lowrank_delta, pruned, sparse_delta
+from .base import pruned
 
 PEFT_PREFIX = "base_model.model."  # where a PeftModel keeps the user's model
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft's save_pretrained writes
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -158,27 +164,62 @@ class MaskedLoRA:
         return result + _MaskedProduct.apply(x, a, b, _keep(module), module.scaling[active_adapter])
 
 
-def lora_deltas(layers: dict[str, nn.Module], adapter: str = "default") -> dict[str, torch.Tensor]:
-    """The adapters' changes in the saved form of `save_deltas`, named after the plain model's weights: low-rank
-    for LoRA (masked on load where the base is pruned), the full change for DoRA (not low-rank)."""
-    out = {}
-    for name, layer in layers.items():
-        if adapter not in layer.lora_A:
-            continue
-        weight = f"{base_name(name)}.weight"
-        if getattr(layer, "use_dora", {}).get(adapter):
-            change = _dora_change(layer, adapter)
-            out.update(sparse_delta(weight, torch.arange(change.numel()), change.view(-1)))
-            continue
-        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        if layer.fan_in_fan_out:  # the base weight is [in, out]: save the transpose, (B @ A)ᵀ = Aᵀ @ Bᵀ
-            a, b = b.mT, a.mT
-        out.update(lowrank_delta(weight, a, b, layer.scaling[adapter]))
-    return out
+def save_adapter(model: nn.Module, layers: dict[str, nn.Module], adapter: str, path: Path) -> None:
+    """Writes `adapter` of the LoRA `layers` into the folder `path` as peft's save_pretrained does
+    (adapter_config.json, adapter_model.safetensors with keys named as in a PeftModel), so that
+    peft.PeftModel.from_pretrained(base, path) loads it. The config is the one peft made the layers from, with
+    target_modules naming exactly these layers (prunekit injects Linear and Conv1D layers by separate configs)."""
+    from peft import get_peft_model_state_dict
+
+    config = copy.deepcopy(model.peft_config[adapter])
+    config.target_modules = "^(" + "|".join(re.escape(base_name(n)) for n in layers) + ")$"
+    config.fan_in_fan_out = any(layer.fan_in_fan_out for layer in layers.values())  # peft flips it per layer
+    config.inference_mode = True
+    config.base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    config.save_pretrained(str(path))
+    state = get_peft_model_state_dict(model, adapter_name=adapter)
+    save_file({PEFT_PREFIX + base_name(k): v.detach().contiguous().cpu() for k, v in state.items()},
+              str(path / ADAPTER_FILES[1]), metadata={"format": "pt"})
 
 
-@torch.no_grad()
-def _dora_change(layer, adapter: str) -> torch.Tensor:
-    """merged weight − base weight for a DoRA adapter (peft's safe merge, which leaves the base as it is)."""
-    weight = layer.get_base_layer().weight.detach()
-    return layer.lora_variant[adapter].merge_safe(layer, adapter, weight.clone()) - weight
+def check_adapter(model: nn.Module, path: Path) -> None:
+    """Raises unless every LoRA factor saved in `path` fits a Linear (or Conv1D) layer of `model`; reads the
+    shapes only, changes nothing."""
+    modules = dict(model.named_modules())
+    with safe_open(str(path / ADAPTER_FILES[1]), framework="pt") as f:
+        for key in f.keys():
+            name, _, factor = base_name(key).rpartition(".lora_")
+            if not factor:
+                continue
+            module = modules.get(name)
+            if not isinstance(module, PRUNABLE):
+                raise PrunekitError(f"the adapter at {path} changes {name!r}, which is not a Linear or Conv1D layer "
+                                    f"of {type(model).__name__}; load it onto the base model it was trained on")
+            out_features, in_features = _out_in(module)
+            shape = f.get_slice(key).get_shape()
+            fits = {"A.weight": shape[-1] == in_features, "B.weight": shape[0] == out_features}.get(factor, True)
+            if not fits:
+                raise PrunekitError(f"the adapter at {path} holds {key} of shape {tuple(shape)}, which does not fit "
+                                    f"{name!r} ({out_features} outputs, {in_features} inputs) here; a different "
+                                    f"base model?")
+
+
+def merge_adapter(model: nn.Module, path: Path) -> None:
+    """Merges the peft LoRA (or DoRA) adapter saved in `path` into the model's weights through peft itself
+    (PeftModel.from_pretrained, then merge_and_unload), leaving the model as it was otherwise (same modules, same
+    requires_grad); entries that a prune mask removes stay zero."""
+    from peft import PeftModel
+
+    check_adapter(model, path)
+    requires = [(p, p.requires_grad) for p in model.parameters()]
+    merged = PeftModel.from_pretrained(model, str(path)).merge_and_unload()  # the model itself, adapters folded in
+    for p, flag in requires:
+        p.requires_grad_(flag)
+    for module in merged.modules():
+        rezero(module)
+
+
+def _out_in(module: nn.Module) -> tuple[int, int]:
+    """(outputs, inputs) of a Linear, or of a GPT-2 Conv1D (whose weight is stored [in, out])."""
+    out_features, in_features = module.weight.shape
+    return (out_features, in_features) if isinstance(module, nn.Linear) else (in_features, out_features)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,9 @@ from tqdm.auto import tqdm
 from ..errors import PrunekitError
 from ..masks import BUFFER
 from ..targets import find_blocks
-from .base import TUNERS, Method, pruned, sparse_delta
+from .base import TUNERS, Method, pruned
+from .config import Config, Rule, integer, number, option
+from .deltas import sparse_delta
 
 # Names inside one block, per architecture family: attention q, k, v, o; MLP up, gate (None: no gate), down.
 LAYOUTS = (
@@ -113,34 +116,45 @@ class Slice:
         return (rows[:, None] * in_features + cols[None, :]).reshape(-1)
 
 
+def _fraction() -> Rule:
+    return number(lambda v: 0 <= v <= 1, "is a fraction of units in [0, 1]")
+
+
+@dataclass
+class S2FTConfig(Config):
+    """S2FT's options. heads: fraction of attention units (KV groups) whose O columns train; channels: fraction of
+    MLP channels whose down columns train; value_heads / up_channels: the same for V rows and up/gate rows (0 by
+    default). Fractions count units over the whole model. select: "random" (seeded by `seed`) or a prunekit
+    estimator name, scored on `calibration` (prune()'s calibration data; an input of the run, not saved; none
+    needed for magnitude)."""
+
+    method: ClassVar[str] = "s2ft"
+    heads: float = option(0.052, _fraction())
+    channels: float = option(0.02, _fraction())
+    value_heads: float = option(0.0, _fraction())
+    up_channels: float = option(0.0, _fraction())
+    select: str = option("random", Rule(lambda v: isinstance(v, str), "must be 'random' or an estimator name"))
+    seed: int = option(0, integer())
+    calibration: Any = option(None, saved=False)
+
+    def validate(self) -> None:
+        if not any(getattr(self, what) for what in RATIOS):
+            raise PrunekitError("S2FT with every fraction at 0 trains nothing; set heads and/or channels above 0")
+        if self.select != "random":
+            from ..importance import ESTIMATORS
+            ESTIMATORS.create(self.select)  # unknown names fail here, before the model changes
+
+
 @TUNERS.register("s2ft")
 class S2FT(Method):
-    """Structured Sparse Fine-Tuning (Yang et al., NeurIPS 2024); see the module docstring.
+    """Structured Sparse Fine-Tuning (Yang et al., NeurIPS 2024); see the module docstring and `S2FTConfig`."""
 
-    heads: fraction of attention units (KV groups) whose O columns train; channels: fraction of MLP channels whose
-    down columns train; value_heads / up_channels: the same for V rows and up/gate rows (0 by default). Fractions
-    count units over the whole model. select: "random" (seeded by `seed`) or a prunekit estimator name, scored on
-    `calibration` (none needed for magnitude).
-    """
+    config_class = S2FTConfig
 
-    def __init__(self, heads: float = 0.052, channels: float = 0.02, value_heads: float = 0.0,
-                 up_channels: float = 0.0, select: str = "random", calibration=None, seed: int = 0):
-        super().__init__()
-        self.ratios = dict(heads=heads, channels=channels, value_heads=value_heads, up_channels=up_channels)
-        for name, value in self.ratios.items():
-            if not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise PrunekitError(f"S2FT's {name} is a fraction of units in [0, 1], got {value!r}")
-        if not any(self.ratios.values()):
-            raise PrunekitError("S2FT with every fraction at 0 trains nothing; set heads and/or channels above 0")
-        if select != "random":
-            from ..importance import ESTIMATORS
-            ESTIMATORS.create(select)  # unknown names fail here, before the model changes
-        self.select, self.calibration, self.seed = select, calibration, seed
+    def __init__(self, config: S2FTConfig | None = None, **options):
+        super().__init__(config, **options)
         self.blocks: list[Block] = []
         self.slices: dict[str, Slice] = {}  # module name -> trained slice
-
-    def options(self) -> dict:
-        return dict(**self.ratios, select=self.select, seed=self.seed)
 
     # -- set-up
     def attach(self, model: nn.Module) -> None:
@@ -161,16 +175,17 @@ class S2FT(Method):
 
     def _count(self, what: str) -> int:
         total = len(self._units(what))
-        n = int(total * self.ratios[what])
-        if self.ratios[what] and not n:
-            raise PrunekitError(f"S2FT's {what}={self.ratios[what]} selects none of the model's {total} units; "
+        ratio = getattr(self.config, what)
+        n = int(total * ratio)
+        if ratio and not n:
+            raise PrunekitError(f"S2FT's {what}={ratio} selects none of the model's {total} units; "
                                 f"pass at least {1 / total:.3g}")
         return n
 
     def _choose(self, model, counts: dict[str, int]) -> dict[str, dict[int, list[int]]]:
         """what -> block index -> chosen units."""
-        scores = None if self.select == "random" else self._scores(model)
-        rng = random.Random(self.seed)
+        scores = None if self.config.select == "random" else self._scores(model)
+        rng = random.Random(self.config.seed)
         chosen = {}
         for what in RATIOS:
             units = self._units(what)
@@ -189,7 +204,7 @@ class S2FT(Method):
 
         names = [n for b in self.blocks for n in b.names.values()]
         include = "^(" + "|".join(map(re.escape, names)) + ")$"
-        s = prunekit.score(model, self.select, self.calibration, include=include, progress=False)
+        s = prunekit.score(model, self.config.select, self.config.calibration, include=include, progress=False)
         out = {what: [] for what in RATIOS}
         for b in self.blocks:
             out["heads"].append(s.groups(b.names["o"], size=b.group_rows, dim=1))

@@ -22,7 +22,7 @@ He, Cai, Zhang, Tao, Zhuang, "Sensitivity-Aware Visual Parameter-Efficient Fine-
    with τ when alpha >= 1). The reference code instead sweeps τ over multiples of 20,000 and keeps the
    configuration whose count is nearest the budget, above or below it; here the budget is a cap, met as closely
    as the rule allows. Pruned entries are never sensitive, so never trained.
-3. Training: LoRA factors and the selected entries train in one `SparseAdam` (`optimizer(lr)`); memory during
+3. Training: LoRA factors and the selected entries train in one torch AdamW (`optimizer(lr)`); memory during
    training is a LoRA's plus two moments per selected entry.
 
 Defaults. alpha = 10 (`--alpha` of the reference's train_spt.py, "the easiness level for a matrix to be
@@ -41,8 +41,9 @@ mode).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -50,8 +51,10 @@ from tqdm.auto import tqdm
 
 from ..errors import PrunekitError
 from ..targets import find_targets
-from .base import TUNERS, Method, pruned, sparse_delta
-from .sparse import SparseAdam, change, select, selection
+from .base import TUNERS, Method, pruned
+from .config import BATCHES, FLAG, LOSS_FN, PATTERN, Config, integer, number, option, optional
+from .deltas import sparse_delta
+from .sparse import change, select, selection
 
 
 @dataclass
@@ -84,9 +87,8 @@ def allocate(sensitivity: dict[str, torch.Tensor], budget: int, rank: int = 16, 
     of top entries for which Σ_m (LoRA parameters of m if σ_m >= rank·(out+in)/alpha else σ_m) <= budget; a
     matrix holding σ_m >= rank·(out+in)/alpha of the top-τ gets LoRA, the others train their σ_m entries.
     """
-    _check_int("budget", budget, 1)
-    _check_int("rank", rank, 1)
-    _check_alpha(alpha)
+    for name, value, rule in (("budget", budget, BUDGET), ("rank", rank, RANK), ("alpha", alpha, ALPHA)):
+        rule.check("SPT", name, value)
     if not sensitivity:
         raise PrunekitError("SPT needs the sensitivity of at least one matrix")
     names = list(sensitivity)
@@ -249,118 +251,106 @@ def _batch_size(batch: Mapping) -> int:
     return next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
 
 
-# -- validation
+# -- options
 
-def _check_int(what: str, value, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise PrunekitError(f"SPT's {what} must be an integer >= {low}, got {value!r}")
-
-
-def _check_alpha(alpha) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 1:
-        raise PrunekitError(f"SPT's alpha must be a number >= 1 (a matrix gets LoRA when it holds at least its LoRA's "
-                            f"parameter count / alpha sensitive entries), got {alpha!r}")
+RANK = integer(1)
+BUDGET = integer(1)
+ALPHA = number(lambda v: v >= 1, "must be a number >= 1 (a matrix gets LoRA when it holds at least its LoRA's "
+                                 "parameter count / alpha sensitive entries)")
 
 
-def _check_batches(batches) -> list:
-    if batches is None:
-        raise PrunekitError("SPT needs batches to measure sensitivity: prepare(model, 'spt', batches=[{'input_ids': "
-                            "..., 'labels': ...}, ...]), a few training batches")
-    if isinstance(batches, Mapping):
-        batches = [batches]
-    try:
-        batches = list(batches)
-    except TypeError:
-        raise PrunekitError(f"SPT's batches must be a list of dicts of model inputs, got "
-                            f"{type(batches).__name__}") from None
-    if not batches:
-        raise PrunekitError("SPT's batches are empty; pass a few training batches")
-    for i, b in enumerate(batches):
-        if not isinstance(b, Mapping):
-            raise PrunekitError(f"SPT's batches must be dicts of model inputs (model(**batch)); batch {i} is a "
-                                f"{type(b).__name__}")
-        sizes = {v.shape[0] for v in b.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
-        if not sizes:
-            raise PrunekitError(f"SPT's batch {i} holds no tensor with a batch dimension")
-    return batches
+@dataclass
+class SPTConfig(Config):
+    """SPT's options. budget: the numbers that may train, LoRA parameters + sparse entries (default: a rank-`rank`
+    LoRA's parameter count over the targeted matrices); rank: LoRA rank of structured matrices; alpha: a matrix
+    with at least rank·(out+in)/alpha sensitive entries gets LoRA; per_sample: add the squared gradient of every
+    sample (the paper) or of every batch (the reference code); lora_alpha, dropout: the LoRA's scaling numerator
+    (default 2 · rank) and dropout; include / exclude: regexes over module names (default: every Linear of the
+    repeated blocks). Inputs of the run (not saved): batches, a few training batches, dicts for model(**batch)
+    (labels included, or give loss_fn), over all of which the sensitivity is accumulated; loss_fn(outputs, batch),
+    the loss when outputs.loss is not it; progress, a progress bar for the sensitivity pass."""
+
+    method: ClassVar[str] = "spt"
+    budget: int | None = option(None, optional(BUDGET))
+    rank: int = option(16, RANK)
+    alpha: float = option(10.0, ALPHA)
+    per_sample: bool = option(True, FLAG)
+    lora_alpha: float | None = option(None, optional(number(lambda v: v > 0, "must be a number > 0")))
+    dropout: float = option(0.0, number(lambda v: 0 <= v < 1, "must be a number in [0, 1)"))
+    include: str | None = option(None, PATTERN)
+    exclude: str | None = option(None, PATTERN)
+    batches: list | None = option(None, BATCHES, saved=False)
+    loss_fn: Callable | None = option(None, LOSS_FN, saved=False)
+    progress: bool = option(True, FLAG, saved=False)
+
+    def validate(self) -> None:
+        """Batches, when given (a config read back from saved deltas has none), are dicts of model inputs with a
+        batch dimension; kept as a list."""
+        if self.batches is None:
+            return
+        self.batches = list(self.batches)
+        if not self.batches:
+            raise PrunekitError("SPT's batches are empty; pass a few training batches")
+        for i, b in enumerate(self.batches):
+            if not isinstance(b, Mapping):
+                raise PrunekitError(f"SPT's batches must be dicts of model inputs (model(**batch)); batch {i} is a "
+                                    f"{type(b).__name__}")
+            if not any(isinstance(v, torch.Tensor) and v.dim() > 0 for v in b.values()):
+                raise PrunekitError(f"SPT's batch {i} holds no tensor with a batch dimension")
 
 
 @TUNERS.register("spt")
 class SPT(Method):
-    """Sensitivity-aware Parameter-efficient fine-Tuning (He et al., ICCV 2023); see the module docstring.
-
-    batches: a few training batches, dicts for model(**batch) (labels included, or give loss_fn); the sensitivity
-    is accumulated over all of them. budget: the numbers that may train, LoRA parameters + sparse entries
-    (default: a rank-`rank` LoRA's parameter count over the targeted matrices); rank: LoRA rank of structured
-    matrices; alpha: a matrix with at least rank·(out+in)/alpha sensitive entries gets LoRA; per_sample: add the
-    squared gradient of every sample (the paper) or of every batch (the reference code); loss_fn(outputs, batch):
-    the loss when outputs.loss is not it; lora_alpha, dropout: the LoRA's scaling numerator (default 2 · rank) and
-    dropout; include / exclude: regexes over module names (default: every Linear of the repeated blocks).
-    Train with `optimizer(lr)` (one SparseAdam over LoRA factors and selected entries). With transformers.Trainer
-    set max_grad_norm=0: clipping does not see the reduced gradients of the sparse entries.
+    """Sensitivity-aware Parameter-efficient fine-Tuning (He et al., ICCV 2023); see the module docstring and
+    `SPTConfig`. Train with `optimizer(lr)` (one torch AdamW over LoRA factors and selected entries). With
+    transformers.Trainer set max_grad_norm=0: clipping does not see the reduced gradients of the sparse entries.
     """
 
-    optimizer_class = SparseAdam
+    config_class = SPTConfig
 
-    def __init__(self, batches=None, budget: int | None = None, rank: int = 16, alpha: float = 10.0,
-                 per_sample: bool = True, loss_fn=None, lora_alpha: float | None = None, dropout: float = 0.0,
-                 include: str | None = None, exclude: str | None = None, progress: bool = True):
-        super().__init__()
-        _check_int("rank", rank, 1)
-        if budget is not None:
-            _check_int("budget", budget, 1)
-        _check_alpha(alpha)
-        if not isinstance(per_sample, bool):
-            raise PrunekitError(f"SPT's per_sample must be True or False, got {per_sample!r}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise PrunekitError(f"SPT's loss_fn must be a function (outputs, batch) -> loss, got {loss_fn!r}")
-        if lora_alpha is not None and (isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float))
-                                       or not lora_alpha > 0):
-            raise PrunekitError(f"SPT's lora_alpha must be a number > 0, got {lora_alpha!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise PrunekitError(f"SPT's dropout must be a number in [0, 1), got {dropout!r}")
-        self.batches = _check_batches(batches)
-        self.samples = sum(_batch_size(b) for b in self.batches) if per_sample else len(self.batches)
-        self.budget, self.rank, self.alpha, self.per_sample = budget, rank, alpha, per_sample
-        self.loss_fn, self.lora_alpha, self.dropout, self.progress = loss_fn, lora_alpha, dropout, progress
-        self.include, self.exclude = include, exclude
+    def __init__(self, config: SPTConfig | None = None, **options):
+        super().__init__(config, **options)
+        c = self.config
+        if c.batches is None:
+            raise PrunekitError("SPT needs batches to measure sensitivity: prepare(model, 'spt', batches=[{'input_ids': "
+                                "..., 'labels': ...}, ...]), a few training batches")
+        self.samples = sum(_batch_size(b) for b in c.batches) if c.per_sample else len(c.batches)
         self.allocation: Allocation | None = None
         self.lora: dict[str, nn.Module] = {}  # name -> peft LoRA layer
         self.layers: dict[str, nn.Module] = {}  # name -> module whose weight trains at selected entries
 
-    def options(self) -> dict:
-        return dict(budget=self.budget, rank=self.rank, alpha=self.alpha, per_sample=self.per_sample,
-                    loss_fn=None if self.loss_fn is None else getattr(self.loss_fn, "__name__", repr(self.loss_fn)),
-                    lora_alpha=self.lora_alpha, dropout=self.dropout, include=self.include, exclude=self.exclude,
-                    samples=self.samples, used=None if self.allocation is None else self.allocation.count,
-                    tau=None if self.allocation is None else self.allocation.tau)
+    def summary(self) -> dict:
+        facts = {"samples": self.samples, "used": None, "tau": None}
+        if self.allocation is not None:
+            facts.update(used=self.allocation.count, tau=self.allocation.tau)
+        return {**super().summary(), **facts}
 
     def attach(self, model: nn.Module) -> None:
-        targets = find_targets(model, self.include, self.exclude)
+        c = self.config
+        targets = find_targets(model, c.include, c.exclude)
         modules = {t.name: t.module for t in targets}
         unpruned = sum(int(pruned(m).sum()) if pruned(m) is not None else m.weight.numel() for m in modules.values())
-        budget = self.budget if self.budget is not None else sum(lora_cost(m.weight.shape, self.rank)
-                                                                 for m in modules.values())
+        budget = c.budget if c.budget is not None else sum(lora_cost(m.weight.shape, c.rank)
+                                                           for m in modules.values())
         if budget > unpruned:
-            what = (f"budget {budget:,}" if self.budget is not None else
-                    f"default budget {budget:,} (a rank-{self.rank} LoRA's parameter count over these layers)")
+            what = (f"budget {budget:,}" if c.budget is not None else
+                    f"default budget {budget:,} (a rank-{c.rank} LoRA's parameter count over these layers)")
             raise PrunekitError(f"SPT {what} is more than the {unpruned:,} unpruned weights of the {len(modules)} "
                                 f"targeted layers of {type(model).__name__}; pass budget <= {unpruned:,}"
-                                + ("" if self.budget is not None else " or a smaller rank"))
-        scores = sensitivity(model, modules, self.batches, self.loss_fn, self.per_sample, self.progress)
+                                + ("" if c.budget is not None else " or a smaller rank"))
+        scores = sensitivity(model, modules, c.batches, c.loss_fn, c.per_sample, c.progress)
         if self.group is not None:  # sums of g² over every rank's samples (pruned entries stay -inf)
             self.group.sum_(list(scores.values()))
         # keys as named in the native layout: Conv1D weights are [in, out]; the LoRA cost is symmetric
-        self.allocation = allocate(scores, budget, self.rank, self.alpha)
+        self.allocation = allocate(scores, budget, c.rank, c.alpha)
         del scores
-        self.batches = []  # not needed any more
 
         for p in model.parameters():
             p.requires_grad_(False)
         if self.allocation.lora:
             from .lowrank import inject
 
-            self.lora.update(inject(model, self.allocation.lora, self.rank, self.lora_alpha, self.dropout))
+            self.lora.update(inject(model, self.allocation.lora, c.rank, c.lora_alpha, c.dropout))
             for p in model.parameters():  # peft marks adapters trainable; make sure nothing else is
                 p.requires_grad_(False)
             for layer in self.lora.values():
@@ -374,18 +364,19 @@ class SPT(Method):
     def _factors(layer: nn.Module) -> list[nn.Parameter]:
         return [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
 
-    def trainable(self) -> list[nn.Parameter]:
+    def trainable(self) -> list[torch.Tensor]:
         return [p for layer in self.lora.values() for p in self._factors(layer)] + \
-            [m.weight for m in self.layers.values()]
+            [selection(m.weight).values for m in self.layers.values()]
 
     def trainable_count(self) -> int:
         return sum(p.numel() for layer in self.lora.values() for p in self._factors(layer)) + \
             sum(selection(m.weight).indices.numel() for m in self.layers.values())
 
-    def deltas(self) -> dict[str, torch.Tensor]:
-        from .lowrank import lora_deltas
+    def lora_layers(self) -> dict[str, nn.Module]:
+        return self.lora
 
-        out = lora_deltas(self.lora) if self.lora else {}
+    def deltas(self) -> dict[str, torch.Tensor]:
+        out = {}
         for name, module in self.layers.items():
             out.update(sparse_delta(f"{name}.weight", *change(module.weight)))
         return out
