@@ -8,8 +8,9 @@ LIFT, S2FT, IST and SPT; on the dense model and on a 50%-pruned one (recovery fi
     python benchmarks/tuning.py --methods s2ft --set s2ft.value_heads=0.37 s2ft.heads=0.125   # a method option
     python benchmarks/tuning.py --variants dense --methods lora lift --lrs 1e-3 --seeds 0 1 2   # the spread
 
-Each (variant, method) runs in a fresh process with 1 torch thread. Training: 40 AdamW steps (SparseAdam for the
-sparse methods) of batch 2 x 256 tokens, windows drawn from the calibration split with random.Random(1 + seed),
+Each (variant, method) runs in a fresh process with 1 torch thread. Training: 40 steps of torch's AdamW (only on
+the selected entries for sparse methods) of batch 2 x 256 tokens, windows drawn from the calibration split with
+random.Random(1 + seed),
 next-token loss, at each learning rate given (--lrs; by default 2e-5 for full fine-tuning and 2e-4 for the others).
 A seed (--seeds, default 0) fixes everything random in a run: the training windows, torch's generator (LoRA's
 initialisation, randomised SVDs, SHiRA's mask) and the `seed` option of S2FT (its units) and IST (its layer draws).

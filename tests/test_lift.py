@@ -111,6 +111,25 @@ def test_adamw_on_selected_values_equals_dense_adamw_on_those_entries_and_on_who
     assert state_size(optimizer) == 2 * (len(chosen) + 5)
 
 
+def test_an_optimizer_of_ones_own_over_trainable_steps_the_selected_entries_in_the_weights():
+    """SGD over the selected values, hooked by the method: one step moves exactly the selected entries of each
+    weight by -lr times the dense gradient there (computed here on an untouched copy)."""
+    model = tiny("llama")
+    reference = copy.deepcopy(model)
+    tuned = prepare(model, "lift", rank=2, filter_rank=3, interval=0)
+    optimizer = tuned.hooked(torch.optim.SGD(tuned.trainable(), lr=0.5))
+    model(**batch(3)).loss.backward()
+    optimizer.step()
+    reference(**batch(3)).loss.backward()
+    for name, module in tuned.layers.items():
+        before = dict(reference.named_modules())[name].weight
+        expected = before.detach().clone().view(-1)
+        chosen = selection(module.weight).indices
+        expected[chosen] -= 0.5 * before.grad.view(-1)[chosen]
+        torch.testing.assert_close(module.weight.detach().view(-1), expected, msg=name)
+    assert tuned.steps == 1
+
+
 def test_gradients_accumulate_over_micro_batches():
     layer = nn.Linear(4, 3)
     select(layer.weight, torch.arange(12))
