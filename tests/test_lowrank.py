@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+import transformers as tf
 
 import prunekit
 from conftest import VOCAB, calibration_for, tiny
@@ -153,3 +154,23 @@ def test_one_inject_call_takes_linear_and_gpt2_conv1d_layers_each_with_its_orien
         with torch.no_grad():
             expected = layer.get_base_layer()(x) + x @ (delta if layer.fan_in_fan_out else delta.T)
             torch.testing.assert_close(layer(x), expected)
+
+
+def test_an_adapter_that_does_not_fit_is_refused_before_anything_changes(tmp_path):
+    model = tiny("llama")
+    layers = inject(model, ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.up_proj"], rank=2)
+    saved(model, layers, tmp_path)
+    torch.manual_seed(0)
+    other = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    gpt2 = tiny("gpt2")
+    for target, message in ((other, r"holds base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight of "
+                                     r"shape \(2, 32\), which does not fit 'model.layers.0.self_attn.v_proj' \(8 "
+                                     r"outputs, 16 inputs\) here; a different base model\?"),
+                            (gpt2, "changes 'model.layers.0.self_attn.v_proj', which is not a Linear or Conv1D "
+                                   "layer of GPT2LMHeadModel")):
+        before = copy.deepcopy(target.state_dict())
+        with pytest.raises(PrunekitError, match=message):
+            merge_adapter(target, tmp_path)
+        assert target.state_dict().keys() == before.keys() and not lora_layers(target)
+        assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
