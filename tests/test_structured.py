@@ -254,6 +254,32 @@ def test_cnn_inner_filters_go_and_the_flops_budget_is_met():
     assert report.exact
 
 
+@pytest.mark.parametrize("budget", [Budget(sparsity=0.5, granularity="structured"),
+                                    Budget(flops=0.4, granularity="structured"),
+                                    Budget(flops=0.6, granularity="structured", uniform=False)])
+def test_layers_cut_from_both_sides_count_their_crossings_once(budget):
+    """A plain CNN: conv2 loses filters to its own structure and input channels to conv1's; the weights at the
+    crossings go once, and the budget is met on what the layers really lose (counted on the pruned model)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(24, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+    batches = [{"input": torch.randn(4, 3, 8, 8)}]
+    convs = [model[0], model[2], model[4], model[7]]
+    positions = [64, 64, 64, 1]  # output positions per image: MACs = positions x weights
+    cost = (lambda ms: sum(p * m.weight.numel() for m, p in zip(ms, positions))) if budget.metric == "flops" else \
+        (lambda ms: sum(m.weight.numel() for m in ms))
+    dense = cost(convs)
+    report = prunekit.prune(model, budget, importance="magnitude", calibration=batches, progress=False)
+    removed = dense - cost(convs)
+    # one unit at most per structure: conv1's filter with conv2's input slice, and so on
+    slack = max(p * (m.weight.numel() // m.weight.shape[0]) for m, p in zip(convs, positions)) * 3 * 2
+    assert abs(removed - budget.sparsity * dense) <= slack
+    assert report.exact
+    weights_before = [16 * 27, 24 * 144, 32 * 216, 10 * 2048]
+    assert [row.pruned for row in report.layers] == [b - m.weight.numel() for b, m in zip(weights_before, convs)]
+    assert model(batches[0]["input"]).shape == (4, 10)
+
+
 def test_estimator_importance_is_torch_pruning_magnitude_for_plain_linears():
     model = tiny("llama")
     graph = structured_graph.build_graph(model, {"input_ids": calibration_for("llama")[:1]})

@@ -148,13 +148,15 @@ def _channel_structure(group, members, graph, root: Target, names, block_of, tar
     # weights one unit takes from each layer: a channel may be several of a reader's columns (a convolution's
     # channel flattened into a Linear's inputs is height x width of them), as the group's indices say
     spread = {item.dep.target.module: len(item.idxs) // len(group[0].idxs) for item in group}
-    cuts = {m: per_channel(m, 0 if out else 1) * max(1, spread.get(m, 1)) for m, out in layers if m in targeted}
+    sides = {m: out for m, out in layers if m in targeted}  # True: loses output rows; False: input columns
+    cuts = {m: per_channel(m, 0 if out else 1) * max(1, spread.get(m, 1)) for m, out in sides.items()}
     step = round_to or 1
     units = len(group[0].idxs)
     prefix = os.path.commonprefix([names[m].split(".") for m in cuts])
     return Channels(name=".".join(prefix) or names[root.module], kind="channels",
                     unit="filter" if isinstance(root.module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else "channel",
                     block=block_of[root.module], units=units, cuts=cuts, step=step, keep=step,
+                    inputs=frozenset(m for m, out in sides.items() if not out),
                     graph=graph, root=root.module, group=group)
 
 

@@ -28,7 +28,7 @@ from ..targets import Target, find_blocks, find_targets
 from . import graph, plan
 from .batchnorm import recalibrate
 from .graph import KINDS, find_structures, structure_blocks
-from .units import AttentionHeads, Channels, Structure
+from .units import AttentionHeads, Channels, Structure, weights_removed
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -218,25 +218,42 @@ def _check(targets: list[Target], estimator: Estimator, allocator: Allocator) ->
 def _allocate(structures: list[Structure], scores: list[torch.Tensor], targets: list[Target], rows: dict,
               budget: Budget, allocator: Allocator, measured, uniform: bool
               ) -> tuple[list[int], list[float], list[float]]:
-    """(units removed, cost of one unit, allocated sparsity) per structure."""
+    """(units removed, cost of one unit, allocated sparsity) per structure. Costs add up across structures except
+    where two cut one layer from both sides (weights_removed); there the goal handed to the allocator grows by what
+    the crossings took back, until the model loses what the budget asks within one unit."""
     flops = budget.metric == "flops"
     weight_of = (lambda m: rows.get(m, 0)) if flops else (lambda m: 1)  # noqa: E731
     costs = [float(sum(n * weight_of(m) for m, n in s.cuts.items())) for s in structures]
     goal = budget.sparsity * sum(t.module.weight.numel() * weight_of(t.module) for t in targets)
-    sizes = [s.units * s.unit_weights for s in structures]
-    pool = sum(s.units * c for s, c in zip(structures, costs))
     plan.check_reachable(structures, costs, goal, budget.max_layer_sparsity, budget.metric)
-    cap = budget.max_layer_sparsity
+    most = sum(plan.allowed(s, budget.max_layer_sparsity)[-1] * c for s, c in zip(structures, costs))
     units = [s.unit_scores(x) for s, x in zip(structures, scores)]
+    sizes = {t.module: t.module.weight.numel() for t in targets}
+    asked = goal
+    for _ in range(20):
+        removed, sparsities = _allocate_goal(structures, units, costs, asked, budget, allocator, measured,
+                                             targets, uniform)
+        lost = sum(w * weight_of(m) for m, w in weights_removed(structures, removed, sizes).items())
+        if lost >= goal - min(costs) / 2 or asked >= most:
+            break
+        asked = min(most, asked + goal - lost)
+    return removed, costs, sparsities
+
+
+def _allocate_goal(structures, units, costs, goal, budget, allocator, measured, targets, uniform):
+    """(units removed, allocated sparsity) per structure for a goal in additive costs."""
+    cap = budget.max_layer_sparsity
     by_units = plan.by_kind(allocator.allocate_units, structures, units, costs, goal, cap) if uniform else \
         allocator.allocate_units(units, costs, [plan.allowed(s, cap) for s in structures], goal)
     if by_units is not None:
-        return by_units, costs, [r / s.units for r, s in zip(by_units, structures)]
+        return by_units, [r / s.units for r, s in zip(by_units, structures)]
+    sizes = [s.units * s.unit_weights for s in structures]
+    pool = sum(s.units * c for s, c in zip(structures, costs))
     inner = plan.inner_budget(budget, goal, pool)
     per_weight = [c / s.unit_weights for s, c in zip(structures, costs)]
     sparsities = allocator.allocate(sizes, per_weight, inner, _per_structure(measured, structures, targets))
     rounding = plan.round_uniform if uniform else plan.round_free
-    return rounding(structures, sparsities, costs, goal, budget.max_layer_sparsity), costs, sparsities
+    return rounding(structures, sparsities, costs, goal, cap), sparsities
 
 
 def _per_structure(measured, structures: list[Structure], targets: list[Target]):
@@ -265,10 +282,11 @@ def _layer_rows(targets, shapes, structures, units, removed, sparsities, rows) -
     """Per targeted layer, in the unstructured report's terms: its shape before, the weights it lost (what every
     structure's removed units cut from it) and the share the allocator meant it to lose."""
     lost = {t.module: 0 for t in targets}
+    sizes = {t.module: shapes[t.module][0] * shapes[t.module][1] for t in targets}
+    lost.update({m: round(w) for m, w in weights_removed(structures, removed, sizes).items()})
     ideal = {t.module: 0.0 for t in targets}
-    for s, n, r, x in zip(structures, units, removed, sparsities):
+    for s, n, x in zip(structures, units, sparsities):
         for m, per_unit in s.cuts.items():
-            lost[m] += r * per_unit
             ideal[m] += x * n * per_unit
     out = []
     for t in targets:

@@ -34,6 +34,7 @@ class Structure:
     cuts: dict  # targeted module -> weights one unit removes from it
     step: int = 1  # units are removed so that a multiple of `step` stays (round_to), or none at all
     keep: int = 1  # units that must stay
+    inputs: frozenset = frozenset()  # the modules of `cuts` that lose input columns (the others lose output rows)
 
     @property
     def unit_weights(self) -> int:
@@ -67,6 +68,22 @@ class Structure:
 
     def describe(self, chosen) -> str:
         return f"{len(chosen)} {self.unit}s"
+
+
+def weights_removed(structures: list[Structure], removed: list[int], sizes: dict[nn.Module, int]
+                    ) -> dict[nn.Module, float]:
+    """Weights each cut module (of `sizes` weights before pruning) loses when every structure removes its count of
+    units. A layer can lose output rows to one structure and input columns to another (a plain CNN's convolution:
+    its filters, and the filters of the one before); the weights at the crossings are counted once:
+    rows + columns - rows x columns / size."""
+    rows: dict[nn.Module, float] = {}
+    columns: dict[nn.Module, float] = {}
+    for s, r in zip(structures, removed):
+        for m, per_unit in s.cuts.items():
+            side = columns if m in s.inputs else rows
+            side[m] = side.get(m, 0.0) + r * per_unit
+    return {m: rows.get(m, 0.0) + columns.get(m, 0.0) - rows.get(m, 0.0) * columns.get(m, 0.0) / sizes[m]
+            for m in rows.keys() | columns.keys()}
 
 
 @dataclass(eq=False)
@@ -172,4 +189,4 @@ def head_structure(name: str, block: int | None, attention: Heads, mode: str) ->
         units, unit = a.group, "query head per KV group"
     cuts[a.o] = (a.group if mode == "kv" else a.kv_heads) * d * width_in
     return AttentionHeads(name=name, kind="heads", unit=unit, block=block, units=units, cuts=cuts,
-                          attention=attention, mode=mode)
+                          inputs=frozenset([a.o]), attention=attention, mode=mode)
