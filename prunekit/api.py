@@ -36,7 +36,9 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator | No
         and allocator scores it on the dense model (order does not apply).
     importance: estimator name (see prunekit.importance.ESTIMATORS.names()) or an Estimator instance. By default
         "admm" for N:M budgets (the best measured at 2:4 on SmolLM2: perplexity 38.9 against SparseGPT's 51.8 and
-        Wanda's 131, at about 7x SparseGPT's time; benchmarks/results/reconstruction_smollm2.md), "wanda" otherwise.
+        Wanda's 131, at about 7x SparseGPT's time; benchmarks/results/reconstruction_smollm2.md); for structured
+        budgets LRP (alpha-beta rule) where convolutions lose filters, Wanda elsewhere (see default_importance);
+        "wanda" otherwise.
     allocator: allocator name (see prunekit.allocation.ALLOCATORS.names()) or an Allocator instance.
     calibration: a LongTensor of token windows [N, L], an iterable of model-input dicts, or a DataLoader;
         needed by every estimator and allocator except magnitude and uniform.
@@ -122,7 +124,7 @@ def _checked_inputs(model, budget, importance, allocator, calibration, order, gr
     if order not in ("layer", "block"):
         raise PrunekitError(f"order must be 'layer' or 'block', got {order!r}")
     budget = Budget.coerce(budget)
-    estimator = ESTIMATORS.create(default_importance(budget) if importance is None else importance)
+    estimator = ESTIMATORS.create(default_importance(budget, model) if importance is None else importance)
     allocator = ALLOCATORS.create(allocator)
     if permute and budget.nm is None:
         raise BudgetError(f"permute=True reorders channels for N:M groups; the budget is {budget.granularity}, "
@@ -143,10 +145,22 @@ def _checked_inputs(model, budget, importance, allocator, calibration, order, gr
     return budget, estimator, allocator, targets, batches
 
 
-def default_importance(budget: Budget) -> str:
-    """What prune() scores with when no importance is given: ADMM's reconstruction for N:M, measured best there
-    (and N:M's sparsity is fixed, so its extra time buys quality where no allocator can); Wanda otherwise."""
-    return "admm" if budget.nm is not None else "wanda"
+def default_importance(budget: Budget, model: nn.Module | None = None) -> str | Estimator:
+    """What prune() scores with when no importance is given, the best measured where it needs no loss:
+    - N:M: ADMM's reconstruction (N:M's sparsity is fixed, so its extra time buys quality where no allocator can;
+      benchmarks/results/reconstruction_smollm2.md);
+    - structured, where convolutions lose filters: LRP with its CNN rule, alpha-beta (EfficientNet-Lite0 and the
+      MNIST CNN: benchmarks/results/vision.md);
+    - otherwise Wanda (structured: with the default refit, the best that needs no loss and reloads with
+      from_pretrained on MiniLM; benchmarks/results/structured.md)."""
+    if budget.nm is not None:
+        return "admm"
+    if budget.structured and model is not None:
+        from .structured.pipeline import structured_targets
+
+        if any(isinstance(t.module, nn.modules.conv._ConvNd) for t in structured_targets(model, budget)):
+            return ESTIMATORS.create("lrp", rule="alpha_beta")
+    return "wanda"
 
 
 def _plan_of(budget, estimator, allocator, targets, batches, order) -> tuple:

@@ -45,7 +45,11 @@ class Budget:
     round_to: every pruned layer keeps a multiple of round_to channels (8 for tensor cores, the head size to match
         attention), or is left whole. Heads are always removed whole.
     heads: which attention units go. "auto": whole heads with their key and value rows under multi-head attention;
-        under grouped-query attention the same number of query heads from every KV group (all KV heads stay).
+        under grouped-query attention the same number of query heads from every KV group (all KV heads stay);
+        and none where widths are uniform but the config cannot hold fewer heads of the same size (BERT derives
+        the head size as hidden_size / num_attention_heads), so that the pruned model still reloads with plain
+        from_pretrained (measured on MiniLM: benchmarks/results/structured.md). "kv" removes them there too;
+        the model then reloads through prunekit.load_pruned only.
         "kv": whole KV groups (the K/V head with every query head that reads it; shrinks the KV cache). "query":
         query heads within groups (GQA only). "none": attention is left alone.
     uniform: every block keeps the same widths per kind (heads, channels), as a Hugging Face config can only say
@@ -57,7 +61,10 @@ class Budget:
         as pruned so far: the OBS update of structured pruning (ZipLM, Kurtic et al. 2023). Changes kept weights;
         one more pass over the calibration data. SparseGPT as the importance always refits. A refit also
         re-estimates every BatchNorm's running statistics on the calibration data (one more forward pass), which
-        the removed channels left describing the dense model.
+        the removed channels left describing the dense model. None (the default): refit wherever every reader of
+        removed channels can be refit (Linear layers, ungrouped Conv2d), and say so in the report where one
+        cannot; the refit is what keeps a structurally pruned model close to its dense self (MiniLM,
+        EfficientNet-Lite0 and the MNIST CNN in benchmarks/results/structured.md and vision.md).
     """
 
     sparsity: float | None = None
@@ -71,7 +78,7 @@ class Budget:
     round_to: int | None = None
     heads: str = "auto"
     uniform: bool | None = None
-    refit: bool = False
+    refit: bool | None = None
 
     def __post_init__(self):
         if self.params is not None and self.flops is not None:
@@ -123,7 +130,7 @@ class Budget:
     def _check_structured_options(self) -> None:
         if self.granularity != "structured":
             given = [f"{name}={getattr(self, name)!r}" for name, default in (("round_to", None), ("heads", "auto"),
-                                                                             ("uniform", None), ("refit", False))
+                                                                             ("uniform", None), ("refit", None))
                      if getattr(self, name) != default]
             if given:
                 raise BudgetError(f"{', '.join(given)} only apply to granularity='structured', not "
@@ -135,8 +142,9 @@ class Budget:
                               f"got {self.round_to!r}")
         if self.heads not in HEAD_MODES:
             raise BudgetError(f"heads must be one of {', '.join(map(repr, HEAD_MODES))}; got {self.heads!r}")
-        if self.refit not in (True, False):
-            raise BudgetError(f"refit must be True or False; got {self.refit!r}")
+        if self.refit not in (None, True, False):
+            raise BudgetError(f"refit must be True, False or None (refit where the layers allow it); "
+                              f"got {self.refit!r}")
         if self.uniform not in (None, True, False):
             raise BudgetError(f"uniform must be True, False or None (uniform for models with a config); "
                               f"got {self.uniform!r}")

@@ -201,8 +201,9 @@ def main(argv=None) -> int:
     p.add_argument("--heads", default="auto", choices=["auto", "kv", "query", "none"],
                    help="structured: which attention units go (kv: whole KV groups; query: query heads within groups)")
     p.add_argument("--round-to", type=int, help="structured: keep a multiple of this many channels per layer")
-    p.add_argument("--refit", action="store_true",
-                   help="structured: refit the kept columns of the layers reading removed channels (least squares)")
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="structured: refit the kept columns of the layers reading removed channels by least squares "
+                        "(default: wherever those layers allow it)")
     p.add_argument("--importance", metavar="NAME",
                    help=f"how weights are scored: {estimators} (default: admm for N:M budgets, wanda otherwise)")
     p.add_argument("--allocator", default="uniform", metavar="NAME",

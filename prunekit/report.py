@@ -58,6 +58,7 @@ class PruneReport:
     structures: list[StructureRow] = field(default_factory=list)  # structured pruning: per head set / channel group
     size: dict = field(default_factory=dict)  # structured: model params and MACs before and after, how it reloads
     permuted: dict[str, float] = field(default_factory=dict)  # N:M permutation: group -> importance kept after/before
+    notes: list[str] = field(default_factory=list)  # structured: the configuration that ran, and why where it differs
 
     @property
     def total(self) -> int:
@@ -130,6 +131,7 @@ class PruneReport:
             (p0, p1), (m0, m1) = self.size["params"], self.size["macs"]
             text += (f"\nmodel: {p0:,} -> {p1:,} parameters ({p1 / p0:.2%}), {m0:,} -> {m1:,} MACs per sample "
                      f"({m1 / m0:.2%}); reloads with {self.size['reload']}")
+        text += "".join(f"\n{note}" for note in self.notes)
         if self.permuted:
             gains = sorted(self.permuted.values())
             text += (f"\nchannels permuted in {len(gains)} groups before N:M masking: importance kept x{gains[0]:.4f} "
@@ -167,7 +169,7 @@ class PruneReport:
     @classmethod
     def from_dict(cls, data: dict) -> "PruneReport":
         known = {k: data[k] for k in ("model", "importance", "allocator", "granularity", "requested", "seconds",
-                                      "calibration", "metric", "measured") if k in data}
+                                      "calibration", "metric", "measured", "permuted", "notes") if k in data}
         rows = [LayerRow(**{**row, "shape": tuple(row["shape"])}) for row in data["layers"]]
         structures = [StructureRow(**row) for row in data.get("structures", [])]
         return cls(layers=rows, structures=structures, size=data.get("size", {}), **known)

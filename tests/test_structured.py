@@ -124,8 +124,8 @@ def test_vit_reloads_through_from_pretrained(tmp_path):
 
 def test_bert_heads_go_but_the_report_says_its_config_cannot_hold_them():
     model = tiny("bert")
-    report = prunekit.prune(model, structured(0.4), importance="magnitude", calibration=calibration_for("bert"),
-                            progress=False)
+    report = prunekit.prune(model, structured(0.4, heads="kv"), importance="magnitude",
+                            calibration=calibration_for("bert"), progress=False)
     attention = model.encoder.layer[0].attention.self
     assert attention.query.out_features == attention.num_attention_heads * 8 < 32
     assert "load_pruned only" in report.size["reload"] and "head size" in report.size["reload"]
@@ -159,7 +159,7 @@ def test_gqa_query_heads_removed_match_the_explicit_attention_and_generation_wor
     # magnitude per query head: its q rows and o columns; the lower of each KV group's two goes
     score = q.abs().view(HEADS, HD, H).sum((1, 2)) + o.abs().view(H, HEADS, HD).sum((0, 2))
     keep = [g * 2 + int(torch.argmax(score[g * 2:g * 2 + 2])) for g in range(KV)]
-    report = prunekit.prune(model, structured(0.3, heads="query"), importance="magnitude",
+    report = prunekit.prune(model, structured(0.3, heads="query", refit=False), importance="magnitude",
                             calibration=calibration_for("llama"), progress=False)
     assert model.config.num_attention_heads == 2 and model.config.num_key_value_heads == KV
     assert report.structures[0].detail == "2 heads"
@@ -463,7 +463,7 @@ def test_torchvision_resnet():
                 m.running_var.uniform_(0.5, 2)
     original = copy.deepcopy(model)
     x = torch.randn(2, 3, 32, 32)
-    report = prunekit.prune(model, structured(0.3), importance="magnitude", calibration=[{"input": x}],
+    report = prunekit.prune(model, structured(0.3, refit=False), importance="magnitude", calibration=[{"input": x}],
                             progress=False)
     assert report.exact and model(x).shape == (2, 10)
     assert model.layer1[0].conv1.out_channels < 64 and model.layer1[0].conv2.out_channels == 64  # inner filters only
@@ -480,7 +480,7 @@ def test_timm_vit():
                               num_classes=5).eval()
     original = copy.deepcopy(model)
     x = torch.randn(2, 3, 32, 32)
-    report = prunekit.prune(model, structured(0.3), importance="magnitude", calibration=[{"input": x}],
+    report = prunekit.prune(model, structured(0.3, refit=False), importance="magnitude", calibration=[{"input": x}],
                             progress=False)
     assert report.exact and model(x).shape == (2, 5)
     assert all(block.attn.qkv.out_features == 3 * block.attn.num_heads * block.attn.head_dim
@@ -574,7 +574,8 @@ def test_fused_qkv_heads_are_cut_in_all_three_sections():
     a = model[0].attn
     qkv, bias, proj = a.qkv.weight.detach().clone(), a.qkv.bias.detach().clone(), a.proj.weight.detach().clone()
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(2))
-    prunekit.prune(model, structured(0.3), importance="magnitude", calibration=[{"input": x}], progress=False)
+    prunekit.prune(model, structured(0.3, refit=False), importance="magnitude", calibration=[{"input": x}],
+                   progress=False)
     heads = a.num_heads
     assert heads < 4 and a.qkv.out_features == 3 * heads * 4 and a.proj.in_features == heads * 4 == a.attn_dim
     # the kept heads are the best by magnitude over their q, k, v rows and proj columns
@@ -626,8 +627,8 @@ def test_a_manifest_can_set_only_the_widths_prunekit_records(tmp_path, widths):
     import json
 
     model = tiny("bert")
-    report = prunekit.prune(model, structured(0.4), importance="magnitude", calibration=calibration_for("bert"),
-                            progress=False)
+    report = prunekit.prune(model, structured(0.4, heads="kv"), importance="magnitude",
+                            calibration=calibration_for("bert"), progress=False)
     prunekit.save_pruned(model, tmp_path, report, compressed=False)
     manifest = json.loads((tmp_path / "prunekit.json").read_text())
     assert manifest["structured"]["reload"] != "from_pretrained"  # the loader restores the widths itself
@@ -703,3 +704,46 @@ def test_batch_norms_get_the_calibration_statistics_back():
         torch.testing.assert_close(bn.running_var, torch.stack([a.var((0, 2, 3)) for a in inputs]).mean(0))
     assert model[1].momentum == 0.3 and model[5].momentum == 0.1
     assert [m.training for m in model] == [False, False, False, False, True, False]
+
+
+def test_the_defaults_keep_a_bert_reloadable_and_refit_it(tmp_path):
+    """Budget(granularity="structured") alone on BERT: attention stays (its config cannot hold fewer heads of the
+    same size), MLP channels go, the kept columns are refit, and plain from_pretrained reloads it; the report
+    says which configuration ran and why."""
+    model = tiny("bert")
+    batches = calibration_for("bert")
+    dense_down = [layer.output.dense.weight.detach().clone() for layer in model.encoder.layer]
+    report = prunekit.prune(model, structured(0.3), calibration=batches, progress=False)
+    assert report.importance == "Wanda()" and report.size["reload"] == "from_pretrained"
+    assert {r.kind for r in report.structures} == {"channels"}
+    assert model.config.num_attention_heads == 4 and model.config.intermediate_size < 64
+    assert "heads none" in str(report) and "refit by SparseGPT least squares" in str(report)
+    assert "attention left alone" in str(report) and "head size" in str(report)
+    for layer, dense in zip(model.encoder.layer, dense_down):  # refit: no kept column is the dense one any more
+        assert layer.output.dense.weight.shape[1] == model.config.intermediate_size
+        assert not any(torch.equal(layer.output.dense.weight[:, :1], dense[:, i:i + 1]) for i in range(64))
+    model.save_pretrained(tmp_path)
+    plain = tf.AutoModel.from_pretrained(tmp_path).eval()
+    batch = first_batch("bert")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).last_hidden_state, model(**batch).last_hidden_state)
+
+
+def test_the_default_importance_for_convolutions_is_lrp_with_its_cnn_rule():
+    report = prunekit.prune(cnn(), Budget(flops=0.7, granularity="structured"), calibration=images(),
+                            progress=False)
+    assert report.importance.startswith("LRP(rule='alpha_beta'") and report.exact
+
+    def same_padded():  # the second convolution's input patches are not ones refit can take (padding="same")
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, padding="same"), nn.Flatten(),
+                             nn.Linear(8 * 14 * 14, 4))
+
+    model, x = same_padded(), images()[0]["input"]
+    with pytest.raises(TargetError, match="grouped or Conv2d"):  # an explicit refit where it cannot run: refused
+        prunekit.prune(model, Budget(sparsity=0.3, granularity="structured", refit=True), importance="magnitude",
+                       calibration=images(), progress=False)
+    assert torch.equal(model(x), same_padded()(x))  # before anything changed
+    report = prunekit.prune(model, Budget(sparsity=0.3, granularity="structured"), importance="magnitude",
+                            calibration=images(), progress=False)  # the default refit steps aside and says why
+    assert "refit off" in str(report) and "no refit: refit solves least squares" in str(report)

@@ -26,6 +26,7 @@ from ..importance import Estimator
 from ..report import LayerRow, PruneReport, StructureRow
 from ..targets import Target, find_blocks, find_targets
 from . import graph, plan
+from .attention import find_attention
 from .batchnorm import recalibrate
 from .graph import KINDS, find_structures, structure_blocks
 from .units import AttentionHeads, Channels, Structure, weights_removed
@@ -72,11 +73,12 @@ def prune_structured(model: nn.Module, budget: Budget, estimator: Estimator, all
     targets = structured_targets(model, budget)
     _check(targets, estimator, allocator)
     batches = as_batches(calibration, model)
-    structures = find_structures(model, targets, budget.heads, budget.round_to, batches[0])
+    uniform = budget.uniform if budget.uniform is not None else hasattr(model, "config")
+    heads, notes = _heads(model, budget, uniform)
+    structures = find_structures(model, targets, heads, budget.round_to, batches[0])
     if not structures:
         raise TargetError(f"{type(model).__name__} has no head or channel that can be removed among the targeted "
                           f"layers: channels on the residual stream and model outputs stay whole")
-    uniform = budget.uniform if budget.uniform is not None else hasattr(model, "config")
     rows = rows_per_sample(model, batches[0])
     before = model_size(model, batches[0])
     seconds = {}
@@ -100,9 +102,17 @@ def prune_structured(model: nn.Module, budget: Budget, estimator: Estimator, all
     units_before = [s.units for s in structures]
     shapes = {t.module: (t.module.weight.shape[0], t.module.weight.numel() // t.module.weight.shape[0])
               for t in targets}
+    work = [(s, pick) for s, pick in zip(structures, chosen) if pick is not None]
     refit = refitter(estimator, budget)
+    blocker = _unrefittable(model, work) if refit is not None else None
+    if blocker is not None:
+        if budget.refit:
+            raise TargetError(blocker + ": prune without refit (Budget(refit=False))")
+        refit = None
+        notes.append(f"no refit: {blocker}")
+    notes.insert(0, f"heads {heads}, {'uniform' if uniform else 'free'} widths, refit "
+                    f"{'off' if refit is None else 'by ' + type(refit).__name__ + ' least squares'}")
     with _transaction(model, structures, enabled=rollback):
-        work = [(s, pick) for s, pick in zip(structures, chosen) if pick is not None]
         if refit is None:
             for s, pick in work:
                 s.remove(pick)
@@ -124,15 +134,38 @@ def prune_structured(model: nn.Module, budget: Budget, estimator: Estimator, all
                        seconds=seconds, measured=measured, structures=report_rows,
                        size={"params": [before[0], after[0]], "macs": [before[1], after[1]], "reload": reload,
                              "uniform": uniform},
-                       calibration=calibration_summary(batches))
+                       calibration=calibration_summary(batches), notes=notes)
+
+
+def _heads(model: nn.Module, budget: Budget, uniform: bool) -> tuple[str, list[str]]:
+    """The heads mode to run, and a note where "auto" leaves attention alone: widths meant for the config (uniform,
+    a model with a config) that cannot hold fewer heads of the same size, so that from_pretrained still reloads."""
+    if budget.heads != "auto" or not (uniform and hasattr(model, "config")):
+        return budget.heads, []
+    why = next((a.why_no_config for a in find_attention(model) if a.why_no_config), "")
+    if not why:
+        return "auto", []
+    return "none", [f"attention left alone so that the model reloads with from_pretrained: {why}; heads='kv' "
+                    f"removes heads (the model then reloads through prunekit.load_pruned only)"]
+
+
+def _unrefittable(model: nn.Module, work: list) -> str | None:
+    """Why the refit cannot run on these removals (a reader it cannot solve least squares for), or None."""
+    names = {m: n for n, m in model.named_modules()}
+    for structure, pick in work:
+        odd = next((m for m, _ in column_keeps(structure, pick) if isinstance(m, _CONVS) and not _patchable(m)), None)
+        if odd is not None:
+            return (f"refit solves least squares on a layer's input patches, and {names[odd]}, which reads "
+                    f"{structure.name}, is a grouped or {type(odd).__name__} convolution")
+    return None
 
 
 def refitter(estimator: Estimator, budget: Budget) -> Estimator | None:
-    """Who refits kept columns: a reconstructing estimator itself, else SparseGPT's least squares when the budget
-    asks for refit, else nobody."""
+    """Who refits kept columns: a reconstructing estimator itself, else SparseGPT's least squares unless the budget
+    says refit=False."""
     if type(estimator).refit_columns is not Estimator.refit_columns:
         return estimator
-    if budget.refit:
+    if budget.refit is not False:
         from ..importance.sparsegpt import SparseGPT
 
         return SparseGPT()
@@ -165,10 +198,6 @@ def _remove_refitting(model: nn.Module, work: list, refit: Estimator, batches: l
     by_block: dict = {}
     for structure, pick in work:
         keeps = column_keeps(structure, pick)
-        odd = next((m for m, _ in keeps if isinstance(m, _CONVS) and not _patchable(m)), None)
-        if odd is not None:
-            raise TargetError(f"refit solves least squares on a layer's input patches; {names[odd]}, which reads "
-                              f"{structure.name}, is a grouped or {type(odd).__name__} convolution: prune without refit")
         by_block.setdefault(where.get(keeps[0][0]) if keeps else None, []).append((structure, pick, keeps))
 
     def refit_and_remove(entries, stats):
