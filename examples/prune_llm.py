@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
         clock = time.perf_counter()
         tuned, per_step = fine_tune(model, args)
         with tempfile.TemporaryDirectory() as scratch:
-            deltas = prunekit.tuning.save_deltas(tuned, Path(scratch) / "deltas.safetensors")
+            deltas = prunekit.tuning.save_deltas(tuned, Path(scratch) / "deltas")
             prunekit.tuning.load_deltas(plain, deltas)
         rows[f"+ {args.method}"] = {"perplexity": perplexity(plain, windows), "seconds": time.perf_counter() - clock,
                                     "trained": tuned.trainable_count(), "per_step": per_step}

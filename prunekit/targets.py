@@ -48,9 +48,9 @@ class Target:
         return self.module.weight.numel()
 
 
-def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
-    """The model's trunk: the ModuleList/Sequential of same-class blocks holding the most parameters (one block
-    will do: a one-layer decoder's lm_head is no more a target than a deep one's).
+def find_blocks(model: nn.Module, kinds: tuple = PRUNABLE) -> tuple[str, list[nn.Module]]:
+    """The model's trunk: the ModuleList/Sequential of same-class blocks, holding a layer of `kinds`, with the most
+    parameters (one block will do: a one-layer decoder's lm_head is no more a target than a deep one's).
 
     Falls back to the whole model as one block when there is no such container (a plain MLP, say).
     """
@@ -58,8 +58,7 @@ def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
     for name, module in model.named_modules():
         if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 1:
             continue
-        kinds = {type(child) for child in module}
-        if len(kinds) != 1 or not any(isinstance(m, PRUNABLE) for m in module[0].modules()):
+        if len({type(child) for child in module}) != 1 or not any(isinstance(m, kinds) for m in module[0].modules()):
             continue
         size = sum(p.numel() for p in module.parameters())
         if size > best_size:
@@ -82,7 +81,7 @@ def find_targets(model: nn.Module, include: str | None = None, exclude: str | No
 
     kinds: the layer classes that can be targets. default: the modules chosen when include is None (by default
     those inside the model's repeated blocks)."""
-    prefix, blocks = find_blocks(model)
+    prefix, blocks = find_blocks(model, kinds)
     block_of = {}
     for i, block in enumerate(blocks):
         for module in block.modules():

@@ -74,7 +74,7 @@ def test_data_parallel_tuning_keeps_every_rank_identical(ranks, method):
     for name, keep in first["masks"].items():  # pruned entries still zero after the steps
         assert not first["weights"][f"{name}.weight"][~keep].any(), name
     if method.startswith(("lift", "spt")):
-        assert first["selections"]  # sparse selections, with SparseAdam's moments for them
+        assert first["selections"]  # sparse selections, with AdamW's moments for them
     if method == "ist-ddp":
         assert torch.equal(first["scores"], second["scores"]) and first["scores"].abs().sum() > 0
 

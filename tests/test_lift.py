@@ -255,3 +255,46 @@ def test_bad_input_fails_before_the_model_changes(options, error, message):
         prepare(model, **options)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
+
+
+class ConvBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(8, 12, 3, padding=1), nn.Conv2d(12, 8, 1)
+
+    def forward(self, x):
+        return x + self.conv2(torch.relu(self.conv1(x)))
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(ConvBlock(), ConvBlock()),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def test_convolutions_train_their_principal_weights_as_out_by_patch_matrices(tmp_path):
+    """A Conv2d of the blocks is the [out, in x kh x kw] matrix of its input patches: LIFT selects the top-K of that
+    matrix's low-rank approximation, K = rank x (out + in x kh x kw); training moves only those entries, and the
+    saved deltas rebuild the trained convolutions on a fresh copy."""
+    model = small_cnn()
+    tuned = prepare(model, "lift", rank=2, filter_rank=2, svd="exact")
+    assert sorted(tuned.layers) == ["1.0.conv1", "1.0.conv2", "1.1.conv1", "1.1.conv2"]  # the stem and head stay
+    before = {n: m.weight.detach().clone() for n, m in tuned.layers.items()}
+    for name, module in tuned.layers.items():
+        flat = module.weight.view(module.weight.shape[0], -1)
+        k = 2 * sum(flat.shape)
+        assert_principal(selection(module.weight).indices.tolist(), flat, 2, k, what=name)
+    optimizer = tuned.optimizer(lr=1e-2)
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, module in tuned.layers.items():
+        moved = (module.weight.detach() != before[name]).view(-1).nonzero().view(-1)
+        assert moved.numel() > 0 and set(moved.tolist()) <= set(selection(module.weight).indices.tolist())
+    save_deltas(tuned, tmp_path / "deltas")
+    fresh = small_cnn()
+    load_deltas(fresh, tmp_path / "deltas")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))

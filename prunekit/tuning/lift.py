@@ -24,13 +24,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import PrunekitError
-from ..targets import find_targets
+from ..targets import PRUNABLE, find_targets
 from .base import TUNERS, Method, pruned
 from .config import PATTERN, Config, integer, one_of, option
 from .deltas import sparse_delta
 from .sparse import change, reselect, select, selection
 
 SVDS = ("randomized", "exact")
+
+
+def matrix(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as a matrix, [out, in] (a convolution's: [out, in x kernel height x kernel width], the
+    matrix its output is of its input patches), sharing the weight's storage and flat order."""
+    return module.weight.view(module.weight.shape[0], -1)
 
 
 def low_rank(weight: torch.Tensor, rank: int, svd: str = "randomized", niter: int = 2) -> torch.Tensor:
@@ -51,7 +57,8 @@ class LIFTConfig(Config):
     """LIFT's options. rank: trainable entries per matrix as a LoRA rank, K = rank · (out + in); filter_rank: rank
     of the approximation whose magnitudes choose them; interval: optimizer steps between selections (0: never
     refresh); svd: "randomized" or "exact"; niter: power iterations of the randomized SVD; include / exclude:
-    regexes over module names (default: every Linear of the repeated blocks, as prune() targets them)."""
+    regexes over module names (default: every Linear, and every Conv2d as its [out, in x kh x kw] matrix, of the
+    repeated blocks)."""
 
     method: ClassVar[str] = "lift"
     rank: int = option(128, integer(1))
@@ -80,23 +87,23 @@ class LIFT(Method):
 
     def budget(self, module: nn.Module) -> int:
         """K for one matrix: a rank-`rank` LoRA's parameter count."""
-        return self.config.rank * sum(module.weight.shape)
+        return self.config.rank * sum(matrix(module).shape)
 
     def largest_rank(self, module: nn.Module) -> int:
         """The largest rank whose K fits in the matrix's unpruned entries."""
         keep = pruned(module)
-        return (module.weight.numel() if keep is None else int(keep.sum())) // sum(module.weight.shape)
+        return (module.weight.numel() if keep is None else int(keep.sum())) // sum(matrix(module).shape)
 
     def principal(self, module: nn.Module) -> torch.Tensor:
         """Flat indices of the top-K entries of |low-rank approximation|, pruned entries excluded."""
-        score = low_rank(module.weight, self.config.filter_rank, self.config.svd, self.config.niter).abs()
+        score = low_rank(matrix(module), self.config.filter_rank, self.config.svd, self.config.niter).abs()
         keep = pruned(module)
         if keep is not None:
-            score = score.masked_fill(~keep, -1.0)  # below every |value|: never chosen
+            score = score.masked_fill(~keep.view(score.shape), -1.0)  # below every |value|: never chosen
         return score.view(-1).topk(self.budget(module)).indices
 
     def attach(self, model: nn.Module) -> None:
-        targets = find_targets(model, self.config.include, self.config.exclude)
+        targets = find_targets(model, self.config.include, self.config.exclude, kinds=PRUNABLE + (nn.Conv2d,))
         tightest = min(targets, key=lambda t: self.largest_rank(t.module))
         if self.largest_rank(tightest.module) < self.config.rank:
             limit = self.largest_rank(tightest.module)
