@@ -141,3 +141,27 @@ def test_prune_vit_says_which_package_is_missing(monkeypatch, capsys):
 def test_prune_vit_refuses_a_model_that_is_not_there(tmp_path, capsys):
     assert run(example("prune_vit"), [str(tmp_path / "missing")], prog="prune_vit.py") == 2
     assert "cannot load ViT" in capsys.readouterr().err
+
+
+def test_prune_vision_removes_the_share_of_macs_asked_and_measures_against_the_dense_model():
+    results = example("prune_vision")(["--importance", "magnitude", "--calibration", "16", "--views", "32"])
+    dense, pruned, model = results["dense"], results["pruned"], results["model"]
+    # MACs counted here on the pruned model: 30% of the whole model's gone, within one filter group of a block
+    x = data.image_views(data.imagenet_photos()[0], 1, seed=5)
+    macs = {}
+    hooks = [m.register_forward_hook(lambda m, a, out: macs.__setitem__(m, out[0, 0].numel() * m.weight.numel()))
+             for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    assert sum(macs.values()) == pruned["MACs"]
+    assert abs(pruned["MACs"] / dense["MACs"] - 0.7) < 0.01
+    assert pruned["params"] == sum(p.numel() for p in model.parameters()) < dense["params"]
+    assert dense["top1_agreement"] == 1.0 and dense["kl"] == 0.0 and 0 <= pruned["top1_agreement"] < 1
+    assert dense["images/s"] > 0 and pruned["images/s"] > 0
+
+
+def test_prune_vision_refuses_a_share_that_is_not_one(capsys):
+    assert run(example("prune_vision"), ["--macs", "1.5"], prog="prune_vision.py") == 2
+    assert "--macs is the share of MACs to remove" in capsys.readouterr().err
