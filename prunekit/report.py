@@ -110,8 +110,9 @@ class PruneReport:
     def summary(self) -> str:
         off = self.pruned - self._requested_count()
         unit = "weight" if self.unit == 1 else f"{self.granularity[len('block'):]} tile"
-        data = (f", calibration {self.calibration['batches']} batches / {self.calibration['tokens']:,} tokens"
-                if self.calibration else "")
+        c = self.calibration
+        data = "" if not c else f", calibration {c['batches']} batches / " + (
+            f"{c['tokens']:,} tokens" if c.get("tokens") or "samples" not in c else f"{c['samples']:,} samples")
         if self.metric == "flops":
             achieved = self.flops_sparsity
             budget = (f"FLOPs removed {achieved:.4%} (requested {self.requested:.4%}, "
