@@ -81,7 +81,7 @@ def find_targets(model: nn.Module, include: str | None = None, exclude: str | No
 
     kinds: the layer classes that can be targets. default: the modules chosen when include is None (by default
     those inside the model's repeated blocks)."""
-    prefix, blocks = find_blocks(model, kinds)
+    prefix, blocks = find_blocks(model)  # the runners' blocks: their indices must agree
     block_of = {}
     for i, block in enumerate(blocks):
         for module in block.modules():

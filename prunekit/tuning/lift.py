@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import PrunekitError
-from ..targets import PRUNABLE, find_targets
+from ..targets import PRUNABLE, find_blocks, find_targets
 from .base import TUNERS, Method, pruned
 from .config import PATTERN, Config, integer, one_of, option
 from .deltas import sparse_delta
@@ -103,7 +103,9 @@ class LIFT(Method):
         return score.view(-1).topk(self.budget(module)).indices
 
     def attach(self, model: nn.Module) -> None:
-        targets = find_targets(model, self.config.include, self.config.exclude, kinds=PRUNABLE + (nn.Conv2d,))
+        kinds = PRUNABLE + (nn.Conv2d,)
+        inside = {m for block in find_blocks(model, kinds)[1] for m in block.modules()}  # a CNN's blocks too
+        targets = find_targets(model, self.config.include, self.config.exclude, kinds=kinds, default=inside)
         tightest = min(targets, key=lambda t: self.largest_rank(t.module))
         if self.largest_rank(tightest.module) < self.config.rank:
             limit = self.largest_rank(tightest.module)
