@@ -1,6 +1,6 @@
 """Prune a causal LM to a budget, recover with sparse fine-tuning, run it on kernels where faster, save it.
 
-    python examples/prune_llm.py                      # bundled SmolLM2-135M, Wanda 50% + LIFT, ~4 min on 2 cores
+    python examples/prune_llm.py                      # bundled SmolLM2-135M, Wanda 50% + LIFT
     python examples/prune_llm.py path/or/id --importance sparsegpt --allocator owl --budget 0.6 --method spt
     python examples/prune_llm.py --budget 2:4 --importance sparsegpt --out pruned-2of4
 

@@ -1,6 +1,6 @@
 """Prune a Hugging Face ViT structurally and unstructurally, recover with SPT, and compare held-out accuracy.
 
-    python examples/prune_vit.py                        # a small ViT trained here on real digits, ~2 min on 2 cores
+    python examples/prune_vit.py                        # a small ViT trained here on real digits
     python examples/prune_vit.py path/or/id/of/a/vit --epochs 2 --image-size 224
 
 No pretrained ViT is reachable offline, so by default the example first trains a small one (4 blocks, width 64) on

@@ -1,6 +1,6 @@
 """LIFT, S2FT, IST and SPT side by side on one task, each trained through transformers.Trainer.
 
-    python examples/sparse_finetune.py                # bundled SmolLM2-135M pruned 50% (Wanda); 13 min on 2 busy cores
+    python examples/sparse_finetune.py                # bundled SmolLM2-135M pruned 50% (Wanda)
     python examples/sparse_finetune.py path/or/id --prune 0 --methods lift spt --steps 40
 
 The task: next-token prediction on Wikipedia (docs/protocol.md's calibration split, windows drawn with random.Random(1);
