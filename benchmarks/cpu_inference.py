@@ -5,8 +5,10 @@
 
 layers: weights of LLaMA-7B's shapes (4096x4096, 11008x4096, 4096x11008) and SmolLM2's (576x576, 1536x576,
 576x1536), [out, in]; 1 and 8 rows; fp32 and bf16; 1 and 2 threads; masks unstructured at 50/70/90% (exact per
-row), 2:4, and 32x32 blocks at 70/90% (exact in whole blocks), random. Paths, timed in turns call by call on the
-same input (prunekit.kernels.dispatch.timings, at least 0.2 s each) after a check against the dense product:
+row), 2:4, and 32x32 blocks at 70/90% (exact in whole blocks), random. Each path runs copies of its layer in turn,
+as many as make twice the last-level cache, so that every call reads its weights from memory as in decoding. Paths,
+timed in turns call by call on the same input (prunekit.kernels.dispatch.timings, at least 0.2 s each) after a
+check against the dense product:
 dense (F.linear of the masked weight: MKL / oneDNN), prunekit's kernel on the layer's compressed storage (the
 bitmask for unstructured and 2:4 masks, blocks for block masks), PyTorch's BSR (fp32 block masks: bf16 BSR matmul
 has no CPU kernel) and "auto", the converted layer as a model runs it (its dispatch's own pick, Python included).
@@ -26,7 +28,9 @@ dense; at 50% fp32, checkpoint <= 0.66x dense and the pruned layers' resident by
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
+import itertools
 import json
 import re
 import shlex
@@ -85,38 +89,54 @@ def read_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache (sysfs), or 32 MiB where it cannot be read."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text))
+    return max(sizes, default=32 << 20)
+
+
+def in_turns(modules: list, x: torch.Tensor):
+    """A call of the next module in turn: copies of one layer whose weights together exceed the last-level cache, so
+    that each call reads its weight from memory, as a decoding model does (a layer timed alone in a loop would sit in
+    the cache, where a compressed layer often fits and its dense twin does not)."""
+    turns = itertools.cycle(modules)
+    return lambda: next(turns)(x)
+
+
 def layer_rows(shape, dtype_name: str, threads: int, rows_list, seed: int) -> list[dict]:
     dtype = DTYPES[dtype_name]
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(shape, generator=g).to(dtype)
+    copies = -(-2 * last_level_cache_bytes() // weight.nbytes)
     out = []
     for pattern in PATTERNS:
         keep = mask(pattern, shape, g)
-        linear = torch.nn.Linear(shape[1], shape[0], bias=False, dtype=dtype)
+        linear = torch.nn.Linear(shape[1], shape[0], bias=False, dtype=dtype).requires_grad_(False)
         with torch.no_grad():
             linear.weight.copy_(weight * keep)
         block = pattern.startswith("block")
         make = (lambda backend: BlockSparseLinear.from_dense(linear, keep, 32, backend)) if block else \
             (lambda backend: BitmaskLinear.from_dense(linear, keep, backend))
-        ours, auto = make("cpu"), make("auto")
-        bsr = make("torch") if block and dtype == torch.float32 else None
-        ours.values.requires_grad_(False)
-        auto.values.requires_grad_(False)
+        kinds = {"dense": lambda: copy.deepcopy(linear), "prunekit": lambda: make("cpu"), "auto": lambda: make("auto")}
+        if block and dtype == torch.float32:
+            kinds["torch BSR"] = lambda: make("torch")
+        layers = {name: [new().requires_grad_(False) for _ in range(copies)] for name, new in kinds.items()}
+        ours, auto = layers["prunekit"][0], layers["auto"][0]
         for rows in rows_list:
             x = torch.randn(rows, shape[1], generator=g).to(dtype)
             with torch.no_grad():
                 expected = F.linear(x, linear.weight)
-                paths = {"dense": lambda: F.linear(x, linear.weight), "prunekit": lambda: ours(x),
-                         "auto": lambda: auto(x)}
-                if bsr is not None:
-                    paths["torch BSR"] = lambda: bsr(x)
+                paths = {name: in_turns(modules, x) for name, modules in layers.items()}
                 for name, run in paths.items():  # checked before timed; auto measures its dispatch here
                     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
                     torch.testing.assert_close(run().float(), expected.float(), rtol=tol, atol=tol * shape[1] ** 0.5,
                                                msg=f"{name} {shape} {pattern} {rows}")
                 seconds, errors = dispatch.timings(paths, torch.device("cpu"), min_seconds=0.2, max_rounds=200)
             row = {"shape": list(shape), "pattern": pattern, "dtype": dtype_name, "threads": threads, "rows": rows,
-                   "seconds": seconds, "errors": errors, "auto": auto.choose(x),
+                   "seconds": seconds, "errors": errors, "auto": auto.choose(x), "copies": copies,
                    "bytes_ratio": shape[0] * shape[1] * weight.element_size() / read_bytes(ours)}
             out.append(row)
             print(layer_line(row), flush=True)

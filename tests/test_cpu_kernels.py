@@ -77,7 +77,11 @@ def assert_matches(y, expected, dtype, what):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bitmask_layout_matches_the_masked_dense_product(isa, dtype):
+@pytest.mark.parametrize("vbmi2", ("1", "0"))
+def test_bitmask_layout_matches_the_masked_dense_product(isa, dtype, vbmi2, monkeypatch):
+    """vbmi2: on AVX-512, bf16 products run on the AVX512-BF16 dot-product kernel where the CPU has it and on the
+    widening kernel with PRUNEKIT_CPU_VBMI2=0."""
+    monkeypatch.setenv("PRUNEKIT_CPU_VBMI2", vbmi2)
     for seed, (out_features, in_features) in enumerate(SHAPES):
         g = torch.Generator().manual_seed(seed)
         weight = torch.randn(out_features, in_features, generator=g).to(dtype)
