@@ -1,6 +1,6 @@
 """docs/protocol.md's LLM quality benchmark on SmolLM2-135M.
 
-    python benchmarks/llm_quality.py                    # prunekit vs llm-compressor (about 3 hours on 2 cores)
+    python benchmarks/llm_quality.py                    # prunekit vs llm-compressor, every config (many hours)
     python benchmarks/llm_quality.py --configs wanda-50 sparsegpt-2:4 --repeats 1
     python benchmarks/llm_quality.py --suite allocators # uniform, OWL, DP, ECoFLaP at 60/70/80% (about 2.5 hours)
     python benchmarks/llm_quality.py --suite allocators --resume --sparsities 0.7 0.8 --allocators owl dp
@@ -52,6 +52,14 @@ CONFIGS = {
     "sparsegpt-70": ("sparsegpt", "0.7", "uniform"),
     "wanda-70-owl": ("wanda", "0.7", "owl"),
     "sparsegpt-70-owl": ("sparsegpt", "0.7", "owl"),
+    "sparsegpt-60": ("sparsegpt", "0.6", "uniform"),
+    "sparsegpt-80": ("sparsegpt", "0.8", "uniform"),
+    "sparsegpt-80-owl": ("sparsegpt", "0.8", "owl"),
+    "admm-50": ("admm", "0.5", "uniform"),
+    "admm-2:4": ("admm", "2:4", "uniform"),
+    "admm-60": ("admm", "0.6", "uniform"),
+    "admm-70": ("admm", "0.7", "uniform"),
+    "admm-80": ("admm", "0.8", "uniform"),
 }
 PEER_OFFERS = {"wanda", "sparsegpt"}  # llm-compressor's one-shot pruning modifiers
 ALLOCATOR_SPARSITIES = (0.6, 0.7, 0.8)
@@ -260,10 +268,52 @@ def markdown(doc: dict) -> str:
             [fmt(p, ".3f") for p in ppl] + [fmt(ratio(ppl[0], ppl[2]), ".3f"), fmt(ratio(ppl[1], ppl[2]), ".3f")]
             + [fmt(s_, ".1f") for s_ in sec] + [fmt(ratio(sec[0], sec[2]), ".2f"), fmt(ratio(sec[1], sec[2]), ".2f")]
             + [fmt(ours.get("sparsity"), ".4f"), fmt(peer.get("sparsity"), ".4f")]) + " |")
+    out += [""] + reconstruction_targets(rows)
     errors = [r for r in doc["results"] if "error" in r]
     if errors:
         out += ["", "Failed runs:"] + [f"- {r['tool']} {r['config']}: {r['error']}" for r in errors]
     return "\n".join(out) + "\n"
+
+
+def reconstruction_targets(rows: dict) -> list[str]:
+    """The layer-wise reconstruction's targets (ADMM against SparseGPT and llm-compressor), where both rows ran."""
+    def ppl(tool, name):
+        return rows.get((tool, name), {}).get("perplexity")
+
+    def best(tool, budget):
+        found = [(r["perplexity"], n) for (t, n), r in rows.items()
+                 if t == tool and n != "dense" and CONFIGS[n][1] == budget and r.get("perplexity")]
+        return min(found, default=None)
+
+    lines = []
+
+    def check(what, ours, theirs, limit):
+        if ours and theirs:
+            ratio = ours[0] / theirs[0]
+            lines.append(f"- {what}: {ours[1]} {ours[0]:.3f} / {theirs[1]} {theirs[0]:.3f} = {ratio:.3f} "
+                         f"(target <= {limit}: {'met' if ratio <= limit else 'MISSED'})")
+
+    label = lambda tool, name: (ppl(tool, name), f"{tool} {name}") if ppl(tool, name) else None  # noqa: E731
+    for budget in ("2:4",):
+        ours = best("prunekit", budget)
+        check(f"{budget}, best prunekit vs llm-compressor's SparseGPT", ours and (ours[0], f"prunekit {ours[1]}"),
+              label("llmcompressor", f"sparsegpt-{budget}"), 0.90)
+    for pct in ("60", "70"):
+        check(f"{pct}%, ADMM vs llm-compressor's SparseGPT", label("prunekit", f"admm-{pct}"),
+              label("llmcompressor", f"sparsegpt-{pct}"), 0.85)
+    for pct in ("70", "80"):
+        ours, theirs = best("prunekit", f"0.{pct[0]}"), best("llmcompressor", f"0.{pct[0]}")
+        check(f"{pct}%, best prunekit vs llm-compressor's best", ours and (ours[0], f"prunekit {ours[1]}"),
+              theirs and (theirs[0], f"llm-compressor {theirs[1]}"), 0.60)
+    check("50%, ADMM vs prunekit's SparseGPT", label("prunekit", "admm-50"), label("prunekit", "sparsegpt-50"), 0.97)
+    for name in CONFIGS:
+        if CONFIGS[name][0] == "admm":
+            ours, theirs = rows.get(("prunekit", name), {}), rows.get(("prunekit", "sparsegpt" + name[4:]), {})
+            if ours.get("seconds") and theirs.get("seconds"):
+                ratio = ours["seconds"] / theirs["seconds"]
+                lines.append(f"- {name} pruning time vs prunekit's SparseGPT: {ours['seconds']:.1f} / "
+                             f"{theirs['seconds']:.1f} s = {ratio:.2f}x (target <= 3: {'met' if ratio <= 3 else 'MISSED'})")
+    return ["Targets of the layer-wise reconstruction (ADMM):"] + lines if lines else []
 
 
 def main():
@@ -412,6 +462,7 @@ def allocators_markdown(doc: dict) -> str:
                 gain = 1 - best[0] / owl
                 out.append(f"| {sparsity:.0%} | {importance} | {owl:.2f} | {best[0]:.2f} ({best[1]}) | "
                            f"{-gain:+.1%} | {'yes' if gain >= 0.10 else 'no'} |")
+    out += [""] + reconstruction_targets(rows)
     errors = [r for r in doc["results"] if "error" in r]
     if errors:
         out += ["", "Failed runs:"] + [f"- {r['config']}: {r['error']}" for r in errors]

@@ -2,8 +2,9 @@
 or the block layout (layout.py), fp32 or bf16 weights, fp32 accumulation, on torch's thread count.
 
 The AVX-512 or AVX2 path is chosen by what the CPU reports (`isa()`); `force_isa("avx2")` (or the environment
-variable PRUNEKIT_CPU_ISA=avx2) caps it, to test the AVX2 path on an AVX-512 machine or to compare them;
-PRUNEKIT_CPU_VBMI2=0 keeps bf16 decompression off AVX512-VBMI2's 16-bit expand, for the same reason. Where the
+variable PRUNEKIT_CPU_ISA=avx2) caps it, to test the AVX2 path on an AVX-512 machine or to compare them. On AVX-512,
+bf16 layers use AVX512-VBMI2's 16-bit expand to decompress and, where the CPU also has AVX512-BF16, its dot-product
+instruction to multiply (bf16 inputs stay bf16); PRUNEKIT_CPU_VBMI2=0 keeps them off both, for the same reason. Where the
 extension cannot be loaded or built, `unavailable()` says why, a one-line warning is shown once, and every caller
 runs the dense path instead.
 """
