@@ -163,19 +163,15 @@ def layer_line(row: dict) -> str:
             ", ".join(f"{k} {v:.2f}x" for k, v in r.items()) + f" (bytes {row['bytes_ratio']:.2f}); auto -> {row['auto']}")
 
 
-LAYER_FINDINGS = """Where the targets are missed, and why (profiled on this machine):
-- Unstructured 90% (and bf16 70-90%): the bitmask kernel's work is per 16-weight chunk, whatever the chunk keeps: a
-  16-bit mask load, a count, the kept values' load and `vexpandps` (port 5), an FMA. A microbenchmark of that loop
-  alone, on data in cache, takes 0.8 ns a chunk (0.6 ns without the expand), so a 4096x4096 layer cannot go under
-  about 0.85 ms however few weights it keeps, against 2.5-3.5 ms dense: 2.5-4x, not the 6x its bytes allow. bf16
-  adds a widening per chunk. A layout whose work follows the kept weights (column indices, gathers) is the way past
-  it; block masks already are (7-10x at 90%).
-- auto below 0.95x at 8 rows in bf16: oneDNN's bf16 product (AMX on this CPU) runs 8 rows in the time of one, and
-  the kernel's time grows with the rows (fp32 FMAs over each expanded chunk); a compressed layer's own dense path
-  pays the decompression, so auto's best is the kernel, at 0.6-0.9x of a dense layer. Small layers on two threads
-  (576x576, 1536x576) live in L2 there, where dense runs in 14-70 us and the Python call alone costs about 7 us.
-- Blocks at 70% fp32: 2.5-2.7x against a 2.66x target (0.8 x 3.33): the block rows are read in strided halves; a
-  prefetch four blocks ahead brought 90% from 6.1x to 7.5-8x but leaves 70% memory-latency bound."""
+LAYER_FINDINGS = """Where the targets are missed, and why (this machine: AMD EPYC, Zen 4, AVX-512 with AVX512-BF16, no AMX):
+- Unstructured 90% fp32 (2.4-3.3x against about 6.1x): the bitmask kernel's work is per 16-weight chunk whatever the
+  chunk keeps (a mask load, a count, the kept values' load, an expand, an FMA), so a 4096-wide layer cannot go much
+  under a fixed time however few weights it keeps. A layout whose work follows the kept weights would be needed.
+- Unstructured 70% fp32 (2.2-2.6x against 2.41x) and bf16 90% (4.5-5.0x against 4.9x): the same per-chunk floor, just
+  below the target on some shapes.
+- Blocks at 90% (6.3-9.1x against 8.0x) and one fp32 70% shape: the block rows are read in strided 16-row passes;
+  prefetching whole blocks on the first pass (this run) lifted fp32 70% from 1.6-2.0x to 2.5-3.4x.
+- Dense bf16 reaches only about 11 GB/s here, so bf16 ratios exceed the bytes ratio at 50-70%."""
 
 
 def layers_markdown(doc: dict) -> str:
@@ -337,15 +333,14 @@ def model_rows(doc: dict):
                 yield dtype, threads, dense, [(n, pick(n, "sparse"), pick(n, "masked")) for n in VARIANTS]
 
 
-MODEL_FINDINGS = """Where the targets are missed, and why: a decode step of the dense model spends about 60% of its time in
-the layers' products (torch profiler: 39.5 of 55 ms in aten::mm, the tied lm_head included), the rest in attention,
-the KV cache's concatenations and Python; the kernels cut the pruned layers' part by their bytes, no more. The block
-model at 70% fp32 (1.54x against 1.6x) runs its SmolLM2-sized blocks (18 block columns) at lower bandwidth than the
-bitmask kernel at the same sparsity (1.64x). A bf16 prefill at 50% (0.91-0.92x) pays the decompression of every
-layer for one call against oneDNN's AMX product, which is fast enough for that to show; fp32 prefill does not. In
-bf16 the compressed and the masked model differ by rounding (the kernel rounds each output once from fp32; oneDNN
-rounds its own way): their logits differ about as much as the dense model's own between 1 and 2 threads, and greedy
-decoding can part at a near-tie."""
+MODEL_FINDINGS = """Where the targets are missed, and why (this machine: AMD EPYC, Zen 4, no AMX): the torch profiler of one
+bf16 decode step of the 70% model (512 tokens of context, 1 thread) puts about 15 of its ~47 ms in the attention
+(aten::_scaled_dot_product_flash_attention_for_cpu, 0.5 ms per layer in bf16), 6.8 ms in the tied dense lm_head and
+2.5 ms in the KV cache's concatenations; none of it shrinks with pruning, which caps bf16 decode near 1.5x. Prefill
+runs 512 rows on whatever auto measured fastest; where that is dense, the layer is decompressed first, which costs a
+few percent (bf16 2:4 worst). In bf16 the compressed and the masked model differ by rounding (the kernel sums in
+another order and rounds each output once), so greedy decoding can part at a near-tie. The masked twins run a mask
+pre-hook per layer call, which is why they decode below the dense model."""
 
 
 def model_targets(name: str, dtype: str, threads: int, dense: dict, sparse: dict) -> dict:
