@@ -128,6 +128,7 @@ def worker(tool: str, name: str, args) -> dict:
     import copy
 
     import torch
+    from estimators import _status, peak_reset  # this directory is on sys.path: the worker runs this file
 
     from prunekit import data
     from prunekit.evaluate import perplexity
@@ -141,12 +142,15 @@ def worker(tool: str, name: str, args) -> dict:
         times, pruned = [], None
         for _ in range(args.repeats):
             candidate = copy.deepcopy(model)
+            before = peak_reset()
             start = time.perf_counter()
             if tool == "llmcompressor":
                 extra = run_llmcompressor(candidate, tokenizer, windows, importance, budget, allocator)
             else:
                 extra = run_prunekit(candidate, windows, importance, budget, allocator, TOOLS[tool], args.window_batch)
             times.append(time.perf_counter() - start)
+            if pruned is None:  # the first run's memory: later peaks hide under the first one's
+                result.update(peak_rss_mb=_status("VmHWM:"), pruning_extra_mb=_status("VmHWM:") - before)
             pruned = pruned or (candidate, extra)
         model, extra = pruned
         result.update(extra, seconds=min(times), seconds_all=times)
@@ -280,9 +284,14 @@ def reconstruction_targets(rows: dict) -> list[str]:
     def ppl(tool, name):
         return rows.get((tool, name), {}).get("perplexity")
 
+    allocated = allocator_rows()
+
     def best(tool, budget):
         found = [(r["perplexity"], n) for (t, n), r in rows.items()
                  if t == tool and n != "dense" and CONFIGS[n][1] == budget and r.get("perplexity")]
+        if tool == "prunekit":  # the allocators suite's pipelines count too
+            found += [(r["perplexity"], f"{r['importance']} + {r['allocator']} (llm_allocators)") for r in allocated
+                      if str(r["sparsity"]) == budget and r.get("perplexity")]
         return min(found, default=None)
 
     lines = []
@@ -313,7 +322,19 @@ def reconstruction_targets(rows: dict) -> list[str]:
                 ratio = ours["seconds"] / theirs["seconds"]
                 lines.append(f"- {name} pruning time vs prunekit's SparseGPT: {ours['seconds']:.1f} / "
                              f"{theirs['seconds']:.1f} s = {ratio:.2f}x (target <= 3: {'met' if ratio <= 3 else 'MISSED'})")
+            if ours.get("peak_rss_mb") and theirs.get("peak_rss_mb"):
+                ratio = ours["peak_rss_mb"] / theirs["peak_rss_mb"]
+                lines.append(f"- {name} peak memory vs prunekit's SparseGPT: {ours['peak_rss_mb']:.0f} / "
+                             f"{theirs['peak_rss_mb']:.0f} MB resident = {ratio:.2f}x (pruning's own: "
+                             f"{ours['pruning_extra_mb']:.0f} / {theirs['pruning_extra_mb']:.0f} MB; target <= 1.2: "
+                             f"{'met' if ratio <= 1.2 else 'MISSED'})")
     return ["Targets of the layer-wise reconstruction (ADMM):"] + lines if lines else []
+
+
+def allocator_rows() -> list[dict]:
+    """The allocators suite's committed rows (results/llm_allocators.json), if any."""
+    path = RESULTS / "llm_allocators.json"
+    return [r for r in json.loads(path.read_text())["results"] if "error" not in r] if path.exists() else []
 
 
 def main():
