@@ -63,7 +63,7 @@ CONFIGS = {
 }
 PEER_OFFERS = {"wanda", "sparsegpt"}  # llm-compressor's one-shot pruning modifiers
 ALLOCATOR_SPARSITIES = (0.6, 0.7, 0.8)
-ALLOCATOR_SUITE = [(est, alloc) for est in ("wanda", "sparsegpt") for alloc in ("uniform", "owl", "dp", "ecoflap")]
+ALLOCATOR_SUITE = [(est, alloc) for est in ("wanda", "sparsegpt", "admm") for alloc in ("uniform", "owl", "dp", "ecoflap")]
 # tool -> prunekit's calibration order (None: the peer)
 TOOLS = {"prunekit": "layer", "prunekit-block": "block", "llmcompressor": None}
 
@@ -171,6 +171,11 @@ def allocator_worker(importance: str, allocator: str, args) -> list[dict]:
     windows = data.calibration_windows(tokenizer, args.calibration_windows, args.seq_len, seed=args.seed)
     eval_windows = data.eval_windows(tokenizer, args.eval_windows, args.seq_len)
     chosen, measure_seconds, results = allocator, None, []
+    if args.measure_with not in (None, importance):  # the allocator measures with another estimator, once
+        report = prunekit.prune(copy.deepcopy(model), args.sparsities[0], importance=args.measure_with,
+                                allocator=allocator, calibration=windows, progress=False)
+        measure_seconds = report.seconds["allocation"]
+        chosen = prunekit.allocation.ALLOCATORS.create(allocator).reuse(report.measured)
     for sparsity in args.sparsities:
         candidate = copy.deepcopy(model)
         start = time.perf_counter()
@@ -184,7 +189,8 @@ def allocator_worker(importance: str, allocator: str, args) -> list[dict]:
         results.append({"importance": importance, "allocator": allocator, "sparsity": sparsity,
                         "perplexity": perplexity(candidate, eval_windows, progress=False),
                         "measure_seconds": measure_seconds, "prune_seconds": report.seconds["pruning"],
-                        "seconds": seconds, "report": kept})
+                        "seconds": seconds, "report": kept,
+                        **({"measured_with": args.measure_with} if args.measure_with not in (None, importance) else {})})
         del candidate
     return results
 
@@ -195,6 +201,8 @@ def run_worker(tool: str, name: str, args) -> dict:
            "--seq-len", str(args.seq_len), "--seed", str(args.seed), "--sparsities", *map(str, args.sparsities)]
     if args.window_batch is not None:
         cmd += ["--window-batch", str(args.window_batch)]
+    if args.measure_with is not None:
+        cmd += ["--measure-with", args.measure_with]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error"}
     code = commit()  # before the run: the worker imports the code as it is now
@@ -272,26 +280,25 @@ def markdown(doc: dict) -> str:
             [fmt(p, ".3f") for p in ppl] + [fmt(ratio(ppl[0], ppl[2]), ".3f"), fmt(ratio(ppl[1], ppl[2]), ".3f")]
             + [fmt(s_, ".1f") for s_ in sec] + [fmt(ratio(sec[0], sec[2]), ".2f"), fmt(ratio(sec[1], sec[2]), ".2f")]
             + [fmt(ours.get("sparsity"), ".4f"), fmt(peer.get("sparsity"), ".4f")]) + " |")
-    out += [""] + reconstruction_targets(rows)
+    out += [""] + reconstruction_targets(rows, load_results("llm_allocators"))
     errors = [r for r in doc["results"] if "error" in r]
     if errors:
         out += ["", "Failed runs:"] + [f"- {r['tool']} {r['config']}: {r['error']}" for r in errors]
     return "\n".join(out) + "\n"
 
 
-def reconstruction_targets(rows: dict) -> list[str]:
-    """The layer-wise reconstruction's targets (ADMM against SparseGPT and llm-compressor), where both rows ran."""
+def reconstruction_targets(rows: dict, allocated: list[dict]) -> list[str]:
+    """The layer-wise reconstruction's targets (ADMM against SparseGPT and llm-compressor), where both rows ran:
+    `rows` the peers suite's by (tool, config), `allocated` the allocators suite's (prunekit pipelines too)."""
     def ppl(tool, name):
         return rows.get((tool, name), {}).get("perplexity")
-
-    allocated = allocator_rows()
 
     def best(tool, budget):
         found = [(r["perplexity"], n) for (t, n), r in rows.items()
                  if t == tool and n != "dense" and CONFIGS[n][1] == budget and r.get("perplexity")]
         if tool == "prunekit":  # the allocators suite's pipelines count too
-            found += [(r["perplexity"], f"{r['importance']} + {r['allocator']} (llm_allocators)") for r in allocated
-                      if str(r["sparsity"]) == budget and r.get("perplexity")]
+            found += [(r["perplexity"], f"{r['importance']} + {label_allocator(r)} (llm_allocators)")
+                      for r in allocated if str(r["sparsity"]) == budget and r.get("perplexity")]
         return min(found, default=None)
 
     lines = []
@@ -331,10 +338,16 @@ def reconstruction_targets(rows: dict) -> list[str]:
     return ["Targets of the layer-wise reconstruction (ADMM):"] + lines if lines else []
 
 
-def allocator_rows() -> list[dict]:
-    """The allocators suite's committed rows (results/llm_allocators.json), if any."""
-    path = RESULTS / "llm_allocators.json"
+def load_results(name: str) -> list[dict]:
+    """The committed rows of results/<name>.json without failed runs (none if it is absent)."""
+    path = RESULTS / f"{name}.json"
     return [r for r in json.loads(path.read_text())["results"] if "error" not in r] if path.exists() else []
+
+
+def label_allocator(row: dict) -> str:
+    """An allocators-suite row's allocator, with the estimator it measured with where that was another one."""
+    other = row.get("measured_with")
+    return f"{row['allocator']} ({other} curves)" if other else row["allocator"]
 
 
 def main():
@@ -360,6 +373,9 @@ def main():
                         help="allocators suite: which allocators to run")
     parser.add_argument("--estimators", nargs="*", default=["wanda", "sparsegpt"],
                         help="allocators suite: which local estimators to run")
+    parser.add_argument("--measure-with", help="allocators suite: the estimator the allocator measures with (DP's "
+                                               "curves), if not the one that prunes: ADMM's own curves would take "
+                                               "hours, so ADMM prunes to the budgets SparseGPT's curves give")
     parser.add_argument("--resume", action="store_true",
                         help="keep the results already in --out and run only what is missing (results are saved "
                              "after every worker, so an interrupted run loses at most one)")
@@ -468,7 +484,7 @@ def allocators_markdown(doc: dict) -> str:
                 continue
             owl = rows.get((importance, "owl", sparsity), {}).get("perplexity")
             versus = f"{r['perplexity'] / owl - 1:+.1%}" if owl else "-"
-            out.append(f"| {sparsity:.0%} | {importance} | {allocator} | {r['perplexity']:.2f} | {versus} | "
+            out.append(f"| {sparsity:.0%} | {importance} | {label_allocator(r)} | {r['perplexity']:.2f} | {versus} | "
                        f"{r['measure_seconds']:.0f} | {r['prune_seconds']:.0f} | "
                        f"{r['measure_seconds'] + r['prune_seconds']:.0f} |")
     out += ["", "Target: at 70% and 80%, the best of DP and ECoFLaP beats OWL with the same estimator by at least "
@@ -483,7 +499,8 @@ def allocators_markdown(doc: dict) -> str:
                 gain = 1 - best[0] / owl
                 out.append(f"| {sparsity:.0%} | {importance} | {owl:.2f} | {best[0]:.2f} ({best[1]}) | "
                            f"{-gain:+.1%} | {'yes' if gain >= 0.10 else 'no'} |")
-    out += [""] + reconstruction_targets(rows)
+    peers = {(r["tool"], r["config"]): r for r in load_results("llm_quality")}
+    out += [""] + reconstruction_targets(peers, doc["results"])
     errors = [r for r in doc["results"] if "error" in r]
     if errors:
         out += ["", "Failed runs:"] + [f"- {r['config']}: {r['error']}" for r in errors]
