@@ -35,10 +35,10 @@ SETTINGS = {  # growth is raised with fewer iterations so that the penalty ends 
     "sparsegpt": SparseGPT(),
     "admm (default)": ADMM(),
     "admm, no swaps": ADMM(swaps=0),
-    "admm, 15 iterations": ADMM(iterations=15, update=10, growth=1.3 ** 2),
-    "admm, 10 iterations": ADMM(iterations=10, update=7, growth=1.3 ** 3),
-    "admm, 10 iterations, no swaps": ADMM(iterations=10, update=7, growth=1.3 ** 3, swaps=0),
-    "admm, 10 iterations, 20 CG steps": ADMM(iterations=10, update=7, growth=1.3 ** 3, refit_iterations=20),
+    "admm, 10 iterations": ADMM(iterations=10, growth=1.3 ** 2),
+    "admm, 7 iterations": ADMM(iterations=7, growth=1.3 ** 3),
+    "admm, 7 iterations, no swaps": ADMM(iterations=7, growth=1.3 ** 3, swaps=0),
+    "admm, 7 iterations, 20 CG steps": ADMM(iterations=7, growth=1.3 ** 3, refit_iterations=20),
 }
 
 

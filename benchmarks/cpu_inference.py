@@ -32,6 +32,7 @@ import copy
 import datetime
 import itertools
 import json
+import math
 import re
 import shlex
 import subprocess
@@ -266,21 +267,42 @@ def status_mib(key: str) -> float:
     return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
 
 
-def worker(path: Path, mode: str, dtype: str, threads: int, new_tokens: int) -> dict:
-    """One measurement in this fresh process (printed as the last line, JSON)."""
+def load(path: Path, mode: str, dtype: str):
+    """The model of one run and the protocol's prompt (the eval split's first 512-token window)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from prunekit import data
-    from prunekit.generate import generate
 
-    torch.set_num_threads(threads)
-    Path("/proc/self/clear_refs").write_text("5")  # the peak from here on: loading, running
     if mode == "dense":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
     else:
         model = prunekit.load_pruned(path, sparse=mode == "sparse").eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    prompt = data.eval_windows(tokenizer, 1, 512)
+    return model, data.eval_windows(AutoTokenizer.from_pretrained(path), 1, 512)
+
+
+def top2(model, prompt: torch.Tensor, new_tokens: int) -> list[list]:
+    """Greedy decoding again, untimed: at each step the two best tokens, the logit gap between them and the best
+    logit, which say how near a tie the step was where two models' rounding makes them part."""
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True,
+                             pad_token_id=getattr(model.generation_config, "eos_token_id", None))
+    steps = []
+    for logits in out.logits:
+        best = logits[0].float().topk(2)
+        steps.append([int(best.indices[0]), int(best.indices[1]), float(best.values[0] - best.values[1]),
+                      float(best.values[0])])
+    return steps
+
+
+def worker(path: Path, mode: str, dtype: str, threads: int, new_tokens: int) -> dict:
+    """One measurement in this fresh process (printed as the last line, JSON)."""
+    from prunekit.generate import generate
+
+    torch.set_num_threads(threads)
+    Path("/proc/self/clear_refs").write_text("5")  # the peak from here on: loading, running
+    model, prompt = load(path, mode, dtype)
     generate(model, prompt, 2, warm_up=False)  # the auto dispatch measures 512 rows and 1 row here
     prefill = []
     with torch.no_grad():
@@ -295,7 +317,23 @@ def worker(path: Path, mode: str, dtype: str, threads: int, new_tokens: int) -> 
             "prefill_seconds": sorted(prefill)[1], "resident_bytes": result.resident_bytes,
             "layers": len(layers), "layer_bytes": sum(stored_bytes(m) for m in layers),
             "dense_layer_bytes": dense_layer_bytes, "peak_rss_mib": status_mib("VmHWM"),
-            "checkpoint_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors"))}
+            "checkpoint_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
+            **({"top2": top2(model, prompt, new_tokens)} if mode != "dense" else {})}
+
+
+def margins_main(args) -> None:
+    """Adds the top-2 record (see top2) to the sparse and masked rows of a results file that lacks it, untimed."""
+    out = args.out or RESULTS / "cpu_inference_model"
+    doc = json.loads(out.with_suffix(".json").read_text())
+    for row in doc["results"]:
+        if row["mode"] == "dense" or "top2" in row:
+            continue
+        torch.set_num_threads(row["threads"])
+        model, prompt = load(WORK / f"{slug(row['model'])}-{row['dtype']}", row["mode"], row["dtype"])
+        row["top2"] = top2(model, prompt, len(row["tokens"]))
+        print(f"{row['model']} {row['mode']} {row['dtype']}: top-2 recorded", flush=True)
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    out.with_suffix(".md").write_text(model_markdown(doc))
 
 
 def model_main(args) -> None:
@@ -381,10 +419,25 @@ def model_markdown(doc: dict) -> str:
                 f"{sparse['checkpoint_bytes'] / dense['checkpoint_bytes']:.3f}x",
                 f"{sparse['layer_bytes'] / sparse['dense_layer_bytes']:.3f}x", f"{sparse['peak_rss_mib']:.0f}",
                 f"{masked['tokens_per_second'] / dense['tokens_per_second']:.2f}x" if masked else "",
-                ("yes" if masked["tokens"] == sparse["tokens"] else "NO") if masked else "",
+                same_tokens(sparse, masked) if masked else "",
                 ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in t.items())]) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def same_tokens(sparse: dict, masked: dict) -> str:
+    """"yes", or where the two decodings part and how near a tie that step was for each model."""
+    if sparse["tokens"] == masked["tokens"]:
+        return "yes"
+    step = next(i for i, (a, b) in enumerate(zip(sparse["tokens"], masked["tokens"])) if a != b)
+    if "top2" not in sparse or "top2" not in masked:
+        return f"NO, from token {step + 1}"
+    (s1, s2, s_gap, top), (m1, m2, m_gap, _) = sparse["top2"][step], masked["top2"][step]
+    swapped = {s1, s2} == {m1, m2}
+    spacing = 2.0 ** (math.floor(math.log2(abs(top))) - 7) if top else 0.0  # of bf16 numbers near the best logit
+    return (f"NO, from token {step + 1}: " + ("the same two best tokens swapped" if swapped else "other best tokens")
+            + f", logit gap {m_gap:.3f} masked / {s_gap:.3f} compressed at logit {top:.1f}"
+            + (f" (bf16 spacing there {spacing:g})" if sparse["dtype"] == "bf16" else ""))
 
 
 # ---------------------------------------------------------------------------------------------------- output
@@ -433,6 +486,8 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--calibration-windows", type=int, default=64)
     p.set_defaults(run=model_main)
+    p = sub.add_parser("margins", help="add the top-2 record of each step to a model results file that lacks it")
+    p.set_defaults(run=margins_main)
     for p in sub.choices.values():
         p.add_argument("--out", type=Path, help="results prefix (default benchmarks/results/cpu_inference_<part>)")
         p.add_argument("--note", default="", help="a line for the results (what else the machine was doing)")
