@@ -166,10 +166,12 @@ def layer_line(row: dict) -> str:
 
 LAYER_FINDINGS = """Where the targets are missed, and why (this machine: AMD EPYC, Zen 4, AVX-512 with AVX512-BF16, no AMX):
 - Unstructured 90% fp32 (2.4-3.3x against about 6.1x): the bitmask kernel's work is per 16-weight chunk whatever the
-  chunk keeps (a mask load, a count, the kept values' load, an expand, an FMA), so a 4096-wide layer cannot go much
-  under a fixed time however few weights it keeps. A layout whose work follows the kept weights would be needed.
-- Unstructured 70% fp32 (2.2-2.6x against 2.41x) and bf16 90% (4.5-5.0x against 4.9x): the same per-chunk floor, just
-  below the target on some shapes.
+  chunk keeps (a mask load, a count, the kept values' expanding load, an FMA). At 1 row, 1 thread on the LLaMA
+  shapes it reads 18-19 GB/s at 50% (dense: 20 GB/s, so memory-bound) but only 7.0-7.5 GB/s at 90%, where each
+  16-weight chunk costs 1.1-1.2 ns (1.8 ns at 50%): that per-chunk floor, not memory, sets the time. A layout whose
+  work follows the kept weights (column indices and a gather) would be needed; not built.
+- Unstructured 70% fp32 (2.2-2.6x against 2.41x) and bf16 90% (4.5-5.0x against 4.9x): the same floor (1.35-1.47 ns
+  per fp32 chunk at 70%, 1.3-1.4 ns per 32-weight bf16 chunk at 90%), just below the target on some shapes.
 - Blocks at 90% (6.3-9.1x against 8.0x) and one fp32 70% shape: the block rows are read in strided 16-row passes;
   prefetching whole blocks on the first pass (this run) lifted fp32 70% from 1.6-2.0x to 2.5-3.4x.
 - Dense bf16 reaches only about 11 GB/s here, so bf16 ratios exceed the bytes ratio at 50-70%."""
