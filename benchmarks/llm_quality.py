@@ -150,7 +150,8 @@ def worker(tool: str, name: str, args) -> dict:
                 extra = run_prunekit(candidate, windows, importance, budget, allocator, TOOLS[tool], args.window_batch)
             times.append(time.perf_counter() - start)
             if pruned is None:  # the first run's memory: later peaks hide under the first one's
-                result.update(peak_rss_mb=_status("VmHWM:"), pruning_extra_mb=_status("VmHWM:") - before)
+                peak = _status("VmHWM:")
+                result.update(peak_rss_mb=peak, pruning_extra_mb=peak - before)
             pruned = pruned or (candidate, extra)
         model, extra = pruned
         result.update(extra, seconds=min(times), seconds_all=times)
@@ -171,8 +172,9 @@ def allocator_worker(importance: str, allocator: str, args) -> list[dict]:
     windows = data.calibration_windows(tokenizer, args.calibration_windows, args.seq_len, seed=args.seed)
     eval_windows = data.eval_windows(tokenizer, args.eval_windows, args.seq_len)
     chosen, measure_seconds, results = allocator, None, []
-    if args.measure_with not in (None, importance):  # the allocator measures with another estimator, once
-        report = prunekit.prune(copy.deepcopy(model), args.sparsities[0], importance=args.measure_with,
+    other = args.measure_with if args.measure_with not in (None, importance) else None
+    if other:  # the allocator measures with another estimator, once
+        report = prunekit.prune(copy.deepcopy(model), args.sparsities[0], importance=other,
                                 allocator=allocator, calibration=windows, progress=False)
         measure_seconds = report.seconds["allocation"]
         chosen = prunekit.allocation.ALLOCATORS.create(allocator).reuse(report.measured)
@@ -190,7 +192,7 @@ def allocator_worker(importance: str, allocator: str, args) -> list[dict]:
                         "perplexity": perplexity(candidate, eval_windows, progress=False),
                         "measure_seconds": measure_seconds, "prune_seconds": report.seconds["pruning"],
                         "seconds": seconds, "report": kept,
-                        **({"measured_with": args.measure_with} if args.measure_with not in (None, importance) else {})})
+                        **({"measured_with": other} if other else {})})
         del candidate
     return results
 

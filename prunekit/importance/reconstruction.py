@@ -31,13 +31,14 @@ def refit_on_support(w0: torch.Tensor, h: torch.Tensor, keep: torch.Tensor, star
     layer's error by less than `rtol` of what is left, or after `iterations`."""
     mask = keep.to(w0.dtype)
     x = start * mask
-    b = (w0 @ h) * mask
-    r = b - (x @ h) * mask
+    w0h, xh = w0 @ h, x @ h
+    b = w0h * mask
+    r = b - xh * mask
     inverse_diag = mask / torch.diagonal(h).unsqueeze(0)
     z = r * inverse_diag
     p = z.clone()
     rz = (r * z).sum(1)
-    left = reconstruction_error(w0, x, h)
+    left = float(((w0 - x) * (w0h - xh)).double().sum())  # reconstruction_error from the products above
     for _ in range(iterations):
         ap = (p @ h) * mask
         alpha = rz / (p * ap).sum(1).clamp_min(1e-30)
