@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from prunekit.masking import lowest, lowest_per_row, nm_mask, select
+from prunekit.masking.unstructured import kth_smallest
 
 
 def test_lowest_prunes_exactly_the_k_smallest():
@@ -59,3 +60,20 @@ def test_nm_keeps_the_n_largest_of_every_group(n, m):
 def test_select_rejects_unknown_group():
     with pytest.raises(ValueError, match="comparison group"):
         select(torch.rand(2, 2), 1, group="column")
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "biased sample"])
+def test_kth_smallest_equals_torch_selection_on_large_tensors(case):
+    # Above 2^17 elements the k-th value is bracketed by a strided sample first; it must stay exact, including when
+    # half the scores tie (already-pruned weights) and when the sample misses the bracket (every 64th element huge,
+    # so the sample's quantiles lie far above the true ones and the full selection must take over).
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randn(300_000, generator=g).square()
+    if case == "ties":
+        flat[::2] = 0.0
+    if case == "biased sample":
+        flat[::64] += 1e6
+    for k in (1, 1000, 150_000, 150_001, 250_000, 299_999, 300_000):
+        assert kth_smallest(flat, k) == flat.kthvalue(k).values, k
+    keep = lowest(flat.view(600, 500), 150_001)
+    assert int((~keep).sum()) == 150_001 and flat.view(600, 500)[~keep].max() <= flat.view(600, 500)[keep].min()

@@ -18,9 +18,10 @@ def curvature(hessian: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction_error(w0: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> float:
-    """Σ_rows (w₀ − ŵ)ᵀ H (w₀ − ŵ): ||W₀ X − Ŵ X||² for H = X Xᵀ."""
-    d = (w0 - w).double()
-    return float(((d @ h.double()) * d).sum())
+    """Σ_rows (w₀ − ŵ)ᵀ H (w₀ − ŵ): ||W₀ X − Ŵ X||² for H = X Xᵀ. The product in float32, its sum in float64 (a
+    float64 product took twice the time and moved the candidates' errors by < 1e-6 of their size)."""
+    d = (w0 - w).float()
+    return float(((d @ h.float()) * d).double().sum())
 
 
 def refit_on_support(w0: torch.Tensor, h: torch.Tensor, keep: torch.Tensor, start: torch.Tensor,
