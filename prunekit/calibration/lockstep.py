@@ -8,10 +8,14 @@ complete: the consumer prunes it, and the threads resume through the pruned laye
 finished, their outputs are the pruned block's outputs, so no second pass is needed.
 
 Cost: one block forward per batch instead of a statistics pass plus an output pass. Memory: every batch's
-activations inside the block are alive at the same time, rather than one batch's.
+activations inside the block are alive at the same time, rather than one batch's. glibc gives each thread its own
+malloc arena, and activations freed in one are not reused by another: without handing freed pages back after
+each layer, SmolLM2-135M's pass held 3.0 GB above the model instead of 1.5 GB (8% more time to trim; measured).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
 from typing import Callable
 
@@ -20,6 +24,18 @@ from torch import nn
 
 from .hooks import record, removing
 from .stats import LayerStats
+
+
+def _trimmer() -> Callable[[], None]:
+    """glibc's malloc_trim(0), which returns free pages of every arena to the system; elsewhere nothing."""
+    try:
+        trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
+    except (OSError, TypeError):  # no C library by that name (Windows)
+        trim = None
+    return (lambda: trim(0)) if trim is not None else (lambda: None)
+
+
+_release_freed_memory = _trimmer()
 
 
 class _Cancelled(Exception):
@@ -101,6 +117,7 @@ def lockstep(block: nn.Module, inputs: list[tuple[tuple, dict]], stats: dict[nn.
                 if module not in released:  # a module called twice per forward is pruned once
                     ready(module)
                     released.add(module)
+                    _release_freed_memory()
         finally:
             for b in batches:
                 if b.is_alive():
