@@ -59,7 +59,9 @@ def prune(model: nn.Module, budget: BudgetLike, importance: str | Estimator | No
         and keeps its architecture; the report says how much importance each group's masks gained.
     distributed: True (torch.distributed's default group) or a process group: `calibration` is this rank's shard
         (prunekit.distributed.shard), statistics are all-reduced before each layer is pruned, and every rank ends
-        with the masks one process would choose on all the shards in rank order (see prunekit.distributed).
+        with the masks one process would choose on all the shards in rank order, run with the ranks' torch thread
+        count (float32 products round differently on another; ADMM's 2:4 masks then part at a near-tie or two; see
+        prunekit.distributed).
 
     Everything is validated before the first weight changes. Masks stay on the model: pruned entries remain
     zero through later training until prunekit.remove_masks(model).

@@ -80,7 +80,8 @@ def tiny_dir(tmp_path):
 
 @pytest.mark.parametrize("importance,allocator,order,compressed", [("wanda", "uniform", "layer", True),
                                                                    ("sparsegpt", "owl", "block", False),
-                                                                   ("wanda", "dp", "layer", True)])
+                                                                   ("wanda", "dp", "layer", True),
+                                                                   ("admm", "owl", "layer", False)])
 def test_offloaded_prune_equals_in_memory(tiny_dir, tmp_path, importance, allocator, order, compressed):
     src, dense = tiny_dir
     calibration = calibration_for("llama")
