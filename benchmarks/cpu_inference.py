@@ -373,16 +373,17 @@ def model_rows(doc: dict):
                 yield dtype, threads, dense, [(n, pick(n, "sparse"), pick(n, "masked")) for n in VARIANTS]
 
 
-MODEL_FINDINGS = """Where the targets are missed, and why (this machine: AMD EPYC, Zen 4, no AMX): the torch profiler of one
-bf16 decode step of the 70% model (512 tokens of context, 1 thread) puts about 15 of its ~47 ms in the attention
-(aten::_scaled_dot_product_flash_attention_for_cpu, 0.5 ms per layer in bf16), 6.8 ms in the tied dense lm_head and
-2.5 ms in the KV cache's concatenations; none of it shrinks with pruning, which caps bf16 decode near 1.5x. Prefill
-runs 512 rows dense (auto measured the kernels slower there) on a weight decompressed for each call, since the layer
-never keeps its dense weight: the profiler of one bf16 2:4 prefill puts the same 693 ms in aten::mm for the
-compressed and the dense model, and the 21 ms between them (1.036 s against 1.015 s, 2%) in the decompression; bf16
-prefill lands at 0.97-1.01x, fp32 (twice the matmul time, same decompression) at 1.00-1.02x. In bf16 the compressed and the masked model differ by rounding (the kernel sums in
-another order and rounds each output once), so greedy decoding can part at a near-tie. The masked twins run a mask
-pre-hook per layer call, which is why they decode below the dense model."""
+MODEL_FINDINGS = """Where the targets are missed, and why (this machine: AMD EPYC, Zen 4, no AMX): the torch profiler
+of one bf16 decode step of the 70% model (512 tokens of context, 1 thread) puts about 15 of its ~47 ms in the
+attention (aten::_scaled_dot_product_flash_attention_for_cpu, 0.5 ms per layer in bf16), 6.8 ms in the tied dense
+lm_head and 2.5 ms in the KV cache's concatenations; none of it shrinks with pruning, which caps bf16 decode near
+1.5x. Prefill runs 512 rows dense (auto measured the kernels slower there) on a weight decompressed for each call,
+since the layer never keeps its dense weight: the profiler of one bf16 2:4 prefill puts the same 693 ms in aten::mm
+for the compressed and the dense model, and the 21 ms between them (1.036 s against 1.015 s, 2%) in the
+decompression; bf16 prefill lands at 0.97-1.01x, fp32 (twice the matmul time, same decompression) at 1.00-1.02x. In
+bf16 the compressed and the masked model differ by rounding (the kernel sums in another order and rounds each output
+once), so greedy decoding can part at a near-tie. The masked twins run a mask pre-hook per layer call, which is why
+they decode below the dense model."""
 
 
 def model_targets(name: str, dtype: str, threads: int, dense: dict, sparse: dict) -> dict:

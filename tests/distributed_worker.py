@@ -16,7 +16,8 @@ from prunekit.tuning.sparse import selection
 
 # (importance, allocator, budget, order): one process on all the data is the reference for each
 PRUNE_CONFIGS = [("wanda", "uniform", 0.5, "layer"), ("sparsegpt", "owl", 0.6, "block"),
-                 ("sparsegpt", "uniform", "2:4", "layer"), ("wanda", "dp", 0.5, "layer"), ("admm", "uniform", "2:4", "block")]
+                 ("sparsegpt", "uniform", "2:4", "layer"), ("wanda", "dp", 0.5, "layer"),
+                 ("admm", "uniform", "2:4", "block")]
 STEPS = 4
 
 
