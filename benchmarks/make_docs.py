@@ -68,19 +68,20 @@ def rows_of(doc: dict) -> list[dict]:
 
 # --- one section per result --------------------------------------------------------------------------------------
 
+def quality_cell(found: dict, tool: str, config: str, seconds: bool = True) -> str:
+    """One llm_quality row as a table cell: its perplexity, with its pruning seconds; "-" where it was not run."""
+    r = found.get((tool, config))
+    if r is None:
+        return "-"
+    return f"{ppl(r['perplexity'])} ({r['seconds']:.0f} s)" if seconds else ppl(r["perplexity"])
+
+
 def llm_quality(doc: dict) -> list[str]:
     found = {(r["tool"], r["config"]): r for r in rows_of(doc)}
     dense = found[("prunekit", "dense")]["perplexity"]
     configs = [c for tool, c in found if tool == "prunekit" and c != "dense"]
-
-    def cell(tool, config, seconds=True):
-        r = found.get((tool, config))
-        if r is None:
-            return "-"
-        return f"{ppl(r['perplexity'])} ({r['seconds']:.0f} s)" if seconds else ppl(r["perplexity"])
-
-    rows = [[config, cell("prunekit", config), cell("prunekit-block", config, False),
-             cell("llmcompressor", config)] for config in configs]
+    rows = [[config, quality_cell(found, "prunekit", config), quality_cell(found, "prunekit-block", config, False),
+             quality_cell(found, "llmcompressor", config)] for config in configs]
     return [f"SmolLM2-135M pruned on the protocol's calibration windows, perplexity on its eval windows (dense "
             f"{ppl(dense)}); seconds of pruning on 2 CPU cores. Block order calibrates every layer of a block on the "
             "dense block, as llm-compressor does. The full table's notes say which rows shared the machine.", ""] + \
@@ -415,19 +416,14 @@ def estimators_table() -> str:
     """The README's importance section: the reconstruction estimators against llm-compressor's SparseGPT."""
     found = {(r["tool"], r["config"]): r for r in rows_of(load("llm_quality"))}
     dense = found[("prunekit", "dense")]["perplexity"]
-
-    def cell(tool, config, seconds=True):
-        r = found.get((tool, config))
-        if r is None:
-            return "-"
-        return f"{ppl(r['perplexity'])} ({r['seconds']:.0f} s)" if seconds else ppl(r["perplexity"])
-
     rows = []
     for budget, config in (("50%", "50"), ("2:4", "2:4"), ("60%", "60"), ("70%", "70"), ("80%", "80")):
         ours, theirs = found.get(("prunekit", f"admm-{config}")), found.get(("llmcompressor", f"sparsegpt-{config}"))
         ratio = f"{ours['perplexity'] / theirs['perplexity']:.2f}x" if ours and theirs else "-"
-        rows.append([budget, cell("prunekit", f"wanda-{config}", False), cell("prunekit", f"sparsegpt-{config}"),
-                     cell("prunekit", f"admm-{config}"), cell("llmcompressor", f"sparsegpt-{config}"), ratio])
+        rows.append([budget, quality_cell(found, "prunekit", f"wanda-{config}", False),
+                     quality_cell(found, "prunekit", f"sparsegpt-{config}"),
+                     quality_cell(found, "prunekit", f"admm-{config}"),
+                     quality_cell(found, "llmcompressor", f"sparsegpt-{config}"), ratio])
     caption = (f"SmolLM2-135M perplexity after one-shot pruning at the same sparsity in every layer (dense "
                f"{ppl(dense)}), seconds of pruning on 2 CPU cores "
                f"({link('llm_quality.md', 'benchmarks/results/')}; with an allocator: "
