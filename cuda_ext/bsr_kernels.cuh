@@ -20,9 +20,10 @@
 // - bt (fp16/bf16, 2-64 rows: batched decode, speculative decoding): tensor cores on the transposed product,
 //   out^T = W x^T, so that a block's output features fill the mma's 16-row side and 16 rows of x the other
 //   (the "swap AB" of small-batch GEMM); 16 warps split a block row's blocks and meet in a tree reduction.
-// - tc (fp16/bf16, more rows, compute-bound: prefill, training): a TM x B tile per thread block on tensor cores
-//   (WMMA m16n16k16, fp32 accumulation), each warp a 64 x 32 part of it, the operands of the next blocks streamed
-//   into a four-stage shared-memory ring by cp.async while the current one is multiplied.
+// - tc (fp16/bf16 on sm_80+, more rows, compute-bound: prefill, training): a TM x B tile per thread block on
+//   tensor cores (mma.sync m16n8k16 fed by ldmatrix, fp32 accumulation), each warp 64 rows of it, the operands of
+//   the next steps (half a 64-wide block each) streamed into a four-stage shared-memory ring by cp.async while the
+//   current one is multiplied.
 // - simt (fp32, or any dtype where tensor cores are not available): a 64 x B tile on CUDA cores, 4 x B/16 outputs
 //   per thread.
 // Gradient of the blocks: dV[i] = dY[:, rows of i]^T X[:, cols of i], one thread block per stored block looping
@@ -39,6 +40,43 @@
 #include <mma.h>
 #define PK_BOUNDS(threads) __launch_bounds__(threads)
 #define PK_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+
+// ldmatrix and mma.sync as inline PTX (sm_80+; tests/cuda_emu/emu.h emulates both lane by lane, and says what each
+// lane gives and gets).
+template <bool TRANS>
+__device__ __forceinline__ void pk_ldmatrix_x4(unsigned (&r)[4], const void* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if (TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(at));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(at));
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ void pk_mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
+template <>
+__device__ __forceinline__ void pk_mma_16816<__half>(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+template <>
+__device__ __forceinline__ void pk_mma_16816<__nv_bfloat16>(float (&d)[4], const unsigned (&a)[4], unsigned b0,
+                                                             unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
 #else
 #define PK_BOUNDS(threads)
 #define PK_DYNAMIC_SMEM(name) unsigned char* name = emu::dynamic_smem()
@@ -90,6 +128,9 @@ template <typename T> struct MmaOk { static constexpr bool value = true; };
 template <> struct MmaOk<float> { static constexpr bool value = false; };
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 template <> struct MmaOk<__nv_bfloat16> { static constexpr bool value = false; };
+#define PK_SM80 0  // mma.sync m16n8k16 and cp.async: sm_80 on (WMMA takes fp16 from sm_70)
+#else
+#define PK_SM80 1
 #endif
 
 template <bool C, typename A, typename B> struct Pick { using type = A; };
@@ -307,110 +348,151 @@ __device__ __forceinline__ void bt(const PkParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// tc: grid (block rows, ceil(M / TM)), 128 threads (4 warps, each 64 x 32 of the TM x B result tile), fp16/bf16.
-template <typename T, int B>
+// tc: grid (block rows, ceil(M / TM)), 128 threads, fp16/bf16 on sm_80+. Four warps side by side over the TM x B
+// result tile, each TM / 4 rows by the whole block width in 16 x 8 fp32 accumulators (mma.sync m16n8k16, operands
+// from shared memory by ldmatrix). A step is KC columns of one stored block: TM rows of x and the block's part,
+// streamed by cp.async into a ring of STAGES while the step STAGES - 1 before it is multiplied. TM = 256 gives
+// 64 x 64 warp tiles on 64-wide blocks (a third fewer shared-memory bytes per multiply-add than 32 x 64); TM = 128
+// keeps more thread blocks in flight where there are few rows.
+template <typename T, int B, int TM>
 struct Tc {
   static constexpr int WARPS = 4, THREADS = 32 * WARPS, VEC = 8, STAGES = 4;
-  static constexpr int WN = B >= 64 ? B / 32 : 1, WM = WARPS / WN;  // warps over the tile's columns and rows
-  static constexpr int WTM = 64, WTN = B / WN, TM = WM * WTM;      // one warp's tile; the thread block's rows
-  static constexpr int FM = WTM / 16, FN = WTN / 16;               // its 16 x 16 fragments
-  static constexpr int LD = B + 8;   // padded row of a 16-bit tile: rows stay 16-byte aligned, banks shift
-  static constexpr int LDC = B + 4;  // padded row of the fp32 result tile
-  static constexpr int STAGE = (TM + B) * LD;  // elements of one stage: TM rows of x, then the block
+  static constexpr int WTM = TM / WARPS, FM = WTM / 16, FN = B / 8;  // a warp's rows; its 16 x 8 accumulator tiles
+  static constexpr int KC = B < 32 ? B : 32, STEPS = B / KC;          // columns of a block per step; steps a block
+  // Padded rows (16-byte aligned, and 8 ldmatrix rows fall in distinct banks): x [TM][KC]; the block's part as
+  // stored, [B][KC], or read transposed, [KC][B] (which fits in the same space).
+  static constexpr int LDA = KC + 8, LDW_N = KC + 8, LDW_T = B + 8, LDC = B + 8;
+  static constexpr int STAGE = (TM + B) * LDA;  // elements of one stage
   static constexpr int IN_BYTES = STAGES * STAGE * 2;
-  static constexpr int OUT_BYTES = TM * LDC * 4;
+  static constexpr int OUT_BYTES = TM * LDC * 4;  // the fp32 result tile, after the main loop
   static constexpr int BYTES = IN_BYTES > OUT_BYTES ? IN_BYTES : OUT_BYTES;  // dynamic shared memory
+  static_assert(WTM % 16 == 0 && B % 16 == 0 && KC * LDW_T <= B * LDW_N, "tc tile does not fit");
 };
 
-// Stage `stage` <- rows m0.. of x at block i's columns, and block i: cp.async where a row is whole and aligned,
-// plain stores (zeros outside x) at ragged edges.
-template <typename T, int B>
-__device__ __forceinline__ void tc_stage(const PkParams& p, T* stage, int i, long long m0, bool vec_ok) {
-  using S = Tc<T, B>;
-  constexpr int CHUNKS = B / S::VEC;  // 16-byte chunks per row of a tile
+// Ring stage <- step `step` of the block row starting at `begin`: rows m0.. of x at the step's columns, and the
+// block's part; cp.async where a row is whole and aligned, plain stores (zeros outside x) at ragged edges.
+template <typename T, int B, int TM, bool TRANS>
+__device__ __forceinline__ void tc_stage(const PkParams& p, T* stage, int begin, int step, long long m0, bool vec_ok) {
+  using S = Tc<T, B, TM>;
+  constexpr int CHUNKS = S::KC / S::VEC;  // 16-byte chunks per row of x's part
+  const int i = begin + step / S::STEPS, k0 = (step % S::STEPS) * S::KC;
   const T* x = static_cast<const T*>(p.x);
   const T* blk = static_cast<const T*>(p.values) + (long long)(p.perm ? p.perm[i] : i) * B * B;
-  const long long c0 = (long long)p.col_idx[i] * B;
-  for (int v = threadIdx.x; v < S::TM * CHUNKS; v += S::THREADS) {
+  const long long c0 = (long long)p.col_idx[i] * B + k0;
+  for (int v = threadIdx.x; v < TM * CHUNKS; v += S::THREADS) {
     const int row = v / CHUNKS, kc = v % CHUNKS;
     const long long m = m0 + row, k = c0 + kc * S::VEC;
-    T* dst = stage + row * S::LD + kc * S::VEC;
+    T* dst = stage + row * S::LDA + kc * S::VEC;
     if (vec_ok && m < p.M && k + S::VEC <= p.K)
       __pipeline_memcpy_async(dst, x + m * p.ldx + k, 16);
     else
       *reinterpret_cast<uint4*>(dst) = load16<T>(x, m, p.M, k, p.K, p.ldx, vec_ok);
   }
-  T* ws = stage + S::TM * S::LD;
-  for (int v = threadIdx.x; v < B * CHUNKS; v += S::THREADS)
-    __pipeline_memcpy_async(ws + (v / CHUNKS) * S::LD + (v % CHUNKS) * S::VEC, blk + v * S::VEC, 16);
+  T* ws = stage + TM * S::LDA;
+  if (TRANS) {  // the stored rows k0.. are this product's k: [KC][B]
+    for (int v = threadIdx.x; v < S::KC * (B / S::VEC); v += S::THREADS) {
+      const int r = v / (B / S::VEC), c = (v % (B / S::VEC)) * S::VEC;
+      __pipeline_memcpy_async(ws + r * S::LDW_T + c, blk + (long long)(k0 + r) * B + c, 16);
+    }
+  } else {  // every stored row (this product's n), columns k0..: [B][KC]
+    for (int v = threadIdx.x; v < B * CHUNKS; v += S::THREADS) {
+      const int r = v / CHUNKS, c = (v % CHUNKS) * S::VEC;
+      __pipeline_memcpy_async(ws + r * S::LDW_N + c, blk + (long long)r * B + k0 + c, 16);
+    }
+  }
 }
 
-template <typename T, int B, bool TRANS>
+template <typename T, int B, int TM, bool TRANS>
 __device__ __forceinline__ void tc(const PkParams& p) {
-  if constexpr (!MmaOk<T>::value) {
-    __trap();  // never launched: launch.py picks simt where tensor cores do not take T
+  if constexpr (!MmaOk<T>::value || !PK_SM80) {
+    __trap();  // never launched: launch.py picks simt where mma.sync does not take T
   } else {
-    namespace wmma = nvcuda::wmma;
-    using S = Tc<T, B>;
-    // Transposed products read each block as its transpose: the same copy into shared memory, the other layout.
-    using BLayout = typename Pick<TRANS, wmma::row_major, wmma::col_major>::type;
+    using S = Tc<T, B, TM>;
     PK_DYNAMIC_SMEM(smem);
     T* stages = reinterpret_cast<T*>(smem);
     float* cs = reinterpret_cast<float*>(smem);  // [TM][LDC], after the main loop
-    const int warp = threadIdx.x / 32, wm = warp / S::WN, wn = warp % S::WN;
-    const long long j = blockIdx.x, m0 = (long long)blockIdx.y * S::TM;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const long long j = blockIdx.x, m0 = (long long)blockIdx.y * TM;
     const bool vec_ok = aligned16(p.x) && p.ldx % S::VEC == 0;
-    const int begin = p.row_ptr[j], end = p.row_ptr[j + 1];
+    const int begin = p.row_ptr[j], steps = (p.row_ptr[j + 1] - begin) * S::STEPS;
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[S::FM][S::FN];
-#pragma unroll
-    for (int a = 0; a < S::FM; ++a)
-#pragma unroll
-      for (int b = 0; b < S::FN; ++b) wmma::fill_fragment(acc[a][b], 0.f);
-
-    // The ring: block begin + s goes to stage s % STAGES; one commit group per block, empty past the end, so
-    // that "all but the newest STAGES - 2 groups have landed" always means "block i has".
-#pragma unroll
-    for (int s = 0; s < S::STAGES - 1; ++s) {
-      if (begin + s < end) tc_stage<T, B>(p, stages + s * S::STAGE, begin + s, m0, vec_ok);
-      __pipeline_commit();
-    }
-    for (int i = begin; i < end; ++i) {
-      __pipeline_wait_prior(S::STAGES - 2);
-      __syncthreads();  // block i is in for every thread, and every warp is done with block i - 1's stage
-      const int next = i + S::STAGES - 1;  // refills the stage block i - 1 used
-      if (next < end) tc_stage<T, B>(p, stages + ((next - begin) % S::STAGES) * S::STAGE, next, m0, vec_ok);
-      __pipeline_commit();
-      const T* as = stages + ((i - begin) % S::STAGES) * S::STAGE;
-      const T* ws = as + S::TM * S::LD;
-#pragma unroll
-      for (int kk = 0; kk < B; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af[S::FM];
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> bf[S::FN];
-#pragma unroll
-        for (int a = 0; a < S::FM; ++a) wmma::load_matrix_sync(af[a], as + (wm * S::WTM + a * 16) * S::LD + kk, S::LD);
-#pragma unroll
-        for (int b = 0; b < S::FN; ++b) {
-          const int n0 = wn * S::WTN + b * 16;
-          wmma::load_matrix_sync(bf[b], TRANS ? ws + kk * S::LD + n0 : ws + n0 * S::LD + kk, S::LD);
-        }
-#pragma unroll
-        for (int a = 0; a < S::FM; ++a)
-#pragma unroll
-          for (int b = 0; b < S::FN; ++b) wmma::mma_sync(acc[a][b], af[a], bf[b], acc[a][b]);
-      }
-    }
-    __pipeline_wait_prior(0);
-    __syncthreads();  // the result tile overwrites the ring
+    float acc[S::FM][S::FN][4];
 #pragma unroll
     for (int a = 0; a < S::FM; ++a)
 #pragma unroll
       for (int b = 0; b < S::FN; ++b)
-        wmma::store_matrix_sync(cs + (wm * S::WTM + a * 16) * S::LDC + wn * S::WTN + b * 16, acc[a][b], S::LDC,
-                                wmma::mem_row_major);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[a][b][e] = 0.f;
+
+    // One commit group per step, empty past the end, so that "all but the newest STAGES - 2 groups have landed"
+    // always means "step s has".
+#pragma unroll
+    for (int s = 0; s < S::STAGES - 1; ++s) {
+      if (s < steps) tc_stage<T, B, TM, TRANS>(p, stages + s * S::STAGE, begin, s, m0, vec_ok);
+      __pipeline_commit();
+    }
+    for (int s = 0; s < steps; ++s) {
+      __pipeline_wait_prior(S::STAGES - 2);
+      __syncthreads();  // step s is in for every thread, and every warp is done with step s - 1's stage
+      const int next = s + S::STAGES - 1;  // refills the stage step s - 1 used
+      if (next < steps) tc_stage<T, B, TM, TRANS>(p, stages + (next % S::STAGES) * S::STAGE, begin, next, m0, vec_ok);
+      __pipeline_commit();
+      const T* as = stages + (s % S::STAGES) * S::STAGE + warp * S::WTM * S::LDA;
+      const T* ws = stages + (s % S::STAGES) * S::STAGE + TM * S::LDA;
+#pragma unroll
+      for (int kk = 0; kk < S::KC; kk += 16) {
+        // ldmatrix x4: lane l names row l % 8 of 8 x 8 matrix l / 8. A's four are (rows +0/+8) x (k +0/+8), in
+        // the order of the mma's a registers; B's are two 8-column tiles' (k +0, k +8).
+        unsigned a[S::FM][4], b[S::FN][2];
+#pragma unroll
+        for (int f = 0; f < S::FM; ++f) pk_ldmatrix_x4<false>(a[f], as + (f * 16 + lane % 16) * S::LDA + kk + (lane / 16) * 8);
+#pragma unroll
+        for (int h = 0; h < S::FN / 2; ++h) {
+          const int n0 = h * 16;
+          unsigned r[4];
+          if (TRANS)  // [k][n]: matrices (k +0/+8) x (n +0/+8), transposed as they load
+            pk_ldmatrix_x4<true>(r, ws + (kk + lane % 16) * S::LDW_T + n0 + (lane / 16) * 8);
+          else  // [n][k]: matrices (n +0/+8) x (k +0/+8)
+            pk_ldmatrix_x4<false>(r, ws + (n0 + lane % 8 + (lane / 16) * 8) * S::LDW_N + kk + ((lane / 8) % 2) * 8);
+          b[2 * h][0] = r[0], b[2 * h][1] = r[1], b[2 * h + 1][0] = r[2], b[2 * h + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int f = 0; f < S::FM; ++f)
+#pragma unroll
+          for (int c = 0; c < S::FN; ++c) pk_mma_16816<T>(acc[f][c], a[f], b[c][0], b[c][1]);
+      }
+    }
+    __pipeline_wait_prior(0);
+    __syncthreads();  // the result tile overwrites the ring
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int f = 0; f < S::FM; ++f)
+#pragma unroll
+      for (int c = 0; c < S::FN; ++c)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // accumulator rows g and g + 8, columns 2t and 2t + 1
+          float* at = cs + (warp * S::WTM + f * 16 + g + 8 * h) * S::LDC + c * 8 + 2 * t;
+          at[0] = acc[f][c][2 * h], at[1] = acc[f][c][2 * h + 1];
+        }
     __syncthreads();
-    for (int t = threadIdx.x; t < S::TM * B; t += S::THREADS)
-      write_out<T>(p, m0 + t / B, j * B + t % B, cs[(t / B) * S::LDC + t % B]);
+    // 8 outputs a thread (16 bytes of T), with the bias; element by element at ragged edges.
+    const bool vec_out = aligned16(p.out) && p.ldo % S::VEC == 0;
+    for (int v = threadIdx.x; v < TM * (B / S::VEC); v += S::THREADS) {
+      const int r = v / (B / S::VEC), c = (v % (B / S::VEC)) * S::VEC;
+      const long long m = m0 + r, n = j * B + c;
+      if (m >= p.M) continue;
+      const float* src = cs + r * S::LDC + c;
+      if (vec_out && n + S::VEC <= p.N) {
+        uint4 u;
+        T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+        for (int q = 0; q < S::VEC; ++q)
+          e[q] = Cvt<T>::from_f(src[q] + (p.bias ? Cvt<T>::to_f(static_cast<const T*>(p.bias)[n + q]) : 0.f));
+        *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + m * p.ldo + n) = u;
+      } else {
+        for (int q = 0; q < S::VEC; ++q) write_out<T>(p, m, n + q, src[q]);
+      }
+    }
   }
 }
 
@@ -596,9 +678,11 @@ __device__ __forceinline__ void dw_tc(const PkParams& p) {
   X(pk_simt_##tn##_b##B##_n, 256, 0, (pk::simt<T, B, false>(p)))       \
   X(pk_simt_##tn##_b##B##_t, 256, 0, (pk::simt<T, B, true>(p)))        \
   X(pk_dw_simt_##tn##_b##B, 256, 0, (pk::dw_simt<T, B>(p)))
-#define PK_TC_B(X, tn, T, B)                                                        \
-  X(pk_tc_##tn##_b##B##_n, 128, (pk::Tc<T, B>::BYTES), (pk::tc<T, B, false>(p)))    \
-  X(pk_tc_##tn##_b##B##_t, 128, (pk::Tc<T, B>::BYTES), (pk::tc<T, B, true>(p)))     \
+#define PK_TC_B(X, tn, T, B)                                                                            \
+  X(pk_tc_##tn##_b##B##_m128_n, 128, (pk::Tc<T, B, 128>::BYTES), (pk::tc<T, B, 128, false>(p)))         \
+  X(pk_tc_##tn##_b##B##_m128_t, 128, (pk::Tc<T, B, 128>::BYTES), (pk::tc<T, B, 128, true>(p)))          \
+  X(pk_tc_##tn##_b##B##_m256_n, 128, (pk::Tc<T, B, 256>::BYTES), (pk::tc<T, B, 256, false>(p)))         \
+  X(pk_tc_##tn##_b##B##_m256_t, 128, (pk::Tc<T, B, 256>::BYTES), (pk::tc<T, B, 256, true>(p)))          \
   X(pk_dw_tc_##tn##_b##B, 128, 0, (pk::dw_tc<T, B>(p)))                             \
   X(pk_bt_##tn##_b##B, 512, 0, (pk::bt<T, B>(p)))
 #define PK_EACH_B(F, X, tn, T) F(X, tn, T, 16) F(X, tn, T, 32) F(X, tn, T, 64)

@@ -105,14 +105,14 @@ def test_a_gpu_is_one_key_with_or_without_its_index(monkeypatch):
 
 def test_the_operator_plan_is_the_planner_s_for_every_row_count_of_a_bucket():
     """The thin operator takes the kernel once per batch-size bucket: that must be the kernel and tile the planner
-    chooses for each row count inside the bucket."""
-    names = sorted({plan.forward(r, 4, b, dt, (9, 0)).name for r in range(1, 600) for b in (16, 32, 64)
+    chooses for each row count inside the bucket (past 2048 rows, where tc's tiles of 256 begin at 1025)."""
+    names = sorted({plan.forward(r, 4, b, dt, (9, 0)).name for r in range(1, 2200) for b in (16, 32, 64)
                     for dt in (torch.float32, torch.bfloat16)})
     native = Native("table", launcher=None, capability=lambda device: (9, 0), kernel_index=names.index)
     for b in (16, 32, 64):
         layout = BlockLayout.from_mask(torch.ones(4 * b, 2 * b, dtype=torch.bool), b)
         for dtype in (torch.float32, torch.bfloat16):
-            for rows in range(1, 600):
+            for rows in range(1, 2200):
                 launch = plan.forward(rows, 4, b, dtype, (9, 0))
                 kernel, tile, threads = native.operator_plan(rows, layout, dtype, CPU)
                 assert (names[kernel], threads) == (launch.name, launch.block[0])

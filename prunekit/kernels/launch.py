@@ -16,9 +16,14 @@ BT_ROWS, BT_TILE = 64, 16  # up to 64 rows (fp16/bf16): tensor cores on the tran
 SIMT_ROWS = 64  # rows per thread block of the CUDA-core kernel
 
 
-def tc_tile(block: int) -> int:
-    """Rows per thread block of the tc kernel: four warps of 64 x 32 over a TM x B tile (bsr_kernels.cuh, Tc)."""
-    return 128 if block == 64 else 256
+TC_SMALL_ROWS = 1024  # up to this many rows, tc tiles of 128 rows (more thread blocks in flight), else 256
+
+
+def tc_tile(rows: int) -> int:
+    """Rows per thread block of the tc kernel (bsr_kernels.cuh, Tc), whose four warps each take a quarter of the rows
+    across the whole block width: 256 (64 x 64 warp tiles on 64-wide blocks) once there are enough rows to fill the
+    GPU with such tiles, 128 below."""
+    return 128 if rows <= TC_SMALL_ROWS else 256
 
 # PkParams, field by field: nine pointers, then six 64-bit integers (bsr_kernels.cuh, PK_PARAM_DECL).
 PARAMS = ("x", "values", "row_ptr", "col_idx", "perm", "row_idx", "bias", "out", "grad", "M", "N", "K", "ldx", "ldo",
@@ -47,6 +52,11 @@ def tensor_cores(dtype: torch.dtype, capability: tuple[int, int]) -> bool:
     return (dtype == torch.float16 and capability >= (7, 0)) or (dtype == torch.bfloat16 and capability >= (8, 0))
 
 
+def mma_sync(dtype: torch.dtype, capability: tuple[int, int]) -> bool:
+    """mma.sync m16n8k16 with ldmatrix and cp.async (the tc kernel): fp16 and bf16 from sm_80."""
+    return dtype in (torch.float16, torch.bfloat16) and capability >= (8, 0)
+
+
 def forward(rows: int, block_rows: int, block: int, dtype: torch.dtype, capability: tuple[int, int],
             transposed: bool = False) -> Launch:
     """y = x W^T (or, transposed, dX = dY W) for `rows` rows over `block_rows` block rows of the product."""
@@ -58,9 +68,9 @@ def forward(rows: int, block_rows: int, block: int, dtype: torch.dtype, capabili
     if not transposed and tensor and rows <= BT_ROWS:
         return Launch(f"pk_bt_{dt}_b{block}", (block_rows, -(-rows // BT_TILE), 1), (512, 1, 1), BT_TILE)
     kind = "t" if transposed else "n"
-    if tensor:
-        tile = tc_tile(block)
-        return Launch(f"pk_tc_{dt}_b{block}_{kind}", (block_rows, -(-rows // tile), 1), (128, 1, 1), tile)
+    if mma_sync(dtype, capability):
+        tile = tc_tile(rows)
+        return Launch(f"pk_tc_{dt}_b{block}_m{tile}_{kind}", (block_rows, -(-rows // tile), 1), (128, 1, 1), tile)
     return Launch(f"pk_simt_{dt}_b{block}_{kind}", (block_rows, -(-rows // SIMT_ROWS), 1), (256, 1, 1), SIMT_ROWS)
 
 

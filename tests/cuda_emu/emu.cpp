@@ -38,6 +38,7 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
   for (unsigned w = 0; w < (threads + 31) / 32; ++w)
     block.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
   block.slots.assign(threads, 0.f);
+  block.posts.assign(2 * threads * 8, 0);
   block.dynamic.assign(entry->smem + 128, 0xff);  // garbage, as on a GPU: kernels must not read before writing
   emu::block = &block;
   emu::block_dim = {bx, by, bz};

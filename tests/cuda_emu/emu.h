@@ -5,7 +5,8 @@
 // arrays become function statics. WMMA fragments hold the whole 16 x 16 tile (in fp32, converted from the
 // operand type as tensor cores do) and lane 0 of each warp does the warp's work; the documented preconditions
 // of load/store_matrix_sync (32-byte aligned pointer, ldm a multiple of 16 bytes) and of 16-byte vector loads
-// are checked on every call. What this cannot show: speed, and anything a real warp does differently from
+// are checked on every call. ldmatrix and mma.sync, by contrast, are emulated lane by lane: each lane holds only
+// the registers PTX gives it, so a fragment layout the kernel gets wrong gives a wrong product here too. What this cannot show: speed, and anything a real warp does differently from
 // the CUDA programming model (which the kernels must not rely on anyway).
 #pragma once
 
@@ -40,6 +41,7 @@ struct Block {
   std::unique_ptr<std::barrier<>> all;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<float> slots;  // one per thread, for shuffles
+  std::vector<std::uint64_t> posts;  // two sets of 8 per thread: what lanes show each other in warp collectives
   std::vector<unsigned char> dynamic;  // the kernel's dynamic shared memory (128 bytes of slack for alignment)
 };
 inline Block* block = nullptr;
@@ -94,6 +96,25 @@ inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   return other;
 }
 
+namespace emu {
+// A warp collective's exchange: the lane posts up to 8 words, the warp meets once, and `read(lane, word)` sees any
+// lane's posts. Consecutive collectives alternate between two sets, so one meeting per collective is enough: a lane
+// can only overwrite a set after every lane has met again, i.e. has finished reading it.
+struct Posts {
+  std::uint64_t* set;
+  unsigned warp;
+  std::uint64_t read(unsigned lane, unsigned word) const { return set[(warp * 32 + lane) * 8 + word]; }
+};
+inline thread_local unsigned post_round = 0;
+inline Posts post(const std::uint64_t* words, unsigned n) {
+  const unsigned tid = linear_tid(), threads = static_cast<unsigned>(block->slots.size());
+  std::uint64_t* set = block->posts.data() + (post_round++ % 2) * threads * 8;
+  std::memcpy(set + tid * 8, words, n * 8);
+  block->warps[tid / 32]->arrive_and_wait();
+  return {set, tid / 32};
+}
+}  // namespace emu
+
 struct __half {
   std::uint16_t bits;
 };
@@ -130,6 +151,46 @@ inline float to_float(float v) { return v; }
 inline float to_float(__half v) { return __half2float(v); }
 inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 }  // namespace emu
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane l gives the address of row l % 8 of matrix l / 8 (16
+// bytes each) and receives, in r[q], two 16-bit elements of matrix q: row l / 4, columns 2 (l % 4) and + 1, or
+// with .trans the same of the transposed matrix.
+template <bool TRANS>
+inline void pk_ldmatrix_x4(unsigned (&r)[4], const void* row) {
+  emu::require_aligned(row, 16, "ldmatrix needs 16-byte aligned rows");
+  const std::uint64_t mine = reinterpret_cast<std::uintptr_t>(row);
+  const emu::Posts posts = emu::post(&mine, 1);
+  const unsigned l = emu::lane();
+  auto at = [&](unsigned q, unsigned r8, unsigned c) {
+    return reinterpret_cast<const std::uint16_t*>(posts.read(8 * q + r8, 0))[c];
+  };
+  for (unsigned q = 0; q < 4; ++q) {
+    const unsigned lo = TRANS ? at(q, 2 * (l % 4), l / 4) : at(q, l / 4, 2 * (l % 4));
+    const unsigned hi = TRANS ? at(q, 2 * (l % 4) + 1, l / 4) : at(q, l / 4, 2 * (l % 4) + 1);
+    r[q] = lo | hi << 16;
+  }
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d += a b for a 16 x 16 A, a 16 x 8 B, fp32 D. With g = l / 4,
+// t = l % 4: a[0..3] hold A (g, 2t..), (g + 8, 2t..), (g, 2t + 8..), (g + 8, 2t + 8..); b0, b1 hold B (2t.., g) and
+// (2t + 8.., g); d holds D (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1). Two elements a register, low half first.
+template <typename T>
+inline void pk_mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  const std::uint64_t mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
+  const emu::Posts posts = emu::post(mine, 6);
+  auto element = [&](unsigned lane, unsigned word, unsigned k) {
+    return emu::to_float(T{std::uint16_t(posts.read(lane, word) >> (16 * (k % 2)))});
+  };
+  auto A = [&](unsigned row, unsigned k) { return element(4 * (row % 8) + (k % 8) / 2, row / 8 + 2 * (k / 8), k); };
+  auto Bk = [&](unsigned k, unsigned n) { return element(4 * n + (k % 8) / 2, 4 + k / 8, k); };
+  const unsigned g = emu::lane() / 4, t = emu::lane() % 4;
+  for (unsigned e = 0; e < 4; ++e) {
+    const unsigned row = g + 8 * (e / 2), col = 2 * t + e % 2;
+    float sum = 0.f;
+    for (unsigned k = 0; k < 16; ++k) sum += A(row, k) * Bk(k, col);
+    d[e] += sum;
+  }
+}
 
 namespace nvcuda {
 namespace wmma {
