@@ -100,6 +100,8 @@ class SparseGPT(Estimator):
                 share = _share(count, i1, i2, cols)
                 keep1.copy_(masking.lowest(w1.square() / d.square(), share))
             scale = (~keep1) / d  # error of column i is w_i / d_i where pruned, 0 where kept
+            if nm is not None:  # each group's scale is set as the loop reaches it, and keep1 read off it after
+                inv_d, d2 = 1 / d, d.square()
             err1 = torch.empty_like(w1)
             inner = max(step, _INNER // step * step)
             for j1 in range(0, i2 - i1, inner):
@@ -108,12 +110,17 @@ class SparseGPT(Estimator):
                 j2 = min(j1 + inner, i2 - i1)
                 for i in range(j1, j2):
                     if nm is not None and i % nm[1] == 0:
+                        # Per row of W the group's n highest w^2 / d^2 are kept (scale 0), the rest get 1 / d: five
+                        # small ops, as this runs every m columns and on a GPU each op is a launch the loop waits on.
                         group = slice(i, i + nm[1])
-                        keep1[group] = masking.nm_mask((w1[group].square() / d[group].square()).t(), *nm).t()
-                        scale[group] = (~keep1[group]) / d[group]
+                        saliency = w1[group].square().div_(d2[group])
+                        scale[group] = inv_d[group]
+                        scale[group].scatter_(0, saliency.topk(nm[0], dim=0).indices, 0.0)
                     torch.mul(w1[i], scale[i], out=err1[i])
                     w1[i:j2].addr_(u1[i, i:j2], err1[i], alpha=-1.0)  # OBS update of the columns still to come
                 w1[j2:].addmm_(u1[j1:j2, j2:].t(), err1[j1:j2], alpha=-1.0)
+            if nm is not None:
+                torch.eq(scale, 0, out=keep1)  # 1 / d is never 0
             w1.mul_(keep1)  # exact zeros where pruned, whatever rounding left
             wt[i2:].addmm_(u[i1:i2, i2:].t(), err1, alpha=-1.0)  # lazy update of the later blocks
         return wt.t(), keep.t()
