@@ -14,7 +14,7 @@
 // with perm[i] naming the stored block, which is then read transposed.
 //
 // Four forward paths, as in cuSPARSE/Triton's split between GEMV- and GEMM-like problems:
-// - skinny (one row, or fp32 up to 16: memory-bound decode): every weight byte is read once, with 16-byte loads;
+// - skinny (one row, or fp32 up to 16: decode): every weight byte is read once, with 16-byte loads;
 //   threads of a warp split each block's rows and columns, warps split a block row's blocks, partial sums meet in
 //   shared memory. Accumulates in fp32 for every dtype.
 // - bt (fp16/bf16, 2-64 rows: batched decode, speculative decoding): tensor cores on the transposed product,
@@ -190,28 +190,37 @@ __device__ __forceinline__ void write_out(const PkParams& p, long long m, long l
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// skinny: grid (block rows, ceil(M / MT)), 256 threads.
-template <typename T, int B>
+// skinny: grid (block rows x SPLIT, ceil(M / MT)), 32 x WARPS threads. At one row the time is latency, not
+// bandwidth (the H200 ran 4096 x 4096 and 11008 x 4096 at 70% in about the same 6-7 us): each warp's blocks come in
+// dependent rounds, so more warps on a block row (16 at one row), four blocks' loads in flight a warp, and the column
+// indices fetched 32 at a time by the lanes, ahead of the loads of x that need them. With SPLIT > 1, SPLIT thread
+// blocks share a block row, each taking B / SPLIT of every block's rows (output features): for 64-wide blocks that
+// quarters the slabs a warp must cover, so four times the warps split the row's blocks, and a layer of 64 block rows
+// fills more than half of the GPU.
+template <typename T, int B, int MT, int SPLIT>
 struct Skinny {
   static constexpr int VEC = 16 / sizeof(T);
   static constexpr int VR = B / VEC;                       // lanes across one row of a block (a 16-byte chunk each)
   static constexpr int RP = 32 / VR;                       // block rows a warp covers per pass
-  static constexpr int Q = B / RP < 4 ? B / RP : 4;        // passes, i.e. 16-byte weight loads per lane and block
+  static constexpr int CR = B / SPLIT;                     // rows of each block this thread block reads
+  static constexpr int Q = CR / RP < 4 ? CR / RP : 4;      // passes, i.e. 16-byte weight loads per lane and block
   static constexpr int RS = RP * Q;                        // rows of a slab: what one warp reads of each block
-  static constexpr int SLABS = B / RS;
-  static constexpr int WARPS = 8;
+  static constexpr int SLABS = CR / RS;
+  static constexpr int WARPS = MT == 1 ? 16 : 8, THREADS = 32 * WARPS;
+  static constexpr int UNROLL = MT == 1 ? 4 : 2;           // blocks in flight a warp (more rows: more registers)
   static constexpr int GROUPS = WARPS / SLABS;             // warps on the same slab, splitting the row's blocks
-  static_assert(VR >= 1 && VR <= 32 && SLABS <= WARPS, "block size and dtype do not fit the skinny layout");
+  static_assert(VR >= 1 && VR <= 32 && Q >= 1 && SLABS <= WARPS, "block size and dtype do not fit the skinny layout");
 };
 
-template <typename T, int B, int MT>
+template <typename T, int B, int MT, int SPLIT>
 __device__ __forceinline__ void skinny(const PkParams& p) {
-  using S = Skinny<T, B>;
-  __shared__ float partial[S::GROUPS][MT][B];
+  using S = Skinny<T, B, MT, SPLIT>;
+  __shared__ float partial[S::GROUPS][MT][S::CR];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int slab = warp % S::SLABS, group = warp / S::SLABS;
   const int kc = lane % S::VR, rr = lane / S::VR;
-  const long long j = blockIdx.x, m0 = (long long)blockIdx.y * MT;
+  const long long j = blockIdx.x / SPLIT, m0 = (long long)blockIdx.y * MT;
+  const int r0 = (blockIdx.x % SPLIT) * S::CR;  // this thread block's first row of each block
   const T* x = static_cast<const T*>(p.x);
   const T* values = static_cast<const T*>(p.values);
   const bool vec_ok = aligned16(p.x) && p.ldx % S::VEC == 0;
@@ -222,23 +231,30 @@ __device__ __forceinline__ void skinny(const PkParams& p) {
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[q][m] = 0.f;
 
+  // The warp's blocks are begin + group, + GROUPS, ...; lane l fetches the column index of the l-th of each 32.
   const int end = p.row_ptr[j + 1];
-#pragma unroll 2
-  for (int i = p.row_ptr[j] + group; i < end; i += S::GROUPS) {
-    const T* blk = values + (long long)i * B * B + (long long)(slab * S::RS + rr) * B + kc * S::VEC;
-    float w[S::Q][S::VEC];
+  for (int base = p.row_ptr[j] + group; base < end; base += 32 * S::GROUPS) {
+    const int mine = base + lane * S::GROUPS;
+    const int column = mine < end ? p.col_idx[mine] : 0;
+    const int left = (end - base + S::GROUPS - 1) / S::GROUPS, count = left < 32 ? left : 32;  // the same in every lane
+#pragma unroll(S::UNROLL)
+    for (int u = 0; u < count; ++u) {
+      const long long i = base + u * S::GROUPS;
+      const T* blk = values + i * B * B + (long long)(r0 + slab * S::RS + rr) * B + kc * S::VEC;
+      float w[S::Q][S::VEC];
 #pragma unroll
-    for (int q = 0; q < S::Q; ++q) unpack16<T>(__ldg(reinterpret_cast<const uint4*>(blk + q * S::RP * B)), w[q]);
-    const long long k0 = (long long)p.col_idx[i] * B + kc * S::VEC;
+      for (int q = 0; q < S::Q; ++q) unpack16<T>(__ldg(reinterpret_cast<const uint4*>(blk + q * S::RP * B)), w[q]);
+      const long long k0 = (long long)__shfl_sync(0xffffffffu, column, u) * B + kc * S::VEC;
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      if (m0 + m >= p.M) break;
-      float xv[S::VEC];
-      unpack16<T>(load16<T>(x, m0 + m, p.M, k0, p.K, p.ldx, vec_ok), xv);
+      for (int m = 0; m < MT; ++m) {
+        if (m0 + m >= p.M) break;
+        float xv[S::VEC];
+        unpack16<T>(load16<T>(x, m0 + m, p.M, k0, p.K, p.ldx, vec_ok), xv);
 #pragma unroll
-      for (int q = 0; q < S::Q; ++q)
+        for (int q = 0; q < S::Q; ++q)
 #pragma unroll
-        for (int v = 0; v < S::VEC; ++v) acc[q][m] += w[q][v] * xv[v];
+          for (int v = 0; v < S::VEC; ++v) acc[q][m] += w[q][v] * xv[v];
+      }
     }
   }
   // The VR lanes of one row hold sums over different columns: add them up (they differ in the low lane bits).
@@ -255,12 +271,12 @@ __device__ __forceinline__ void skinny(const PkParams& p) {
 #pragma unroll
       for (int m = 0; m < MT; ++m) partial[group][m][slab * S::RS + q * S::RP + rr] = acc[q][m];
   __syncthreads();
-  for (int t = threadIdx.x; t < MT * B; t += blockDim.x) {
-    const int m = t / B, r = t % B;
+  for (int t = threadIdx.x; t < MT * S::CR; t += S::THREADS) {
+    const int m = t / S::CR, r = t % S::CR;
     float sum = 0.f;
 #pragma unroll
     for (int g = 0; g < S::GROUPS; ++g) sum += partial[g][m][r];
-    write_out<T>(p, m0 + m, j * B + r, sum);
+    write_out<T>(p, m0 + m, j * B + r0 + r, sum);
   }
 }
 
@@ -671,9 +687,12 @@ __device__ __forceinline__ void dw_tc(const PkParams& p) {
 // ---------------------------------------------------------------------------------------------------------------
 // Entry points. X(name, threads per block, dynamic shared memory bytes, call); launch.py builds the same names.
 #define PK_SKINNY_B(X, tn, T, B)                                       \
-  X(pk_skinny_##tn##_b##B##_m1, 256, 0, (pk::skinny<T, B, 1>(p)))      \
-  X(pk_skinny_##tn##_b##B##_m4, 256, 0, (pk::skinny<T, B, 4>(p)))      \
-  X(pk_skinny_##tn##_b##B##_m16, 256, 0, (pk::skinny<T, B, 16>(p)))
+  X(pk_skinny_##tn##_b##B##_m1, 512, 0, (pk::skinny<T, B, 1, 1>(p)))   \
+  X(pk_skinny_##tn##_b##B##_m4, 256, 0, (pk::skinny<T, B, 4, 1>(p)))   \
+  X(pk_skinny_##tn##_b##B##_m16, 256, 0, (pk::skinny<T, B, 16, 1>(p)))
+#define PK_SKINNY_SPLIT_B(X, tn, T, B)                                    \
+  X(pk_skinny_##tn##_b##B##_m1_s2, 512, 0, (pk::skinny<T, B, 1, 2>(p)))   \
+  X(pk_skinny_##tn##_b##B##_m1_s4, 512, 0, (pk::skinny<T, B, 1, 4>(p)))
 #define PK_SIMT_B(X, tn, T, B)                                         \
   X(pk_simt_##tn##_b##B##_n, 256, 0, (pk::simt<T, B, false>(p)))       \
   X(pk_simt_##tn##_b##B##_t, 256, 0, (pk::simt<T, B, true>(p)))        \
@@ -686,9 +705,12 @@ __device__ __forceinline__ void dw_tc(const PkParams& p) {
   X(pk_dw_tc_##tn##_b##B, 128, 0, (pk::dw_tc<T, B>(p)))                             \
   X(pk_bt_##tn##_b##B, 512, 0, (pk::bt<T, B>(p)))
 #define PK_EACH_B(F, X, tn, T) F(X, tn, T, 16) F(X, tn, T, 32) F(X, tn, T, 64)
+#define PK_WIDE_B(F, X, tn, T) F(X, tn, T, 32) F(X, tn, T, 64)  // blocks wide enough to split (launch.SKINNY_SPLITS)
 #define PK_KERNELS(X)                                                                                              \
   PK_EACH_B(PK_SKINNY_B, X, f32, float) PK_EACH_B(PK_SKINNY_B, X, f16, __half)                                     \
   PK_EACH_B(PK_SKINNY_B, X, bf16, __nv_bfloat16)                                                                   \
+  PK_WIDE_B(PK_SKINNY_SPLIT_B, X, f32, float) PK_WIDE_B(PK_SKINNY_SPLIT_B, X, f16, __half)                         \
+  PK_WIDE_B(PK_SKINNY_SPLIT_B, X, bf16, __nv_bfloat16)                                                             \
   PK_EACH_B(PK_SIMT_B, X, f32, float) PK_EACH_B(PK_SIMT_B, X, f16, __half) PK_EACH_B(PK_SIMT_B, X, bf16, __nv_bfloat16) \
   PK_EACH_B(PK_TC_B, X, f16, __half) PK_EACH_B(PK_TC_B, X, bf16, __nv_bfloat16)
 

@@ -2,8 +2,8 @@
 // BlockSparseLinear. Going through the dispatcher in C++ (device guard, current stream, output allocation, launch)
 // costs a few microseconds where the Python route through launch.py cost about fifty, it can be captured in CUDA
 // graphs, and torch.compile sees an opaque op (its fake implementation is registered in prunekit/kernels/native.py).
-// The kernel and its tile are chosen by prunekit/kernels/launch.py, once per layer and batch-size bucket, and
-// passed in by index.
+// The kernel, its tile and its thread blocks per block row are chosen by prunekit/kernels/launch.py, once per layer
+// and batch-size bucket, and passed in by index.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -22,7 +22,7 @@ std::uint64_t address(const at::Tensor& t) { return reinterpret_cast<std::uint64
 
 at::Tensor bsr_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
                       const at::Tensor& col_idx, const std::optional<at::Tensor>& bias, int64_t out_features,
-                      int64_t kernel, int64_t tile_rows, int64_t threads) {
+                      int64_t kernel, int64_t tile_rows, int64_t threads, int64_t split) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1,
               "prunekit::bsr_linear: x must be a 2-D CUDA tensor whose rows are contiguous");
   TORCH_CHECK(values.is_contiguous() && values.scalar_type() == x.scalar_type() && values.device() == x.device(),
@@ -31,7 +31,8 @@ at::Tensor bsr_linear(const at::Tensor& x, const at::Tensor& values, const at::T
               "prunekit::bsr_linear: the layout's indices must be int32 on x's device");
   TORCH_CHECK(!bias || (bias->is_contiguous() && bias->numel() == out_features && bias->device() == x.device()),
               "prunekit::bsr_linear: the bias must be contiguous, with out_features entries, on x's device");
-  TORCH_CHECK(tile_rows > 0 && threads > 0, "prunekit::bsr_linear: tile_rows and threads must be positive");
+  TORCH_CHECK(tile_rows > 0 && threads > 0 && split > 0,
+              "prunekit::bsr_linear: tile_rows, threads and split must be positive");
   const int64_t rows = x.size(0);
   at::Tensor out = at::empty({rows, out_features}, x.options());
   if (rows == 0) return out;
@@ -43,9 +44,9 @@ at::Tensor bsr_linear(const at::Tensor& x, const at::Tensor& values, const at::T
                                     static_cast<std::uint64_t>(rows), static_cast<std::uint64_t>(out_features),
                                     static_cast<std::uint64_t>(x.size(1)), static_cast<std::uint64_t>(x.stride(0)),
                                     static_cast<std::uint64_t>(out_features), 0};
-  const unsigned block_rows = static_cast<unsigned>(row_ptr.numel() - 1);
+  const unsigned grid_x = static_cast<unsigned>((row_ptr.numel() - 1) * split);  // split thread blocks a block row
   const unsigned row_tiles = static_cast<unsigned>((rows + tile_rows - 1) / tile_rows);
-  const int err = pk_launch_at(static_cast<int>(kernel), block_rows, row_tiles, 1, static_cast<unsigned>(threads), 1,
+  const int err = pk_launch_at(static_cast<int>(kernel), grid_x, row_tiles, 1, static_cast<unsigned>(threads), 1,
                                1, params, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err != -1, "prunekit::bsr_linear: no kernel ", kernel);
   TORCH_CHECK(err != -2, "prunekit::bsr_linear: kernel ", kernel, " takes another block size than ", threads);
@@ -57,7 +58,7 @@ at::Tensor bsr_linear(const at::Tensor& x, const at::Tensor& values, const at::T
 
 TORCH_LIBRARY(prunekit, m) {
   m.def("bsr_linear(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? bias, int out_features, "
-        "int kernel, int tile_rows, int threads) -> Tensor");
+        "int kernel, int tile_rows, int threads, int split) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(prunekit, CUDA, m) { m.impl("bsr_linear", &bsr_linear); }

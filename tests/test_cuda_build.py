@@ -21,11 +21,12 @@ def entry_points() -> set[str]:
     names = set()
     for dtype in plan.DTYPE_NAMES:
         for b in (16, 32, 64):
-            for rows in (1, 3, 16, 17, 33, 65):
-                for cap in ((7, 5), (9, 0)):
-                    names.add(plan.forward(rows, 1, b, dtype, cap).name)
-                    names.add(plan.forward(rows, 1, b, dtype, cap, transposed=True).name)
-                    names.add(plan.grad_values(1, b, dtype, cap).name)
+            for rows in (1, 3, 16, 17, 33, 65, 2048):
+                for block_rows in (1, 300, 600):  # one-row kernels split 4, 2 and 1 ways
+                    for cap in ((7, 5), (9, 0)):
+                        names.add(plan.forward(rows, block_rows, b, dtype, cap).name)
+                        names.add(plan.forward(rows, block_rows, b, dtype, cap, transposed=True).name)
+                        names.add(plan.grad_values(1, b, dtype, cap).name)
     return names
 
 
@@ -50,8 +51,8 @@ def test_nvcc_builds_the_kernels_for_sm80_and_sm90_and_the_binding_imports(tmp_p
     finally:
         sys.modules.pop("_cuda_ext", None)
     assert ext.params_size() == len(plan.pack())
-    assert entry_points() <= set(ext.kernels()) and len(ext.kernels()) == 90
-    assert [ext.kernel_index(name) for name in ext.kernels()] == list(range(90)) and ext.kernel_index("pk_x") == -1
+    assert entry_points() <= set(ext.kernels()) and len(ext.kernels()) == 102
+    assert [ext.kernel_index(name) for name in ext.kernels()] == list(range(102)) and ext.kernel_index("pk_x") == -1
     with pytest.raises(ValueError, match="no kernel named"):
         ext.launch("pk_nothing", [1, 1, 1], [1, 1, 1], plan.pack(), 0)
     with pytest.raises(ValueError, match="wrong block size"):

@@ -104,16 +104,29 @@ def test_a_gpu_is_one_key_with_or_without_its_index(monkeypatch):
 
 
 def test_the_operator_plan_is_the_planner_s_for_every_row_count_of_a_bucket():
-    """The thin operator takes the kernel once per batch-size bucket: that must be the kernel and tile the planner
-    chooses for each row count inside the bucket (past 2048 rows, where tc's tiles of 256 begin at 1025)."""
-    names = sorted({plan.forward(r, 4, b, dt, (9, 0)).name for r in range(1, 2200) for b in (16, 32, 64)
-                    for dt in (torch.float32, torch.bfloat16)})
+    """The thin operator takes the kernel once per batch-size bucket and number of block rows: that must be the
+    kernel, tile and split the planner chooses for each row count inside the bucket (past 2048 rows, where tc's tiles
+    of 256 begin at 1025), on layers whose one-row kernel splits block rows 4, 2 and 1 ways."""
+    names = sorted({plan.forward(r, n, b, dt, (9, 0)).name for r in range(1, 2200) for n in (4, 300, 600)
+                    for b in (16, 32, 64) for dt in (torch.float32, torch.bfloat16)})
     native = Native("table", launcher=None, capability=lambda device: (9, 0), kernel_index=names.index)
     for b in (16, 32, 64):
-        layout = BlockLayout.from_mask(torch.ones(4 * b, 2 * b, dtype=torch.bool), b)
-        for dtype in (torch.float32, torch.bfloat16):
-            for rows in range(1, 2200):
-                launch = plan.forward(rows, 4, b, dtype, (9, 0))
-                kernel, tile, threads = native.operator_plan(rows, layout, dtype, CPU)
-                assert (names[kernel], threads) == (launch.name, launch.block[0])
-                assert -(-rows // tile) == launch.grid[1]
+        for block_rows in (4, 300, 600):
+            layout = BlockLayout.from_mask(torch.ones(block_rows * b, 2 * b, dtype=torch.bool), b)
+            for dtype in (torch.float32, torch.bfloat16):
+                for rows in range(1, 2200):
+                    launch = plan.forward(rows, block_rows, b, dtype, (9, 0))
+                    kernel, tile, threads, split = native.operator_plan(rows, layout, dtype, CPU)
+                    assert (names[kernel], threads) == (launch.name, launch.block[0])
+                    assert -(-rows // tile) == launch.grid[1] and block_rows * split == launch.grid[0]
+
+
+def test_one_row_kernels_split_few_block_rows_among_more_thread_blocks():
+    """About SKINNY_THREAD_BLOCKS thread blocks in all: 4096 outputs in 32-wide blocks (the H200's 1.9x layer) get
+    four a block row, 11008 (its 3.7x layer) two, wider layers and 16-wide blocks none."""
+    split = lambda out_features, b: plan.forward(1, -(-out_features // b), b, torch.bfloat16, (9, 0)).split
+    assert (split(4096, 32), split(11008, 32), split(32768, 32)) == (4, 2, 1)
+    assert (split(4096, 64), split(11008, 64), split(4096, 16)) == (4, 4, 1)
+    assert plan.forward(2, 128, 32, torch.float32, (9, 0)).split == 1  # fp32's 4- and 16-row tiles do not split
+    launch = plan.forward(1, 128, 32, torch.bfloat16, (9, 0))
+    assert launch.name == "pk_skinny_bf16_b32_m1_s4" and launch.grid == (512, 1, 1)

@@ -181,6 +181,32 @@ def test_layout_refuses_a_weight_on_another_device():
         layout.gather(torch.randn(32, 32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b", [32, 64])
+def test_one_row_kernels_give_the_same_product_however_a_block_row_is_split(runner, dtype, b):
+    """The one-row kernel whole, halved and quartered over each block row's output features (launch.skinny_split
+    picks by layer width, so each is launched here by name), on a ragged layer with empty and full block rows; the
+    full one has 520 blocks, more than 32 for each of 16 warps (the lanes fetch column indices 32 at a time)."""
+    backend, device = runner
+    if not hasattr(backend, "launcher"):
+        pytest.skip(f"{backend.name} does not run prunekit's kernels")
+    skip_unless_supported(backend, device, dtype, b)
+    out_f, in_f = 3 * b - 7, 520 * b + 24
+    weight, keep, layout, values = problem(out_f, in_f, b, dtype, device)
+    x = strided(1, in_f, dtype, device, seed=1)
+    bias = torch.randn(out_f).to(dtype).to(device)
+    ref = x.double() @ (weight.double() * keep).t().to(device) + bias.double()
+    threads = plan.forward(1, layout.grid[0], b, dtype, (9, 0)).block
+    for split in (1,) + plan.SKINNY_SPLITS:
+        name = f"pk_skinny_{plan.DTYPE_NAMES[dtype]}_b{b}_m1" + (f"_s{split}" if split > 1 else "")
+        out = torch.full((1, out_f), float("nan"), dtype=dtype, device=device)
+        backend._run(plan.Launch(name, (layout.grid[0] * split, 1, 1), threads, 1, split), device, x=x.data_ptr(),
+                     values=values.data_ptr(), row_ptr=layout.row_ptr.data_ptr(), col_idx=layout.col_idx.data_ptr(),
+                     bias=bias.data_ptr(), out=out.data_ptr(), M=1, N=out_f, K=in_f, ldx=x.stride(0),
+                     ldo=out.stride(0))
+        close(out, ref, dtype)
+
+
 def test_launch_plan_matches_the_kernel_table():
     """Every name the planner can produce is an entry point of bsr_kernels.cuh (read from PK_KERNELS' macros)."""
     from cuda_emu.build import directory
@@ -209,8 +235,8 @@ def test_the_operator_is_thin_capturable_and_compilable():
     bias = torch.randn(300, dtype=torch.bfloat16, device=device)
     for rows in (1, 5, 40, 200):  # skinny, bt at 16 and 64 rows, tc
         x = torch.randn(rows, 200, dtype=torch.bfloat16, device=device)
-        kernel, tile, threads = backend.operator_plan(rows, layout, x.dtype, device)
-        args = (x, values, layout.row_ptr, layout.col_idx, bias, 300, kernel, tile, threads)
+        kernel, tile, threads, split = backend.operator_plan(rows, layout, x.dtype, device)
+        args = (x, values, layout.row_ptr, layout.col_idx, bias, 300, kernel, tile, threads, split)
         torch.library.opcheck(torch.ops.prunekit.bsr_linear.default, args,
                               test_utils=("test_schema", "test_faketensor"))
         close(torch.ops.prunekit.bsr_linear(*args), x.double() @ (weight.double() * keep).t().to(device) + bias.double(),

@@ -12,6 +12,10 @@ import torch
 
 SKINNY_ROWS = 16  # up to this many rows (one, where tensor cores take the dtype) the GEMV-like kernel
 SKINNY_TILES = (1, 4, 16)  # rows per thread block of the skinny kernel
+# One-row skinny kernels that split each block row among 2 or 4 thread blocks (blocks of 32 and 64: more warps on a
+# row's blocks where 64-wide blocks leave few, see Skinny), and the thread blocks to aim for in all (about four a
+# streaming multiprocessor on an H100/H200, 132 SMs).
+SKINNY_SPLITS, SKINNY_SPLIT_BLOCKS, SKINNY_THREAD_BLOCKS = (2, 4), (32, 64), 512
 BT_ROWS, BT_TILE = 64, 16  # up to 64 rows (fp16/bf16): tensor cores on the transposed product, 16 rows a block
 SIMT_ROWS = 64  # rows per thread block of the CUDA-core kernel
 
@@ -40,6 +44,7 @@ class Launch:
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     tile: int = 0  # rows of the product per thread block (forward kernels; grid[1] = ceil(rows / tile))
+    split: int = 1  # thread blocks per block row (forward kernels; grid[0] = block rows x split)
 
 
 def bucket(rows: int) -> int:
@@ -57,6 +62,13 @@ def mma_sync(dtype: torch.dtype, capability: tuple[int, int]) -> bool:
     return dtype in (torch.float16, torch.bfloat16) and capability >= (8, 0)
 
 
+def skinny_split(block_rows: int, block: int) -> int:
+    """Thread blocks per block row of the one-row kernel: the fewest that reach SKINNY_THREAD_BLOCKS in all."""
+    if block not in SKINNY_SPLIT_BLOCKS:
+        return 1
+    return next((s for s in (1,) + SKINNY_SPLITS if block_rows * s >= SKINNY_THREAD_BLOCKS), SKINNY_SPLITS[-1])
+
+
 def forward(rows: int, block_rows: int, block: int, dtype: torch.dtype, capability: tuple[int, int],
             transposed: bool = False) -> Launch:
     """y = x W^T (or, transposed, dX = dY W) for `rows` rows over `block_rows` block rows of the product."""
@@ -64,7 +76,10 @@ def forward(rows: int, block_rows: int, block: int, dtype: torch.dtype, capabili
     tensor = tensor_cores(dtype, capability)
     if not transposed and (rows == 1 or (rows <= SKINNY_ROWS and not tensor)):
         tile = next(t for t in SKINNY_TILES if rows <= t)
-        return Launch(f"pk_skinny_{dt}_b{block}_m{tile}", (block_rows, -(-rows // tile), 1), (256, 1, 1), tile)
+        split = skinny_split(block_rows, block) if tile == 1 else 1
+        name = f"pk_skinny_{dt}_b{block}_m{tile}" + (f"_s{split}" if split > 1 else "")
+        threads = 512 if tile == 1 else 256  # 16 warps a block row at one row (bsr_kernels.cuh, Skinny)
+        return Launch(name, (block_rows * split, -(-rows // tile), 1), (threads, 1, 1), tile, split)
     if not transposed and tensor and rows <= BT_ROWS:
         return Launch(f"pk_bt_{dt}_b{block}", (block_rows, -(-rows // BT_TILE), 1), (512, 1, 1), BT_TILE)
     kind = "t" if transposed else "n"

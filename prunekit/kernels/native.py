@@ -56,26 +56,27 @@ class Native:
             self.launcher(launch.name, launch.grid, launch.block, params, self.stream(device))
 
     def operator_plan(self, rows: int, layout: BlockLayout, dtype: torch.dtype,
-                      device: torch.device) -> tuple[int, int, int]:
-        """(kernel index, rows per thread block, threads) of the forward for `rows` rows: the same for every row
-        count of a power-of-two bucket (the planner's thresholds are powers of two), so planned once per bucket."""
-        key = (plan.bucket(rows), layout.block, dtype, device)
+                      device: torch.device) -> tuple[int, int, int, int]:
+        """(kernel index, rows per thread block, threads, thread blocks per block row) of the forward for `rows`
+        rows: the same for every row count of a power-of-two bucket (the planner's thresholds are powers of two), so
+        planned once per bucket and number of block rows."""
+        key = (plan.bucket(rows), layout.grid[0], layout.block, dtype, device)
         found = self._planned.get(key)
         if found is None:
             launch = plan.forward(rows, layout.grid[0], layout.block, dtype, self.capability(device))
             index = self.kernel_index(launch.name)
             if index < 0:
                 raise RuntimeError(f"{self.name} has no kernel {launch.name}; rebuild the extension")
-            found = self._planned[key] = (index, launch.tile, launch.block[0])
+            found = self._planned[key] = (index, launch.tile, launch.block[0], launch.split)
         return found
 
     def forward(self, x: torch.Tensor, values: torch.Tensor, layout: BlockLayout,
                 bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.shape[0]
         if self.kernel_index is not None and rows:
-            kernel, tile, threads = self.operator_plan(rows, layout, x.dtype, x.device)
+            kernel, tile, threads, split = self.operator_plan(rows, layout, x.dtype, x.device)
             return torch.ops.prunekit.bsr_linear(x, values, layout.row_ptr, layout.col_idx, bias, layout.out_features,
-                                                 kernel, tile, threads)
+                                                 kernel, tile, threads, split)
         out = x.new_empty(rows, layout.out_features)
         if rows:
             launch = plan.forward(rows, layout.grid[0], layout.block, x.dtype, self.capability(x.device))
@@ -143,7 +144,7 @@ def _register_fake() -> None:
     """The shape of prunekit::bsr_linear's output without running it, for torch.compile and meta tensors."""
 
     @torch.library.register_fake("prunekit::bsr_linear")
-    def _(x, values, row_ptr, col_idx, bias, out_features, kernel, tile_rows, threads):
+    def _(x, values, row_ptr, col_idx, bias, out_features, kernel, tile_rows, threads, split):
         return x.new_empty(x.shape[0], out_features)
 
 

@@ -115,6 +115,18 @@ inline Posts post(const std::uint64_t* words, unsigned n) {
 }
 }  // namespace emu
 
+// __shfl_sync: the value of lane `src` (every lane of the warp takes part, as in the kernels).
+template <typename V>
+inline V __shfl_sync(unsigned, V v, int src) {
+  static_assert(sizeof(V) <= 8, "one word a lane");
+  std::uint64_t mine = 0;
+  std::memcpy(&mine, &v, sizeof(V));
+  const std::uint64_t theirs = emu::post(&mine, 1).read(static_cast<unsigned>(src) % 32, 0);
+  V out;
+  std::memcpy(&out, &theirs, sizeof(V));
+  return out;
+}
+
 struct __half {
   std::uint16_t bits;
 };

@@ -29,7 +29,8 @@ int main() {
     p.perm = transposed ? perm.data() : nullptr, p.row_idx = row_idx.data(), p.out = out.data(), p.grad = grad.data();
     p.M = m, p.N = n, p.K = k, p.ldx = k + 8, p.ldo = n, p.ldg = n;
     const bool bt = name.find("_bt_") != std::string::npos;  // 16 rows per thread block
-    const unsigned gx = dw ? 4 : 3, gy = skinny ? 2 : bt ? (m + 15) / 16 : 1;  // what launch.py plans here
+    const unsigned split = name.find("_s4") != std::string::npos ? 4 : name.find("_s2") != std::string::npos ? 2 : 1;
+    const unsigned gx = dw ? 4 : 3 * split, gy = skinny ? 2 : bt ? (m + 15) / 16 : 1;  // what launch.py plans here
     if (int rc = emu_launch(e.name, gx, gy, 1, e.threads, 1, 1, &p)) {
       std::printf("%s: launch failed (%d)\n", e.name, rc);
       failed = 1;
