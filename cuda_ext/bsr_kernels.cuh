@@ -281,28 +281,31 @@ __device__ __forceinline__ void skinny(const PkParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// bt: grid (block rows, ceil(M / 16)), 512 threads (16 warps), fp16/bf16. Few rows leave each warp little to do
-// per block, so the time goes to load latency: many warps per block row keep more loads in flight.
-template <typename T, int B>
+// bt: grid (block rows x SPLIT, ceil(M / 16)), 512 threads (16 warps), fp16/bf16. Few rows leave each warp little
+// to do per block, so the time goes to load latency: many warps per block row keep more loads in flight, their lanes
+// fetch the column indices of the next 32 blocks at once (x's loads need them), and with SPLIT > 1 each of SPLIT
+// thread blocks takes B / SPLIT of a block row's output features (more thread blocks where block rows are few).
+template <typename T, int B, int SPLIT>
 struct Bt {
-  static constexpr int WARPS = 16, THREADS = 32 * WARPS, MT = 16, FB = B / 16, HALF = WARPS / 2;
-  static constexpr int RED_BYTES = HALF * MT * B * 4;  // partial sums of half the warps, [warp][MT][B] fp32
+  static constexpr int WARPS = 16, THREADS = 32 * WARPS, MT = 16, CB = B / SPLIT, FB = CB / 16, HALF = WARPS / 2;
+  static constexpr int RED_BYTES = HALF * MT * CB * 4;  // partial sums of half the warps, [warp][MT][CB] fp32
   static constexpr int BYTES = RED_BYTES + WARPS * 256 * 2;  // and one staged 16 x 16 x^T fragment per warp
-  static_assert(BYTES <= 48 * 1024, "bt tile does not fit");
+  static_assert(FB >= 1 && BYTES <= 48 * 1024, "bt tile does not fit");
 };
 
-template <typename T, int B>
+template <typename T, int B, int SPLIT>
 __device__ __forceinline__ void bt(const PkParams& p) {
   if constexpr (!MmaOk<T>::value) {
     __trap();  // never launched: launch.py picks skinny or simt where tensor cores do not take T
   } else {
     namespace wmma = nvcuda::wmma;
-    using S = Bt<T, B>;
+    using S = Bt<T, B, SPLIT>;
     __shared__ __align__(128) unsigned char smem[S::BYTES];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     float* red = reinterpret_cast<float*>(smem);
     T* scratch = reinterpret_cast<T*>(smem + S::RED_BYTES) + warp * 256;
-    const long long j = blockIdx.x, m0 = (long long)blockIdx.y * S::MT;
+    const long long j = blockIdx.x / SPLIT, m0 = (long long)blockIdx.y * S::MT;
+    const int n0 = (blockIdx.x % SPLIT) * S::CB;  // this thread block's first output feature of the block row
     const T* x = static_cast<const T*>(p.x);
     const T* values = static_cast<const T*>(p.values);
     // x^T fragments load straight from x where 16 whole rows are there and every row starts 32-byte aligned;
@@ -315,41 +318,46 @@ __device__ __forceinline__ void bt(const PkParams& p) {
     for (int a = 0; a < S::FB; ++a) wmma::fill_fragment(acc[a], 0.f);
 
     const int end = p.row_ptr[j + 1];
-    for (int i = p.row_ptr[j] + warp; i < end; i += S::WARPS) {
-      const T* blk = values + (long long)i * B * B;
-      const long long c0 = (long long)p.col_idx[i] * B;
+    for (int base = p.row_ptr[j] + warp; base < end; base += 32 * S::WARPS) {
+      const int mine = base + lane * S::WARPS;
+      const int column = mine < end ? p.col_idx[mine] : 0;
+      const int left = (end - base + S::WARPS - 1) / S::WARPS, count = left < 32 ? left : 32;  // the same in every lane
+      for (int u = 0; u < count; ++u) {
+        const T* blk = values + (long long)(base + u * S::WARPS) * B * B + (long long)n0 * B;
+        const long long c0 = (long long)__shfl_sync(0xffffffffu, column, u) * B;
 #pragma unroll
-      for (int kk = 0; kk < B; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af[S::FB];  // W: (n, k) at blk[n * B + k]
+        for (int kk = 0; kk < B; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af[S::FB];  // W: (n, k) at blk[n * B + k]
 #pragma unroll
-        for (int a = 0; a < S::FB; ++a) wmma::load_matrix_sync(af[a], blk + a * 16 * B + kk, B);
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;  // x^T: (k, m) at x[m * ldx + k]
-        const long long k0 = c0 + kk;
-        if (direct && k0 + 16 <= p.K) {
-          wmma::load_matrix_sync(bf, x + m0 * p.ldx + k0, static_cast<unsigned>(p.ldx));
-        } else {  // lane l: row l / 2, columns 8 (l % 2) .. + 8; (k, m) at scratch[16 m + k]
-          const int r = lane / 2, h = (lane % 2) * 8;
-          *reinterpret_cast<uint4*>(scratch + r * 16 + h) = load16<T>(x, m0 + r, p.M, k0 + h, p.K, p.ldx, vec_ok);
-          __syncwarp();
-          wmma::load_matrix_sync(bf, scratch, 16);
-          __syncwarp();
+          for (int a = 0; a < S::FB; ++a) wmma::load_matrix_sync(af[a], blk + a * 16 * B + kk, B);
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;  // x^T: (k, m) at x[m * ldx + k]
+          const long long k0 = c0 + kk;
+          if (direct && k0 + 16 <= p.K) {
+            wmma::load_matrix_sync(bf, x + m0 * p.ldx + k0, static_cast<unsigned>(p.ldx));
+          } else {  // lane l: row l / 2, columns 8 (l % 2) .. + 8; (k, m) at scratch[16 m + k]
+            const int r = lane / 2, h = (lane % 2) * 8;
+            *reinterpret_cast<uint4*>(scratch + r * 16 + h) = load16<T>(x, m0 + r, p.M, k0 + h, p.K, p.ldx, vec_ok);
+            __syncwarp();
+            wmma::load_matrix_sync(bf, scratch, 16);
+            __syncwarp();
+          }
+#pragma unroll
+          for (int a = 0; a < S::FB; ++a) wmma::mma_sync(acc[a], af[a], bf, acc[a]);
         }
-#pragma unroll
-        for (int a = 0; a < S::FB; ++a) wmma::mma_sync(acc[a], af[a], bf, acc[a]);
       }
     }
-    // Tree reduction: warps [h, 2h) hand their sums to warps [0, h). C^T (n, m) is kept as red[m * B + n].
+    // Tree reduction: warps [h, 2h) hand their sums to warps [0, h). C^T (n, m) is kept as red[m * CB + n].
     for (int h = S::HALF; h >= 1; h /= 2) {
       if (warp >= h && warp < 2 * h)
 #pragma unroll
         for (int a = 0; a < S::FB; ++a)
-          wmma::store_matrix_sync(red + (warp - h) * S::MT * B + a * 16, acc[a], B, wmma::mem_col_major);
+          wmma::store_matrix_sync(red + (warp - h) * S::MT * S::CB + a * 16, acc[a], S::CB, wmma::mem_col_major);
       __syncthreads();
       if (warp < h)
 #pragma unroll
         for (int a = 0; a < S::FB; ++a) {
           wmma::fragment<wmma::accumulator, 16, 16, 16, float> other;
-          wmma::load_matrix_sync(other, red + warp * S::MT * B + a * 16, B, wmma::mem_col_major);
+          wmma::load_matrix_sync(other, red + warp * S::MT * S::CB + a * 16, S::CB, wmma::mem_col_major);
 #pragma unroll
           for (int e = 0; e < other.num_elements; ++e) acc[a].x[e] += other.x[e];
         }
@@ -357,9 +365,10 @@ __device__ __forceinline__ void bt(const PkParams& p) {
     }
     if (warp == 0)
 #pragma unroll
-      for (int a = 0; a < S::FB; ++a) wmma::store_matrix_sync(red + a * 16, acc[a], B, wmma::mem_col_major);
+      for (int a = 0; a < S::FB; ++a) wmma::store_matrix_sync(red + a * 16, acc[a], S::CB, wmma::mem_col_major);
     __syncthreads();
-    for (int e = threadIdx.x; e < S::MT * B; e += S::THREADS) write_out<T>(p, m0 + e / B, j * B + e % B, red[e]);
+    for (int e = threadIdx.x; e < S::MT * S::CB; e += S::THREADS)
+      write_out<T>(p, m0 + e / S::CB, j * B + n0 + e % S::CB, red[e]);
   }
 }
 
@@ -693,6 +702,8 @@ __device__ __forceinline__ void dw_tc(const PkParams& p) {
 #define PK_SKINNY_SPLIT_B(X, tn, T, B)                                    \
   X(pk_skinny_##tn##_b##B##_m1_s2, 512, 0, (pk::skinny<T, B, 1, 2>(p)))   \
   X(pk_skinny_##tn##_b##B##_m1_s4, 512, 0, (pk::skinny<T, B, 1, 4>(p)))
+#define PK_BT_SPLIT_B(X, tn, T, B) X(pk_bt_##tn##_b##B##_s2, 512, 0, (pk::bt<T, B, 2>(p)))
+#define PK_BT_SPLIT4(X, tn, T) X(pk_bt_##tn##_b64_s4, 512, 0, (pk::bt<T, 64, 4>(p)))
 #define PK_SIMT_B(X, tn, T, B)                                         \
   X(pk_simt_##tn##_b##B##_n, 256, 0, (pk::simt<T, B, false>(p)))       \
   X(pk_simt_##tn##_b##B##_t, 256, 0, (pk::simt<T, B, true>(p)))        \
@@ -703,16 +714,18 @@ __device__ __forceinline__ void dw_tc(const PkParams& p) {
   X(pk_tc_##tn##_b##B##_m256_n, 128, (pk::Tc<T, B, 256>::BYTES), (pk::tc<T, B, 256, false>(p)))         \
   X(pk_tc_##tn##_b##B##_m256_t, 128, (pk::Tc<T, B, 256>::BYTES), (pk::tc<T, B, 256, true>(p)))          \
   X(pk_dw_tc_##tn##_b##B, 128, 0, (pk::dw_tc<T, B>(p)))                             \
-  X(pk_bt_##tn##_b##B, 512, 0, (pk::bt<T, B>(p)))
+  X(pk_bt_##tn##_b##B, 512, 0, (pk::bt<T, B, 1>(p)))
 #define PK_EACH_B(F, X, tn, T) F(X, tn, T, 16) F(X, tn, T, 32) F(X, tn, T, 64)
-#define PK_WIDE_B(F, X, tn, T) F(X, tn, T, 32) F(X, tn, T, 64)  // blocks wide enough to split (launch.SKINNY_SPLITS)
+#define PK_WIDE_B(F, X, tn, T) F(X, tn, T, 32) F(X, tn, T, 64)  // blocks wide enough to split (launch.SPLITS)
 #define PK_KERNELS(X)                                                                                              \
   PK_EACH_B(PK_SKINNY_B, X, f32, float) PK_EACH_B(PK_SKINNY_B, X, f16, __half)                                     \
   PK_EACH_B(PK_SKINNY_B, X, bf16, __nv_bfloat16)                                                                   \
   PK_WIDE_B(PK_SKINNY_SPLIT_B, X, f32, float) PK_WIDE_B(PK_SKINNY_SPLIT_B, X, f16, __half)                         \
   PK_WIDE_B(PK_SKINNY_SPLIT_B, X, bf16, __nv_bfloat16)                                                             \
   PK_EACH_B(PK_SIMT_B, X, f32, float) PK_EACH_B(PK_SIMT_B, X, f16, __half) PK_EACH_B(PK_SIMT_B, X, bf16, __nv_bfloat16) \
-  PK_EACH_B(PK_TC_B, X, f16, __half) PK_EACH_B(PK_TC_B, X, bf16, __nv_bfloat16)
+  PK_EACH_B(PK_TC_B, X, f16, __half) PK_EACH_B(PK_TC_B, X, bf16, __nv_bfloat16)                                   \
+  PK_WIDE_B(PK_BT_SPLIT_B, X, f16, __half) PK_WIDE_B(PK_BT_SPLIT_B, X, bf16, __nv_bfloat16)                         \
+  PK_BT_SPLIT4(X, f16, __half) PK_BT_SPLIT4(X, bf16, __nv_bfloat16)
 
 #define PK_DEFINE_KERNEL(name, threads, smem, call)                  \
   extern "C" __global__ void PK_BOUNDS(threads) name(PK_PARAM_DECL) { \

@@ -51,8 +51,8 @@ def test_nvcc_builds_the_kernels_for_sm80_and_sm90_and_the_binding_imports(tmp_p
     finally:
         sys.modules.pop("_cuda_ext", None)
     assert ext.params_size() == len(plan.pack())
-    assert entry_points() <= set(ext.kernels()) and len(ext.kernels()) == 102
-    assert [ext.kernel_index(name) for name in ext.kernels()] == list(range(102)) and ext.kernel_index("pk_x") == -1
+    assert entry_points() <= set(ext.kernels()) and len(ext.kernels()) == 108
+    assert [ext.kernel_index(name) for name in ext.kernels()] == list(range(108)) and ext.kernel_index("pk_x") == -1
     with pytest.raises(ValueError, match="no kernel named"):
         ext.launch("pk_nothing", [1, 1, 1], [1, 1, 1], plan.pack(), 0)
     with pytest.raises(ValueError, match="wrong block size"):

@@ -121,12 +121,15 @@ def test_the_operator_plan_is_the_planner_s_for_every_row_count_of_a_bucket():
                     assert -(-rows // tile) == launch.grid[1] and block_rows * split == launch.grid[0]
 
 
-def test_one_row_kernels_split_few_block_rows_among_more_thread_blocks():
-    """About SKINNY_THREAD_BLOCKS thread blocks in all: 4096 outputs in 32-wide blocks (the H200's 1.9x layer) get
-    four a block row, 11008 (its 3.7x layer) two, wider layers and 16-wide blocks none."""
-    split = lambda out_features, b: plan.forward(1, -(-out_features // b), b, torch.bfloat16, (9, 0)).split
-    assert (split(4096, 32), split(11008, 32), split(32768, 32)) == (4, 2, 1)
-    assert (split(4096, 64), split(11008, 64), split(4096, 16)) == (4, 4, 1)
+def test_few_block_rows_are_split_among_more_thread_blocks():
+    """About launch.THREAD_BLOCKS thread blocks in all: at one row 4096 outputs in 32-wide blocks (the H200's 1.9x
+    layer) get four a block row, 11008 (its 3.7x layer) two, wider layers and 16-wide blocks none; bt counts its row
+    tiles too and splits 32-wide blocks at most in two."""
+    ways = lambda rows, out_features, b: plan.forward(rows, -(-out_features // b), b, torch.bfloat16, (9, 0)).split
+    assert (ways(1, 4096, 32), ways(1, 11008, 32), ways(1, 32768, 32)) == (4, 2, 1)
+    assert (ways(1, 4096, 64), ways(1, 11008, 64), ways(1, 4096, 16)) == (4, 4, 1)
+    assert (ways(16, 4096, 32), ways(16, 4096, 64), ways(64, 4096, 64), ways(64, 11008, 32)) == (2, 4, 2, 1)
     assert plan.forward(2, 128, 32, torch.float32, (9, 0)).split == 1  # fp32's 4- and 16-row tiles do not split
-    launch = plan.forward(1, 128, 32, torch.bfloat16, (9, 0))
-    assert launch.name == "pk_skinny_bf16_b32_m1_s4" and launch.grid == (512, 1, 1)
+    one, bt = plan.forward(1, 128, 32, torch.bfloat16, (9, 0)), plan.forward(16, 64, 64, torch.bfloat16, (9, 0))
+    assert (one.name, one.grid, bt.name, bt.grid) == ("pk_skinny_bf16_b32_m1_s4", (512, 1, 1), "pk_bt_bf16_b64_s4",
+                                                      (256, 1, 1))

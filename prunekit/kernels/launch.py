@@ -12,11 +12,12 @@ import torch
 
 SKINNY_ROWS = 16  # up to this many rows (one, where tensor cores take the dtype) the GEMV-like kernel
 SKINNY_TILES = (1, 4, 16)  # rows per thread block of the skinny kernel
-# One-row skinny kernels that split each block row among 2 or 4 thread blocks (blocks of 32 and 64: more warps on a
-# row's blocks where 64-wide blocks leave few, see Skinny), and the thread blocks to aim for in all (about four a
-# streaming multiprocessor on an H100/H200, 132 SMs).
-SKINNY_SPLITS, SKINNY_SPLIT_BLOCKS, SKINNY_THREAD_BLOCKS = (2, 4), (32, 64), 512
 BT_ROWS, BT_TILE = 64, 16  # up to 64 rows (fp16/bf16): tensor cores on the transposed product, 16 rows a block
+# The one-row and bt kernels can split each block row between 2 or 4 thread blocks by output feature (bsr_kernels.cuh,
+# Skinny and Bt): the splits each has, by block size, and the thread blocks to aim for in all (about four a streaming
+# multiprocessor on an H100/H200, 132 SMs; a 4096-wide layer has only 128 block rows of 32, 64 of 64).
+SPLITS = {"skinny": {32: (2, 4), 64: (2, 4)}, "bt": {32: (2,), 64: (2, 4)}}
+THREAD_BLOCKS = 512
 SIMT_ROWS = 64  # rows per thread block of the CUDA-core kernel
 
 
@@ -62,11 +63,11 @@ def mma_sync(dtype: torch.dtype, capability: tuple[int, int]) -> bool:
     return dtype in (torch.float16, torch.bfloat16) and capability >= (8, 0)
 
 
-def skinny_split(block_rows: int, block: int) -> int:
-    """Thread blocks per block row of the one-row kernel: the fewest that reach SKINNY_THREAD_BLOCKS in all."""
-    if block not in SKINNY_SPLIT_BLOCKS:
-        return 1
-    return next((s for s in (1,) + SKINNY_SPLITS if block_rows * s >= SKINNY_THREAD_BLOCKS), SKINNY_SPLITS[-1])
+def split(kernel: str, block: int, thread_blocks: int) -> int:
+    """Thread blocks per block row: the fewest of the kernel's splits that reach THREAD_BLOCKS in all (the grid
+    without splitting has `thread_blocks`), else its largest."""
+    splits = (1,) + SPLITS[kernel].get(block, ())
+    return next((s for s in splits if thread_blocks * s >= THREAD_BLOCKS), splits[-1])
 
 
 def forward(rows: int, block_rows: int, block: int, dtype: torch.dtype, capability: tuple[int, int],
@@ -76,12 +77,15 @@ def forward(rows: int, block_rows: int, block: int, dtype: torch.dtype, capabili
     tensor = tensor_cores(dtype, capability)
     if not transposed and (rows == 1 or (rows <= SKINNY_ROWS and not tensor)):
         tile = next(t for t in SKINNY_TILES if rows <= t)
-        split = skinny_split(block_rows, block) if tile == 1 else 1
-        name = f"pk_skinny_{dt}_b{block}_m{tile}" + (f"_s{split}" if split > 1 else "")
+        ways = split("skinny", block, block_rows) if tile == 1 else 1  # (fp32's 4- and 16-row tiles have no splits)
+        name = f"pk_skinny_{dt}_b{block}_m{tile}" + (f"_s{ways}" if ways > 1 else "")
         threads = 512 if tile == 1 else 256  # 16 warps a block row at one row (bsr_kernels.cuh, Skinny)
-        return Launch(name, (block_rows * split, -(-rows // tile), 1), (threads, 1, 1), tile, split)
+        return Launch(name, (block_rows * ways, -(-rows // tile), 1), (threads, 1, 1), tile, ways)
     if not transposed and tensor and rows <= BT_ROWS:
-        return Launch(f"pk_bt_{dt}_b{block}", (block_rows, -(-rows // BT_TILE), 1), (512, 1, 1), BT_TILE)
+        tiles = -(-rows // BT_TILE)
+        ways = split("bt", block, block_rows * tiles)
+        name = f"pk_bt_{dt}_b{block}" + (f"_s{ways}" if ways > 1 else "")
+        return Launch(name, (block_rows * ways, tiles, 1), (512, 1, 1), BT_TILE, ways)
     kind = "t" if transposed else "n"
     if mma_sync(dtype, capability):
         tile = tc_tile(rows)
