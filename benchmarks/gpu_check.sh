@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything prunekit checks on a GPU, in one go (sized for a quarter of an hour on an H100/H200): builds the CUDA
-# extension, runs the GPU tests, the kernel grid (benchmarks/block_kernels.py) and the whole-model figure
-# (benchmarks/gpu_model.py). Logs and results go to $OUT (default gpu_out/); copy the results into
+# extension, runs the GPU tests, the kernel grid (benchmarks/block_kernels.py), the whole-model figure
+# (benchmarks/gpu_model.py) and SparseGPT's N:M cost (benchmarks/sparsegpt_nm.py). Logs and results go to $OUT (default gpu_out/); copy the results into
 # benchmarks/results/ to commit them.
 #
 #   bash benchmarks/gpu_check.sh            # or: OUT=/tmp/run QUICK=1 bash benchmarks/gpu_check.sh
@@ -34,6 +34,9 @@ $PY benchmarks/block_kernels.py --device cuda ${QUICK:+--quick} --out "$OUT/kern
 
 stamp "whole model"
 $PY benchmarks/gpu_model.py --out "$OUT/kernels_cuda_model" 2>&1 | tee "$OUT/model.log" | tail -14
+
+stamp "SparseGPT 2:4 against unstructured (the column loop is launch-bound on a GPU)"
+$PY benchmarks/sparsegpt_nm.py --device cuda --out "$OUT/sparsegpt_nm_cuda" 2>&1 | tee "$OUT/sparsegpt_nm.log" | tail -4
 
 stamp "GPU tests"
 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_dispatch.py tests/test_device.py \
