@@ -11,7 +11,9 @@ masked dense model and the converted one:
 - prefill: the forward pass of a batch of prompts (4 x 512 tokens), median of 5 after a warm-up;
 - greedy decoding of 64 tokens after a 128-token prompt with a static KV cache, eager (each step a plain forward)
   and as CUDA-graph replays of one captured decode step (what serving stacks do), tokens per second;
-- the generated tokens of the converted model against the masked dense model's, in each mode.
+- the generated tokens of the converted model against the masked dense model's, in each mode;
+- each bf16 model's decode logits against the masked model in float32, teacher-forced on the same tokens (where the
+  greedy tokens of two bf16 models part at a near-tie, this says whether the kernels are as exact as cuBLAS).
 """
 from __future__ import annotations
 
@@ -108,10 +110,13 @@ class Decoder:
         with torch.cuda.graph(self._graph):
             self.logits = self._step()
 
-    def run(self) -> tuple[list[int], float, torch.Tensor]:
-        """(new tokens, decode seconds for the tokens after the first, each step's logits [new tokens - 1, vocab])."""
+    def run(self, forced: list[int] | None = None) -> tuple[list[int], float, torch.Tensor]:
+        """(new tokens, decode seconds for the tokens after the first, each step's logits [new tokens - 1, vocab]).
+        forced: feed these tokens instead of the model's own choices (teacher forcing), so that two models' logits
+        are compared at the same positions after the same history."""
+        forced_ids = None if forced is None else torch.tensor(forced, device=self.device)
         with torch.no_grad():
-            token = self._prefill()
+            token = self._prefill() if forced is None else forced_ids[:1]
             self.ids.copy_(token.view(1, 1))
             self.pos.fill_(self.prompt.shape[1])
             if self.graph and self._graph is None:
@@ -125,7 +130,7 @@ class Decoder:
                     logits = self.logits
                 else:
                     logits = self._step()
-                token = logits.argmax(-1)
+                token = logits.argmax(-1) if forced is None else forced_ids[len(tokens):len(tokens) + 1]
                 tokens.append(token.view(1))
                 logits_seen.append(logits[0].float())  # a copy on the device, so the timing stays host-sync free
                 self.ids.copy_(token.view(1, 1))
@@ -143,6 +148,28 @@ def decode(model, prompt: torch.Tensor, new_tokens: int, graph: bool) -> dict:
     except Exception as e:  # noqa: BLE001 - reported, not fatal: the other rows still say something
         return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     return {"tokens": tokens, "seconds": seconds, "tokens_per_second": (new_tokens - 1) / seconds, "logits": logits}
+
+
+def against_fp32(dense, sparse, prompt: torch.Tensor, tokens: list[int], device: torch.device) -> dict:
+    """Each bf16 model's decode logits against the masked model in float32, teacher-forced on the dense model's
+    tokens: greedy tokens of two bf16 models part at near-ties of random weights' flat logits (any two summation
+    orders do), so the test of the kernels is whether the converted model is as close to exact as cuBLAS is."""
+    reference = copy.deepcopy(dense).float()
+    with dispatch.mode("eager"):
+        exact = Decoder(reference, prompt, len(tokens), graph=False).run(tokens)[2]
+    del reference
+    runs = {"masked dense, eager": (dense, "eager"), "converted, eager": (sparse, "eager")}
+    if device.type == "cuda":
+        runs["converted, graph"] = (sparse, "graph")
+    out = {}
+    for name, (model, mode) in runs.items():
+        with dispatch.mode(mode):
+            logits = Decoder(model, prompt, len(tokens), graph=mode == "graph").run(tokens)[2]
+        out[name] = {"max_logit_error": float((logits - exact).abs().max()),
+                     "mean_logit_error": float((logits - exact).abs().mean()),
+                     "argmax_equal": int((logits.argmax(-1) == exact.argmax(-1)).sum()), "of": len(logits)}
+    out["logit_scale"] = float(exact.abs().max())
+    return out
 
 
 def main(argv=None) -> None:
@@ -212,6 +239,8 @@ def main(argv=None) -> None:
                 equal["logit_scale"] = float(la.abs().max())
             doc["decode"][f"tokens equal {mode}"] = equal
             doc["decode"][f"speedup {mode}"] = b["tokens_per_second"] / a["tokens_per_second"]
+    if "tokens" in doc["decode"].get("dense eager", {}):
+        doc["against_fp32"] = against_fp32(dense, sparse, prompt, doc["decode"]["dense eager"]["tokens"], device)
     for run in doc["decode"].values():
         if isinstance(run, dict):
             run.pop("logits", None)
@@ -249,6 +278,13 @@ def markdown(doc: dict) -> str:
                    if "dense_top2_margin" in eq else "") + ")") if eq else "")
         sp = f"{d[f'speedup {mode}']:.2f}x" if f"speedup {mode}" in d else ""
         lines.append(f"| decode, {mode} (tokens/s) | {cell(a)} | {cell(b)} | {sp} | {same} |")
+    exact = doc.get("against_fp32")
+    if exact:
+        lines += ["", "Against the masked model in float32, teacher-forced on the dense model's tokens (decode logits; "
+                  f"largest |logit| {exact['logit_scale']:.3g}):", "",
+                  "| bf16 model | max logit error | mean logit error | argmax as float32's |", "|---|---|---|---|"]
+        lines += [f"| {name} | {r['max_logit_error']:.3g} | {r['mean_logit_error']:.3g} | {r['argmax_equal']} of {r['of']} |"
+                  for name, r in exact.items() if isinstance(r, dict)]
     return "\n".join(lines) + "\n"
 
 
