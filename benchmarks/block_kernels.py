@@ -16,6 +16,10 @@ host-side launch costs included). CPU rows are eager only. Every output is check
 it is timed. "auto" is what prunekit.kernels' dispatch picks for the layer in that mode (its own measurement), and
 its speedup is that path's time in this run; "module" is the BlockSparseLinear itself, dispatch included.
 
+With --variants (gpu_check.sh passes it), every launch of the planned kernel is timed too (launch.variants: the
+one-row and bt kernels split 1, 2 or 4 ways, tc with 128- or 256-row tiles), in graph mode, for tuning the
+planner's thresholds.
+
 Targets (issue 25), per point, on our kernel's graph-mode speedup over dense: at 1 row, and at 2-64 rows with 32x32
 blocks at 70% and 90%, at least 0.8 / (1 - sparsity) (the memory-bound ideal); at 512 rows and more with 64x64
 blocks, 1.5x at 70% and 3x at 90%; faster than PyTorch's BSR everywhere; and in each mode, auto's pick within 5% of
@@ -78,7 +82,7 @@ def check(out: torch.Tensor, ref: torch.Tensor, name: str) -> None:
         raise AssertionError(f"{name}: max error {err:.3g} against the dense product (scale {scale:.3g})")
 
 
-def run(device: str, backend_name: str | None, quick: bool, rows_only=None) -> list[dict]:
+def run(device: str, backend_name: str | None, quick: bool, rows_only=None, variants: bool = False) -> list[dict]:
     dev = torch.device(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     ours = None
@@ -121,11 +125,32 @@ def run(device: str, backend_name: str | None, quick: bool, rows_only=None) -> l
                                                           rows)
                         choice = dispatch.known(problem)  # what the dispatch itself measured
                         row["auto_measured"][mode] = choice.seconds if choice else {}
+                    if variants and hasattr(backends.get(ours), "launch_forward"):
+                        try:
+                            row["variants"] = time_variants(backends.get(ours), x, values, layout, F.linear(x, masked))
+                        except Exception as e:  # noqa: BLE001 - reported; the grid goes on
+                            row["errors"]["variants"] = f"{type(e).__name__}: {str(e)[:200]}"
                     results.append(row)
                     print(summary_line(row), flush=True)
         if device == "cuda" and not quick:
             results.extend(two_four(weight, inputs))
     return results
+
+
+def time_variants(native, x: torch.Tensor, values: torch.Tensor, layout, ref: torch.Tensor) -> dict:
+    """Graph-mode seconds of every launch that computes this product (launch.variants: splits, tc tiles), the
+    planned one first, through the Python launcher: what THREAD_BLOCKS and TC_SMALL_ROWS are tuned from."""
+    from prunekit.kernels import launch as plan
+
+    capability = torch.cuda.get_device_capability(x.device)
+    launches = plan.variants(x.shape[0], layout.grid[0], layout.block, x.dtype, capability)
+    paths = {v.name: (lambda v=v: native.launch_forward(v, x, values, layout, None)) for v in launches}
+    for name, fn in paths.items():
+        with torch.no_grad():
+            check(fn(), ref, name)
+    with torch.no_grad(), dispatch.mode("graph"):
+        seconds, _ = dispatch.timings(paths, x.device, min_seconds=0.05, max_rounds=200, mode="graph")
+    return {name: seconds.get(name) for name in paths}
 
 
 def new_row(out_f: int, in_f: int, block, sparsity: float, rows: int, dtype: torch.dtype) -> dict:
@@ -278,6 +303,15 @@ def markdown(doc: dict) -> str:
     if summary:
         lines += ["", "Targets: " + "; ".join(f"{k}: {met} met, {missed} missed" for k, (met, missed) in
                                               summary.items())]
+    tuned = [r for r in doc["results"] if len(r.get("variants") or {}) > 1]
+    if tuned:
+        lines += ["", "Kernel variants (graph mode, us; the planned launch first, * the fastest):", "",
+                  "| shape | block | sparsity | rows | variants |", "|---|---|---|---|---|"]
+        for r in tuned:
+            best = min((v for v in r["variants"].values() if v), default=None)
+            lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['block']} | {r['sparsity']:.0%} | {r['rows']} | "
+                         + ", ".join(f"{name.removeprefix('pk_')} {v * 1e6:.1f}{'*' if v == best else ''}"
+                                     for name, v in r["variants"].items() if v) + " |")
     errors = {(p, e) for r in doc["results"] for p, e in r["errors"].items()}
     if errors:
         lines += ["", "Errors:"] + [f"- {p}: {e}" for p, e in sorted(errors)]
@@ -329,6 +363,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", type=int, nargs="+", help="only these row counts (default: the grid's)")
     parser.add_argument("--out", type=Path, help="results prefix (default benchmarks/results/kernels_<device>)")
     parser.add_argument("--note", default="", help="a line for the results (what else the machine was doing)")
+    parser.add_argument("--variants", action="store_true", help="on a GPU also time every launch of the planned kernel "
+                        "(splits, tc tiles) in graph mode, to tune launch.THREAD_BLOCKS and TC_SMALL_ROWS")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 on a shared CPU, where a "
                         "second thread waits on whatever else holds the other core")
     args = parser.parse_args(argv)
@@ -338,7 +374,7 @@ def main(argv=None) -> None:
         raise SystemExit("--device cuda but torch sees no GPU")
     info = machine(args.device)
     start = time.perf_counter()
-    results = run(args.device, args.backend, args.quick, args.rows)
+    results = run(args.device, args.backend, args.quick, args.rows, args.variants)
     info["load_after"] = load_average()
     ours = next((p for r in results for m in r["seconds"].values() for p in m if p in ("cuda_ext", "cupy", "cpu")),
                 None)

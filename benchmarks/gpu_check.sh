@@ -30,7 +30,7 @@ stamp "the kernels against dense first (a wrong kernel would spoil the timings)"
 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "cuda_ext and forward" 2>&1 | tee "$OUT/smoke.log" | tail -3
 
 stamp "kernel grid"
-$PY benchmarks/block_kernels.py --device cuda ${QUICK:+--quick} --out "$OUT/kernels_cuda" 2>&1 | tee "$OUT/kernels.log" | tail -5
+$PY benchmarks/block_kernels.py --device cuda --variants ${QUICK:+--quick} --out "$OUT/kernels_cuda" 2>&1 | tee "$OUT/kernels.log" | tail -5
 
 stamp "whole model"
 $PY benchmarks/gpu_model.py --out "$OUT/kernels_cuda_model" 2>&1 | tee "$OUT/model.log" | tail -14

@@ -1,8 +1,6 @@
 """Block-sparse kernels against the dense reference (masked dense matmul, autograd of it), every backend that runs
 here: the CUDA kernels on the CPU emulator (tests/cuda_emu), PyTorch's BSR, and on a GPU the compiled extension
 and CuPy. Shapes include ragged edges, empty block rows, fully dense block rows and partly kept blocks."""
-import re
-
 import pytest
 import torch
 
@@ -184,32 +182,28 @@ def test_layout_refuses_a_weight_on_another_device():
 
 
 @pytest.mark.parametrize("kernel,rows,dtype", [("skinny", 1, torch.float32), ("skinny", 1, torch.bfloat16),
-                                               ("bt", 37, torch.float16), ("bt", 37, torch.bfloat16)])
+                                               ("bt", 37, torch.float16), ("bt", 37, torch.bfloat16),
+                                               ("tc", 300, torch.bfloat16)])
 @pytest.mark.parametrize("b", [32, 64])
-def test_kernels_give_the_same_product_however_a_block_row_is_split(runner, kernel, rows, dtype, b):
-    """The one-row and bt kernels whole and split over each block row's output features in every way they can be
-    (launch.split picks by layer width, so each is launched here by name), on a ragged layer with empty and full block
-    rows; the full one has 520 blocks, more than 32 for each of 16 warps (the lanes fetch column indices 32 at a
-    time)."""
+def test_every_variant_of_a_launch_gives_the_same_product(runner, kernel, rows, dtype, b):
+    """launch.variants: the one-row and bt kernels whole and split over each block row's output features in every
+    way they can be, tc with either tile (the planner picks one by layer width or rows; benchmarks time them all), on
+    a ragged layer with empty and full block rows. For skinny and bt the full one has 520 blocks, more than 32 for each
+    of 16 warps (the lanes fetch column indices 32 at a time)."""
     backend, device = runner
-    if not hasattr(backend, "launcher"):
+    if not hasattr(backend, "launch_forward"):
         pytest.skip(f"{backend.name} does not run prunekit's kernels")
     skip_unless_supported(backend, device, dtype, b)
-    out_f, in_f = 3 * b - 7, 520 * b + 24
+    out_f, in_f = 3 * b - 7, (5 if kernel == "tc" else 520) * b + 24
     weight, keep, layout, values = problem(out_f, in_f, b, dtype, device)
     x = strided(rows, in_f, dtype, device, seed=1)
     bias = torch.randn(out_f).to(dtype).to(device)
     ref = x.double() @ (weight.double() * keep).t().to(device) + bias.double()
-    whole = plan.forward(rows, layout.grid[0], b, dtype, (9, 0))
-    assert whole.name.startswith(f"pk_{kernel}_")
-    for ways in (1,) + plan.SPLITS[kernel][b]:
-        name = re.sub(r"_s\d$", "", whole.name) + (f"_s{ways}" if ways > 1 else "")
-        out = torch.full((rows, out_f), float("nan"), dtype=dtype, device=device)
-        backend._run(plan.Launch(name, (layout.grid[0] * ways, whole.grid[1], 1), whole.block, whole.tile, ways),
-                     device, x=x.data_ptr(), values=values.data_ptr(), row_ptr=layout.row_ptr.data_ptr(),
-                     col_idx=layout.col_idx.data_ptr(), bias=bias.data_ptr(), out=out.data_ptr(), M=rows, N=out_f,
-                     K=in_f, ldx=x.stride(0), ldo=out.stride(0))
-        close(out, ref, dtype)
+    launches = plan.variants(rows, layout.grid[0], b, dtype, (9, 0))
+    assert all(v.name.startswith(f"pk_{kernel}_") for v in launches) and len(launches) == len({v.name for v in launches})
+    assert len(launches) == 1 + len(plan.SPLITS.get(kernel, {}).get(b, ())) if kernel != "tc" else len(launches) == 2
+    for launch in launches:
+        close(backend.launch_forward(launch, x, values, layout, bias), ref, dtype)
 
 
 def test_launch_plan_matches_the_kernel_table():

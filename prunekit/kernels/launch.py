@@ -5,6 +5,7 @@ kernel names, thread counts and grids here must match PK_KERNELS in bsr_kernels.
 """
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -91,6 +92,25 @@ def forward(rows: int, block_rows: int, block: int, dtype: torch.dtype, capabili
         tile = tc_tile(rows)
         return Launch(f"pk_tc_{dt}_b{block}_m{tile}_{kind}", (block_rows, -(-rows // tile), 1), (128, 1, 1), tile)
     return Launch(f"pk_simt_{dt}_b{block}_{kind}", (block_rows, -(-rows // SIMT_ROWS), 1), (256, 1, 1), SIMT_ROWS)
+
+
+def variants(rows: int, block_rows: int, block: int, dtype: torch.dtype, capability: tuple[int, int]) -> list[Launch]:
+    """Every launch that computes the forward `forward` plans, the planned one first: its kernel whole and split in
+    each way it can be (skinny at one row, bt), or tc with either tile. For tests and for benchmarks that tune
+    THREAD_BLOCKS and TC_SMALL_ROWS."""
+    planned = forward(rows, block_rows, block, dtype, capability)
+    base = re.sub(r"_s\d$", "", planned.name)
+    family = base.split("_")[1]
+    out = [planned]
+    if family in SPLITS and (family == "bt" or planned.tile == 1):
+        for ways in (1,) + SPLITS[family].get(block, ()):
+            out.append(Launch(base + (f"_s{ways}" if ways > 1 else ""), (block_rows * ways,) + planned.grid[1:],
+                              planned.block, planned.tile, ways))
+    elif family == "tc":
+        for tile in (128, 256):
+            out.append(Launch(re.sub(r"_m\d+_", f"_m{tile}_", base), (block_rows, -(-rows // tile), 1), planned.block,
+                              tile))
+    return [planned] + [v for v in out[1:] if v.name != planned.name]
 
 
 def grad_values(nnzb: int, block: int, dtype: torch.dtype, capability: tuple[int, int]) -> Launch:

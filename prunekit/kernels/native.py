@@ -77,13 +77,18 @@ class Native:
             kernel, tile, threads, split = self.operator_plan(rows, layout, x.dtype, x.device)
             return torch.ops.prunekit.bsr_linear(x, values, layout.row_ptr, layout.col_idx, bias, layout.out_features,
                                                  kernel, tile, threads, split)
-        out = x.new_empty(rows, layout.out_features)
-        if rows:
-            launch = plan.forward(rows, layout.grid[0], layout.block, x.dtype, self.capability(x.device))
-            self._run(launch, x.device, x=x.data_ptr(), values=values.data_ptr(), row_ptr=layout.row_ptr.data_ptr(),
-                      col_idx=layout.col_idx.data_ptr(), bias=0 if bias is None else bias.data_ptr(),
-                      out=out.data_ptr(), M=rows, N=layout.out_features, K=layout.in_features, ldx=x.stride(0),
-                      ldo=out.stride(0))
+        if not rows:
+            return x.new_empty(0, layout.out_features)
+        launch = plan.forward(rows, layout.grid[0], layout.block, x.dtype, self.capability(x.device))
+        return self.launch_forward(launch, x, values, layout, bias)
+
+    def launch_forward(self, launch: plan.Launch, x: torch.Tensor, values: torch.Tensor, layout: BlockLayout,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+        """y = x W^T + b by the given launch (the planner's, or any of plan.variants) through the launcher."""
+        out = x.new_empty(x.shape[0], layout.out_features)
+        self._run(launch, x.device, x=x.data_ptr(), values=values.data_ptr(), row_ptr=layout.row_ptr.data_ptr(),
+                  col_idx=layout.col_idx.data_ptr(), bias=0 if bias is None else bias.data_ptr(), out=out.data_ptr(),
+                  M=x.shape[0], N=layout.out_features, K=layout.in_features, ldx=x.stride(0), ldo=out.stride(0))
         return out
 
     def grad_input(self, dy: torch.Tensor, values: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
