@@ -58,25 +58,24 @@ __device__ __forceinline__ void pk_ldmatrix_x4(unsigned (&r)[4], const void* row
 
 template <typename T>
 __device__ __forceinline__ void pk_mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
-template <>
-__device__ __forceinline__ void pk_mma_16816<__half>(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-               "{%0, %1, %2, %3};\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#define PK_MMA_ASM(type)                                                                                          \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." type "." type                                             \
+               ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                          \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                                  \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+#else
+#define PK_MMA_ASM(type)
 #endif
-}
-template <>
-__device__ __forceinline__ void pk_mma_16816<__nv_bfloat16>(float (&d)[4], const unsigned (&a)[4], unsigned b0,
-                                                             unsigned b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-               "{%0, %1, %2, %3};\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
+#define PK_MMA_16816(T, type)                                                                                     \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void pk_mma_16816<T>(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) { \
+    PK_MMA_ASM(type);                                                                                             \
+  }
+PK_MMA_16816(__half, "f16")
+PK_MMA_16816(__nv_bfloat16, "bf16")
+#undef PK_MMA_16816
+#undef PK_MMA_ASM
 #else
 #define PK_BOUNDS(threads)
 #define PK_DYNAMIC_SMEM(name) unsigned char* name = emu::dynamic_smem()
