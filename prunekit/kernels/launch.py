@@ -19,10 +19,8 @@ BT_ROWS, BT_TILE = 64, 16  # up to 64 rows (fp16/bf16): tensor cores on the tran
 # multiprocessor on an H100/H200, 132 SMs; a 4096-wide layer has only 128 block rows of 32, 64 of 64).
 SPLITS = {"skinny": {32: (2, 4), 64: (2, 4)}, "bt": {32: (2,), 64: (2, 4)}}
 THREAD_BLOCKS = 512
-SIMT_ROWS = 64  # rows per thread block of the CUDA-core kernel
-
-
 TC_SMALL_ROWS = 1024  # up to this many rows, tc tiles of 128 rows (more thread blocks in flight), else 256
+SIMT_ROWS = 64  # rows per thread block of the CUDA-core kernel
 
 
 def tc_tile(rows: int) -> int:
@@ -30,6 +28,7 @@ def tc_tile(rows: int) -> int:
     across the whole block width: 256 (64 x 64 warp tiles on 64-wide blocks) once there are enough rows to fill the
     GPU with such tiles, 128 below."""
     return 128 if rows <= TC_SMALL_ROWS else 256
+
 
 # PkParams, field by field: nine pointers, then six 64-bit integers (bsr_kernels.cuh, PK_PARAM_DECL).
 PARAMS = ("x", "values", "row_ptr", "col_idx", "perm", "row_idx", "bias", "out", "grad", "M", "N", "K", "ldx", "ldo",
