@@ -21,9 +21,9 @@
 //   out^T = W x^T, so that a block's output features fill the mma's 16-row side and 16 rows of x the other
 //   (the "swap AB" of small-batch GEMM); 16 warps split a block row's blocks and meet in a tree reduction.
 // - tc (fp16/bf16 on sm_80+, more rows, compute-bound: prefill, training): a TM x B tile per thread block on
-//   tensor cores (mma.sync m16n8k16 fed by ldmatrix, fp32 accumulation), each warp 64 rows of it, the operands of
-//   the next steps (half a 64-wide block each) streamed into a four-stage shared-memory ring by cp.async while the
-//   current one is multiplied.
+//   tensor cores (mma.sync m16n8k16 fed by ldmatrix, fp32 accumulation), each warp a quarter of its rows across the
+//   whole block, the operands of the next steps (up to 32 columns of a block each) streamed into a four-stage
+//   shared-memory ring by cp.async while the current one is multiplied.
 // - simt (fp32, or any dtype where tensor cores are not available): a 64 x B tile on CUDA cores, 4 x B/16 outputs
 //   per thread.
 // Gradient of the blocks: dV[i] = dY[:, rows of i]^T X[:, cols of i], one thread block per stored block looping
