@@ -469,7 +469,8 @@ __device__ __forceinline__ void tc(const PkParams& p) {
         // the order of the mma's a registers; B's are two 8-column tiles' (k +0, k +8).
         unsigned a[S::FM][4], b[S::FN][2];
 #pragma unroll
-        for (int f = 0; f < S::FM; ++f) pk_ldmatrix_x4<false>(a[f], as + (f * 16 + lane % 16) * S::LDA + kk + (lane / 16) * 8);
+        for (int f = 0; f < S::FM; ++f)
+          pk_ldmatrix_x4<false>(a[f], as + (f * 16 + lane % 16) * S::LDA + kk + (lane / 16) * 8);
 #pragma unroll
         for (int h = 0; h < S::FN / 2; ++h) {
           const int n0 = h * 16;

@@ -6,8 +6,9 @@
 // operand type as tensor cores do) and lane 0 of each warp does the warp's work; the documented preconditions
 // of load/store_matrix_sync (32-byte aligned pointer, ldm a multiple of 16 bytes) and of 16-byte vector loads
 // are checked on every call. ldmatrix and mma.sync, by contrast, are emulated lane by lane: each lane holds only
-// the registers PTX gives it, so a fragment layout the kernel gets wrong gives a wrong product here too. What this cannot show: speed, and anything a real warp does differently from
-// the CUDA programming model (which the kernels must not rely on anyway).
+// the registers PTX gives it, so a fragment layout the kernel gets wrong gives a wrong product here too. What this
+// cannot show: speed, and anything a real warp does differently from the CUDA programming model (which the kernels
+// must not rely on anyway).
 #pragma once
 
 #include <algorithm>
