@@ -1,4 +1,5 @@
 """Tiny random-initialised models of every supported family, built from configs (no hub, no downloads)."""
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,15 +69,24 @@ def llama():
     return tiny("llama")
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to `n` inside, and put back after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module of many tiny steps: a second intra-op thread only adds contention (on a busy
     2-core machine tiny forward/backward passes ran ~100x slower with two). Modules opt in with
     `pytestmark = pytest.mark.usefixtures("one_thread")`."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def tiny_lm_dir(path):

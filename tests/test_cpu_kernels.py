@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+from conftest import torch_threads
 from prunekit.bits import pack_rows
 from prunekit.errors import MaskMismatchError
 from prunekit.kernels import bitmask, cpu, cpu_build
@@ -135,14 +136,10 @@ def test_two_threads_split_the_rows_and_agree_with_one(isa):
     x = torch.randn(5, 1000)
     layout = BlockLayout.from_mask(block_mask(600, 1000, 32, 0.5, 3), 32)
     blocks = layout.gather(weight)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one = cpu.bitmask_linear(x, values, bits, offsets, None, (600, 1000)), cpu.block_linear(x, blocks, layout, None)
-        torch.set_num_threads(2)
+    with torch_threads(2):
         two = cpu.bitmask_linear(x, values, bits, offsets, None, (600, 1000)), cpu.block_linear(x, blocks, layout, None)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])  # rows are split, not the sums within one
 
 

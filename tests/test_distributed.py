@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import prunekit
-from conftest import tiny
+from conftest import tiny, torch_threads
 from prunekit.distributed import shard
 from prunekit.errors import PrunekitError
 
@@ -43,13 +43,9 @@ def ranks(tmp_path_factory):
 def test_shards_give_the_masks_of_one_process_on_all_the_data(ranks, importance, allocator, budget, order):
     key = f"{importance}-{allocator}-{budget}-{order}"
     model = tiny("llama")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks run: float32 products round differently on other thread counts
-    try:
+    with torch_threads(1):  # as the ranks run: float32 products round differently on other thread counts
         report = prunekit.prune(model, budget, importance=importance, allocator=allocator, order=order,
                                 calibration=worker.all_calibration(), progress=False)
-    finally:
-        torch.set_num_threads(threads)
     expected = prunekit.masks(model)
     for got in ranks:
         assert got["prune"][key]["exact"]

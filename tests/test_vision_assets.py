@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import torch_threads
 from prunekit import data
 from prunekit.errors import PrunekitError
 from prunekit.vision import EfficientNetLite0, SamePad2d, efficientnet_lite0_from_state_dict
@@ -36,10 +37,8 @@ MNIST_CORRECT = 4993
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 # --- the independent reference: TensorFlow's EfficientNet-Lite0 written as functional calls on the raw checkpoint,
