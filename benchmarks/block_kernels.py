@@ -145,12 +145,11 @@ def time_variants(native, x: torch.Tensor, values: torch.Tensor, layout, ref: to
     capability = torch.cuda.get_device_capability(x.device)
     launches = plan.variants(x.shape[0], layout.grid[0], layout.block, x.dtype, capability)
     paths = {v.name: (lambda v=v: native.launch_forward(v, x, values, layout, None)) for v in launches}
-    for name, fn in paths.items():
-        with torch.no_grad():
-            check(fn(), ref, name)
-    with torch.no_grad(), dispatch.mode("graph"):
-        seconds, _ = dispatch.timings(paths, x.device, min_seconds=0.05, max_rounds=200, mode="graph")
-    return {name: seconds.get(name) for name in paths}
+    row = {"seconds": {}, "errors": {}}
+    measure(paths, ref, row, x.device, modes=("graph",))
+    if row["errors"]:
+        raise AssertionError("; ".join(f"{name}: {e}" for name, e in row["errors"].items()))
+    return {name: row["seconds"]["graph"].get(name) for name in paths}
 
 
 def new_row(out_f: int, in_f: int, block, sparsity: float, rows: int, dtype: torch.dtype) -> dict:
@@ -158,11 +157,11 @@ def new_row(out_f: int, in_f: int, block, sparsity: float, rows: int, dtype: tor
             "dtype": str(dtype).replace("torch.", ""), "seconds": {}, "errors": {}, "auto": {}, "auto_measured": {}}
 
 
-def measure(paths: dict, ref: torch.Tensor, row: dict, device: torch.device, module=None) -> None:
-    """Checks every path against the dense product, then times those that pass in each mode into
-    row["seconds"][mode] (dispatch.timings: in turns; at least 0.3 s each on the CPU, 0.05 s on a GPU, whose
-    samples are bursts or graphs of 10 calls). `module`, the layer with its dispatch, is timed beside them but is
-    not a candidate for "fastest"."""
+def measure(paths: dict, ref: torch.Tensor, row: dict, device: torch.device, module=None, modes=None) -> None:
+    """Checks every path against the dense product, then times those that pass in each mode (the device's, or
+    `modes`) into row["seconds"][mode] (dispatch.timings: in turns; at least 0.3 s each on the CPU, 0.05 s on a GPU,
+    whose samples are bursts or graphs of 10 calls). `module`, the layer with its dispatch, is timed beside them but
+    is not a candidate for "fastest"."""
     ok = {}
     for name, fn in paths.items():
         try:
@@ -172,7 +171,7 @@ def measure(paths: dict, ref: torch.Tensor, row: dict, device: torch.device, mod
         except Exception as e:  # noqa: BLE001 - a peer that cannot run this point is reported
             row["errors"][name] = f"{type(e).__name__}: {str(e)[:200]}"
     least = 0.05 if device.type == "cuda" else 0.3
-    for mode in MODES[device.type]:
+    for mode in modes or MODES[device.type]:
         timed = dict(ok)
         if module is not None:
             with torch.no_grad(), dispatch.mode(mode):
