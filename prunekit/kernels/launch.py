@@ -5,7 +5,6 @@ kernel names, thread counts and grids here must match PK_KERNELS in bsr_kernels.
 """
 from __future__ import annotations
 
-import re
 import struct
 from dataclasses import dataclass
 
@@ -70,26 +69,35 @@ def split(kernel: str, block: int, thread_blocks: int) -> int:
     return next((s for s in splits if thread_blocks * s >= THREAD_BLOCKS), splits[-1])
 
 
+def _skinny(dt: str, block: int, block_rows: int, rows: int, ways: int) -> Launch:
+    tile = next(t for t in SKINNY_TILES if rows <= t)
+    threads = 512 if tile == 1 else 256  # 16 warps a block row at one row (bsr_kernels.cuh, Skinny)
+    return Launch(f"pk_skinny_{dt}_b{block}_m{tile}" + (f"_s{ways}" if ways > 1 else ""),
+                  (block_rows * ways, -(-rows // tile), 1), (threads, 1, 1), tile, ways)
+
+
+def _bt(dt: str, block: int, block_rows: int, rows: int, ways: int) -> Launch:
+    return Launch(f"pk_bt_{dt}_b{block}" + (f"_s{ways}" if ways > 1 else ""),
+                  (block_rows * ways, -(-rows // BT_TILE), 1), (512, 1, 1), BT_TILE, ways)
+
+
+def _tc(dt: str, block: int, block_rows: int, rows: int, tile: int, kind: str) -> Launch:
+    return Launch(f"pk_tc_{dt}_b{block}_m{tile}_{kind}", (block_rows, -(-rows // tile), 1), (128, 1, 1), tile)
+
+
 def forward(rows: int, block_rows: int, block: int, dtype: torch.dtype, capability: tuple[int, int],
             transposed: bool = False) -> Launch:
     """y = x W^T (or, transposed, dX = dY W) for `rows` rows over `block_rows` block rows of the product."""
     dt = DTYPE_NAMES[dtype]
     tensor = tensor_cores(dtype, capability)
     if not transposed and (rows == 1 or (rows <= SKINNY_ROWS and not tensor)):
-        tile = next(t for t in SKINNY_TILES if rows <= t)
-        ways = split("skinny", block, block_rows) if tile == 1 else 1  # (fp32's 4- and 16-row tiles have no splits)
-        name = f"pk_skinny_{dt}_b{block}_m{tile}" + (f"_s{ways}" if ways > 1 else "")
-        threads = 512 if tile == 1 else 256  # 16 warps a block row at one row (bsr_kernels.cuh, Skinny)
-        return Launch(name, (block_rows * ways, -(-rows // tile), 1), (threads, 1, 1), tile, ways)
+        ways = split("skinny", block, block_rows) if rows == 1 else 1  # (fp32's 4- and 16-row tiles have no splits)
+        return _skinny(dt, block, block_rows, rows, ways)
     if not transposed and tensor and rows <= BT_ROWS:
-        tiles = -(-rows // BT_TILE)
-        ways = split("bt", block, block_rows * tiles)
-        name = f"pk_bt_{dt}_b{block}" + (f"_s{ways}" if ways > 1 else "")
-        return Launch(name, (block_rows * ways, tiles, 1), (512, 1, 1), BT_TILE, ways)
+        return _bt(dt, block, block_rows, rows, split("bt", block, block_rows * -(-rows // BT_TILE)))
     kind = "t" if transposed else "n"
     if mma_sync(dtype, capability):
-        tile = tc_tile(rows)
-        return Launch(f"pk_tc_{dt}_b{block}_m{tile}_{kind}", (block_rows, -(-rows // tile), 1), (128, 1, 1), tile)
+        return _tc(dt, block, block_rows, rows, tc_tile(rows), kind)
     return Launch(f"pk_simt_{dt}_b{block}_{kind}", (block_rows, -(-rows // SIMT_ROWS), 1), (256, 1, 1), SIMT_ROWS)
 
 
@@ -98,18 +106,16 @@ def variants(rows: int, block_rows: int, block: int, dtype: torch.dtype, capabil
     each way it can be (skinny at one row, bt), or tc with either tile. For tests and for benchmarks that tune
     THREAD_BLOCKS and TC_SMALL_ROWS."""
     planned = forward(rows, block_rows, block, dtype, capability)
-    base = re.sub(r"_s\d$", "", planned.name)
-    family = base.split("_")[1]
-    out = [planned]
-    if family in SPLITS and (family == "bt" or planned.tile == 1):
-        for ways in (1,) + SPLITS[family].get(block, ()):
-            out.append(Launch(base + (f"_s{ways}" if ways > 1 else ""), (block_rows * ways,) + planned.grid[1:],
-                              planned.block, planned.tile, ways))
+    dt, family = DTYPE_NAMES[dtype], planned.name.split("_")[1]
+    if family == "skinny" and rows == 1:
+        others = [_skinny(dt, block, block_rows, rows, ways) for ways in (1,) + SPLITS["skinny"].get(block, ())]
+    elif family == "bt":
+        others = [_bt(dt, block, block_rows, rows, ways) for ways in (1,) + SPLITS["bt"].get(block, ())]
     elif family == "tc":
-        for tile in (128, 256):
-            out.append(Launch(re.sub(r"_m\d+_", f"_m{tile}_", base), (block_rows, -(-rows // tile), 1), planned.block,
-                              tile))
-    return [planned] + [v for v in out[1:] if v.name != planned.name]
+        others = [_tc(dt, block, block_rows, rows, tile, "n") for tile in (128, 256)]
+    else:
+        others = []
+    return [planned] + [v for v in others if v.name != planned.name]
 
 
 def grad_values(nnzb: int, block: int, dtype: torch.dtype, capability: tuple[int, int]) -> Launch:
