@@ -181,6 +181,16 @@ __device__ __forceinline__ void outer(float (&acc)[R][C], const float (&a)[R], c
     for (int c = 0; c < C; ++c) acc[r][c] += a[r] * b[c];
 }
 
+// A warp's blocks of a row are base, base + stride, ... up to end: lane l fetches the column index of the l-th of
+// the next 32 into `column` (the loop hands it out by __shfl_sync), so that no load of x waits on an index load of
+// its own. Returns how many of the 32 there are, the same in every lane.
+__device__ __forceinline__ int column_window(const int* col_idx, int base, int stride, int end, int lane,
+                                             int& column) {
+  const int mine = base + lane * stride, left = (end - base + stride - 1) / stride;
+  column = mine < end ? col_idx[mine] : 0;
+  return left < 32 ? left : 32;
+}
+
 template <typename T>
 __device__ __forceinline__ void write_out(const PkParams& p, long long m, long long n, float value) {
   if (m >= p.M || n >= p.N) return;
@@ -230,12 +240,10 @@ __device__ __forceinline__ void skinny(const PkParams& p) {
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[q][m] = 0.f;
 
-  // The warp's blocks are begin + group, + GROUPS, ...; lane l fetches the column index of the l-th of each 32.
   const int end = p.row_ptr[j + 1];
   for (int base = p.row_ptr[j] + group; base < end; base += 32 * S::GROUPS) {
-    const int mine = base + lane * S::GROUPS;
-    const int column = mine < end ? p.col_idx[mine] : 0;
-    const int left = (end - base + S::GROUPS - 1) / S::GROUPS, count = left < 32 ? left : 32;  // the same in every lane
+    int column;
+    const int count = column_window(p.col_idx, base, S::GROUPS, end, lane, column);
 #pragma unroll(S::UNROLL)
     for (int u = 0; u < count; ++u) {
       const long long i = base + u * S::GROUPS;
@@ -318,9 +326,8 @@ __device__ __forceinline__ void bt(const PkParams& p) {
 
     const int end = p.row_ptr[j + 1];
     for (int base = p.row_ptr[j] + warp; base < end; base += 32 * S::WARPS) {
-      const int mine = base + lane * S::WARPS;
-      const int column = mine < end ? p.col_idx[mine] : 0;
-      const int left = (end - base + S::WARPS - 1) / S::WARPS, count = left < 32 ? left : 32;  // the same in every lane
+      int column;
+      const int count = column_window(p.col_idx, base, S::WARPS, end, lane, column);
       for (int u = 0; u < count; ++u) {
         const T* blk = values + (long long)(base + u * S::WARPS) * B * B + (long long)n0 * B;
         const long long c0 = (long long)__shfl_sync(0xffffffffu, column, u) * B;
