@@ -2,6 +2,7 @@
 nothing here is timed), and the errors raised before any layer is swapped."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import prunekit
@@ -77,6 +78,26 @@ def test_converted_model_fine_tunes_and_pruned_weights_stay_zero(pruned):
     revert(pruned)
     for name, keep in prunekit.masks(pruned).items():
         assert bool((pruned.get_submodule(name).weight[~keep] == 0).all()), name
+
+
+def test_report_states_the_bytes_each_layer_holds(pruned):
+    masks = {name: keep.clone() for name, keep in prunekit.masks(pruned).items()}
+    report = convert(pruned, backend="torch")
+    for c in report:  # float32 16 x 16 blocks (every one wholly kept) and six int32 index lists
+        out_features, in_features = c.shape
+        nnzb = int(masks[c.name].view(out_features // 16, 16, in_features // 16, 16).any(3).any(1).sum())
+        indices = 4 * (4 * nnzb + out_features // 16 + in_features // 16 + 2)
+        assert (c.dense_bytes, c.stored_bytes) == (4 * out_features * in_features, nnzb * 16 * 16 * 4 + indices)
+
+
+def test_a_wrapper_tensor_counts_the_tensors_inside_it():
+    from torch.testing._internal.two_tensor import TwoTensor  # a tensor subclass built like 2:4's compressed weight
+
+    from prunekit.kernels.convert import stored_bytes
+
+    layer = nn.Linear(8, 4, bias=False)
+    layer.weight = nn.Parameter(TwoTensor(torch.zeros(4, 8), torch.zeros(4, 8)))
+    assert stored_bytes(layer) == 2 * 4 * 8 * 4  # both inner tensors, not one of the dense shape
 
 
 def test_auto_swaps_only_where_sparse_beats_dense_and_falls_back_per_batch(pruned, monkeypatch):
@@ -188,6 +209,50 @@ def test_semi_structured_matches_the_masked_dense_product_on_a_gpu():
     layer = SemiStructuredLinear(weight, None, backend="semi_structured")
     x = torch.randn(64, 128, generator=g).half().cuda()
     torch.testing.assert_close(layer(x).float(), (x.float() @ weight.float().t()), rtol=2e-3, atol=2e-2)
+
+
+def _timed(table):
+    """dispatch.timings with given seconds per candidate and row count, for the choice logic on a GPU."""
+    def timings(candidates, device, mode="eager", **_):
+        rows = candidates["dense"]().shape[0]
+        return {name: table[name](rows) for name in candidates}, {}
+    return timings
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_block_layer_that_runs_dense_keeps_no_dense_copy_on_a_gpu():
+    linear = nn.Linear(256, 512, device="cuda", dtype=torch.float16)
+    keep = torch.rand(512 // 32, 1, 256 // 32, 1, device="cuda") < 0.3
+    layer = BlockSparseLinear.from_dense(linear, keep.expand(-1, 32, -1, 32).reshape(512, 256), 32, "dense")
+    x = torch.randn(64, 256, device="cuda", dtype=torch.float16)
+    expected = F.linear(x, layer.layout.scatter(layer.values.detach()), layer.bias)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == held  # the dense weight it ran on went back to the allocator
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_2_4_layer_keeps_its_dense_copy_only_where_dense_runs_and_counts_it(monkeypatch):
+    from prunekit.kernels.convert import stored_bytes
+
+    keep = torch.zeros(256, 64, 4, dtype=torch.bool)
+    keep[..., 1:3] = True
+    weight = (torch.randn(256, 256) * keep.view(256, 256)).half().cuda()
+    monkeypatch.setattr(dispatch, "timings", _timed({"dense": lambda rows: 1.0,
+                                                      "semi_structured": lambda rows: 0.5 if rows > 8 else 2.0}))
+    layer = SemiStructuredLinear(weight, None)
+    compressed = stored_bytes(layer)
+    assert compressed < 0.6 * weight.numel() * 2  # half the values and their 2-bit positions, not the dense shape
+    x = torch.randn(16, 256, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        assert layer.choose(x) == "semi_structured" and layer.dense_copy is None  # built to time dense, then dropped
+        assert layer.choose(x[:1]) == "dense" and stored_bytes(layer) == compressed + weight.numel() * 2
+        assert layer.choose(x) == "semi_structured" and layer.dense_copy is not None  # one row will run dense again
+        torch.testing.assert_close(layer(x[:1]).float(), x[:1].float() @ weight.float().t(), rtol=2e-3, atol=2e-2)
+    assert "dense_copy" not in layer.state_dict()
 
 
 def test_gpt2_conv1d_layers_convert_and_revert():

@@ -22,9 +22,18 @@ LAYOUTS = ("auto", "bitmask", "block")
 SPARSE_MODULES = (BitmaskLinear, BlockSparseLinear, SemiStructuredLinear)
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds: for a wrapper subclass (2:4 semi-structured), those of the tensors inside it, not its
+    dense shape's."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
 def stored_bytes(module: nn.Module) -> int:
-    """Bytes a layer holds in memory: every parameter and buffer (a mask included)."""
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    """Bytes a layer holds in memory: every parameter and buffer (a mask, or a dense copy kept for speed, included)."""
+    return sum(tensor_bytes(t) for t in [*module.parameters(), *module.buffers()])
 
 
 @dataclass

@@ -71,7 +71,6 @@ class BlockSparseLinear(nn.Module):
             self.register_buffer(name, index)
         self.backend = backend
         self.source = source  # the class to revert to: "Linear" or "Conv1D"
-        self._dense_cache: tuple | None = None
 
     @property
     def backend(self) -> str:
@@ -134,18 +133,14 @@ class BlockSparseLinear(nn.Module):
         super().__setattr__(name, value)
 
     def dense_weight(self) -> torch.Tensor:
-        """The dense [out, in] weight; differentiable while training. On a GPU it is cached until `values` change;
-        on the CPU it is rebuilt per call in a workspace all layers share (valid until the next call), so that the
-        layer stays as small as its blocks."""
+        """The dense [out, in] weight, differentiable while training; otherwise rebuilt for each call and never kept,
+        so that the layer stays as small as its blocks wherever dense runs (the dispatch times dense with the rebuild
+        in it). On the CPU it is built into a workspace all layers share (valid until the next call); on a GPU into
+        memory the caching allocator takes back after the product."""
         if torch.is_grad_enabled() and self.values.requires_grad:
             return self.layout.scatter(self.values)
-        if self.values.device.type == "cpu":  # into the shared workspace (cpu.workspace): valid until the next layer's
-            layout = self.layout
-            return layout.scatter(self.values.detach(), out=workspace(layout.padded, self.values.dtype))
-        key = (self.values.data_ptr(), self.values._version, self.values.device, self.values.dtype)
-        if self._dense_cache is None or self._dense_cache[0] != key:
-            self._dense_cache = (key, self.layout.scatter(self.values.detach()))
-        return self._dense_cache[1]
+        out = workspace(self.layout.padded, self.values.dtype) if self.values.device.type == "cpu" else None
+        return self.layout.scatter(self.values.detach(), out=out)
 
     def choose(self, x: torch.Tensor) -> str:
         """The backend "auto" runs `x` on (measured the first time its problem is seen)."""

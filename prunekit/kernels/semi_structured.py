@@ -46,22 +46,27 @@ class SemiStructuredLinear(nn.Module):
         self.weight = nn.Parameter(to_sparse_semi_structured(weight.detach()), requires_grad=False)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.backend, self.source = backend, source
-        self._dense: torch.Tensor | None = None
+        # Decompressing costs a product of its own, so where dense wins (a few rows) the layer keeps a dense copy,
+        # as a buffer so that convert's report counts it; it is not saved with the model.
+        self.register_buffer("dense_copy", None, persistent=False)
 
     def dense_weight(self) -> torch.Tensor:
-        if self._dense is None:
-            self._dense = self.weight.to_dense()
-        return self._dense
+        if self.dense_copy is None:
+            self.dense_copy = self.weight.to_dense()
+        return self.dense_copy
 
     def choose(self, x: torch.Tensor) -> str:
+        """The path "auto" runs `x` on. The dense copy stays once any batch size has run dense."""
+        had_copy = self.dense_copy is not None
+
         def candidates(x2):
             dense = self.dense_weight()
             return {"dense": lambda: F.linear(x2, dense, self.bias),
                     "semi_structured": lambda: F.linear(x2, self.weight, self.bias)}
 
         winner = dispatch.pick(self, x, "2:4", (self.out_features, self.in_features), 4, 0.5, candidates)
-        if winner != "dense":
-            self._dense = None  # the dense copy was only for timing
+        if winner != "dense" and not had_copy:
+            self.dense_copy = None  # made only to time dense against
         return winner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
