@@ -99,9 +99,11 @@ class SparseGPT(Estimator):
             elif nm is None:  # this block's exact share of the layer's count, rounded on cumulative sums
                 share = _share(count, i1, i2, cols)
                 keep1.copy_(masking.lowest(w1.square() / d.square(), share))
-            scale = (~keep1) / d  # error of column i is w_i / d_i where pruned, 0 where kept
-            if nm is not None:  # each group's scale is set as the loop reaches it, and keep1 read off it after
-                inv_d, d2 = 1 / d, d.square()
+            # error of column i is w_i * scale_i: 1 / d_i where pruned, 0 where kept
+            if nm is None:
+                scale = (~keep1) / d
+            else:  # each group's scale is set as the loop reaches it, and keep1 read off it after
+                scale, inv_d, d2 = torch.empty_like(w1), 1 / d, d.square()
             err1 = torch.empty_like(w1)
             inner = max(step, _INNER // step * step)
             for j1 in range(0, i2 - i1, inner):
