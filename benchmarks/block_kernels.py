@@ -20,6 +20,9 @@ With --variants (gpu_check.sh passes it), every launch of the planned kernel is 
 one-row and bt kernels split 1, 2 or 4 ways, tc with 128- or 256-row tiles), in graph mode, for tuning the
 planner's thresholds.
 
+Rows are saved as they are measured (the .md says when the grid was cut short); --resume <that .json> measures the
+rest on the same kind of machine, for a grid split across time-limited GPU calls.
+
 Targets (issue 25), per point, on our kernel's graph-mode speedup over dense: at 1 row, and at 2-64 rows with 32x32
 blocks at 70% and 90%, at least 0.8 / (1 - sparsity) (the memory-bound ideal); at 512 rows and more with 64x64
 blocks, 1.5x at 70% and 3x at 90%; faster than PyTorch's BSR everywhere; and in each mode, auto's pick within 5% of
@@ -82,7 +85,15 @@ def check(out: torch.Tensor, ref: torch.Tensor, name: str) -> None:
         raise AssertionError(f"{name}: max error {err:.3g} against the dense product (scale {scale:.3g})")
 
 
-def run(device: str, backend_name: str | None, quick: bool, rows_only=None, variants: bool = False) -> list[dict]:
+def key(row: dict) -> tuple:
+    """A grid point: shape, block ("2:4" for the semi-structured rows), sparsity and rows."""
+    return tuple(row["shape"]), row["block"], row["sparsity"], row["rows"]
+
+
+def run(device: str, backend_name: str | None, quick: bool, rows_only=None, variants: bool = False,
+        done: dict | None = None, on_row=lambda row: None) -> list[dict]:
+    """The grid's rows, in order; points in `done` (key -> row, from an earlier partial run) are kept as they are,
+    not measured again. `on_row` sees the list after each new row (to save it as the grid goes)."""
     dev = torch.device(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     ours = None
@@ -99,7 +110,14 @@ def run(device: str, backend_name: str | None, quick: bool, rows_only=None, vari
         ours = "cpu"  # prunekit's CPU kernel (csrc/sparse_cpu.cpp), block layout
     shapes = SHAPES[:1] if quick else SHAPES
     rows_list = rows_only or (ROWS[device][::2] if quick else ROWS[device])
-    results = []
+    results, done = [], done or {}
+
+    def add(row: dict, measured: bool = True) -> None:
+        results.append(row)
+        if measured:
+            print(summary_line(row), flush=True)
+            on_row(results)
+
     for out_f, in_f in shapes:
         g = torch.Generator().manual_seed(out_f + in_f)
         weight = (torch.randn(out_f, in_f, generator=g) / in_f ** 0.5).to(dtype).to(dev)
@@ -113,6 +131,9 @@ def run(device: str, backend_name: str | None, quick: bool, rows_only=None, vari
                 bsr = BlockSparseLinear(layout, values.clone(), None, backend="auto")
                 for rows, x in inputs.items():
                     row = new_row(out_f, in_f, block, sparsity, rows, dtype)
+                    if key(row) in done:
+                        add(done[key(row)], measured=False)
+                        continue
                     paths = {"dense": lambda: F.linear(x, masked),
                              "torch": lambda: block_sparse_linear(x, values, layout, None, backends.get("torch"))}
                     if ours:
@@ -130,10 +151,9 @@ def run(device: str, backend_name: str | None, quick: bool, rows_only=None, vari
                             row["variants"] = time_variants(backends.get(ours), x, values, layout, F.linear(x, masked))
                         except Exception as e:  # noqa: BLE001 - reported; the grid goes on
                             row["errors"]["variants"] = f"{type(e).__name__}: {str(e)[:200]}"
-                    results.append(row)
-                    print(summary_line(row), flush=True)
+                    add(row)
         if device == "cuda" and not quick:
-            results.extend(two_four(weight, inputs))
+            two_four(weight, inputs, done, add)
     return results
 
 
@@ -183,30 +203,38 @@ def measure(paths: dict, ref: torch.Tensor, row: dict, device: torch.device, mod
         row["errors"].update({f"{name} ({mode})": e for name, e in errors.items()})
 
 
-def two_four(weight: torch.Tensor, inputs: dict) -> list[dict]:
-    """2:4 semi-structured at 50% on the same shape and inputs, against the dense product of that weight."""
+def two_four(weight: torch.Tensor, inputs: dict, done: dict, add) -> None:
+    """2:4 semi-structured at 50% on the same shape and inputs, against the dense product of that weight; each row
+    to `add` (those in `done` as they are)."""
     from prunekit.kernels import SemiStructuredLinear
 
     out_f, in_f = weight.shape
+    rows_todo = {}
+    for rows, x in inputs.items():
+        row = new_row(out_f, in_f, "2:4", 0.5, rows, weight.dtype)
+        if key(row) in done:
+            add(done[key(row)], measured=False)
+        else:
+            rows_todo[rows] = x
+    if not rows_todo:
+        return
     masked = weight * two_four_mask(out_f, in_f, seed=1).to(weight.device)
-    rows_out = []
     try:
         layer = SemiStructuredLinear(masked, None, backend="semi_structured")
         auto = SemiStructuredLinear(masked, None, backend="auto")
     except Exception as e:  # noqa: BLE001
         error = f"{type(e).__name__}: {str(e)[:200]}"
-        return [dict(new_row(out_f, in_f, "2:4", 0.5, r, weight.dtype), errors={"semi_structured": error})
-                for r in inputs]
-    for rows, x in inputs.items():
+        for r in rows_todo:
+            add(dict(new_row(out_f, in_f, "2:4", 0.5, r, weight.dtype), errors={"semi_structured": error}))
+        return
+    for rows, x in rows_todo.items():
         row = new_row(out_f, in_f, "2:4", 0.5, rows, weight.dtype)
         measure({"dense": lambda: F.linear(x, masked), "semi_structured": lambda: layer(x)}, F.linear(x, masked), row,
                 weight.device, module=lambda: auto(x))
         for mode in row["seconds"]:
             with torch.no_grad(), dispatch.mode(mode):
                 row["auto"][mode] = auto.choose(x)
-        rows_out.append(row)
-        print(summary_line(row), flush=True)
-    return rows_out
+        add(row)
 
 
 def speedups(row: dict, mode: str) -> dict:
@@ -269,7 +297,12 @@ def markdown(doc: dict) -> str:
     lines = [f"# Block-sparse kernels ({doc['device']})", "", f"Command: `{doc['command']}`  ", f"Machine: {where}  ",
              f"Load average (1/5/15 min) before: {m['load_before']}, after: {m.get('load_after')}  ",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()) + "  ",
-             f"Date: {doc['date']}", ""] + ([doc["note"], ""] if doc.get("note") else []) + [
+             f"Date: {doc['date']}", ""] + ([doc["note"], ""] if doc.get("note") else []) + (
+             [f"Measured in {doc['runs']} runs on this kind of machine, each going on from the last one's rows "
+              "(--resume).", ""]
+             if doc.get("runs", 1) > 1 else []) + (
+             [f"**Cut short: {len(doc['results'])} rows of the grid so far.**", ""] if not doc.get("complete", True)
+             else []) + [
              "Speedup = dense time / path time on the same inputs (higher is better; < 1 is slower than dense), per "
              "mode: graph = CUDA-graph replays (device time), eager = wall time of bursts of plain calls (host launch "
              "costs included). auto: the path prunekit.kernels' dispatch picks in that mode (its own measurement, "
@@ -366,25 +399,41 @@ def main(argv=None) -> None:
                         "(splits, tc tiles) in graph mode, to tune launch.THREAD_BLOCKS and TC_SMALL_ROWS")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 on a shared CPU, where a "
                         "second thread waits on whatever else holds the other core")
+    parser.add_argument("--resume", type=Path, help="the .json of an earlier run of this grid cut short (a time "
+                        "limit): its rows are kept and only the rest are measured")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no GPU")
-    info = machine(args.device)
+    here = machine(args.device)
+    earlier = json.loads(args.resume.read_text()) if args.resume else None
+    model = lambda info: info.get("gpu", info["cpu"])  # noqa: E731
+    if earlier and (earlier["device"], model(earlier["machine"])) != (args.device, model(here)):
+        raise SystemExit(f"--resume {args.resume} was measured on {model(earlier['machine'])}, not on this "
+                         f"{model(here)}: one table, one kind of machine; run the grid afresh")
     start = time.perf_counter()
-    results = run(args.device, args.backend, args.quick, args.rows, args.variants)
-    info["load_after"] = load_average()
-    ours = next((p for r in results for m in r["seconds"].values() for p in m if p in ("cuda_ext", "cupy", "cpu")),
-                None)
     doc = {"device": args.device, "command": "python " + shlex.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-           "machine": info, "versions": versions(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-               timespec="seconds"), "seconds": round(time.perf_counter() - start, 1), "ours": ours,
-           "dispatch": {"margin": dispatch.MARGIN}, "note": args.note, "results": results}
+           "machine": earlier["machine"] if earlier else here, "versions": versions(),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "seconds": 0.0,
+           "ours": None, "dispatch": {"margin": dispatch.MARGIN}, "note": args.note, "complete": False,
+           "runs": earlier.get("runs", 1) + 1 if earlier else 1, "results": []}
     out = args.out or RESULTS / f"kernels_{args.device}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    out.with_suffix(".md").write_text(markdown(doc))
+
+    def save(results: list[dict]) -> None:  # after every row, so that a run cut short keeps what it measured
+        doc["results"] = results
+        doc["seconds"] = round(time.perf_counter() - start + (earlier["seconds"] if earlier else 0.0), 1)
+        doc["ours"] = next((p for r in results for m in r["seconds"].values() for p in m
+                            if p in ("cuda_ext", "cupy", "cpu")), None)
+        out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+        out.with_suffix(".md").write_text(markdown(doc))
+
+    done = {key(r): r for r in earlier["results"]} if earlier else None
+    results = run(args.device, args.backend, args.quick, args.rows, args.variants, done, save)
+    doc["machine"]["load_after"] = load_average()
+    doc["complete"] = True
+    save(results)
     plot(doc, out.with_suffix(".png"))
     print(f"wrote {out}.json, .md, .png in {doc['seconds']:.0f} s")
 

@@ -4,9 +4,11 @@
 # (benchmarks/block_kernels.py), the whole-model figure (benchmarks/gpu_model.py), SparseGPT's N:M cost
 # (benchmarks/sparsegpt_nm.py) and the GPU tests. Logs and results go to $OUT (default gpu_out/); copy the results
 # into benchmarks/results/ to commit them. STEPS picks steps, in this order, for runs split across calls (the
-# build is cached between calls on a warm machine).
+# build is cached between calls on a warm machine). The grid saves its rows as it goes: if a call's time limit cuts
+# it short, RESUME=<that kernels_cuda.json> makes the next call (on a GPU of the same model) measure only the rest.
 #
 #   bash benchmarks/gpu_check.sh            # or: OUT=/tmp/run QUICK=1 STEPS="build smoke grid" bash ...
+#   RESUME=gpu_in/kernels_cuda.json STEPS="grid model sparsegpt tests" bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -39,7 +41,8 @@ fi
 
 if want grid; then
 stamp "kernel grid"
-$PY benchmarks/block_kernels.py --device cuda --variants ${QUICK:+--quick} --out "$OUT/kernels_cuda" 2>&1 | tee "$OUT/kernels.log" | tail -5
+$PY benchmarks/block_kernels.py --device cuda --variants ${QUICK:+--quick} ${RESUME:+--resume "$RESUME"} \
+    --out "$OUT/kernels_cuda" 2>&1 | tee "$OUT/kernels.log" | tail -5
 fi
 
 if want model; then

@@ -1,0 +1,45 @@
+"""benchmarks/block_kernels.py: a grid cut short (by a GPU lease's time limit) keeps every row it measured, and
+--resume measures only the rest, on the same machine only. Run on the CPU with the grid shrunk to two points."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("block_kernels", BENCHMARKS / "block_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "SHAPES", [(96, 128)])
+    monkeypatch.setattr(module, "BLOCKS", (32,))
+    monkeypatch.setattr(module, "SPARSITIES", (0.5, 0.9))
+    yield module
+    module.dispatch.forget()  # the grid's measurements stay out of other tests
+
+
+def test_a_grid_cut_short_goes_on_from_its_rows_on_the_same_machine(bench, tmp_path, one_thread):
+    args = ["--device", "cpu", "--rows", "1", "--out", str(tmp_path / "full")]
+    bench.main(args)
+    full = json.loads((tmp_path / "full.json").read_text())
+    assert full["complete"] and [r["sparsity"] for r in full["results"]] == [0.5, 0.9]
+
+    cut = dict(full, complete=False, results=full["results"][:1])  # what a run killed after one row leaves
+    cut["results"][0]["seconds"]["eager"]["dense"] = 123.0  # a mark: this row must be kept, not measured again
+    (tmp_path / "cut.json").write_text(json.dumps(cut))
+    assert "Cut short: 1 rows" in bench.markdown(cut)
+    bench.main(args[:-1] + [str(tmp_path / "resumed"), "--resume", str(tmp_path / "cut.json")])
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed["complete"] and resumed["runs"] == 2 and len(resumed["results"]) == 2
+    assert resumed["results"][0]["seconds"]["eager"]["dense"] == 123.0
+    assert resumed["results"][1]["seconds"]["eager"]["dense"] < 1  # measured in the second run
+    assert "Measured in 2 runs" in (tmp_path / "resumed.md").read_text()
+
+    elsewhere = dict(cut, machine=dict(cut["machine"], gpu="NVIDIA H200"))
+    (tmp_path / "elsewhere.json").write_text(json.dumps(elsewhere))
+    with pytest.raises(SystemExit, match="one table, one kind of machine"):
+        bench.main(args + ["--resume", str(tmp_path / "elsewhere.json")])
