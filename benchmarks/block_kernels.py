@@ -17,8 +17,8 @@ it is timed. "auto" is what prunekit.kernels' dispatch picks for the layer in th
 its speedup is that path's time in this run; "module" is the BlockSparseLinear itself, dispatch included.
 
 With --variants (gpu_check.sh passes it), every launch of the planned kernel is timed too (launch.variants: the
-one-row and bt kernels split 1, 2 or 4 ways, tc with 128- or 256-row tiles), in graph mode, for tuning the
-planner's thresholds.
+one-row and bt kernels split 1, 2 or 4 ways, tc with 128- or 256-row tiles, and on an sm_90a build tcw, the same
+tiles on wgmma), in graph mode, for tuning the planner's thresholds and choosing between tc and tcw.
 
 Rows are saved as they are measured (the .md says when the grid was cut short); --resume <that .json> measures the
 rest on the same kind of machine, for a grid split across time-limited GPU calls.
@@ -163,7 +163,7 @@ def time_variants(native, x: torch.Tensor, values: torch.Tensor, layout, ref: to
     from prunekit.kernels import launch as plan
 
     capability = torch.cuda.get_device_capability(x.device)
-    launches = plan.variants(x.shape[0], layout.grid[0], layout.block, x.dtype, capability)
+    launches = plan.variants(x.shape[0], layout.grid[0], layout.block, x.dtype, capability, wgmma=native.wgmma(x.device))
     paths = {v.name: (lambda v=v: native.launch_forward(v, x, values, layout, None)) for v in launches}
     row = {"seconds": {}, "errors": {}}
     measure(paths, ref, row, x.device, modes=("graph",))

@@ -13,7 +13,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-export PRUNEKIT_JIT_CUDA=1 PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+# 9.0a: Hopper's arch-specific code, with wgmma (the tcw kernel); the build is cached per arch list
+export PRUNEKIT_JIT_CUDA=1 PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 PY=${PYTHON:-python3}
 STEPS=${STEPS:-build smoke grid model sparsegpt tests}
@@ -30,13 +31,17 @@ $PY - <<'PY' 2>&1 | tee "$OUT/build.log"
 import time
 from prunekit.kernels.native import load_extension
 t = time.perf_counter(); ext = load_extension(True)
-print(f"built in {time.perf_counter() - t:.0f} s: {len(ext.kernels())} kernels")
+print(f"built in {time.perf_counter() - t:.0f} s: {len(ext.kernels())} kernels; wgmma (tcw) loaded: {ext.has_wgmma()}")
 PY
 fi
 
 if want smoke; then
 stamp "the kernels against dense first (a wrong kernel would spoil the timings)"
 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "cuda_ext and (forward or variant)" 2>&1 | tee "$OUT/smoke.log" | tail -3
+if grep -q "failed\|error" "$OUT/smoke.log"; then  # tcw, new and never run, must not take the grid down with it
+  export PRUNEKIT_WGMMA=0
+  echo "smoke failed: PRUNEKIT_WGMMA=0 from here on" | tee -a "$OUT/smoke.log"
+fi
 fi
 
 if want grid; then
@@ -57,8 +62,9 @@ fi
 
 if want tests; then
 stamp "GPU tests"
+# (test_cuda_build's nvcc build of three architectures is CI's; here it would spend a minute and a half of the lease)
 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_dispatch.py tests/test_device.py \
-    tests/test_convert.py tests/test_cuda_build.py 2>&1 | tee "$OUT/tests.log" | tail -25
+    tests/test_convert.py tests/test_cuda_build.py -k "not nvcc_builds" 2>&1 | tee "$OUT/tests.log" | tail -25
 fi
 
 stamp "done"

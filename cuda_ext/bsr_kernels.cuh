@@ -76,6 +76,79 @@ PK_MMA_16816(__half, "f16")
 PK_MMA_16816(__nv_bfloat16, "bf16")
 #undef PK_MMA_16816
 #undef PK_MMA_ASM
+
+// wgmma, Hopper's warpgroup MMA, exists only in code built for the arch-specific target sm_90a (nvcc -gencode
+// arch=compute_90a,code=sm_90a; TORCH_CUDA_ARCH_LIST=9.0a): PK_WGMMA says whether this compilation has it, and the
+// device constant pk_wgmma_built (below) tells a launcher which kind of code it loaded.
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define PK_WGMMA 1
+#else
+#define PK_WGMMA 0
+#endif
+
+// d += A B over 16 columns, by the four warps of a warpgroup: A 64 x 16 and B N x 16 (the block's rows), both K-major
+// in shared memory without swizzling, i.e. in 8-row x 16-byte core matrices of 128 contiguous bytes, the next one
+// along K 128 bytes on and the next 8 rows `sbo` bytes on. Thread 32 w + l holds D (16 w + l / 4 + 8 ((i / 2) % 2),
+// 8 (i / 4) + 2 (l % 4) + i % 2) in d[i] (PTX ISA: "Matrix Descriptor Format", "Register Fragments").
+__device__ __forceinline__ unsigned long long pk_smem_desc(const void* at, unsigned sbo) {
+  const unsigned long long address = static_cast<unsigned>(__cvta_generic_to_shared(at));
+  constexpr unsigned long long lbo = 128;
+  const unsigned long long stride = (sbo & 0x3FFFF) >> 4;
+  return ((address & 0x3FFFF) >> 4) | ((lbo >> 4) << 16) | (stride << 32);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void pk_wgmma(float (&d)[N / 2], const T* a, const T* b, unsigned sbo);
+#if PK_WGMMA
+#define PK_F4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define PK_F16(i) PK_F4(i), PK_F4(i + 4), PK_F4(i + 8), PK_F4(i + 12)
+#define PK_WGMMA_N32(T, type)                                                                                     \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void pk_wgmma<T, 32>(float (&d)[16], const T* a, const T* b, unsigned sbo) {         \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                                     \
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32." type "." type " "                                  \
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "                        \
+                 "%16, %17, p, 1, 1, 0, 0;\n}\n"                                                                   \
+                 : PK_F16(0)                                                                                      \
+                 : "l"(pk_smem_desc(a, sbo)), "l"(pk_smem_desc(b, sbo)), "r"(1));                                  \
+  }
+#define PK_WGMMA_N64(T, type)                                                                                     \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void pk_wgmma<T, 64>(float (&d)[32], const T* a, const T* b, unsigned sbo) {         \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                     \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." type "." type " "                                  \
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "     \
+                 "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"       \
+                 : PK_F16(0), PK_F16(16)                                                                          \
+                 : "l"(pk_smem_desc(a, sbo)), "l"(pk_smem_desc(b, sbo)), "r"(1));                                  \
+  }
+PK_WGMMA_N32(__half, "f16")
+PK_WGMMA_N32(__nv_bfloat16, "bf16")
+PK_WGMMA_N64(__half, "f16")
+PK_WGMMA_N64(__nv_bfloat16, "bf16")
+#undef PK_WGMMA_N32
+#undef PK_WGMMA_N64
+#undef PK_F16
+#undef PK_F4
+// Before the first wgmma of a step (orders the accumulators' registers), after the step's last (closes the group),
+// and to wait until all but the newest G groups are done (their accumulators final, their shared memory free).
+__device__ __forceinline__ void pk_wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void pk_wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int G>
+__device__ __forceinline__ void pk_wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(G) : "memory");
+}
+// What this thread wrote to shared memory (cp.async or plain stores), visible to the tensor cores' async reads.
+__device__ __forceinline__ void pk_fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+#else
+__device__ __forceinline__ void pk_wgmma_fence() {}
+__device__ __forceinline__ void pk_wgmma_commit() {}
+template <int G>
+__device__ __forceinline__ void pk_wgmma_wait() {}
+__device__ __forceinline__ void pk_fence_proxy_async() {}
+#endif
 #else
 #define PK_BOUNDS(threads)
 #define PK_DYNAMIC_SMEM(name) unsigned char* name = emu::dynamic_smem()
@@ -400,24 +473,30 @@ struct Tc {
   static_assert(WTM % 16 == 0 && B % 16 == 0 && KC * LDW_T <= B * LDW_N, "tc tile does not fit");
 };
 
+// 16 bytes of x, row m from column k on, into shared memory at dst: by cp.async where they lie whole and aligned in x,
+// else by a plain store (zeros outside x).
+template <typename T>
+__device__ __forceinline__ void x_chunk(const PkParams& p, T* dst, long long m, long long k, bool vec_ok) {
+  constexpr int VEC = 16 / sizeof(T);
+  const T* x = static_cast<const T*>(p.x);
+  if (vec_ok && m < p.M && k + VEC <= p.K)
+    __pipeline_memcpy_async(dst, x + m * p.ldx + k, 16);
+  else
+    *reinterpret_cast<uint4*>(dst) = load16<T>(x, m, p.M, k, p.K, p.ldx, vec_ok);
+}
+
 // Ring stage <- step `step` of the block row starting at `begin`: rows m0.. of x at the step's columns, and the
-// block's part; cp.async where a row is whole and aligned, plain stores (zeros outside x) at ragged edges.
+// block's part.
 template <typename T, int B, int TM, bool TRANS>
 __device__ __forceinline__ void tc_stage(const PkParams& p, T* stage, int begin, int step, long long m0, bool vec_ok) {
   using S = Tc<T, B, TM>;
   constexpr int CHUNKS = S::KC / S::VEC;  // 16-byte chunks per row of x's part
   const int i = begin + step / S::STEPS, k0 = (step % S::STEPS) * S::KC;
-  const T* x = static_cast<const T*>(p.x);
   const T* blk = static_cast<const T*>(p.values) + (long long)(p.perm ? p.perm[i] : i) * B * B;
   const long long c0 = (long long)p.col_idx[i] * B + k0;
   for (int v = threadIdx.x; v < TM * CHUNKS; v += S::THREADS) {
     const int row = v / CHUNKS, kc = v % CHUNKS;
-    const long long m = m0 + row, k = c0 + kc * S::VEC;
-    T* dst = stage + row * S::LDA + kc * S::VEC;
-    if (vec_ok && m < p.M && k + S::VEC <= p.K)
-      __pipeline_memcpy_async(dst, x + m * p.ldx + k, 16);
-    else
-      *reinterpret_cast<uint4*>(dst) = load16<T>(x, m, p.M, k, p.K, p.ldx, vec_ok);
+    x_chunk<T>(p, stage + row * S::LDA + kc * S::VEC, m0 + row, c0 + kc * S::VEC, vec_ok);
   }
   T* ws = stage + TM * S::LDA;
   if (TRANS) {  // the stored rows k0.. are this product's k: [KC][B]
@@ -429,6 +508,30 @@ __device__ __forceinline__ void tc_stage(const PkParams& p, T* stage, int begin,
     for (int v = threadIdx.x; v < B * CHUNKS; v += S::THREADS) {
       const int r = v / CHUNKS, c = (v % CHUNKS) * S::VEC;
       __pipeline_memcpy_async(ws + r * S::LDW_N + c, blk + (long long)r * B + k0 + c, 16);
+    }
+  }
+}
+
+// The TM x B result tile, fp32 in shared memory (row stride LDC), to rows m0.. and block row j of the output with the
+// bias: 8 outputs a thread (16 bytes of T), element by element at ragged edges.
+template <typename T, int B, int TM, int LDC>
+__device__ __forceinline__ void tc_store(const PkParams& p, const float* cs, long long m0, long long j) {
+  constexpr int VEC = 8, THREADS = 128;
+  const bool vec_out = aligned16(p.out) && p.ldo % VEC == 0;
+  for (int v = threadIdx.x; v < TM * (B / VEC); v += THREADS) {
+    const int r = v / (B / VEC), c = (v % (B / VEC)) * VEC;
+    const long long m = m0 + r, n = j * B + c;
+    if (m >= p.M) continue;
+    const float* src = cs + r * LDC + c;
+    if (vec_out && n + VEC <= p.N) {
+      uint4 u;
+      T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+      for (int q = 0; q < VEC; ++q)
+        e[q] = Cvt<T>::from_f(src[q] + (p.bias ? Cvt<T>::to_f(static_cast<const T*>(p.bias)[n + q]) : 0.f));
+      *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + m * p.ldo + n) = u;
+    } else {
+      for (int q = 0; q < VEC; ++q) write_out<T>(p, m, n + q, src[q]);
     }
   }
 }
@@ -507,24 +610,99 @@ __device__ __forceinline__ void tc(const PkParams& p) {
           at[0] = acc[f][c][2 * h], at[1] = acc[f][c][2 * h + 1];
         }
     __syncthreads();
-    // 8 outputs a thread (16 bytes of T), with the bias; element by element at ragged edges.
-    const bool vec_out = aligned16(p.out) && p.ldo % S::VEC == 0;
-    for (int v = threadIdx.x; v < TM * (B / S::VEC); v += S::THREADS) {
-      const int r = v / (B / S::VEC), c = (v % (B / S::VEC)) * S::VEC;
-      const long long m = m0 + r, n = j * B + c;
-      if (m >= p.M) continue;
-      const float* src = cs + r * S::LDC + c;
-      if (vec_out && n + S::VEC <= p.N) {
-        uint4 u;
-        T* e = reinterpret_cast<T*>(&u);
+    tc_store<T, B, TM, S::LDC>(p, cs, m0, j);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// tcw: tc's tile on Hopper's warpgroup MMA (wgmma, sm_90a builds), forward only. The four warps are one warpgroup;
+// each wgmma multiplies 64 rows of x by all B output features of the block over 16 columns, both operands read by
+// the tensor cores from shared memory, so no registers go to operands and no ldmatrix is issued. The ring holds them
+// in wgmma's K-major core-matrix layout (no swizzle): chunk v of a stage, 16 bytes of row 8 (v / (8 CHUNKS)) + v % 8
+// at column chunk (v / 8) % CHUNKS, lies at v x 16 bytes, so a warp's cp.async writes are contiguous and each reads
+// whole 32-byte sectors of x. A step waits for its own MMAs before the next step's barrier, so the stage refilled
+// there is never one the tensor cores still read.
+template <typename T, int B, int TM>
+struct Tcw {
+  static constexpr int THREADS = 128, VEC = 8, STAGES = 4, KC = 32, STEPS = B / KC, CHUNKS = KC / VEC;
+  static constexpr int SBO = CHUNKS * 128;         // bytes from one 8-row group of core matrices to the next
+  static constexpr int STAGE = (TM + B) * KC;      // elements: x's TM rows, then the block's B rows
+  static constexpr int LDC = B + 8;                // the fp32 result tile's row stride, after the main loop
+  static constexpr int IN_BYTES = STAGES * STAGE * 2, OUT_BYTES = TM * LDC * 4;
+  static constexpr int BYTES = IN_BYTES > OUT_BYTES ? IN_BYTES : OUT_BYTES;
+  static_assert(B % KC == 0 && TM % 64 == 0, "tcw takes 32- and 64-wide blocks, 64-row slices");
+};
+
+template <typename T, int B, int TM>
+__device__ __forceinline__ void tcw_stage(const PkParams& p, T* stage, int begin, int step, long long m0, bool vec_ok) {
+  using S = Tcw<T, B, TM>;
+  const int i = begin + step / S::STEPS, k0 = (step % S::STEPS) * S::KC;
+  const T* blk = static_cast<const T*>(p.values) + (long long)i * B * B;
+  const long long c0 = (long long)p.col_idx[i] * B + k0;
+  for (int v = threadIdx.x; v < TM * S::CHUNKS; v += S::THREADS) {
+    const int row = v / (8 * S::CHUNKS) * 8 + v % 8, kc = v / 8 % S::CHUNKS;
+    x_chunk<T>(p, stage + v * S::VEC, m0 + row, c0 + kc * S::VEC, vec_ok);
+  }
+  T* ws = stage + TM * S::KC;
+  for (int v = threadIdx.x; v < B * S::CHUNKS; v += S::THREADS) {
+    const int n = v / (8 * S::CHUNKS) * 8 + v % 8, kc = v / 8 % S::CHUNKS;
+    __pipeline_memcpy_async(ws + v * S::VEC, blk + (long long)n * B + k0 + kc * S::VEC, 16);
+  }
+}
+
+template <typename T, int B, int TM>
+__device__ __forceinline__ void tcw(const PkParams& p) {
+  if constexpr (!MmaOk<T>::value || !PK_WGMMA) {
+    __trap();  // never launched: launch.py plans tcw only where pk_wgmma_built says the loaded code has wgmma
+  } else {
+    using S = Tcw<T, B, TM>;
+    constexpr int SLICES = TM / 64;
+    PK_DYNAMIC_SMEM(smem);
+    T* stages = reinterpret_cast<T*>(smem);
+    const long long j = blockIdx.x, m0 = (long long)blockIdx.y * TM;
+    const bool vec_ok = aligned16(p.x) && p.ldx % S::VEC == 0;
+    const int begin = p.row_ptr[j], steps = (p.row_ptr[j + 1] - begin) * S::STEPS;
+
+    float acc[SLICES][B / 2];
 #pragma unroll
-        for (int q = 0; q < S::VEC; ++q)
-          e[q] = Cvt<T>::from_f(src[q] + (p.bias ? Cvt<T>::to_f(static_cast<const T*>(p.bias)[n + q]) : 0.f));
-        *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + m * p.ldo + n) = u;
-      } else {
-        for (int q = 0; q < S::VEC; ++q) write_out<T>(p, m, n + q, src[q]);
-      }
+    for (int q = 0; q < SLICES; ++q)
+#pragma unroll
+      for (int e = 0; e < B / 2; ++e) acc[q][e] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < S::STAGES - 1; ++s) {  // one commit group per step, as in tc
+      if (s < steps) tcw_stage<T, B, TM>(p, stages + s * S::STAGE, begin, s, m0, vec_ok);
+      __pipeline_commit();
     }
+    for (int s = 0; s < steps; ++s) {
+      __pipeline_wait_prior(S::STAGES - 2);
+      pk_fence_proxy_async();  // this thread's part of step s, visible to the tensor cores
+      __syncthreads();
+      const int next = s + S::STAGES - 1;  // refills the stage of step s - 1, whose MMAs are done
+      if (next < steps) tcw_stage<T, B, TM>(p, stages + (next % S::STAGES) * S::STAGE, begin, next, m0, vec_ok);
+      __pipeline_commit();
+      const T* as = stages + (s % S::STAGES) * S::STAGE;
+      const T* ws = as + TM * S::KC;
+      pk_wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < S::KC; kk += 16)  // a core matrix is 64 elements; 64 rows are 8 groups of SBO bytes
+#pragma unroll
+        for (int q = 0; q < SLICES; ++q)
+          pk_wgmma<T, B>(acc[q], as + q * 8 * (S::SBO / 2) + kk / 8 * 64, ws + kk / 8 * 64, S::SBO);
+      pk_wgmma_commit();
+      pk_wgmma_wait<0>();
+    }
+    __pipeline_wait_prior(0);
+    __syncthreads();  // the result tile overwrites the ring
+    float* cs = reinterpret_cast<float*>(smem);
+    const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int q = 0; q < SLICES; ++q)
+#pragma unroll
+      for (int e = 0; e < B / 2; ++e)
+        cs[(64 * q + 16 * warp + g + 8 * (e / 2 % 2)) * S::LDC + 8 * (e / 4) + 2 * t + e % 2] = acc[q][e];
+    __syncthreads();
+    tc_store<T, B, TM, S::LDC>(p, cs, m0, j);
   }
 }
 
@@ -722,6 +900,9 @@ __device__ __forceinline__ void dw_tc(const PkParams& p) {
   X(pk_tc_##tn##_b##B##_m256_t, 128, (pk::Tc<T, B, 256>::BYTES), (pk::tc<T, B, 256, true>(p)))          \
   X(pk_dw_tc_##tn##_b##B, 128, 0, (pk::dw_tc<T, B>(p)))                             \
   X(pk_bt_##tn##_b##B, 512, 0, (pk::bt<T, B, 1>(p)))
+#define PK_TCW_B(X, tn, T, B)                                                                     \
+  X(pk_tcw_##tn##_b##B##_m128, 128, (pk::Tcw<T, B, 128>::BYTES), (pk::tcw<T, B, 128>(p)))         \
+  X(pk_tcw_##tn##_b##B##_m256, 128, (pk::Tcw<T, B, 256>::BYTES), (pk::tcw<T, B, 256>(p)))
 #define PK_EACH_B(F, X, tn, T) F(X, tn, T, 16) F(X, tn, T, 32) F(X, tn, T, 64)
 #define PK_WIDE_B(F, X, tn, T) F(X, tn, T, 32) F(X, tn, T, 64)  // blocks wide enough to split (launch.SPLITS)
 #define PK_KERNELS(X)                                                                                              \
@@ -732,7 +913,8 @@ __device__ __forceinline__ void dw_tc(const PkParams& p) {
   PK_EACH_B(PK_SIMT_B, X, f32, float) PK_EACH_B(PK_SIMT_B, X, f16, __half) PK_EACH_B(PK_SIMT_B, X, bf16, __nv_bfloat16) \
   PK_EACH_B(PK_TC_B, X, f16, __half) PK_EACH_B(PK_TC_B, X, bf16, __nv_bfloat16)                                   \
   PK_WIDE_B(PK_BT_SPLIT_B, X, f16, __half) PK_WIDE_B(PK_BT_SPLIT_B, X, bf16, __nv_bfloat16)                         \
-  PK_BT_SPLIT4(X, f16, __half) PK_BT_SPLIT4(X, bf16, __nv_bfloat16)
+  PK_BT_SPLIT4(X, f16, __half) PK_BT_SPLIT4(X, bf16, __nv_bfloat16)                                               \
+  PK_WIDE_B(PK_TCW_B, X, f16, __half) PK_WIDE_B(PK_TCW_B, X, bf16, __nv_bfloat16)
 
 #define PK_DEFINE_KERNEL(name, threads, smem, call)                  \
   extern "C" __global__ void PK_BOUNDS(threads) name(PK_PARAM_DECL) { \
@@ -747,3 +929,5 @@ PK_KERNELS(PK_DEFINE_KERNEL)
 #define PK_DEFINE_SMEM(name, threads, smem, call) extern "C" { __device__ int name##_smem = smem; }
 PK_KERNELS(PK_DEFINE_SMEM)
 #undef PK_DEFINE_SMEM
+// 1 where this code was compiled with wgmma (sm_90a), so that tcw may be launched; read by launchers like the above.
+extern "C" { __device__ int pk_wgmma_built = PK_WGMMA; }

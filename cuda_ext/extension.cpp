@@ -17,6 +17,7 @@ extern "C" int pk_params_size();
 extern "C" int pk_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                          unsigned bz, const void* params, cudaStream_t stream);
 extern "C" int pk_kernel_index(const char* name);
+extern "C" int pk_has_wgmma();
 
 namespace py = pybind11;
 
@@ -46,4 +47,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("params_size", &pk_params_size, "sizeof(PkParams)");
   m.def("kernel_index", [](const std::string& name) { return pk_kernel_index(name.c_str()); },
         "a kernel's index in the table (what the prunekit::bsr_linear operator takes), -1 if there is none");
+  m.def("has_wgmma", &pk_has_wgmma,
+        "1 where the kernels loaded for the current device have wgmma (built for sm_90a), 0 if not, < 0 on error");
 }

@@ -61,4 +61,13 @@ extern "C" int pk_launch(const char* name, unsigned gx, unsigned gy, unsigned gz
   return pk_launch_at(pk_kernel_index(name), gx, gy, gz, bx, by, bz, params, stream);
 }
 
+// 1 where the kernels loaded for the current device were built with wgmma (sm_90a: tcw runs), 0 where not, a negative
+// cudaError_t where that cannot be read (no kernel image for this device, say).
+extern "C" int pk_has_wgmma() {
+  int built = 0;
+  const cudaError_t err = cudaMemcpyFromSymbol(&built, pk_wgmma_built, sizeof built);
+  if (err != cudaSuccess) cudaGetLastError();  // not sticky: clear it for the next call
+  return err == cudaSuccess ? built : -static_cast<int>(err);
+}
+
 extern "C" const char* pk_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }

@@ -1,6 +1,6 @@
-"""The CUDA sources compile where CI can compile them, though it cannot run them: with nvcc for sm_80 and sm_90
-(linked into the extension's binding, which must import and list every kernel), and through NVRTC when CuPy is
-installed. Skipped where nvcc or CuPy is missing."""
+"""The CUDA sources compile where CI can compile them, though it cannot run them: with nvcc for sm_80, sm_90 and
+sm_90a (whose wgmma code ptxas assembles; linked into the extension's binding, which must import and list every
+kernel), and through NVRTC when CuPy is installed. Skipped where nvcc or CuPy is missing."""
 import importlib.util
 import os
 import shutil
@@ -24,20 +24,21 @@ def entry_points() -> set[str]:
             for rows in (1, 3, 16, 17, 33, 65, 2048):
                 for block_rows in (1, 300, 600):  # one-row kernels split 4, 2 and 1 ways
                     for cap in ((7, 5), (9, 0)):
-                        names.add(plan.forward(rows, block_rows, b, dtype, cap).name)
+                        names.update(v.name for v in plan.variants(rows, block_rows, b, dtype, cap, wgmma=True))
                         names.add(plan.forward(rows, block_rows, b, dtype, cap, transposed=True).name)
                         names.add(plan.grad_values(1, b, dtype, cap).name)
     return names
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
-def test_nvcc_builds_the_kernels_for_sm80_and_sm90_and_the_binding_imports(tmp_path):
+def test_nvcc_builds_the_kernels_for_sm80_sm90_and_sm90a_and_the_binding_imports(tmp_path):
     src = directory()
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
     out = tmp_path / f"_cuda_ext{suffix}"
     torch_include = Path(torch.__file__).parent / "include"  # torch ships pybind11
     cmd = ["nvcc", "-std=c++17", "-O1", "-shared", "-Xcompiler", "-fPIC", "-DTORCH_EXTENSION_NAME=_cuda_ext",
            "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+           "-gencode", "arch=compute_90a,code=sm_90a",
            f"-I{sysconfig.get_paths()['include']}", f"-I{torch_include}", f"-I{src}",
            str(src / "extension.cpp"), str(src / "launch.cu"), "-o", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -51,8 +52,10 @@ def test_nvcc_builds_the_kernels_for_sm80_and_sm90_and_the_binding_imports(tmp_p
     finally:
         sys.modules.pop("_cuda_ext", None)
     assert ext.params_size() == len(plan.pack())
-    assert entry_points() <= set(ext.kernels()) and len(ext.kernels()) == 108
-    assert [ext.kernel_index(name) for name in ext.kernels()] == list(range(108)) and ext.kernel_index("pk_x") == -1
+    assert entry_points() <= set(ext.kernels()) and len(ext.kernels()) == 116
+    assert [ext.kernel_index(name) for name in ext.kernels()] == list(range(116)) and ext.kernel_index("pk_x") == -1
+    # whether the loaded code has wgmma: 0 or 1 on a GPU (which of the three builds the driver took), else an error
+    assert ext.has_wgmma() in ((0, 1) if torch.cuda.is_available() else range(-10_000, 0))
     with pytest.raises(ValueError, match="no kernel named"):
         ext.launch("pk_nothing", [1, 1, 1], [1, 1, 1], plan.pack(), 0)
     with pytest.raises(ValueError, match="wrong block size"):

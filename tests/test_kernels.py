@@ -183,13 +183,14 @@ def test_layout_refuses_a_weight_on_another_device():
 
 @pytest.mark.parametrize("kernel,rows,dtype", [("skinny", 1, torch.float32), ("skinny", 1, torch.bfloat16),
                                                ("bt", 37, torch.float16), ("bt", 37, torch.bfloat16),
-                                               ("tc", 300, torch.bfloat16)])
+                                               ("tc", 300, torch.bfloat16), ("tc", 1100, torch.float16)])
 @pytest.mark.parametrize("b", [32, 64])
 def test_every_variant_of_a_launch_gives_the_same_product(runner, kernel, rows, dtype, b):
     """launch.variants: the one-row and bt kernels whole and split over each block row's output features in every
-    way they can be, tc with either tile (the planner picks one by layer width or rows; benchmarks time them all), on
-    a ragged layer with empty and full block rows. For skinny and bt the full one has 520 blocks, more than 32 for each
-    of 16 warps (the lanes fetch column indices 32 at a time)."""
+    way they can be, tc with either tile and, where the kernels have wgmma (the emulator; sm_90a builds), tcw with
+    either (the planner picks one by layer width or rows; benchmarks time them all), on a ragged layer with empty and
+    full block rows. For skinny and bt the full one has 520 blocks, more than 32 for each of 16 warps (the lanes fetch
+    column indices 32 at a time)."""
     backend, device = runner
     if not hasattr(backend, "launch_forward"):
         pytest.skip(f"{backend.name} does not run prunekit's kernels")
@@ -199,9 +200,11 @@ def test_every_variant_of_a_launch_gives_the_same_product(runner, kernel, rows, 
     x = strided(rows, in_f, dtype, device, seed=1)
     bias = torch.randn(out_f).to(dtype).to(device)
     ref = x.double() @ (weight.double() * keep).t().to(device) + bias.double()
-    launches = plan.variants(rows, layout.grid[0], b, dtype, (9, 0))
-    assert all(v.name.startswith(f"pk_{kernel}_") for v in launches) and len(launches) == len({v.name for v in launches})
-    assert len(launches) == 1 + len(plan.SPLITS.get(kernel, {}).get(b, ())) if kernel != "tc" else len(launches) == 2
+    wgmma = backend.wgmma(device)
+    launches = plan.variants(rows, layout.grid[0], b, dtype, (9, 0), wgmma=wgmma)
+    assert all(v.name.startswith(f"pk_{kernel}") for v in launches) and len(launches) == len({v.name for v in launches})
+    expected = 1 + len(plan.SPLITS.get(kernel, {}).get(b, ())) if kernel != "tc" else 4 if wgmma else 2
+    assert len(launches) == expected
     for launch in launches:
         close(backend.launch_forward(launch, x, values, layout, bias), ref, dtype)
 
@@ -216,11 +219,25 @@ def test_launch_plan_matches_the_kernel_table():
             for rows in (1, 2, 5, 16, 17, 33, 64, 65, 4096):
                 for transposed in (False, True):
                     for cap in ((7, 5), (9, 0)):
-                        name = plan.forward(rows, 4, b, dtype, cap, transposed).name
-                        family = name.split(f"_{plan.DTYPE_NAMES[dtype]}_")[0]
-                        assert f"X({family}_##tn##_b##B" in source, name
+                        for launch in plan.variants(rows, 4, b, dtype, cap, wgmma=True) if not transposed else [
+                                plan.forward(rows, 4, b, dtype, cap, transposed)]:
+                            family = launch.name.split(f"_{plan.DTYPE_NAMES[dtype]}_")[0]
+                            assert f"X({family}_##tn##_b##B" in source, launch.name
             assert f"X({plan.grad_values(3, b, dtype, (9, 0)).name.split('_' + plan.DTYPE_NAMES[dtype])[0]}_##tn" \
                 in source
+
+
+def test_tcw_is_planned_only_when_asked_for_built_and_the_forward_of_a_wide_block(monkeypatch):
+    bf16 = torch.bfloat16
+    assert plan.forward(300, 4, 64, bf16, (9, 0), wgmma=True).name == "pk_tc_bf16_b64_m128_n"  # TC_WGMMA off
+    monkeypatch.setattr(plan, "TC_WGMMA", True)
+    assert plan.forward(300, 4, 64, bf16, (9, 0), wgmma=True).name == "pk_tcw_bf16_b64_m128"
+    assert plan.forward(2000, 4, 32, bf16, (9, 0), wgmma=True).name == "pk_tcw_bf16_b32_m256"
+    assert plan.forward(300, 4, 64, bf16, (9, 0), wgmma=False).name == "pk_tc_bf16_b64_m128_n"  # not built
+    assert plan.forward(300, 4, 64, bf16, (9, 0), transposed=True, wgmma=True).name == "pk_tc_bf16_b64_m128_t"
+    assert plan.forward(300, 4, 16, bf16, (9, 0), wgmma=True).name == "pk_tc_bf16_b16_m128_n"  # 16-wide: no tcw
+    assert plan.forward(40, 4, 64, bf16, (9, 0), wgmma=True).name.startswith("pk_bt_")  # 2-64 rows stay on bt
+    assert plan.forward(300, 4, 64, torch.float32, (9, 0), wgmma=True).name == "pk_simt_f32_b64_n"
 
 
 def test_the_operator_is_thin_capturable_and_compilable():

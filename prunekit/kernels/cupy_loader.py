@@ -137,4 +137,9 @@ def cupy_backend() -> Native:
         with cupy.cuda.ExternalStream(stream):
             kernel(tuple(grid), tuple(block), args, shared_mem=smem)
 
-    return Native("cupy", launch)
+    @functools.lru_cache(maxsize=None)
+    def wgmma(device) -> bool:  # CuPy compiles for compute_XX, without sm_90a's wgmma, unless told otherwise
+        with cupy.cuda.Device(device.index):  # None: the current one
+            return int(cupy.ndarray((), cupy.int32, _module().get_global("pk_wgmma_built")).get()) == 1
+
+    return Native("cupy", launch, wgmma=wgmma)

@@ -19,6 +19,10 @@ BT_ROWS, BT_TILE = 64, 16  # up to 64 rows (fp16/bf16): tensor cores on the tran
 SPLITS = {"skinny": {32: (2, 4), 64: (2, 4)}, "bt": {32: (2,), 64: (2, 4)}}
 THREAD_BLOCKS = 512
 TC_SMALL_ROWS = 1024  # up to this many rows, tc tiles of 128 rows (more thread blocks in flight), else 256
+# tcw, tc's tile on Hopper's wgmma, takes 32- and 64-wide blocks in code built for sm_90a (TORCH_CUDA_ARCH_LIST=9.0a).
+# It is always among the variants there; it replaces tc in the plan once a GPU run has shown it faster.
+TCW_BLOCKS = (32, 64)
+TC_WGMMA = False
 SIMT_ROWS = 64  # rows per thread block of the CUDA-core kernel
 
 
@@ -85,9 +89,14 @@ def _tc(dt: str, block: int, block_rows: int, rows: int, tile: int, kind: str) -
     return Launch(f"pk_tc_{dt}_b{block}_m{tile}_{kind}", (block_rows, -(-rows // tile), 1), (128, 1, 1), tile)
 
 
+def _tcw(dt: str, block: int, block_rows: int, rows: int, tile: int) -> Launch:
+    return Launch(f"pk_tcw_{dt}_b{block}_m{tile}", (block_rows, -(-rows // tile), 1), (128, 1, 1), tile)
+
+
 def forward(rows: int, block_rows: int, block: int, dtype: torch.dtype, capability: tuple[int, int],
-            transposed: bool = False) -> Launch:
-    """y = x W^T (or, transposed, dX = dY W) for `rows` rows over `block_rows` block rows of the product."""
+            transposed: bool = False, wgmma: bool = False) -> Launch:
+    """y = x W^T (or, transposed, dX = dY W) for `rows` rows over `block_rows` block rows of the product. wgmma:
+    the loaded kernels were built for sm_90a (Native.wgmma)."""
     dt = DTYPE_NAMES[dtype]
     tensor = tensor_cores(dtype, capability)
     if not transposed and (rows == 1 or (rows <= SKINNY_ROWS and not tensor)):
@@ -96,23 +105,28 @@ def forward(rows: int, block_rows: int, block: int, dtype: torch.dtype, capabili
     if not transposed and tensor and rows <= BT_ROWS:
         return _bt(dt, block, block_rows, rows, split("bt", block, block_rows * -(-rows // BT_TILE)))
     kind = "t" if transposed else "n"
+    if TC_WGMMA and wgmma and mma_sync(dtype, capability) and not transposed and block in TCW_BLOCKS:
+        return _tcw(dt, block, block_rows, rows, tc_tile(rows))
     if mma_sync(dtype, capability):
         return _tc(dt, block, block_rows, rows, tc_tile(rows), kind)
     return Launch(f"pk_simt_{dt}_b{block}_{kind}", (block_rows, -(-rows // SIMT_ROWS), 1), (256, 1, 1), SIMT_ROWS)
 
 
-def variants(rows: int, block_rows: int, block: int, dtype: torch.dtype, capability: tuple[int, int]) -> list[Launch]:
+def variants(rows: int, block_rows: int, block: int, dtype: torch.dtype, capability: tuple[int, int],
+             wgmma: bool = False) -> list[Launch]:
     """Every launch that computes the forward `forward` plans, the planned one first: its kernel whole and split in
-    each way it can be (skinny at one row, bt), or tc with either tile. For tests and for benchmarks that tune
-    THREAD_BLOCKS and TC_SMALL_ROWS."""
-    planned = forward(rows, block_rows, block, dtype, capability)
+    each way it can be (skinny at one row, bt), or tc with either tile, and tcw with either where the loaded kernels
+    have wgmma. For tests and for benchmarks that tune THREAD_BLOCKS, TC_SMALL_ROWS and TC_WGMMA."""
+    planned = forward(rows, block_rows, block, dtype, capability, wgmma=wgmma)
     dt, family = DTYPE_NAMES[dtype], planned.name.split("_")[1]
     if family == "skinny" and rows == 1:
         others = [_skinny(dt, block, block_rows, rows, ways) for ways in (1,) + SPLITS["skinny"].get(block, ())]
     elif family == "bt":
         others = [_bt(dt, block, block_rows, rows, ways) for ways in (1,) + SPLITS["bt"].get(block, ())]
-    elif family == "tc":
+    elif family in ("tc", "tcw"):
         others = [_tc(dt, block, block_rows, rows, tile, "n") for tile in (128, 256)]
+        if wgmma and block in TCW_BLOCKS:
+            others += [_tcw(dt, block, block_rows, rows, tile) for tile in (128, 256)]
     else:
         others = []
     return [planned] + [v for v in others if v.name != planned.name]

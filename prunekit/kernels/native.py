@@ -28,14 +28,18 @@ class Native:
 
     kernel_index: where the launcher is the compiled extension, its table's index of a kernel name; then the
     inference forward is one call of the prunekit::bsr_linear operator (op.cpp), with the kernel planned once per
-    batch-size bucket, instead of the Python route through pack() and the launcher."""
+    batch-size bucket, instead of the Python route through pack() and the launcher.
+    wgmma(device): whether the kernels loaded for that device were built with wgmma (sm_90a), so tcw may run
+    (PRUNEKIT_WGMMA=0 says no, whatever was built)."""
 
     def __init__(self, name: str, launcher: Launcher, device_type: str = "cuda",
                  capability: Callable = _cuda_capability, stream: Callable = _cuda_stream,
-                 kernel_index: Callable[[str], int] | None = None):
+                 kernel_index: Callable[[str], int] | None = None,
+                 wgmma: Callable[[torch.device], bool] = lambda device: False):
         self.name, self.launcher, self.device_type = name, launcher, device_type
         self.capability, self.stream = capability, stream
         self.kernel_index = kernel_index
+        self.wgmma = lambda device: os.environ.get("PRUNEKIT_WGMMA") != "0" and wgmma(device)
         self._planned: dict[tuple, tuple[int, int, int]] = {}
 
     def unsupported(self, device: torch.device, dtype: torch.dtype, block: int) -> str | None:
@@ -63,7 +67,8 @@ class Native:
         key = (plan.bucket(rows), layout.grid[0], layout.block, dtype, device)
         found = self._planned.get(key)
         if found is None:
-            launch = plan.forward(rows, layout.grid[0], layout.block, dtype, self.capability(device))
+            launch = plan.forward(rows, layout.grid[0], layout.block, dtype, self.capability(device),
+                                  wgmma=self.wgmma(device))
             index = self.kernel_index(launch.name)
             if index < 0:
                 raise RuntimeError(f"{self.name} has no kernel {launch.name}; rebuild the extension")
@@ -79,7 +84,8 @@ class Native:
                                                  kernel, tile, threads, split)
         if not rows:
             return x.new_empty(0, layout.out_features)
-        launch = plan.forward(rows, layout.grid[0], layout.block, x.dtype, self.capability(x.device))
+        launch = plan.forward(rows, layout.grid[0], layout.block, x.dtype, self.capability(x.device),
+                              wgmma=self.wgmma(x.device))
         return self.launch_forward(launch, x, values, layout, bias)
 
     def launch_forward(self, launch: plan.Launch, x: torch.Tensor, values: torch.Tensor, layout: BlockLayout,
@@ -156,6 +162,12 @@ def _register_fake() -> None:
 def extension_backend(jit: bool | None = None) -> Native:
     ext = load_extension(jit)
     _register_fake()
+
+    @functools.lru_cache(maxsize=None)
+    def wgmma(device: torch.device) -> bool:
+        with torch.cuda.device(device):
+            return ext.has_wgmma() == 1
+
     return Native("cuda_ext", lambda name, grid, block, params, stream: ext.launch(name, list(grid), list(block),
                                                                                   params, stream),
-                  kernel_index=ext.kernel_index)
+                  kernel_index=ext.kernel_index, wgmma=wgmma)

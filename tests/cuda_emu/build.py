@@ -45,8 +45,9 @@ def backend(cache: Path) -> Native:
         if rc:
             raise RuntimeError(f"emulated launch of {name} failed ({rc})")
 
-    # sm_90 as the planner sees it: tensor-core kernels for fp16/bf16, simt for fp32.
-    return Native("emulated", launch, device_type="cpu", capability=lambda device: (9, 0), stream=lambda device: 0)
+    # sm_90a as the planner sees it: tensor-core kernels for fp16/bf16 (wgmma's too), simt for fp32.
+    return Native("emulated", launch, device_type="cpu", capability=lambda device: (9, 0), stream=lambda device: 0,
+                  wgmma=lambda device: True)
 
 
 

@@ -205,6 +205,63 @@ inline void pk_mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, uns
   }
 }
 
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16} with both operands K-major in shared memory, no swizzle:
+// d += A B for A 64 x 16 and B N x 16 (its rows are D's columns), each stored as 8-row x 16-byte core matrices (128
+// contiguous bytes, a row 16 bytes on), the next along K 128 bytes on, the next 8 rows `sbo` bytes on. Thread 32 w + l
+// of the warpgroup holds D (16 w + l / 4 + 8 ((i / 2) % 2), 8 (i / 4) + 2 (l % 4) + i % 2) in d[i]. As on the GPU
+// the product is asynchronous: it is only computed when pk_wgmma_wait retires its group, from what shared memory
+// holds then, so a kernel that overwrites an operand before waiting gets a wrong product here too.
+#define PK_WGMMA 1
+namespace emu {
+struct Wgmma {
+  float* d;
+  const unsigned char *a, *b;
+  unsigned n, sbo;
+  float (*element)(const unsigned char*);
+};
+inline thread_local std::vector<Wgmma> wgmma_open;                 // issued since the last commit
+inline thread_local std::vector<std::vector<Wgmma>> wgmma_groups;  // committed, oldest first
+template <typename T>
+inline float element_at(const unsigned char* at) {
+  T v;
+  std::memcpy(&v, at, sizeof v);
+  return to_float(v);
+}
+inline void run(const Wgmma& op) {
+  const unsigned w = (linear_tid() / 32) % 4, g = lane() / 4, t = lane() % 4;
+  auto at = [&](const unsigned char* base, unsigned row, unsigned k) {
+    return op.element(base + (row / 8) * op.sbo + (k / 8) * 128 + (row % 8) * 16 + (k % 8) * 2);
+  };
+  for (unsigned i = 0; i < op.n / 2; ++i) {
+    const unsigned row = 16 * w + g + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * t + i % 2;
+    float sum = 0.f;
+    for (unsigned k = 0; k < 16; ++k) sum += at(op.a, row, k) * at(op.b, col, k);
+    op.d[i] += sum;
+  }
+}
+}  // namespace emu
+
+template <typename T, int N>
+inline void pk_wgmma(float (&d)[N / 2], const T* a, const T* b, unsigned sbo) {
+  emu::require_aligned(a, 16, "wgmma operand A not 16-byte aligned");
+  emu::require_aligned(b, 16, "wgmma operand B not 16-byte aligned");
+  emu::wgmma_open.push_back({d, reinterpret_cast<const unsigned char*>(a), reinterpret_cast<const unsigned char*>(b),
+                             unsigned(N), sbo, &emu::element_at<T>});
+}
+inline void pk_wgmma_fence() {}
+inline void pk_wgmma_commit() {
+  emu::wgmma_groups.push_back(std::move(emu::wgmma_open));
+  emu::wgmma_open.clear();
+}
+template <int G>
+inline void pk_wgmma_wait() {
+  while (emu::wgmma_groups.size() > G) {
+    for (const emu::Wgmma& op : emu::wgmma_groups.front()) emu::run(op);
+    emu::wgmma_groups.erase(emu::wgmma_groups.begin());
+  }
+}
+inline void pk_fence_proxy_async() {}
+
 namespace nvcuda {
 namespace wmma {
 struct row_major {};
