@@ -620,11 +620,13 @@ __device__ __forceinline__ void tc(const PkParams& p) {
 // the tensor cores from shared memory, so no registers go to operands and no ldmatrix is issued. The ring holds them
 // in wgmma's K-major core-matrix layout (no swizzle): chunk v of a stage, 16 bytes of row 8 (v / (8 CHUNKS)) + v % 8
 // at column chunk (v / 8) % CHUNKS, lies at v x 16 bytes, so a warp's cp.async writes are contiguous and each reads
-// whole 32-byte sectors of x. A step waits for its own MMAs before the next step's barrier, so the stage refilled
-// there is never one the tensor cores still read.
+// whole 32-byte sectors of x. One step's MMAs stay in flight while the next step's are issued (as CUTLASS's
+// mainloops do), so the ring has five stages: the step multiplied, the one before it whose MMAs may still read, and
+// LOOK = 3 steps loading; the stage refilled at step s is that of step s - 2, whose MMAs were retired at step s - 1.
 template <typename T, int B, int TM>
 struct Tcw {
-  static constexpr int THREADS = 128, VEC = 8, STAGES = 4, KC = 32, STEPS = B / KC, CHUNKS = KC / VEC;
+  static constexpr int THREADS = 128, VEC = 8, STAGES = 5, LOOK = STAGES - 2, KC = 32, STEPS = B / KC;
+  static constexpr int CHUNKS = KC / VEC;
   static constexpr int SBO = CHUNKS * 128;         // bytes from one 8-row group of core matrices to the next
   static constexpr int STAGE = (TM + B) * KC;      // elements: x's TM rows, then the block's B rows
   static constexpr int LDC = B + 8;                // the fp32 result tile's row stride, after the main loop
@@ -670,15 +672,15 @@ __device__ __forceinline__ void tcw(const PkParams& p) {
       for (int e = 0; e < B / 2; ++e) acc[q][e] = 0.f;
 
 #pragma unroll
-    for (int s = 0; s < S::STAGES - 1; ++s) {  // one commit group per step, as in tc
+    for (int s = 0; s < S::LOOK; ++s) {  // one commit group per step, empty past the end, as in tc
       if (s < steps) tcw_stage<T, B, TM>(p, stages + s * S::STAGE, begin, s, m0, vec_ok);
       __pipeline_commit();
     }
     for (int s = 0; s < steps; ++s) {
-      __pipeline_wait_prior(S::STAGES - 2);
-      pk_fence_proxy_async();  // this thread's part of step s, visible to the tensor cores
-      __syncthreads();
-      const int next = s + S::STAGES - 1;  // refills the stage of step s - 1, whose MMAs are done
+      __pipeline_wait_prior(S::LOOK - 1);  // step s has landed
+      pk_fence_proxy_async();  // this thread's part of it, visible to the tensor cores
+      __syncthreads();  // every thread's part; and every warp has retired step s - 2's MMAs (the wait below)
+      const int next = s + S::LOOK;  // into the stage of step s - 2
       if (next < steps) tcw_stage<T, B, TM>(p, stages + (next % S::STAGES) * S::STAGE, begin, next, m0, vec_ok);
       __pipeline_commit();
       const T* as = stages + (s % S::STAGES) * S::STAGE;
@@ -690,8 +692,9 @@ __device__ __forceinline__ void tcw(const PkParams& p) {
         for (int q = 0; q < SLICES; ++q)
           pk_wgmma<T, B>(acc[q], as + q * 8 * (S::SBO / 2) + kk / 8 * 64, ws + kk / 8 * 64, S::SBO);
       pk_wgmma_commit();
-      pk_wgmma_wait<0>();
+      pk_wgmma_wait<1>();  // step s - 1's MMAs are done; step s's may still run
     }
+    pk_wgmma_wait<0>();
     __pipeline_wait_prior(0);
     __syncthreads();  // the result tile overwrites the ring
     float* cs = reinterpret_cast<float*>(smem);

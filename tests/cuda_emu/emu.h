@@ -6,7 +6,8 @@
 // operand type as tensor cores do) and lane 0 of each warp does the warp's work; the documented preconditions
 // of load/store_matrix_sync (32-byte aligned pointer, ldm a multiple of 16 bytes) and of 16-byte vector loads
 // are checked on every call. ldmatrix and mma.sync, by contrast, are emulated lane by lane: each lane holds only
-// the registers PTX gives it, so a fragment layout the kernel gets wrong gives a wrong product here too. What this
+// the registers PTX gives it, so a fragment layout the kernel gets wrong gives a wrong product here too; cp.async and
+// wgmma are asynchronous, landing or computing only when their group is waited for. What this
 // cannot show: speed, and anything a real warp does differently from the CUDA programming model (which the kernels
 // must not rely on anyway).
 #pragma once
@@ -77,16 +78,36 @@ inline uint4 __ldg(const uint4* ptr) {
 }
 inline void __syncwarp() { emu::block->warps[emu::linear_tid() / 32]->arrive_and_wait(); }
 
-// cp.async as the pipeline primitives spell it: here the copy lands at once, so commit and wait have nothing to do.
-// (What this cannot show, reading a stage before its copy has landed, is the ring's invariant in bsr_kernels.cuh.)
+// cp.async as the pipeline primitives spell it, asynchronous as on the GPU: a copy lands only when
+// __pipeline_wait_prior retires its commit group, so a kernel that reads a stage before waiting for it reads
+// whatever was there before (the ring's invariant in bsr_kernels.cuh is tested, not assumed).
+namespace emu {
+struct Copy {
+  void* dst;
+  const void* src;
+  std::size_t size, zfill;
+};
+inline thread_local std::vector<Copy> copies_open;                 // issued since the last commit
+inline thread_local std::vector<std::vector<Copy>> copy_groups;    // committed, oldest first
+}  // namespace emu
 inline void __pipeline_memcpy_async(void* dst, const void* src, std::size_t size, std::size_t zfill = 0) {
   emu::require_aligned(dst, size, "cp.async to an unaligned shared address");
   emu::require_aligned(src, size, "cp.async from an unaligned global address");
-  std::memcpy(dst, src, size - zfill);
-  std::memset(static_cast<char*>(dst) + size - zfill, 0, zfill);
+  emu::copies_open.push_back({dst, src, size, zfill});
 }
-inline void __pipeline_commit() {}
-inline void __pipeline_wait_prior(std::size_t) {}
+inline void __pipeline_commit() {
+  emu::copy_groups.push_back(std::move(emu::copies_open));
+  emu::copies_open.clear();
+}
+inline void __pipeline_wait_prior(std::size_t newest) {
+  while (emu::copy_groups.size() > newest) {
+    for (const emu::Copy& c : emu::copy_groups.front()) {
+      std::memcpy(c.dst, c.src, c.size - c.zfill);
+      std::memset(static_cast<char*>(c.dst) + c.size - c.zfill, 0, c.zfill);
+    }
+    emu::copy_groups.erase(emu::copy_groups.begin());
+  }
+}
 
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   const unsigned tid = emu::linear_tid(), warp = tid / 32;
