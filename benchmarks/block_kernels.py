@@ -18,7 +18,10 @@ its speedup is that path's time in this run; "module" is the BlockSparseLinear i
 
 With --variants (gpu_check.sh passes it), every launch of the planned kernel is timed too (launch.variants: the
 one-row and bt kernels split 1, 2 or 4 ways, tc with 128- or 256-row tiles, and on an sm_90a build tcw, the same
-tiles on wgmma), in graph mode, for tuning the planner's thresholds and choosing between tc and tcw.
+tiles on wgmma), in graph mode, beside the one our backend's own tuning chose (prunekit.kernels.native: on a GPU the
+first call of a batch-size bucket times these same variants and keeps the fastest), so the table shows whether the
+tuning found the fastest and how far the planner's untuned guess (launch.THREAD_BLOCKS, TC_SMALL_ROWS, TC_WGMMA)
+was from it.
 
 Rows are saved as they are measured (the .md says when the grid was cut short); --resume <that .json> measures the
 rest on the same kind of machine, for a grid split across time-limited GPU calls.
@@ -149,6 +152,7 @@ def run(device: str, backend_name: str | None, quick: bool, rows_only=None, vari
                     if variants and hasattr(backends.get(ours), "launch_forward"):
                         try:
                             row["variants"] = time_variants(backends.get(ours), x, values, layout, F.linear(x, masked))
+                            row["tuned"] = backends.get(ours).planned(x, values, layout, None).name  # what ours ran
                         except Exception as e:  # noqa: BLE001 - reported; the grid goes on
                             row["errors"]["variants"] = f"{type(e).__name__}: {str(e)[:200]}"
                     add(row)
@@ -335,14 +339,16 @@ def markdown(doc: dict) -> str:
     if summary:
         lines += ["", "Targets: " + "; ".join(f"{k}: {met} met, {missed} missed" for k, (met, missed) in
                                               summary.items())]
-    tuned = [r for r in doc["results"] if len(r.get("variants") or {}) > 1]
-    if tuned:
-        lines += ["", "Kernel variants (graph mode, us; the planned launch first, * the fastest):", "",
+    varied = [r for r in doc["results"] if len(r.get("variants") or {}) > 1]
+    if varied:
+        lines += ["", "Kernel variants (graph mode, us; the planner's launch first, * the fastest here, > the one "
+                  "the backend's own tuning chose and ran above):", "",
                   "| shape | block | sparsity | rows | variants |", "|---|---|---|---|---|"]
-        for r in tuned:
+        for r in varied:
             best = min((v for v in r["variants"].values() if v), default=None)
             lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['block']} | {r['sparsity']:.0%} | {r['rows']} | "
-                         + ", ".join(f"{name.removeprefix('pk_')} {v * 1e6:.1f}{'*' if v == best else ''}"
+                         + ", ".join(f"{'>' if name == r.get('tuned') else ''}{name.removeprefix('pk_')} "
+                                     f"{v * 1e6:.1f}{'*' if v == best else ''}"
                                      for name, v in r["variants"].items() if v) + " |")
     errors = {(p, e) for r in doc["results"] for p, e in r["errors"].items()}
     if errors:

@@ -43,3 +43,14 @@ def test_a_grid_cut_short_goes_on_from_its_rows_on_the_same_machine(bench, tmp_p
     (tmp_path / "elsewhere.json").write_text(json.dumps(elsewhere))
     with pytest.raises(SystemExit, match="one table, one kind of machine"):
         bench.main(args + ["--resume", str(tmp_path / "elsewhere.json")])
+
+
+def test_the_variant_table_marks_the_fastest_and_the_one_the_backend_tuned_to(bench, tmp_path, one_thread):
+    bench.main(["--device", "cpu", "--rows", "1", "--out", str(tmp_path / "grid")])
+    doc = json.loads((tmp_path / "grid.json").read_text())
+    doc["results"][0].update(variants={"pk_tc_bf16_b32_m128_n": 30e-6, "pk_tcw_bf16_b32_m128": 20e-6},
+                             tuned="pk_tcw_bf16_b32_m128")
+    doc["results"][1].update(variants={"pk_bt_bf16_b32": 5e-6, "pk_bt_bf16_b32_s2": 6e-6}, tuned="pk_bt_bf16_b32_s2")
+    table = bench.markdown(doc).split("Kernel variants")[1]
+    assert "| 96x128 | 32 | 50% | 1 | tc_bf16_b32_m128_n 30.0, >tcw_bf16_b32_m128 20.0* |" in table
+    assert "| 96x128 | 32 | 90% | 1 | bt_bf16_b32 5.0*, >bt_bf16_b32_s2 6.0 |" in table

@@ -106,17 +106,19 @@ def test_a_gpu_is_one_key_with_or_without_its_index(monkeypatch):
 def test_the_operator_plan_is_the_planner_s_for_every_row_count_of_a_bucket():
     """The thin operator takes the kernel once per batch-size bucket and number of block rows: that must be the
     kernel, tile and split the planner chooses for each row count inside the bucket (past 2048 rows, where tc's tiles
-    of 256 begin at 1025), on layers whose one-row kernel splits block rows 4, 2 and 1 ways."""
-    names = sorted({plan.forward(r, n, b, dt, (9, 0)).name for r in range(1, 2200) for n in (4, 300, 600)
+    of 256 begin at 1025), on layers whose one-row kernel splits block rows 4, 2 and 1 ways, and on 128 block rows,
+    where bt's split counted the rows' tiles and so changed inside the bucket of 64 (2 ways at 33 rows, 1 at 64)."""
+    names = sorted({plan.forward(r, n, b, dt, (9, 0)).name for r in range(1, 2200) for n in (4, 128, 300, 600)
                     for b in (16, 32, 64) for dt in (torch.float32, torch.bfloat16)})
     native = Native("table", launcher=None, capability=lambda device: (9, 0), kernel_index=names.index)
     for b in (16, 32, 64):
-        for block_rows in (4, 300, 600):
+        for block_rows in (4, 128, 300, 600):
             layout = BlockLayout.from_mask(torch.ones(block_rows * b, 2 * b, dtype=torch.bool), b)
             for dtype in (torch.float32, torch.bfloat16):
                 for rows in range(1, 2200):
                     launch = plan.forward(rows, block_rows, b, dtype, (9, 0))
-                    kernel, tile, threads, split = native.operator_plan(rows, layout, dtype, CPU)
+                    x = torch.empty(rows, 0, dtype=dtype)  # (only its rows, dtype and device are read)
+                    kernel, tile, threads, split = native.operator_plan(x, None, layout, None)
                     assert (names[kernel], threads) == (launch.name, launch.block[0])
                     assert -(-rows // tile) == launch.grid[1] and block_rows * split == launch.grid[0]
 
@@ -133,3 +135,71 @@ def test_few_block_rows_are_split_among_more_thread_blocks():
     one, bt = plan.forward(1, 128, 32, torch.bfloat16, (9, 0)), plan.forward(16, 64, 64, torch.bfloat16, (9, 0))
     assert (one.name, one.grid, bt.name, bt.grid) == ("pk_skinny_bf16_b32_m1_s4", (512, 1, 1), "pk_bt_bf16_b64_s4",
                                                       (256, 1, 1))
+
+
+def test_a_gpu_tunes_the_kernel_once_per_bucket_to_the_fastest_variant_as_graphs_replay(monkeypatch):
+    """On a GPU the first forward of a batch-size bucket times every variant of the planned kernel (here tc and tcw,
+    tiles of 128 and 256 rows) in graph mode and keeps the fastest that runs, for every row count of the bucket and
+    for the thin operator too; it waits while a graph is captured, and dispatch.forget() forgets it. Eager timings
+    rank the variants the other way round, so tuning in the wrong mode fails here."""
+    from prunekit.kernels import native as native_module
+
+    launched = []
+    native = Native("recorder", lambda name, grid, block, params, stream: launched.append((name, grid)),
+                    capability=lambda device: (9, 0), stream=lambda device: 0, wgmma=lambda device: True)
+    graph = {"pk_tc_bf16_b64_m128_n": 4.0, "pk_tc_bf16_b64_m256_n": 3.0, "pk_tcw_bf16_b64_m128": 2.0,
+             "pk_tcw_bf16_b64_m256": 1.0}
+
+    def graphed(fn, device):
+        fn()
+        name = launched[-1][0]
+        if name == "pk_tcw_bf16_b64_m256":
+            raise RuntimeError("launch failed")  # the fastest, but it does not run: not chosen
+        return lambda: graph[name]
+
+    def measure(fn, device):
+        fn()
+        return 5.0 - graph[launched[-1][0]]
+
+    busy = [False]
+    monkeypatch.setattr(dispatch, "graphed", graphed)
+    monkeypatch.setattr(dispatch, "measure", measure)
+    monkeypatch.setattr(native_module, "tunes", lambda x: True)
+    monkeypatch.setattr(native_module, "busy", lambda: busy[0])
+    layout = BlockLayout.from_mask(torch.ones(4 * 64, 2 * 64, dtype=torch.bool), 64)
+    values = torch.zeros(layout.nnzb, 64, 64, dtype=torch.bfloat16)
+    run = lambda rows: native.forward(torch.zeros(rows, 128, dtype=torch.bfloat16), values, layout, None)
+
+    run(300)
+    assert {name for name, _ in launched} == set(graph) and launched[-1] == ("pk_tcw_bf16_b64_m128", (4, 3, 1))
+    launched.clear()
+    run(500)  # the same bucket (512 rows): no timing, the tuned kernel over 4 tiles of rows
+    assert launched == [("pk_tcw_bf16_b64_m128", (4, 4, 1))]
+    names = sorted(graph)
+    native.kernel_index = names.index
+    x = torch.zeros(400, 128, dtype=torch.bfloat16)
+    assert native.operator_plan(x, values, layout, None) == (names.index("pk_tcw_bf16_b64_m128"), 128, 128, 1)
+    native.kernel_index = None
+
+    launched.clear()
+    busy[0] = True
+    run(1100)  # a new bucket while a graph is captured: the planner's kernel, remembered for nothing
+    assert launched == [("pk_tc_bf16_b64_m256_n", (4, 5, 1))]
+    busy[0] = False
+    run(1100)
+    assert len(launched) > 2 and launched[-1] == ("pk_tcw_bf16_b64_m128", (4, 9, 1))
+
+    dispatch.forget()
+    launched.clear()
+    run(300)
+    assert len(launched) > 1 and launched[-1][0] == "pk_tcw_bf16_b64_m128"
+
+
+def test_tuning_is_for_gpus_and_can_be_turned_off(monkeypatch):
+    from prunekit.kernels.native import tunes
+
+    assert not tunes(torch.zeros(1))
+    cuda = type("FakeCudaTensor", (), {"device": torch.device("cuda")})()
+    assert tunes(cuda)
+    monkeypatch.setenv("PRUNEKIT_TUNE", "0")
+    assert not tunes(cuda)

@@ -251,7 +251,10 @@ def test_the_operator_is_thin_capturable_and_compilable():
     bias = torch.randn(300, dtype=torch.bfloat16, device=device)
     for rows in (1, 5, 40, 200):  # skinny, bt at 16 and 64 rows, tc
         x = torch.randn(rows, 200, dtype=torch.bfloat16, device=device)
-        kernel, tile, threads, split = backend.operator_plan(rows, layout, x.dtype, device)
+        kernel, tile, threads, split = backend.operator_plan(x, values, layout, bias)  # tuned on this first call
+        variants = plan.variants(rows, layout.grid[0], 32, x.dtype, torch.cuda.get_device_capability(),
+                                 wgmma=backend.wgmma(device))
+        assert backend.planned(x, values, layout, bias).name in {v.name for v in variants}
         args = (x, values, layout.row_ptr, layout.col_idx, bias, 300, kernel, tile, threads, split)
         torch.library.opcheck(torch.ops.prunekit.bsr_linear.default, args,
                               test_utils=("test_schema", "test_faketensor"))

@@ -73,6 +73,11 @@ def device_name(device: torch.device) -> str:
     return f"{device.type}:{index}:{torch.cuda.get_device_name(index)}"
 
 
+def generation() -> str:
+    """Renewed by forget(): what other remembered measurements (a backend's tuned kernels) are checked against."""
+    return _generation
+
+
 def current_mode() -> str:
     return _mode
 

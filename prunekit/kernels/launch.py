@@ -1,10 +1,14 @@
 """Which kernel of cuda_ext/bsr_kernels.cuh runs a product, on what grid, and the parameters it takes.
 
 Written once for every launcher (the compiled extension, CuPy's NVRTC module, the tests' CPU emulator), so the
-kernel names, thread counts and grids here must match PK_KERNELS in bsr_kernels.cuh.
+kernel names, thread counts and grids here must match PK_KERNELS in bsr_kernels.cuh. `forward` is the planner's
+guess; on a GPU the backend times the guess's `variants` once per batch-size bucket and runs the fastest
+(native.Native.planned), so the thresholds below only decide where nothing was timed (PRUNEKIT_TUNE=0, the CPU
+emulator) and which variants there are.
 """
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass
 
@@ -20,7 +24,7 @@ SPLITS = {"skinny": {32: (2, 4), 64: (2, 4)}, "bt": {32: (2,), 64: (2, 4)}}
 THREAD_BLOCKS = 512
 TC_SMALL_ROWS = 1024  # up to this many rows, tc tiles of 128 rows (more thread blocks in flight), else 256
 # tcw, tc's tile on Hopper's wgmma, takes 32- and 64-wide blocks in code built for sm_90a (TORCH_CUDA_ARCH_LIST=9.0a).
-# It is always among the variants there; it replaces tc in the plan once a GPU run has shown it faster.
+# It is always among the variants there (so tuning picks it where it is faster); TC_WGMMA makes it the untuned plan.
 TCW_BLOCKS = (32, 64)
 TC_WGMMA = False
 SIMT_ROWS = 64  # rows per thread block of the CUDA-core kernel
@@ -49,6 +53,10 @@ class Launch:
     block: tuple[int, int, int]
     tile: int = 0  # rows of the product per thread block (forward kernels; grid[1] = ceil(rows / tile))
     split: int = 1  # thread blocks per block row (forward kernels; grid[0] = block rows x split)
+
+    def for_rows(self, rows: int) -> "Launch":
+        """This forward launch for `rows` rows (another row count of its bucket): as many tiles of rows."""
+        return dataclasses.replace(self, grid=(self.grid[0], -(-rows // self.tile), 1))
 
 
 def bucket(rows: int) -> int:
@@ -103,7 +111,8 @@ def forward(rows: int, block_rows: int, block: int, dtype: torch.dtype, capabili
         ways = split("skinny", block, block_rows) if rows == 1 else 1  # (fp32's 4- and 16-row tiles have no splits)
         return _skinny(dt, block, block_rows, rows, ways)
     if not transposed and tensor and rows <= BT_ROWS:
-        return _bt(dt, block, block_rows, rows, split("bt", block, block_rows * -(-rows // BT_TILE)))
+        # (tiles of the bucket, not of the rows: one plan for every row count of a bucket)
+        return _bt(dt, block, block_rows, rows, split("bt", block, block_rows * -(-bucket(rows) // BT_TILE)))
     kind = "t" if transposed else "n"
     if TC_WGMMA and wgmma and mma_sync(dtype, capability) and not transposed and block in TCW_BLOCKS:
         return _tcw(dt, block, block_rows, rows, tc_tile(rows))
@@ -116,7 +125,8 @@ def variants(rows: int, block_rows: int, block: int, dtype: torch.dtype, capabil
              wgmma: bool = False) -> list[Launch]:
     """Every launch that computes the forward `forward` plans, the planned one first: its kernel whole and split in
     each way it can be (skinny at one row, bt), or tc with either tile, and tcw with either where the loaded kernels
-    have wgmma. For tests and for benchmarks that tune THREAD_BLOCKS, TC_SMALL_ROWS and TC_WGMMA."""
+    have wgmma: what a GPU backend times to pick its kernel (Native.planned), and the benchmarks show. Every row
+    count of a bucket gets the same launches in the same order."""
     planned = forward(rows, block_rows, block, dtype, capability, wgmma=wgmma)
     dt, family = DTYPE_NAMES[dtype], planned.name.split("_")[1]
     if family == "skinny" and rows == 1:

@@ -9,10 +9,22 @@ from typing import Callable
 
 import torch
 
+from . import dispatch
 from . import launch as plan
 from .layout import KERNEL_BLOCKS, BlockLayout
 
 Launcher = Callable[[str, tuple, tuple, bytes, int], None]
+TUNE_SECONDS = 0.01  # graph replays per variant when tuning (each replay runs dispatch.BURST calls)
+
+
+def tunes(x: torch.Tensor) -> bool:
+    """Whether the kernel for x is tuned: on a GPU, unless PRUNEKIT_TUNE=0."""
+    return x.device.type == "cuda" and os.environ.get("PRUNEKIT_TUNE") != "0"
+
+
+def busy() -> bool:
+    """Capturing a CUDA graph or tracing for torch.compile: no time to measure (a later eager call tunes)."""
+    return torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
 
 
 def _cuda_capability(device: torch.device) -> tuple[int, int]:
@@ -30,7 +42,13 @@ class Native:
     inference forward is one call of the prunekit::bsr_linear operator (op.cpp), with the kernel planned once per
     batch-size bucket, instead of the Python route through pack() and the launcher.
     wgmma(device): whether the kernels loaded for that device were built with wgmma (sm_90a), so tcw may run
-    (PRUNEKIT_WGMMA=0 says no, whatever was built)."""
+    (PRUNEKIT_WGMMA=0 says no, whatever was built).
+
+    On a GPU the forward's kernel is tuned: where the planner's kernel has variants (launch.variants: each way of
+    splitting block rows, both tc tiles, tcw), the first call of a batch-size bucket times them all as CUDA graphs
+    replay them and keeps the fastest for every later call of that bucket and layer shape (PRUNEKIT_TUNE=0 keeps
+    the planner's choice). The planner's thresholds are guesses from one H200 run; this makes them right on any
+    GPU, and makes the dispatch's "cuda_ext" the best this backend has."""
 
     def __init__(self, name: str, launcher: Launcher, device_type: str = "cuda",
                  capability: Callable = _cuda_capability, stream: Callable = _cuda_stream,
@@ -40,7 +58,8 @@ class Native:
         self.capability, self.stream = capability, stream
         self.kernel_index = kernel_index
         self.wgmma = lambda device: os.environ.get("PRUNEKIT_WGMMA") != "0" and wgmma(device)
-        self._planned: dict[tuple, tuple[int, int, int]] = {}
+        self._planned: tuple[str, dict[tuple, plan.Launch]] = (dispatch.generation(), {})
+        self._indices: dict[str, int] = {}  # kernel name -> index in the extension's table
 
     def unsupported(self, device: torch.device, dtype: torch.dtype, block: int) -> str | None:
         if device.type != self.device_type:
@@ -59,33 +78,61 @@ class Native:
         else:
             self.launcher(launch.name, launch.grid, launch.block, params, self.stream(device))
 
-    def operator_plan(self, rows: int, layout: BlockLayout, dtype: torch.dtype,
-                      device: torch.device) -> tuple[int, int, int, int]:
-        """(kernel index, rows per thread block, threads, thread blocks per block row) of the forward for `rows`
-        rows: the same for every row count of a power-of-two bucket (the planner's thresholds are powers of two), so
-        planned once per bucket and number of block rows."""
-        key = (plan.bucket(rows), layout.grid[0], layout.block, dtype, device)
-        found = self._planned.get(key)
-        if found is None:
-            launch = plan.forward(rows, layout.grid[0], layout.block, dtype, self.capability(device),
-                                  wgmma=self.wgmma(device))
-            index = self.kernel_index(launch.name)
+    def planned(self, x: torch.Tensor, values: torch.Tensor, layout: BlockLayout,
+                bias: torch.Tensor | None) -> plan.Launch:
+        """The forward's launch for the bucket of x's rows (its grid as for the first row count seen; `for_rows` gives
+        any other's): chosen once per batch-size bucket, layer shape and stored density (to 1/20), since the
+        planner's thresholds are powers of two and every row count of a bucket gets the same kernel; tuned among
+        the variants where `tunes` says so, else the planner's."""
+        rows = x.shape[0]
+        generation, chosen = self._planned
+        if generation != dispatch.generation():  # dispatch.forget() forgets the tuning too
+            self._planned = generation, chosen = dispatch.generation(), {}
+        key = (plan.bucket(rows), layout.grid, layout.block, round(layout.density * 20), x.dtype, x.device)
+        launch = chosen.get(key)
+        if launch is None:
+            launches = plan.variants(rows, layout.grid[0], layout.block, x.dtype, self.capability(x.device),
+                                     wgmma=self.wgmma(x.device))
+            launch = launches[0]
+            if len(launches) > 1 and tunes(x):
+                if busy():
+                    return launch
+                launch = self.fastest(launches, x, values, layout, bias)
+            chosen[key] = launch
+        return launch
+
+    def fastest(self, launches: list[plan.Launch], x: torch.Tensor, values: torch.Tensor, layout: BlockLayout,
+                bias: torch.Tensor | None) -> plan.Launch:
+        """The launch of `launches` whose replays in a CUDA graph take least time (dispatch.timings in graph mode:
+        host costs are the operator's whatever the kernel, so device time decides); one that fails to run is not
+        chosen, and if none runs the planner's (the first) stays."""
+        runs = {v.name: (lambda v=v: self.launch_forward(v, x, values, layout, bias)) for v in launches}
+        with torch.no_grad():
+            seconds, _ = dispatch.timings(runs, x.device, min_seconds=TUNE_SECONDS, mode="graph")
+        best = min(seconds, key=seconds.get, default=launches[0].name)
+        return next(v for v in launches if v.name == best)
+
+    def operator_plan(self, x: torch.Tensor, values: torch.Tensor, layout: BlockLayout,
+                      bias: torch.Tensor | None) -> tuple[int, int, int, int]:
+        """(kernel index, rows per thread block, threads, thread blocks per block row) of the forward's launch, the
+        arguments prunekit::bsr_linear takes besides the tensors."""
+        launch = self.planned(x, values, layout, bias)
+        index = self._indices.get(launch.name)
+        if index is None:
+            index = self._indices[launch.name] = self.kernel_index(launch.name)
             if index < 0:
                 raise RuntimeError(f"{self.name} has no kernel {launch.name}; rebuild the extension")
-            found = self._planned[key] = (index, launch.tile, launch.block[0], launch.split)
-        return found
+        return index, launch.tile, launch.block[0], launch.split
 
     def forward(self, x: torch.Tensor, values: torch.Tensor, layout: BlockLayout,
                 bias: torch.Tensor | None) -> torch.Tensor:
-        rows = x.shape[0]
-        if self.kernel_index is not None and rows:
-            kernel, tile, threads, split = self.operator_plan(rows, layout, x.dtype, x.device)
+        if not x.shape[0]:
+            return x.new_empty(0, layout.out_features)
+        if self.kernel_index is not None:
+            kernel, tile, threads, split = self.operator_plan(x, values, layout, bias)
             return torch.ops.prunekit.bsr_linear(x, values, layout.row_ptr, layout.col_idx, bias, layout.out_features,
                                                  kernel, tile, threads, split)
-        if not rows:
-            return x.new_empty(0, layout.out_features)
-        launch = plan.forward(rows, layout.grid[0], layout.block, x.dtype, self.capability(x.device),
-                              wgmma=self.wgmma(x.device))
+        launch = self.planned(x, values, layout, bias).for_rows(x.shape[0])
         return self.launch_forward(launch, x, values, layout, bias)
 
     def launch_forward(self, launch: plan.Launch, x: torch.Tensor, values: torch.Tensor, layout: BlockLayout,
