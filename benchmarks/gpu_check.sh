@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Everything prunekit checks on a GPU, in one go (sized for a quarter of an hour on an H100/H200): builds the CUDA
-# extension, checks the kernels against dense, runs the kernel grid with every launch variant
-# (benchmarks/block_kernels.py), the whole-model figure (benchmarks/gpu_model.py), SparseGPT's N:M cost
-# (benchmarks/sparsegpt_nm.py) and the GPU tests. Logs and results go to $OUT (default gpu_out/); copy the results
-# into benchmarks/results/ to commit them. STEPS picks steps, in this order, for runs split across calls (the
-# build is cached between calls on a warm machine). The grid saves its rows as it goes: if a call's time limit cuts
-# it short, RESUME=<that kernels_cuda.json> makes the next call (on a GPU of the same model) measure only the rest.
+# extension, checks the kernels against dense, times the host cost of one call (benchmarks/call_overhead.py), runs
+# the kernel grid with every launch variant (benchmarks/block_kernels.py), the whole-model figure
+# (benchmarks/gpu_model.py), SparseGPT's N:M cost (benchmarks/sparsegpt_nm.py) and the GPU tests. Logs and results
+# go to $OUT (default gpu_out/); copy the results into benchmarks/results/ to commit them. STEPS picks steps, in this
+# order, for runs split across calls (the build is cached between calls on a warm machine). The grid saves its rows
+# as it goes: if a call's time limit cuts it short, RESUME=<that kernels_cuda.json> makes the next call (on a GPU of
+# the same model) measure only the rest.
 #
 #   bash benchmarks/gpu_check.sh            # or: OUT=/tmp/run QUICK=1 STEPS="build smoke grid" bash ...
 #   RESUME=gpu_in/kernels_cuda.json STEPS="grid model sparsegpt tests" bash benchmarks/gpu_check.sh
@@ -17,7 +18,7 @@ mkdir -p "$OUT"
 export PRUNEKIT_JIT_CUDA=1 PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-build smoke grid model sparsegpt tests}
+STEPS=${STEPS:-build smoke overhead grid model sparsegpt tests}
 stamp() { echo "== $(date -u +%T) $*"; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
@@ -42,6 +43,11 @@ if grep -q "failed\|error" "$OUT/smoke.log"; then  # tcw, new and never run, mus
   export PRUNEKIT_WGMMA=0
   echo "smoke failed: PRUNEKIT_WGMMA=0 from here on" | tee -a "$OUT/smoke.log"
 fi
+fi
+
+if want overhead; then
+stamp "host cost of a call: the operator, the module around it, nn.Linear"
+$PY benchmarks/call_overhead.py --device cuda --out "$OUT/call_overhead_cuda" 2>&1 | tee "$OUT/overhead.log" | tail -5
 fi
 
 if want grid; then

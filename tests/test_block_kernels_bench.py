@@ -54,3 +54,21 @@ def test_the_variant_table_marks_the_fastest_and_the_one_the_backend_tuned_to(be
     table = bench.markdown(doc).split("Kernel variants")[1]
     assert "| 96x128 | 32 | 50% | 1 | tc_bf16_b32_m128_n 30.0, >tcw_bf16_b32_m128 20.0* |" in table
     assert "| 96x128 | 32 | 90% | 1 | bt_bf16_b32 5.0*, >bt_bf16_b32_s2 6.0 |" in table
+
+
+def test_the_call_overhead_benchmark_times_the_module_through_the_operator(tmp_path):
+    """benchmarks/call_overhead.py on the CPU: its stand-in operator is what the module runs (it checks), and every
+    call is reported with its cost beyond the operator's."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "overhead"
+    subprocess.run([sys.executable, str(BENCHMARKS / "call_overhead.py"), "--calls", "50", "--repeats", "1",
+                    "--out", str(out)], check=True, capture_output=True, text=True)
+    result = json.loads(out.with_suffix(".json").read_text())
+    times = result["us_per_call"]
+    assert list(times) == ["operator alone", "BlockSparseLinear, [1, 4096]", "BlockSparseLinear, [1, 1, 4096]",
+                           "nn.Linear 64x64, 2-D"]
+    assert all(0 < us < 1e4 for us in times.values())
+    table = out.with_suffix(".md").read_text()
+    assert f"| BlockSparseLinear, [1, 4096] | {times['BlockSparseLinear, [1, 4096]']:.2f} |" in table

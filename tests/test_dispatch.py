@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from prunekit.errors import PrunekitError
 from prunekit.kernels import dispatch
 from prunekit.kernels import launch as plan
 from prunekit.kernels.layout import BlockLayout
@@ -165,7 +166,7 @@ def test_a_gpu_tunes_the_kernel_once_per_bucket_to_the_fastest_variant_as_graphs
     monkeypatch.setattr(dispatch, "graphed", graphed)
     monkeypatch.setattr(dispatch, "measure", measure)
     monkeypatch.setattr(native_module, "tunes", lambda x: True)
-    monkeypatch.setattr(native_module, "busy", lambda: busy[0])
+    monkeypatch.setattr(dispatch, "busy", lambda: busy[0])
     layout = BlockLayout.from_mask(torch.ones(4 * 64, 2 * 64, dtype=torch.bool), 64)
     values = torch.zeros(layout.nnzb, 64, 64, dtype=torch.bfloat16)
     run = lambda rows: native.forward(torch.zeros(rows, 128, dtype=torch.bfloat16), values, layout, None)
@@ -203,3 +204,75 @@ def test_tuning_is_for_gpus_and_can_be_turned_off(monkeypatch):
     assert tunes(cuda)
     monkeypatch.setenv("PRUNEKIT_TUNE", "0")
     assert not tunes(cuda)
+
+
+def standin_operator(calls: list):
+    """prunekit::bsr_linear's signature and product (leading dimensions of x are rows), computed densely from the
+    blocks it is given, recording each call."""
+    def bsr_linear(x, values, row_ptr, col_idx, bias, out_features, kernel, tile_rows, threads, split):
+        calls.append((tuple(x.shape), kernel, tile_rows, threads, split))
+        b = values.shape[-1]
+        weight = torch.zeros((row_ptr.numel() - 1) * b, (int(col_idx.max()) + 1) * b, dtype=values.dtype)
+        for r in range(row_ptr.numel() - 1):
+            for j in range(int(row_ptr[r]), int(row_ptr[r + 1])):
+                c = int(col_idx[j])
+                weight[r * b:(r + 1) * b, c * b:(c + 1) * b] = values[j]
+        y = x @ weight[:out_features, :x.shape[-1]].t()
+        return y if bias is None else y + bias
+
+    return bsr_linear
+
+
+def test_an_inference_call_after_the_first_is_the_operator_alone(monkeypatch):
+    """BlockSparseLinear remembers, per batch-size bucket, a function that is the operator with everything but the
+    input fixed (Native.bind), and hands it [batch, tokens, features] as it came: no choice, plan or reshape per call.
+    What it remembered goes when the weights, the bias or the backend change, and does not travel with a copy."""
+    import copy
+
+    from prunekit.kernels import backends
+    from prunekit.kernels.linear import BlockSparseLinear
+
+    calls = []
+    names = sorted({v.name for r in (1, 6, 40) for v in plan.variants(r, 3, 32, torch.float32, (9, 0))})
+    native = Native("standin", launcher=None, device_type="cpu", capability=lambda device: (9, 0),
+                    kernel_index=names.index, operator=standin_operator(calls))
+    monkeypatch.setitem(backends._loaded, "standin", native)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(90, 80)
+    keep = torch.rand(3, 3).repeat_interleave(32, 0)[:80].repeat_interleave(32, 1)[:, :90] > 0.4
+    module = BlockSparseLinear.from_dense(linear, keep, 32, backend="standin")
+    reference = lambda x, w=linear.weight, b=linear.bias: x @ (w * keep).t() + b
+    x = torch.randn(2, 3, 90)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), reference(x))
+        launch = plan.forward(6, 3, 32, torch.float32, (9, 0))
+        assert calls == [((2, 3, 90), names.index(launch.name), launch.tile, launch.block[0], launch.split)]
+
+        with monkeypatch.context() as m:  # the same bucket (8 rows) again: nothing is chosen or planned
+            m.setattr(BlockSparseLinear, "choose", lambda *a: pytest.fail("chose again"))
+            m.setattr(Native, "operator_plan", lambda *a: pytest.fail("planned again"))
+            seven = torch.randn(7, 90)
+            torch.testing.assert_close(module(seven), reference(seven))
+            with pytest.raises(PrunekitError, match="input has 91 features, this layer takes 90"):
+                module(torch.randn(2, 3, 91))  # (the operator would read past the rows)
+        with pytest.raises(PrunekitError, match="input has 91 features, this layer takes 90"):
+            module(torch.randn(40, 91))  # nor is it measured on
+        assert module(torch.randn(0, 90)).shape == (0, 80)
+
+        twin = copy.deepcopy(module)
+        twin.values.mul_(2)
+        twin.bias.zero_()
+        torch.testing.assert_close(twin(x), 2 * reference(x) - 2 * linear.bias)  # its own tensors, not module's
+        torch.testing.assert_close(module(x), reference(x))
+        module.bias = torch.nn.Parameter(torch.zeros(80))
+        torch.testing.assert_close(module(x), reference(x) - linear.bias)
+        calls.clear()
+        module.backend = "dense"
+        torch.testing.assert_close(module(x), reference(x) - linear.bias)
+        assert calls == []
+
+        module.backend = "standin"
+        monkeypatch.setattr(dispatch, "busy", lambda: True)  # captured or traced: run, but remember nothing
+        module(x)
+        module(x)
+        assert len(calls) == 2 and not dispatch.memo(module, "_prunekit_runs")

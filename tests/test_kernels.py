@@ -260,10 +260,17 @@ def test_the_operator_is_thin_capturable_and_compilable():
                               test_utils=("test_schema", "test_faketensor"))
         close(torch.ops.prunekit.bsr_linear(*args), x.double() @ (weight.double() * keep).t().to(device) + bias.double(),
               torch.bfloat16)
+    # [batch, tokens, features], here not a view of rows (the operator flattens, copying where it must)
+    x = torch.randn(20, 2, 200, dtype=torch.bfloat16, device=device).transpose(0, 1)
+    args = (x, values, layout.row_ptr, layout.col_idx, bias, 300,
+            *backend.operator_plan(x.reshape(-1, 200), values, layout, bias))
+    torch.library.opcheck(torch.ops.prunekit.bsr_linear.default, args, test_utils=("test_schema", "test_faketensor"))
+    close(torch.ops.prunekit.bsr_linear(*args), x.double() @ (weight.double() * keep).t().to(device) + bias.double(),
+          torch.bfloat16)
     linear = torch.nn.Linear(200, 300, dtype=torch.bfloat16)
     linear.weight.data.copy_(weight)
     module = BlockSparseLinear.from_dense(linear, keep, 32, backend="cuda_ext").to(device)
-    x = torch.randn(4, 200, dtype=torch.bfloat16, device=device)
+    x = torch.randn(2, 2, 200, dtype=torch.bfloat16, device=device)  # through the module's remembered run
     with torch.no_grad():
         eager = module(x)
         stream = torch.cuda.Stream()

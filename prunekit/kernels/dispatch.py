@@ -109,23 +109,39 @@ def _threads(on_cpu: bool) -> int:
     return torch.get_num_threads() if on_cpu else 0
 
 
+def key(x: torch.Tensor, in_features: int) -> tuple:
+    """What a module remembers its choices by: the bucket of x's rows, x's dtype, torch's CPU threads, the mode."""
+    return bucket(x.numel() // in_features), x.dtype, _threads(x.is_cpu), _mode_on(x.device)
+
+
+def memo(module: torch.nn.Module, name: str = _MEMO) -> dict:
+    """A dict kept on `module` for the measurements of now: empty again after forget(), and in a module copied to
+    another process (whose measurements start afresh)."""
+    found = module.__dict__.get(name)
+    if found is None or found[0] != _generation:
+        found = module.__dict__[name] = (_generation, {})
+    return found[1]
+
+
+def busy() -> bool:
+    """Whether a CUDA graph is being captured or torch.compile is tracing: nothing can be measured, and what is
+    decided meanwhile is not remembered (a later eager call decides for good)."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def pick(module: torch.nn.Module, x: torch.Tensor, kind: str, shape, block: int, density: float,
          candidates: Callable[[torch.Tensor], dict[str, Callable[[], object]]]) -> str:
-    """The backend `module` runs `x` on: remembered per module and batch-size bucket, so that a forward after the
-    first costs one dictionary lookup; otherwise the problem's choice, measuring candidates(x as 2-D rows) (which
-    must include "dense") if the problem is new."""
-    rows = x.numel() // shape[1]
-    key = (bucket(rows), x.dtype, _threads(x.is_cpu), _mode_on(x.device))
-    memo = module.__dict__.get(_MEMO)
-    if memo is None or memo[0] != _generation:  # first call, or measurements forgotten, or from another process
-        memo = module.__dict__[_MEMO] = (_generation, {})
-    winner = memo[1].get(key)
+    """The backend `module` runs `x` on: remembered per module and `key`, so that a forward after the first costs
+    one dictionary lookup; otherwise the problem's choice, measuring candidates(x as 2-D rows) (which must include
+    "dense") if the problem is new."""
+    remembered, k = memo(module), key(x, shape[1])
+    winner = remembered.get(k)
     if winner is None:
-        problem = Problem.of(kind, shape, block, density, x.dtype, x.device, rows)
+        problem = Problem.of(kind, shape, block, density, x.dtype, x.device, x.numel() // shape[1])
         choice = known(problem)
         if choice is None:
             choice = choose(problem, candidates(x.detach().reshape(-1, shape[1]).contiguous()), x.device)
-        memo[1][key] = winner = choice.winner
+        remembered[k] = winner = choice.winner
     return winner
 
 

@@ -2,6 +2,8 @@
 kernel, with the backend chosen per batch size by measurement (dispatch.py) unless one is named."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +15,8 @@ from . import backends, dispatch
 from .cpu import workspace
 from .function import block_sparse_linear
 from .layout import BlockLayout, choose_block
+
+_RUNS = "_prunekit_runs"  # BlockSparseLinear's forward per batch-size bucket (inference)
 
 
 def dense_view(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -81,6 +85,7 @@ class BlockSparseLinear(nn.Module):
         if name != "auto" and not backends.known(name):
             raise PrunekitError(f"unknown backend {name!r}; use 'auto' or one of {', '.join(backends.NAMES)}")
         self._backend = name
+        self.__dict__.pop(_RUNS, None)
 
     @classmethod
     def from_dense(cls, linear: nn.Module, mask: torch.Tensor | None = None, block: int | None = None,
@@ -123,14 +128,22 @@ class BlockSparseLinear(nn.Module):
                 **{name: self._buffers[name] for name in BlockLayout.INDEX_FIELDS})
         return layout
 
-    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): new index tensors
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): new tensors
         self.__dict__.pop("_layout", None)
+        self.__dict__.pop(_RUNS, None)
         return super()._apply(fn, recurse)
 
     def __setattr__(self, name, value):
         if name in BlockLayout.INDEX_FIELDS:
             self.__dict__.pop("_layout", None)
+        if name in BlockLayout.INDEX_FIELDS or name in ("values", "bias"):
+            self.__dict__.pop(_RUNS, None)
         super().__setattr__(name, value)
+
+    def __getstate__(self):  # a copy builds its own runs: these are bound to this module's tensors
+        state = super().__getstate__()
+        state.pop(_RUNS, None)
+        return state
 
     def dense_weight(self) -> torch.Tensor:
         """The dense [out, in] weight, differentiable while training; otherwise rebuilt for each call and never kept,
@@ -156,11 +169,31 @@ class BlockSparseLinear(nn.Module):
         return dispatch.pick(self, x, "bsr", (self.out_features, self.in_features), self.block, layout.density,
                              candidates)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = self.choose(x) if self.backend == "auto" else self.backend
+    def product(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """forward's product on backend `name` (or "dense"), differentiable."""
         if name == "dense":
-            return F.linear(x, self.dense_weight(), self.bias)
-        return block_sparse_linear(x, self.values, self.layout, self.bias, backends.get(name))
+            return lambda x: F.linear(x, self.dense_weight(), self.bias)
+        backend = backends.get(name)
+        return lambda x: block_sparse_linear(x, self.values, self.layout, self.bias, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad
+                                        or (self.bias is not None and self.bias.requires_grad)):
+            return self.product(self.choose(x) if self._backend == "auto" else self._backend)(x)
+        # Inference: what runs x is remembered per batch-size bucket (dispatch.key), so that a call after the first
+        # is one lookup and the product, the thin operator itself where the backend has one (Native.bind).
+        if x.shape[-1] != self.in_features:  # (kernels take the width from x: a wrong one must not reach them)
+            raise PrunekitError(f"input has {x.shape[-1]} features, this layer takes {self.in_features}")
+        runs, k = dispatch.memo(self, _RUNS), dispatch.key(x, self.in_features)
+        run = runs.get(k)
+        if run is None:
+            name = self.choose(x) if self._backend == "auto" else self._backend
+            bind = getattr(backends.get(name), "bind", None) if name != "dense" else None
+            run = (bind and bind(x.reshape(-1, self.in_features), self.values, self.layout, self.bias)) \
+                or self.product(name)
+            if x.numel() and not dispatch.busy():  # (no rows: the bucket of one row, which decode will measure)
+                runs[k] = run
+        return run(x)
 
     def to_dense(self) -> nn.Module:
         """The equivalent nn.Linear (or Conv1D), with the prunekit mask of everything not kept."""

@@ -22,11 +22,6 @@ def tunes(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and os.environ.get("PRUNEKIT_TUNE") != "0"
 
 
-def busy() -> bool:
-    """Capturing a CUDA graph or tracing for torch.compile: no time to measure (a later eager call tunes)."""
-    return torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
-
-
 def _cuda_capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
@@ -38,9 +33,10 @@ def _cuda_stream(device: torch.device) -> int:
 class Native:
     """One BSR backend: forward, input gradient and block gradient for fp32/fp16/bf16 and blocks 16/32/64.
 
-    kernel_index: where the launcher is the compiled extension, its table's index of a kernel name; then the
-    inference forward is one call of the prunekit::bsr_linear operator (op.cpp), with the kernel planned once per
-    batch-size bucket, instead of the Python route through pack() and the launcher.
+    kernel_index and operator: where the launcher is the compiled extension, its table's index of a kernel name and
+    its prunekit::bsr_linear operator (op.cpp; tests pass a stand-in of the same signature); then the inference
+    forward is one call of the operator with the kernel chosen once per batch-size bucket, instead of the Python
+    route through pack() and the launcher.
     wgmma(device): whether the kernels loaded for that device were built with wgmma (sm_90a), so tcw may run
     (PRUNEKIT_WGMMA=0 says no, whatever was built).
 
@@ -52,11 +48,11 @@ class Native:
 
     def __init__(self, name: str, launcher: Launcher, device_type: str = "cuda",
                  capability: Callable = _cuda_capability, stream: Callable = _cuda_stream,
-                 kernel_index: Callable[[str], int] | None = None,
+                 kernel_index: Callable[[str], int] | None = None, operator: Callable | None = None,
                  wgmma: Callable[[torch.device], bool] = lambda device: False):
         self.name, self.launcher, self.device_type = name, launcher, device_type
         self.capability, self.stream = capability, stream
-        self.kernel_index = kernel_index
+        self.kernel_index, self.operator = kernel_index, operator
         self.wgmma = lambda device: os.environ.get("PRUNEKIT_WGMMA") != "0" and wgmma(device)
         self._planned: tuple[str, dict[tuple, plan.Launch]] = (dispatch.generation(), {})
         self._indices: dict[str, int] = {}  # kernel name -> index in the extension's table
@@ -95,7 +91,7 @@ class Native:
                                      wgmma=self.wgmma(x.device))
             launch = launches[0]
             if len(launches) > 1 and tunes(x):
-                if busy():
+                if dispatch.busy():  # (a later eager call tunes)
                     return launch
                 launch = self.fastest(launches, x, values, layout, bias)
             chosen[key] = launch
@@ -124,14 +120,25 @@ class Native:
                 raise RuntimeError(f"{self.name} has no kernel {launch.name}; rebuild the extension")
         return index, launch.tile, launch.block[0], launch.split
 
+    def bind(self, x: torch.Tensor, values: torch.Tensor, layout: BlockLayout,
+             bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The inference forward for the bucket of x's rows (x 2-D) as a function of the input alone, of any number
+        of leading dimensions and layout.in_features features (the caller checks the width): one call of
+        prunekit::bsr_linear with the kernel and every other argument fixed, which checks device and dtype itself.
+        None where this backend has no operator."""
+        if self.operator is None or not x.shape[0]:
+            return None
+        op, fixed = self.operator, (values, layout.row_ptr, layout.col_idx, bias, layout.out_features,
+                                    *self.operator_plan(x, values, layout, bias))
+        return lambda x: op(x, *fixed)  # (it flattens leading dimensions itself)
+
     def forward(self, x: torch.Tensor, values: torch.Tensor, layout: BlockLayout,
                 bias: torch.Tensor | None) -> torch.Tensor:
         if not x.shape[0]:
             return x.new_empty(0, layout.out_features)
-        if self.kernel_index is not None:
-            kernel, tile, threads, split = self.operator_plan(x, values, layout, bias)
-            return torch.ops.prunekit.bsr_linear(x, values, layout.row_ptr, layout.col_idx, bias, layout.out_features,
-                                                 kernel, tile, threads, split)
+        if self.operator is not None:
+            return self.operator(x, values, layout.row_ptr, layout.col_idx, bias, layout.out_features,
+                                 *self.operator_plan(x, values, layout, bias))
         launch = self.planned(x, values, layout, bias).for_rows(x.shape[0])
         return self.launch_forward(launch, x, values, layout, bias)
 
@@ -203,7 +210,7 @@ def _register_fake() -> None:
 
     @torch.library.register_fake("prunekit::bsr_linear")
     def _(x, values, row_ptr, col_idx, bias, out_features, kernel, tile_rows, threads, split):
-        return x.new_empty(x.shape[0], out_features)
+        return x.new_empty(*x.shape[:-1], out_features)
 
 
 def extension_backend(jit: bool | None = None) -> Native:
@@ -217,4 +224,4 @@ def extension_backend(jit: bool | None = None) -> Native:
 
     return Native("cuda_ext", lambda name, grid, block, params, stream: ext.launch(name, list(grid), list(block),
                                                                                   params, stream),
-                  kernel_index=ext.kernel_index, wgmma=wgmma)
+                  kernel_index=ext.kernel_index, operator=torch.ops.prunekit.bsr_linear, wgmma=wgmma)

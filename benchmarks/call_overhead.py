@@ -1,0 +1,128 @@
+"""What a BlockSparseLinear forward costs on the host beyond its kernel: wall time per eager call of the
+prunekit::bsr_linear operator alone and of the module around it (2-D and [batch, tokens, features] input), beside
+torch's own nn.Linear. At one row on a GPU the kernel takes a few microseconds, so this host path decides whether an
+eager sparse layer can beat cuBLAS at all.
+
+    python benchmarks/call_overhead.py                  # the CPU, with a stand-in operator (host cost only)
+    python benchmarks/call_overhead.py --device cuda    # a GPU, with the compiled extension
+
+On the CPU the operator is a stand-in of the same signature, registered with torch.library, that returns a
+preallocated output: what it measures is the dispatcher's cost and the module's, no arithmetic. nn.Linear there is
+64 x 64, so that its time is also nearly all host cost. On a GPU both are the real 4096 x 4096 bf16 layer at one
+row (32x32 blocks, 70% pruned), each call queued behind the last and timed over many, as eager decoding runs them.
+The best of --repeats rounds is reported. Written to results/call_overhead_<device>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from machine_info import machine, versions  # noqa: E402
+
+from prunekit.kernels import backends  # noqa: E402
+from prunekit.kernels.linear import BlockSparseLinear  # noqa: E402
+from prunekit.kernels.native import Native  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FEATURES, BLOCK, PRUNED = 4096, 32, 0.7
+
+
+def standin_backend() -> Native:
+    """A CPU Native whose operator does no work (returns one preallocated output per shape)."""
+    lib = torch.library.Library("prunekit_standin", "DEF")
+    lib.define("bsr_linear(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? bias, int out_features, "
+               "int kernel, int tile_rows, int threads, int split) -> Tensor")
+    outputs = {}
+
+    def bsr_linear(x, values, row_ptr, col_idx, bias, out_features, kernel, tile_rows, threads, split):
+        shape = (*x.shape[:-1], out_features)
+        return outputs.setdefault(shape, x.new_empty(shape))
+
+    lib.impl("bsr_linear", bsr_linear, "CPU")
+    standin_backend.library = lib  # (the registration lasts as long as the Library object)
+    native = Native("standin", launcher=None, device_type="cpu", capability=lambda device: (9, 0),
+                    kernel_index=lambda name: 0, operator=torch.ops.prunekit_standin.bsr_linear)
+    backends.register(native)
+    return native
+
+
+def per_call(fn, calls: int, device: torch.device) -> float:
+    """Microseconds per call over `calls` calls queued back to back."""
+    for _ in range(min(calls, 200)):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--calls", type=int, default=20000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="results path without suffix")
+    parser.add_argument("--note", default="")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    info = machine(device.type)
+    backend = standin_backend() if device.type == "cpu" else backends.get("cuda_ext")
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(FEATURES, FEATURES, dtype=torch.bfloat16)
+    grid = FEATURES // BLOCK
+    keep = (torch.rand(grid, grid) >= PRUNED).repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
+    module = BlockSparseLinear.from_dense(dense, keep, BLOCK, backend=backend.name).to(device)
+    reference = (dense if device.type == "cuda" else torch.nn.Linear(64, 64, dtype=torch.bfloat16)).to(device)
+    x = torch.randn(1, FEATURES, dtype=torch.bfloat16, device=device)
+    x3 = x.view(1, 1, FEATURES)
+    x_ref = torch.randn(1, reference.in_features, dtype=torch.bfloat16, device=device)
+    layout = module.layout
+    with torch.no_grad():
+        plan = backend.operator_plan(x, module.values, layout, module.bias)
+        args_ = (x, module.values, layout.row_ptr, layout.col_idx, module.bias, FEATURES, *plan)
+        calls = {"operator alone": lambda: backend.operator(*args_),
+                 "BlockSparseLinear, [1, 4096]": lambda: module(x),
+                 "BlockSparseLinear, [1, 1, 4096]": lambda: module(x3),
+                 f"nn.Linear {reference.in_features}x{reference.out_features}, 2-D": lambda: reference(x_ref)}
+        if device.type == "cpu" and module(x) is not backend.operator(*args_):  # (the stand-in's one output)
+            raise SystemExit("BlockSparseLinear did not run the operator: this would time something else")
+        best = {name: min(per_call(fn, args.calls, device) for _ in range(args.repeats)) for name, fn in calls.items()}
+    for name, us in best.items():
+        print(f"{name:34s} {us:7.2f} us", flush=True)
+
+    command = "python benchmarks/call_overhead.py" + (" --device cuda" if device.type == "cuda" else "")
+    result = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": info, "versions": versions(), "calls": args.calls, "repeats": args.repeats,
+              "operator": backend.name, "us_per_call": best, "note": args.note}
+    out = args.out or RESULTS / f"call_overhead_{device.type}"
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    operator = best["operator alone"]
+    lines = [f"# Host cost of a BlockSparseLinear call ({device.type}, operator: {backend.name})", "",
+             f"Command: `{command}`  ", f"Machine: {info.get('gpu', info['cpu'])}  ", f"Date: {result['date']}", "",
+             "| call | us per call | beyond the operator |", "|---|---|---|"]
+    lines += [f"| {name} | {us:.2f} | {us - operator:+.2f} |" for name, us in best.items()]
+    lines += ["", "The layer is 4096 x 4096 bf16 with 32x32 blocks, 70% pruned, at one row"
+              + (" (nn.Linear is the same layer, dense)." if device.type == "cuda" else
+                 "; the operator is a stand-in that does no work, and nn.Linear is 64 x 64, so every time here is "
+                 "host cost.")] + (["", args.note] if args.note else [])
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}.md")
+
+
+if __name__ == "__main__":
+    main()
