@@ -1,6 +1,9 @@
 """The dispatch's choice logic with injected timings (so that it is checked without a GPU): modes, device keys, the
 margin, and the kernel plan the thin CUDA operator caches per batch-size bucket."""
 import dataclasses
+import functools
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ from prunekit.errors import PrunekitError
 from prunekit.kernels import dispatch
 from prunekit.kernels import launch as plan
 from prunekit.kernels.layout import BlockLayout
-from prunekit.kernels.native import Native
+from prunekit.kernels.native import SCHEMA, Native, stand_in
 
 CPU = torch.device("cpu")
 
@@ -223,20 +226,45 @@ def standin_operator(calls: list):
     return bsr_linear
 
 
-def test_an_inference_call_after_the_first_is_the_operator_alone(monkeypatch):
+@functools.lru_cache(maxsize=None)
+def standin_library() -> tuple:
+    """standin_operator as the torch operator prunekit_test::bsr_linear (once a process), and its record of calls."""
+    calls = []
+    return stand_in("prunekit_test", standin_operator(calls)), calls
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    """(the registered stand-in backend, its calls, the kernel names its indices count)."""
+    from prunekit.kernels import backends
+
+    _, calls = standin_library()
+    calls.clear()
+    names = sorted({v.name for r in (1, 6, 40) for v in plan.variants(r, 3, 32, torch.float32, (9, 0))})
+    native = Native("standin", launcher=None, device_type="cpu", capability=lambda device: (9, 0),
+                    kernel_index=names.index, operator=torch.ops.prunekit_test.bsr_linear)
+    monkeypatch.setitem(backends._loaded, "standin", native)
+    return native, calls, names
+
+
+def test_the_stand_in_has_the_operators_schema():
+    """The stand-in (tests, benchmarks/call_overhead.py) is declared from native.SCHEMA: the same as op.cpp's."""
+    source = (Path(__file__).parents[1] / "cuda_ext" / "op.cpp").read_text()
+    declared = "".join(re.findall(r'"([^"]*)"', re.search(r"m\.def\(([^;]*)\);", source).group(1)))
+    assert declared == SCHEMA
+    standin_library()
+    assert str(torch.ops.prunekit_test.bsr_linear.default._schema) == "prunekit_test::" + SCHEMA
+
+
+def test_an_inference_call_after_the_first_is_the_operator_alone(monkeypatch, standin):
     """BlockSparseLinear remembers, per batch-size bucket, a function that is the operator with everything but the
     input fixed (Native.bind), and hands it [batch, tokens, features] as it came: no choice, plan or reshape per call.
     What it remembered goes when the weights, the bias or the backend change, and does not travel with a copy."""
     import copy
 
-    from prunekit.kernels import backends
     from prunekit.kernels.linear import BlockSparseLinear
 
-    calls = []
-    names = sorted({v.name for r in (1, 6, 40) for v in plan.variants(r, 3, 32, torch.float32, (9, 0))})
-    native = Native("standin", launcher=None, device_type="cpu", capability=lambda device: (9, 0),
-                    kernel_index=names.index, operator=standin_operator(calls))
-    monkeypatch.setitem(backends._loaded, "standin", native)
+    _, calls, names = standin
     torch.manual_seed(0)
     linear = torch.nn.Linear(90, 80)
     keep = torch.rand(3, 3).repeat_interleave(32, 0)[:80].repeat_interleave(32, 1)[:, :90] > 0.4
@@ -276,3 +304,27 @@ def test_an_inference_call_after_the_first_is_the_operator_alone(monkeypatch):
         module(x)
         module(x)
         assert len(calls) == 2 and not dispatch.memo(module, "_prunekit_runs")
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["after an eager call", "first call compiled"])
+def test_a_layer_on_the_operator_compiles_to_one_graph(monkeypatch, standin, warm):
+    """torch.compile(fullgraph=True) of a BlockSparseLinear whose backend has an operator: one graph, no break,
+    whether the layer's run was remembered eagerly first or is built while tracing (not remembered then), and the
+    same numbers as eager."""
+    from prunekit.kernels.linear import BlockSparseLinear
+
+    # As on a GPU: torch.get_num_threads (the CPU's part of the dispatch key) is not traceable. On the CPU a compiled
+    # layer breaks the graph there, as it does at the CPU kernels, which are not operators.
+    monkeypatch.setattr(dispatch, "_threads", lambda on_cpu: 0)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(90, 80)
+    keep = torch.rand(3, 3).repeat_interleave(32, 0)[:80].repeat_interleave(32, 1)[:, :90] > 0.4
+    module = BlockSparseLinear.from_dense(linear, keep, 32, backend="standin")
+    x = torch.randn(2, 3, 90)
+    expected = x @ (linear.weight * keep).t() + linear.bias
+    with torch.no_grad():
+        if warm:
+            torch.testing.assert_close(module(x), expected.detach())
+        torch.testing.assert_close(torch.compile(module, fullgraph=True)(x), expected.detach())
+    assert bool(dispatch.memo(module, "_prunekit_runs")) == warm

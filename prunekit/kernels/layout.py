@@ -6,7 +6,6 @@ is padded with zeros (never kept), so the kernels always read full blocks and on
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -31,8 +30,7 @@ class BlockLayout:
 
     INDEX_FIELDS = ("row_ptr", "col_idx", "row_idx", "t_row_ptr", "t_col_idx", "t_perm")
 
-    # grid and density are read on every forward (the kernel plan's key): computed once, as a layout never changes
-    @functools.cached_property
+    @property
     def grid(self) -> tuple[int, int]:
         """(block rows, block columns), counting padded edge blocks."""
         return -(-self.out_features // self.block), -(-self.in_features // self.block)
@@ -46,7 +44,7 @@ class BlockLayout:
     def nnzb(self) -> int:
         return int(self.col_idx.numel())
 
-    @functools.cached_property
+    @property
     def density(self) -> float:
         """Stored blocks over all blocks."""
         rows, cols = self.grid

@@ -204,13 +204,30 @@ def load_extension(jit: bool | None = None):
 SOURCES = ("extension.cpp", "op.cpp", "launch.cu")  # what the extension is built from (setup.py lists them too)
 
 
+# The operator's schema as op.cpp defines it (a test compares the two), for stand-ins of it
+SCHEMA = ("bsr_linear(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? bias, int out_features, "
+          "int kernel, int tile_rows, int threads, int split) -> Tensor")
+
+
+def output_like(x, values, row_ptr, col_idx, bias, out_features, kernel, tile_rows, threads, split):
+    """prunekit::bsr_linear's output, unfilled: its fake implementation, for torch.compile and meta tensors."""
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 @functools.lru_cache(maxsize=None)
 def _register_fake() -> None:
-    """The shape of prunekit::bsr_linear's output without running it, for torch.compile and meta tensors."""
+    torch.library.register_fake("prunekit::bsr_linear")(output_like)
 
-    @torch.library.register_fake("prunekit::bsr_linear")
-    def _(x, values, row_ptr, col_idx, bias, out_features, kernel, tile_rows, threads, split):
-        return x.new_empty(*x.shape[:-1], out_features)
+
+def stand_in(namespace: str, impl: Callable) -> torch.library.Library:
+    """A CPU operator `namespace`::bsr_linear of the extension's schema, computed by `impl`, with its fake: what tests
+    and benchmarks/call_overhead.py run where the extension cannot (no GPU). Keep the Library: the operator lives as
+    long as it does."""
+    library = torch.library.Library(namespace, "DEF")
+    library.define(SCHEMA)
+    library.impl("bsr_linear", impl, "CPU")
+    torch.library.register_fake(f"{namespace}::bsr_linear", lib=library)(output_like)
+    return library
 
 
 def extension_backend(jit: bool | None = None) -> Native:
