@@ -328,3 +328,34 @@ def test_a_layer_on_the_operator_compiles_to_one_graph(monkeypatch, standin, war
             torch.testing.assert_close(module(x), expected.detach())
         torch.testing.assert_close(torch.compile(module, fullgraph=True)(x), expected.detach())
     assert bool(dispatch.memo(module, "_prunekit_runs")) == warm
+
+
+def test_auto_times_each_backend_as_inference_runs_it(monkeypatch, standin):
+    """The eager measurement decides between paths whose host costs differ by several microseconds at one row, so
+    the sparse candidate is timed as inference runs it, the bound operator (planned once, not per call, and not
+    through the autograd function), and the winner is what then runs."""
+    from prunekit.kernels import backends
+    from prunekit.kernels.linear import BlockSparseLinear
+
+    native, calls, names = standin
+    monkeypatch.setattr(backends, "usable", lambda device, dtype, block: ["standin"])
+    monkeypatch.setattr(Native, "forward", lambda *a: pytest.fail("timed through the autograd function"))
+    planned = []
+    monkeypatch.setattr(Native, "operator_plan", lambda self, x, *a: planned.append(x.shape) or (0, 64, 128, 1))
+
+    def timings(candidates, device, mode="eager", **kw):
+        assert set(candidates) == {"dense", "standin"}
+        for _ in range(3):
+            candidates["standin"]()
+        assert len(calls) == 3 and len(planned) == 1  # three calls of the operator, one plan
+        return {"dense": 1.0, "standin": 0.5}, {}
+
+    monkeypatch.setattr(dispatch, "timings", timings)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(90, 80)
+    keep = torch.rand(3, 3).repeat_interleave(32, 0)[:80].repeat_interleave(32, 1)[:, :90] > 0.4
+    module = BlockSparseLinear.from_dense(linear, keep, 32)
+    x = torch.randn(5, 90)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), x @ (linear.weight * keep).t() + linear.bias)
+    assert len(calls) == 4 and planned == [(5, 90), (5, 90)]  # the winner, bound for the module

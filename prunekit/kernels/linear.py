@@ -2,6 +2,7 @@
 kernel, with the backend chosen per batch size by measurement (dispatch.py) unless one is named."""
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -156,17 +157,16 @@ class BlockSparseLinear(nn.Module):
         return self.layout.scatter(self.values.detach(), out=out)
 
     def choose(self, x: torch.Tensor) -> str:
-        """The backend "auto" runs `x` on (measured the first time its problem is seen)."""
-        layout = self.layout
+        """The backend "auto" runs `x` on (measured the first time its problem is seen), each candidate timed as
+        forward would run it at inference (`runner`; dense with its weight rebuilt per call, as forward does)."""
+        def candidates(x2):
+            def timed(name):  # built on its first call, inside the timing's error handling
+                run = functools.cache(lambda: self.runner(name, x2))
+                return lambda: run()(x2)
 
-        def candidates(x2):  # dense as forward runs it: on the CPU, the weight rebuilt per call
-            values, bias = self.values.detach(), None if self.bias is None else self.bias.detach()
-            found = {"dense": lambda: F.linear(x2, self.dense_weight(), bias)}
-            for name in backends.usable(x.device, x.dtype, self.block):
-                found[name] = lambda name=name: block_sparse_linear(x2, values, layout, bias, backends.get(name))
-            return found
+            return {name: timed(name) for name in ("dense", *backends.usable(x.device, x.dtype, self.block))}
 
-        return dispatch.pick(self, x, "bsr", (self.out_features, self.in_features), self.block, layout.density,
+        return dispatch.pick(self, x, "bsr", (self.out_features, self.in_features), self.block, self.layout.density,
                              candidates)
 
     def product(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -176,21 +176,25 @@ class BlockSparseLinear(nn.Module):
         backend = backends.get(name)
         return lambda x: block_sparse_linear(x, self.values, self.layout, self.bias, backend)
 
+    def runner(self, name: str, x2: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What inference runs on backend `name` (or "dense") for the bucket of x2's rows (x2 2-D): the backend's
+        operator with everything but the input bound (Native.bind) where it has one, else `product`."""
+        bind = getattr(backends.get(name), "bind", None) if name != "dense" else None
+        return (bind and bind(x2, self.values, self.layout, self.bias)) or self.product(name)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad
                                         or (self.bias is not None and self.bias.requires_grad)):
             return self.product(self.choose(x) if self._backend == "auto" else self._backend)(x)
-        # Inference: what runs x is remembered per batch-size bucket (dispatch.key), so that a call after the first
-        # is one lookup and the product, the thin operator itself where the backend has one (Native.bind).
         if x.shape[-1] != self.in_features:  # (kernels take the width from x: a wrong one must not reach them)
             raise PrunekitError(f"input has {x.shape[-1]} features, this layer takes {self.in_features}")
+        # Inference: what runs x is remembered per batch-size bucket (dispatch.key), so that a call after the first
+        # is one lookup and the run, the thin operator itself where the backend has one.
         runs, k = dispatch.memo(self, _RUNS), dispatch.key(x, self.in_features)
         run = runs.get(k)
         if run is None:
-            name = self.choose(x) if self._backend == "auto" else self._backend
-            bind = getattr(backends.get(name), "bind", None) if name != "dense" else None
-            run = (bind and bind(x.reshape(-1, self.in_features), self.values, self.layout, self.bias)) \
-                or self.product(name)
+            run = self.runner(self.choose(x) if self._backend == "auto" else self._backend,
+                              x.reshape(-1, self.in_features))
             if x.numel() and not dispatch.busy():  # (no rows: the bucket of one row, which decode will measure)
                 runs[k] = run
         return run(x)
