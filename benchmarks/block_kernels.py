@@ -65,8 +65,8 @@ ROWS = {"cuda": (1, 4, 16, 64, 512, 4096), "cpu": (1, 8)}
 MODES = {"cuda": ("graph", "eager"), "cpu": ("eager",)}
 TOLERANCE = 1.05  # auto's pick may be this much slower than the fastest path of its row and mode
 RESULTS = Path(__file__).resolve().parent / "results"
-LABELS = {"rebuilt": "dense, rebuilt per call", "torch": "PyTorch BSR", "cpu": "prunekit (cpu)", "cuda_ext": "prunekit (cuda_ext)", "cupy": "prunekit (cupy)",
-          "semi_structured": "2:4"}
+LABELS = {"rebuilt": "dense, rebuilt per call", "torch": "PyTorch BSR", "cpu": "prunekit (cpu)",
+          "cuda_ext": "prunekit (cuda_ext)", "cupy": "prunekit (cupy)", "semi_structured": "2:4"}
 
 
 def block_mask(out_f: int, in_f: int, block: int, sparsity: float, seed: int) -> torch.Tensor:
@@ -324,7 +324,8 @@ def markdown(doc: dict) -> str:
              "mode: graph = CUDA-graph replays (device time), eager = wall time of bursts of plain calls (host launch "
              "costs included). auto: the path prunekit.kernels' dispatch picks in that mode (its own measurement, "
              f"margin {doc['dispatch']['margin']}) and that path's speedup here (for dense, the layer's: rebuilt per "
-             "call); module: the layer itself, dispatch included. Targets are listed in the script's docstring; met/MISSED per point.", ""]
+             "call); module: the layer itself, dispatch included. Targets are listed in the script's docstring; "
+             "met/MISSED per point.", ""]
     ours = doc.get("ours")
     peers = [p for p in ([ours] if ours else []) + ["rebuilt", "torch", "semi_structured"]
              if any(p in r["seconds"].get(mode, {}) or p in r["errors"] for r in doc["results"] for mode in modes)]
