@@ -247,6 +247,17 @@ def standin(monkeypatch):
     return native, calls, names
 
 
+def ragged_layer(backend: str):
+    """(a BlockSparseLinear 90 -> 80 of 32x32 blocks, some pruned, on `backend`; the dense reference x -> y)."""
+    from prunekit.kernels.linear import BlockSparseLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(90, 80)
+    keep = torch.rand(3, 3).repeat_interleave(32, 0)[:80].repeat_interleave(32, 1)[:, :90] > 0.4
+    weight, bias = (linear.weight * keep).detach(), linear.bias.detach()
+    return BlockSparseLinear.from_dense(linear, keep, 32, backend=backend), lambda x: x @ weight.t() + bias
+
+
 def test_the_stand_in_has_the_operators_schema():
     """The stand-in (tests, benchmarks/call_overhead.py) is declared from native.SCHEMA: the same as op.cpp's."""
     source = (Path(__file__).parents[1] / "cuda_ext" / "op.cpp").read_text()
@@ -265,11 +276,8 @@ def test_an_inference_call_after_the_first_is_the_operator_alone(monkeypatch, st
     from prunekit.kernels.linear import BlockSparseLinear
 
     _, calls, names = standin
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(90, 80)
-    keep = torch.rand(3, 3).repeat_interleave(32, 0)[:80].repeat_interleave(32, 1)[:, :90] > 0.4
-    module = BlockSparseLinear.from_dense(linear, keep, 32, backend="standin")
-    reference = lambda x, w=linear.weight, b=linear.bias: x @ (w * keep).t() + b
+    module, reference = ragged_layer("standin")
+    bias = module.bias.detach().clone()
     x = torch.randn(2, 3, 90)
     with torch.no_grad():
         torch.testing.assert_close(module(x), reference(x))
@@ -290,13 +298,13 @@ def test_an_inference_call_after_the_first_is_the_operator_alone(monkeypatch, st
         twin = copy.deepcopy(module)
         twin.values.mul_(2)
         twin.bias.zero_()
-        torch.testing.assert_close(twin(x), 2 * reference(x) - 2 * linear.bias)  # its own tensors, not module's
+        torch.testing.assert_close(twin(x), 2 * reference(x) - 2 * bias)  # its own tensors, not module's
         torch.testing.assert_close(module(x), reference(x))
         module.bias = torch.nn.Parameter(torch.zeros(80))
-        torch.testing.assert_close(module(x), reference(x) - linear.bias)
+        torch.testing.assert_close(module(x), reference(x) - bias)
         calls.clear()
         module.backend = "dense"
-        torch.testing.assert_close(module(x), reference(x) - linear.bias)
+        torch.testing.assert_close(module(x), reference(x) - bias)
         assert calls == []
 
         module.backend = "standin"
@@ -311,22 +319,17 @@ def test_a_layer_on_the_operator_compiles_to_one_graph(monkeypatch, standin, war
     """torch.compile(fullgraph=True) of a BlockSparseLinear whose backend has an operator: one graph, no break,
     whether the layer's run was remembered eagerly first or is built while tracing (not remembered then), and the
     same numbers as eager."""
-    from prunekit.kernels.linear import BlockSparseLinear
 
     # As on a GPU: torch.get_num_threads (the CPU's part of the dispatch key) is not traceable. On the CPU a compiled
     # layer breaks the graph there, as it does at the CPU kernels, which are not operators.
     monkeypatch.setattr(dispatch, "_threads", lambda on_cpu: 0)
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(90, 80)
-    keep = torch.rand(3, 3).repeat_interleave(32, 0)[:80].repeat_interleave(32, 1)[:, :90] > 0.4
-    module = BlockSparseLinear.from_dense(linear, keep, 32, backend="standin")
+    module, reference = ragged_layer("standin")
     x = torch.randn(2, 3, 90)
-    expected = x @ (linear.weight * keep).t() + linear.bias
     with torch.no_grad():
         if warm:
-            torch.testing.assert_close(module(x), expected.detach())
-        torch.testing.assert_close(torch.compile(module, fullgraph=True)(x), expected.detach())
+            torch.testing.assert_close(module(x), reference(x))
+        torch.testing.assert_close(torch.compile(module, fullgraph=True)(x), reference(x))
     assert bool(dispatch.memo(module, "_prunekit_runs")) == warm
 
 
@@ -335,7 +338,6 @@ def test_auto_times_each_backend_as_inference_runs_it(monkeypatch, standin):
     the sparse candidate is timed as inference runs it, the bound operator (planned once, not per call, and not
     through the autograd function), and the winner is what then runs."""
     from prunekit.kernels import backends
-    from prunekit.kernels.linear import BlockSparseLinear
 
     native, calls, names = standin
     monkeypatch.setattr(backends, "usable", lambda device, dtype, block: ["standin"])
@@ -351,11 +353,8 @@ def test_auto_times_each_backend_as_inference_runs_it(monkeypatch, standin):
         return {"dense": 1.0, "standin": 0.5}, {}
 
     monkeypatch.setattr(dispatch, "timings", timings)
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(90, 80)
-    keep = torch.rand(3, 3).repeat_interleave(32, 0)[:80].repeat_interleave(32, 1)[:, :90] > 0.4
-    module = BlockSparseLinear.from_dense(linear, keep, 32)
+    module, reference = ragged_layer("auto")
     x = torch.randn(5, 90)
     with torch.no_grad():
-        torch.testing.assert_close(module(x), x @ (linear.weight * keep).t() + linear.bias)
+        torch.testing.assert_close(module(x), reference(x))
     assert len(calls) == 4 and planned == [(5, 90), (5, 90)]  # the winner, bound for the module

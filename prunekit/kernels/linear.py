@@ -169,6 +169,10 @@ class BlockSparseLinear(nn.Module):
         return dispatch.pick(self, x, "bsr", (self.out_features, self.in_features), self.block, self.layout.density,
                              candidates)
 
+    def path(self, x: torch.Tensor) -> str:
+        """The backend forward runs `x` on: the named one, or auto's choice."""
+        return self.choose(x) if self._backend == "auto" else self._backend
+
     def product(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """forward's product on backend `name` (or "dense"), differentiable."""
         if name == "dense":
@@ -185,7 +189,7 @@ class BlockSparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad
                                         or (self.bias is not None and self.bias.requires_grad)):
-            return self.product(self.choose(x) if self._backend == "auto" else self._backend)(x)
+            return self.product(self.path(x))(x)
         if x.shape[-1] != self.in_features:  # (kernels take the width from x: a wrong one must not reach them)
             raise PrunekitError(f"input has {x.shape[-1]} features, this layer takes {self.in_features}")
         # Inference: what runs x is remembered per batch-size bucket (dispatch.key), so that a call after the first
@@ -193,8 +197,7 @@ class BlockSparseLinear(nn.Module):
         runs, k = dispatch.memo(self, _RUNS), dispatch.key(x, self.in_features)
         run = runs.get(k)
         if run is None:
-            run = self.runner(self.choose(x) if self._backend == "auto" else self._backend,
-                              x.reshape(-1, self.in_features))
+            run = self.runner(self.path(x), x.reshape(-1, self.in_features))
             if x.numel() and not dispatch.busy():  # (no rows: the bucket of one row, which decode will measure)
                 runs[k] = run
         return run(x)

@@ -137,8 +137,7 @@ class Native:
         if not x.shape[0]:
             return x.new_empty(0, layout.out_features)
         if self.operator is not None:
-            return self.operator(x, values, layout.row_ptr, layout.col_idx, bias, layout.out_features,
-                                 *self.operator_plan(x, values, layout, bias))
+            return self.bind(x, values, layout, bias)(x)
         launch = self.planned(x, values, layout, bias).for_rows(x.shape[0])
         return self.launch_forward(launch, x, values, layout, bias)
 
