@@ -1,6 +1,6 @@
 """Block-sparse kernels against dense and their peers, on LLaMA-7B layer shapes.
 
-    python benchmarks/block_kernels.py --device cpu     # CPU rows: batch 1 and 8, fp32, dense vs PyTorch BSR vs auto
+    python benchmarks/block_kernels.py --device cpu     # CPU rows: batch 1, 8 and 512, fp32, dense vs BSR vs auto
     python benchmarks/block_kernels.py --device cuda    # the GPU grid below (builds the extension on first use)
 
 GPU grid: weights 4096x4096, 11008x4096 and 4096x11008 ([out, in], as q/o, gate/up and down projections), rows 1,
@@ -8,16 +8,18 @@ GPU grid: weights 4096x4096, 11008x4096 and 4096x11008 ([out, in], as q/o, gate/
 random (exactly, in whole blocks) with 32x32 and 64x64 blocks. Peers in the same process, on the same inputs: cuBLAS
 dense (F.linear of the masked weight), PyTorch's BSR (torch.sparse_bsr_tensor @ dense, Triton on the GPU) and, at
 50%, 2:4 semi-structured sparsity (to_sparse_semi_structured) of a 2:4-pruned weight of the same shape. Our kernel
-is timed as the layer runs it at inference (behind its bound operator), and so is the layer's own dense path,
-"rebuilt": a BlockSparseLinear keeps no dense copy, so where it runs dense it rebuilds the weight from its blocks
-for each call, and that is the time an auto pick of dense is credited with.
+is timed as the layer runs it at inference (behind its bound operator), and so is the layer's own dense path by
+default, "rebuilt": unless told to keep its dense weight (keep_dense, prunekit/kernels/fallback.py), a
+BlockSparseLinear rebuilds it from its blocks for each call where it runs dense.
 
 Every path is timed in both of the ways a model runs (prunekit.kernels.dispatch.timings, the paths in turns,
 sample by sample): "graph", replays of a captured CUDA graph of 10 calls (device time: what CUDA graphs and
 torch.compile's cudagraphs pay), and "eager", the wall time of bursts of 10 calls (what a plain PyTorch loop pays,
 host-side launch costs included). CPU rows are eager only. Every output is checked against the dense product before
-it is timed. "auto" is what prunekit.kernels' dispatch picks for the layer in that mode (its own measurement), and
-its speedup is that path's time in this run; "module" is the BlockSparseLinear itself, dispatch included.
+it is timed. "auto" is what prunekit.kernels' dispatch picks in that mode (its own measurement) for the layer with
+keep_dense=True, which runs dense as dense, and its speedup is that path's time in this run; "auto, lean" is the pick
+of the default layer, which can run our kernel, PyTorch's BSR or dense rebuilt per call (credited with the rebuilt
+time); "module" is the keep_dense layer itself, dispatch included.
 
 With --variants (gpu_check.sh passes it), every launch of the planned kernel is timed too (launch.variants: the
 one-row and bt kernels split 1, 2 or 4 ways, tc with 128- or 256-row tiles, and on an sm_90a build tcw, the same
@@ -32,7 +34,8 @@ rest on the same kind of machine, for a grid split across time-limited GPU calls
 Targets (issue 25), per point, on our kernel's graph-mode speedup over dense: at 1 row, and at 2-64 rows with 32x32
 blocks at 70% and 90%, at least 0.8 / (1 - sparsity) (the memory-bound ideal); at 512 rows and more with 64x64
 blocks, 1.5x at 70% and 3x at 90%; faster than PyTorch's BSR everywhere; and in each mode, auto's pick within 5% of
-the fastest path (so never below dense, 50% included).
+the fastest path (so never below dense, 50% included), and the lean layer's within 5% of the fastest path it can run
+(every one but dense itself).
 
 On a GPU machine with nothing but this checkout and a CUDA build of torch: the extension compiles at first use
 (PRUNEKIT_JIT_CUDA=1 is set here, about a minute for one architecture); CuPy is used instead when it is
@@ -61,7 +64,7 @@ from prunekit.kernels import BlockLayout, BlockSparseLinear, backends, block_spa
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 SPARSITIES = (0.5, 0.7, 0.9)
 BLOCKS = (32, 64)
-ROWS = {"cuda": (1, 4, 16, 64, 512, 4096), "cpu": (1, 8)}
+ROWS = {"cuda": (1, 4, 16, 64, 512, 4096), "cpu": (1, 8, 512)}
 MODES = {"cuda": ("graph", "eager"), "cpu": ("eager",)}
 TOLERANCE = 1.05  # auto's pick may be this much slower than the fastest path of its row and mode
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -134,7 +137,8 @@ def run(device: str, backend_name: str | None, quick: bool, rows_only=None, vari
                 masked = weight * keep
                 layout = BlockLayout.from_mask(keep, block)
                 values = layout.gather(masked)
-                bsr = BlockSparseLinear(layout, values.clone(), None, backend="auto")
+                bsr = BlockSparseLinear(layout, values.clone(), None, backend="auto")  # lean: dense rebuilt per call
+                kept = BlockSparseLinear(layout, values.clone(), None, backend="auto", keep_dense=True)
                 for rows, x in inputs.items():
                     row = new_row(out_f, in_f, block, sparsity, rows, dtype)
                     if key(row) in done:
@@ -147,14 +151,15 @@ def run(device: str, backend_name: str | None, quick: bool, rows_only=None, vari
                              "torch": lambda: block_sparse_linear(x, values, layout, None, backends.get("torch"))}
                     if ours:
                         paths[ours] = lambda: runs[ours](x)
-                    measure(paths, F.linear(x, masked), row, dev, module=lambda: bsr(x))
+                    measure(paths, F.linear(x, masked), row, dev, module=lambda: kept(x))
                     for mode in row["seconds"]:
-                        with torch.no_grad(), dispatch.mode(mode):
-                            row["auto"][mode] = bsr.choose(x)
-                            problem = dispatch.Problem.of("bsr", (out_f, in_f), block, layout.density, dtype, x.device,
-                                                          rows)
-                        choice = dispatch.known(problem)  # what the dispatch itself measured
-                        row["auto_measured"][mode] = choice.seconds if choice else {}
+                        for layer, field in ((kept, "auto"), (bsr, "auto_lean")):
+                            with torch.no_grad(), dispatch.mode(mode):
+                                row[field][mode] = layer.choose(x)
+                                problem = dispatch.Problem.of("bsr", (out_f, in_f), block, layout.density, dtype,
+                                                              x.device, rows, "kept" if layer.keep_dense else "rebuilt")
+                            choice = dispatch.known(problem)  # what the dispatch itself measured
+                            row[f"{field}_measured"][mode] = choice.seconds if choice else {}
                     if variants and hasattr(backends.get(ours), "launch_forward"):
                         try:
                             row["variants"] = time_variants(backends.get(ours), x, values, layout, F.linear(x, masked))
@@ -184,7 +189,8 @@ def time_variants(native, x: torch.Tensor, values: torch.Tensor, layout, ref: to
 
 def new_row(out_f: int, in_f: int, block, sparsity: float, rows: int, dtype: torch.dtype) -> dict:
     return {"shape": [out_f, in_f], "block": block, "sparsity": sparsity, "rows": rows,
-            "dtype": str(dtype).replace("torch.", ""), "seconds": {}, "errors": {}, "auto": {}, "auto_measured": {}}
+            "dtype": str(dtype).replace("torch.", ""), "seconds": {}, "errors": {}, "auto": {}, "auto_measured": {},
+            "auto_lean": {}, "auto_lean_measured": {}}
 
 
 def measure(paths: dict, ref: torch.Tensor, row: dict, device: torch.device, module=None, modes=None) -> None:
@@ -253,23 +259,25 @@ def speedups(row: dict, mode: str) -> dict:
     return {k: dense / v for k, v in seconds.items() if dense and k != "dense"}
 
 
-def picked(row: dict, mode: str) -> str | None:
-    """The path that runs what auto picked: for a BlockSparseLinear that picks dense, "rebuilt" (its weight rebuilt
-    from the blocks for each call, as the layer keeps no dense copy), where the row timed it."""
-    pick = row["auto"].get(mode)
-    return "rebuilt" if pick == "dense" and "rebuilt" in row["seconds"].get(mode, {}) else pick
+def picked(row: dict, mode: str, field: str = "auto") -> str | None:
+    """The path that runs what auto picked (field "auto": the keep_dense layer), or what the lean layer picked
+    ("auto_lean": a pick of dense runs "rebuilt", its weight rebuilt from the blocks for each call)."""
+    pick = row.get(field, {}).get(mode)
+    return "rebuilt" if pick == "dense" and field == "auto_lean" else pick
 
 
-def auto_speedup(row: dict, mode: str) -> float | None:
+def auto_speedup(row: dict, mode: str, field: str = "auto") -> float | None:
     """The speedup over dense of the path auto picked, as timed in this run (1.0 for dense)."""
-    pick = picked(row, mode)
+    pick = picked(row, mode, field)
     return None if pick is None else 1.0 if pick == "dense" else speedups(row, mode).get(pick)
 
 
-def auto_within(row: dict, mode: str) -> bool | None:
-    """Auto's pick, as the layer runs it, within TOLERANCE of the fastest path timed in this row and mode."""
-    seconds = {k: v for k, v in row["seconds"].get(mode, {}).items() if k != "module"}
-    pick = picked(row, mode)
+def auto_within(row: dict, mode: str, field: str = "auto") -> bool | None:
+    """The pick, as the layer runs it, within TOLERANCE of the fastest path it could have run, timed in this row and
+    mode (the lean layer cannot run dense itself, only rebuilt)."""
+    seconds = {k: v for k, v in row["seconds"].get(mode, {}).items()
+               if k != "module" and not (field == "auto_lean" and k == "dense")}
+    pick = picked(row, mode, field)
     if pick not in seconds:
         return None
     return seconds[pick] <= TOLERANCE * min(seconds.values())
@@ -280,7 +288,8 @@ def summary_line(row: dict) -> str:
     for mode in row["seconds"]:
         sp = ", ".join(f"{k} {v:.2f}x" for k, v in speedups(row, mode).items())
         dense = row["seconds"][mode].get("dense", float("nan")) * 1e6
-        parts.append(f"[{mode}] dense {dense:.1f} us; {sp}; auto -> {row['auto'].get(mode)}")
+        lean = f", lean {row['auto_lean'][mode]}" if mode in row.get("auto_lean", {}) else ""
+        parts.append(f"[{mode}] dense {dense:.1f} us; {sp}; auto -> {row['auto'].get(mode)}{lean}")
     err = f"; errors: {', '.join(row['errors'])}" if row["errors"] else ""
     return (f"{row['shape'][0]}x{row['shape'][1]} block {row['block']} sparsity {row['sparsity']:.0%} rows "
             f"{row['rows']}: " + " ".join(parts) + err)
@@ -300,9 +309,10 @@ def targets(row: dict, ours: str | None) -> dict:
         if "torch" in sp:
             out["beats BSR"] = sp[ours] > sp["torch"]
     for mode in row["seconds"]:
-        ok = auto_within(row, mode)
-        if ok is not None:
-            out[f"auto {mode}"] = ok
+        for field, label in (("auto", "auto"), ("auto_lean", "lean auto")):
+            ok = auto_within(row, mode, field)
+            if ok is not None:
+                out[f"{label} {mode}"] = ok
     return out
 
 
@@ -323,16 +333,17 @@ def markdown(doc: dict) -> str:
              "Speedup = dense time / path time on the same inputs (higher is better; < 1 is slower than dense), per "
              "mode: graph = CUDA-graph replays (device time), eager = wall time of bursts of plain calls (host launch "
              "costs included). auto: the path prunekit.kernels' dispatch picks in that mode (its own measurement, "
-             f"margin {doc['dispatch']['margin']}) and that path's speedup here (for dense, the layer's: rebuilt per "
-             "call); module: the layer itself, dispatch included. Targets are listed in the script's docstring; "
-             "met/MISSED per point.", ""]
+             f"margin {doc['dispatch']['margin']}) for a layer with keep_dense=True, and that path's speedup here; "
+             "auto, lean: the same for the default layer, which runs dense on a weight rebuilt per call; module: the "
+             "keep_dense layer itself, dispatch included. Targets are listed in the script's docstring; met/MISSED "
+             "per point.", ""]
     ours = doc.get("ours")
     peers = [p for p in ([ours] if ours else []) + ["rebuilt", "torch", "semi_structured"]
              if any(p in r["seconds"].get(mode, {}) or p in r["errors"] for r in doc["results"] for mode in modes)]
     head = ["shape", "block", "sparsity", "rows"]
     for mode in modes:
-        head += [f"dense us ({mode})"] + [f"{LABELS.get(p, p)} ({mode})" for p in peers] + [f"auto ({mode})",
-                                                                                           f"module ({mode})"]
+        head += [f"dense us ({mode})"] + [f"{LABELS.get(p, p)} ({mode})" for p in peers] + [
+            f"auto ({mode})", f"auto, lean ({mode})", f"module ({mode})"]
     head.append("targets")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in doc["results"]:
@@ -341,8 +352,9 @@ def markdown(doc: dict) -> str:
             sp, sec = speedups(r, mode), r["seconds"].get(mode, {})
             cells.append(f"{sec['dense'] * 1e6:.1f}" if "dense" in sec else "-")
             cells += [f"{sp[p]:.2f}x" if p in sp else ("error" if p in r["errors"] else "") for p in peers]
-            picked = auto_speedup(r, mode)
-            cells.append(f"{r['auto'][mode]} ({picked:.2f}x)" if picked is not None else "")
+            for field in ("auto", "auto_lean"):
+                gain = auto_speedup(r, mode, field)
+                cells.append(f"{picked(r, mode, field)} ({gain:.2f}x)" if gain is not None else "")
             cells.append(f"{sp['module']:.2f}x" if "module" in sp else "")
         cells.append(", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets(r, ours).items()))
         lines.append("| " + " | ".join(cells) + " |")

@@ -238,8 +238,8 @@ def kernels_cpu(doc: dict) -> list[str]:
     rows = [[f"{b}x{b}", f"{s:.0%}", n] + [span(found[name]) if found[name] else "-" for name in paths]
             for (b, s, n), found in sorted(speedups.items())]
     return ["A block-sparse layer's paths against dense on the CPU (fp32, 1 thread), over the three LLaMA-7B shapes; "
-            "\"dense, rebuilt per call\" is what a BlockSparseLinear pays where it runs dense, since it keeps no "
-            "dense copy.", ""] + table(["block", "sparsity", "rows", *paths.values()], rows)
+            "\"dense, rebuilt per call\" is what a BlockSparseLinear pays where it runs dense, unless it keeps its "
+            "dense weight (keep_dense).", ""] + table(["block", "sparsity", "rows", *paths.values()], rows)
 
 
 def cuda_speedups(doc: dict) -> dict:

@@ -132,6 +132,28 @@ def test_auto_swaps_only_where_sparse_beats_dense_and_falls_back_per_batch(prune
     torch.testing.assert_close(logits(pruned), before, rtol=1e-4, atol=1e-4)  # 24 rows: measured now, dense
 
 
+@pytest.mark.parametrize("keep_dense", [False, True])
+def test_keep_dense_holds_the_dense_weight_where_auto_runs_dense_and_the_report_counts_it(pruned, monkeypatch, keep_dense):
+    masks = {name: keep.clone() for name, keep in prunekit.masks(pruned).items()}
+    before = logits(pruned)
+
+    def timings(candidates, device, mode="eager", **_):  # a sparse path wins at one row, dense at 512
+        rows = candidates["dense"]().shape[0]
+        return {name: 1.0 if name == "dense" else 0.5 if rows == 1 else 2.0 for name in candidates}, {}
+
+    monkeypatch.setattr(dispatch, "timings", timings)
+    report = convert(pruned, rows=(1, 512), keep_dense=keep_dense)
+    assert report.converted == 14
+    for c in report:
+        layer = pruned.get_submodule(c.name)
+        assert c.choices[512] == "dense" and layer.keep_dense == keep_dense
+        out_features, in_features = c.shape
+        nnzb = int(masks[c.name].view(out_features // 16, 16, in_features // 16, 16).any(3).any(1).sum())
+        blocks = nnzb * 16 * 16 * 4 + 4 * (4 * nnzb + out_features // 16 + in_features // 16 + 2)
+        assert c.stored_bytes == blocks + (c.dense_bytes if keep_dense else 0)
+    torch.testing.assert_close(logits(pruned), before, rtol=1e-4, atol=1e-4)
+
+
 def test_auto_leaves_a_layer_dense_when_nothing_beats_it(pruned, monkeypatch):
     monkeypatch.setattr(dispatch, "measure", lambda fn, device: 1.0 if fn().dtype else 0)  # all tie: dense wins
     report = convert(pruned, rows=(1,))
@@ -220,7 +242,7 @@ def _timed(table):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_block_layer_that_runs_dense_keeps_no_dense_copy_on_a_gpu():
+def test_a_block_layer_that_runs_dense_keeps_no_dense_copy_on_a_gpu_unless_asked():
     linear = nn.Linear(256, 512, device="cuda", dtype=torch.float16)
     keep = torch.rand(512 // 32, 1, 256 // 32, 1, device="cuda") < 0.3
     layer = BlockSparseLinear.from_dense(linear, keep.expand(-1, 32, -1, 32).reshape(512, 256), 32, "dense")
@@ -232,6 +254,12 @@ def test_a_block_layer_that_runs_dense_keeps_no_dense_copy_on_a_gpu():
         torch.testing.assert_close(layer(x), expected)
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == held  # the dense weight it ran on went back to the allocator
+    layer.keep_dense = True  # unless asked to keep it: then it holds the dense bytes, once
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected)
+        torch.testing.assert_close(layer(x), expected)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - held == 512 * 256 * 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -253,6 +281,8 @@ def test_a_2_4_layer_keeps_its_dense_copy_only_where_dense_runs_and_counts_it(mo
         assert layer.choose(x) == "semi_structured" and layer.dense_copy is not None  # one row will run dense again
         torch.testing.assert_close(layer(x[:1]).float(), x[:1].float() @ weight.float().t(), rtol=2e-3, atol=2e-2)
     assert "dense_copy" not in layer.state_dict()
+    with pytest.raises(PrunekitError, match="always keeps its dense weight"):
+        layer.keep_dense = False
 
 
 def test_gpt2_conv1d_layers_convert_and_revert():

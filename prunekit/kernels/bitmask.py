@@ -19,7 +19,8 @@ from torch import nn
 
 from ..bits import pack_rows, unpack_rows
 from ..errors import MaskMismatchError, PrunekitError
-from . import cpu, dispatch
+from . import cpu
+from .fallback import DenseFallback
 from .linear import dense_mask, dense_module, dense_view
 
 
@@ -64,20 +65,20 @@ def decompress(values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.T
     return values.new_zeros(shape).masked_scatter(keep, values)
 
 
-class BitmaskLinear(nn.Module):
+class BitmaskLinear(DenseFallback, nn.Module):
     """y = x W^T + b with W held only as its bitmask layout: `values` (the parameter; it trains, and a pruned weight,
     having no value, stays zero), `bitmask` and `row_offsets` (buffers).
 
-    backend: "auto" times prunekit's CPU kernel against the dense product (of the weight decompressed for that call:
-    it is never kept, so the layer stays small) once per batch-size bucket and keeps the faster (dispatch.py);
-    "cpu" or "dense" to choose. Training runs the dense product, differentiable in `values`.
+    backend: "auto" times prunekit's CPU kernel against the dense product once per batch-size bucket and keeps the
+    faster (dispatch.py); "cpu" or "dense" to choose. Training runs the dense product, differentiable in `values`.
+    keep_dense: where it runs dense, keep the dense weight instead of decompressing it per call (fallback.py).
     """
 
     BACKENDS = ("auto", "cpu", "dense")
 
     def __init__(self, values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor,
                  shape: tuple[int, int], bias: torch.Tensor | None = None, backend: str = "auto",
-                 source: str = "Linear"):
+                 source: str = "Linear", keep_dense: bool = False):
         super().__init__()
         check(values, bitmask, row_offsets, shape)
         self.out_features, self.in_features = shape
@@ -87,6 +88,7 @@ class BitmaskLinear(nn.Module):
         self.bias = nn.Parameter(bias) if bias is not None else None
         self.backend = backend
         self.source = source  # the class to revert to: "Linear" or "Conv1D"
+        self.init_fallback(keep_dense)
 
     @property
     def backend(self) -> str:
@@ -99,7 +101,8 @@ class BitmaskLinear(nn.Module):
         self._backend = name
 
     @classmethod
-    def from_dense(cls, linear: nn.Module, mask: torch.Tensor | None = None, backend: str = "auto") -> "BitmaskLinear":
+    def from_dense(cls, linear: nn.Module, mask: torch.Tensor | None = None, backend: str = "auto",
+                   keep_dense: bool = False) -> "BitmaskLinear":
         """From an nn.Linear (or GPT-2 Conv1D) and a keep-mask [out, in]: by default its prunekit mask, else its
         nonzero weights."""
         weight, bias = dense_view(linear)
@@ -110,7 +113,7 @@ class BitmaskLinear(nn.Module):
             values, bitmask, row_offsets = compress(weight.detach(), mask)
         module = cls(values, bitmask, row_offsets, tuple(weight.shape),
                      None if bias is None else bias.detach().clone(), backend,
-                     "Linear" if isinstance(linear, nn.Linear) else "Conv1D")
+                     "Linear" if isinstance(linear, nn.Linear) else "Conv1D", keep_dense)
         module.values.requires_grad_(linear.weight.requires_grad)
         if module.bias is not None:
             module.bias.requires_grad_(bias.requires_grad)
@@ -133,15 +136,20 @@ class BitmaskLinear(nn.Module):
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         return cpu.bitmask_linear(x, self.values, self.bitmask, self.row_offsets, self.bias, self.shape)
 
+    def build_dense(self, scratch: bool) -> torch.Tensor:
+        """The weight decompressed (scratch, on the CPU: into the workspace all layers share)."""
+        if scratch and self.values.is_cpu and cpu.unsupported(self.values.dtype) is None:
+            return cpu.bitmask_dense(self.values.detach(), self.bitmask, self.row_offsets, self.shape,
+                                     out=cpu.workspace(self.shape, self.values.dtype))
+        return decompress(self.values.detach(), self.bitmask, self.row_offsets, self.shape)
+
+    def dense_sources(self) -> tuple[torch.Tensor, ...]:
+        return self.values, self.bitmask, self.row_offsets
+
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        """The dense product, the weight decompressed for this call only (into the shared workspace on the CPU)."""
+        """The dense product: differentiable in values while training, else on fallback.py's weight."""
         training = torch.is_grad_enabled() and (self.values.requires_grad or x.requires_grad)
-        if training or not self.values.is_cpu or cpu.unsupported(self.values.dtype) is not None:
-            weight = self.dense_weight()  # differentiable in values while training
-        else:
-            weight = cpu.bitmask_dense(self.values, self.bitmask, self.row_offsets, self.shape,
-                                       out=cpu.workspace(self.shape, self.values.dtype))
-        return F.linear(x, weight, self.bias)
+        return F.linear(x, self.dense_weight() if training else self.fallback_weight(), self.bias)
 
     def choose(self, x: torch.Tensor) -> str:
         """The backend "auto" runs `x` on (measured the first time its problem is seen)."""
@@ -152,7 +160,7 @@ class BitmaskLinear(nn.Module):
                 found["cpu"] = lambda: self._kernel(x2)
             return found
 
-        return dispatch.pick(self, x, "bitmask", self.shape, 0, self.density, candidates)
+        return self.pick(x, "bitmask", self.shape, 0, self.density, candidates)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (self.values.requires_grad or x.requires_grad):
@@ -170,4 +178,4 @@ class BitmaskLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"kept={self.values.numel()} ({self.density:.1%}), bias={self.bias is not None}, "
-                f"backend={self._backend!r}")
+                f"backend={self._backend!r}" + (", keep_dense=True" if self.keep_dense else ""))

@@ -91,7 +91,7 @@ class _Plan:
 
 
 def convert(model: nn.Module, backend: str = "auto", *, layout: str = "auto", block: int | None = None,
-            rows=(1, 16, 512), training: bool = False) -> ConversionReport:
+            rows=(1, 16, 512), training: bool = False, keep_dense: bool = False) -> ConversionReport:
     """Swaps every Linear (or GPT-2 Conv1D) carrying a prunekit mask for a layer that stores only what the mask
     keeps and runs on the fastest path for it, in place.
 
@@ -105,6 +105,10 @@ def convert(model: nn.Module, backend: str = "auto", *, layout: str = "auto", bl
         Or name one ("cpu", "cuda_ext", "cupy", "torch", "semi_structured", "dense") to use it everywhere.
     block: 16, 32 or 64 for the block layout; by default each layer's from its mask (layout.choose_block).
     training: leave out 2:4 semi-structured, whose compressed weight does not train.
+    keep_dense: where a converted layer runs dense (at batch sizes where auto measured dense faster), keep its dense
+        weight beside the compressed one: never slower than dense, but holding the dense bytes too. By default it
+        is rebuilt for each such call, so that the layer stays small (fallback.py says what that costs); 2:4 layers
+        always keep it. The report counts what each layer holds after its measurements at `rows`.
 
     Every layer is checked (NaN or Inf in kept weights, a backend that cannot run it, a model converted already)
     before any is swapped. Returns a ConversionReport; prunekit.kernels.revert undoes it.
@@ -129,7 +133,7 @@ def convert(model: nn.Module, backend: str = "auto", *, layout: str = "auto", bl
     _check(plans, backend)
     report, swaps = ConversionReport(), []
     for plan in plans:  # every new module is built before the first swap: a failure leaves the model as it was
-        new, conversion = _convert_one(plan, backend, rows, training)
+        new, conversion = _convert_one(plan, backend, rows, training, keep_dense)
         weight, bias = dense_view(plan.module)
         conversion.dense_bytes = sum(t.numel() * t.element_size() for t in (weight, bias) if t is not None)
         conversion.stored_bytes = stored_bytes(new if new is not None else plan.module)
@@ -184,14 +188,14 @@ def _check(plans: list[_Plan], backend: str) -> None:
         raise PrunekitError(f"cannot convert to backend {backend!r}: " + "; ".join(problems[:5]) + more)
 
 
-def _sparse(p: _Plan, backend: str) -> nn.Module:
-    """The plan's layer in its storage, running on `backend` ("auto", or one the storage takes)."""
-    if p.storage == "bitmask":
-        return BitmaskLinear.from_dense(p.module, p.keep, backend)
-    return BlockSparseLinear.from_dense(p.module, p.keep, p.block, backend)
+def _sparse(p: _Plan, backend: str, keep_dense: bool, storage: str | None = None) -> nn.Module:
+    """The plan's layer in its storage (or `storage`), running on `backend` ("auto", or one the storage takes)."""
+    if (storage or p.storage) == "bitmask":
+        return BitmaskLinear.from_dense(p.module, p.keep, backend, keep_dense)
+    return BlockSparseLinear.from_dense(p.module, p.keep, p.block, backend, keep_dense)
 
 
-def _convert_one(p: _Plan, backend: str, rows, training: bool):
+def _convert_one(p: _Plan, backend: str, rows, training: bool, keep_dense: bool):
     weight, bias = dense_view(p.module)
     shape = tuple(weight.shape)
     source = "Linear" if isinstance(p.module, nn.Linear) else "Conv1D"
@@ -201,16 +205,16 @@ def _convert_one(p: _Plan, backend: str, rows, training: bool):
         new = SemiStructuredLinear((weight * p.keep).detach(), bias, "semi_structured", source)
         return new, Conversion(p.name, shape, p.pattern, type(new).__name__)
     if backend != "auto":
-        new = _sparse(p, backend)
+        new = _sparse(p, backend, keep_dense)
         return new, Conversion(p.name, shape, p.pattern, type(new).__name__)
     # auto: one candidate module, measured at each batch size; kept only where something beats dense
     try:
         if p.two_four and not training and semi_unsupported(weight.device, weight.dtype) is None:
             candidate = SemiStructuredLinear((weight * p.keep).detach(), bias, "auto", source)
         elif weight.device.type == "cpu" and cpu.unsupported(weight.dtype) is None:
-            candidate = _sparse(p, "auto")
+            candidate = _sparse(p, "auto", keep_dense)
         elif p.layout.density < 1 and backends.usable(weight.device, weight.dtype, p.block):
-            candidate = BlockSparseLinear.from_dense(p.module, p.keep, p.block, "auto")
+            candidate = _sparse(p, "auto", keep_dense, storage="block")
         else:  # every block stored (an unstructured mask on a GPU, say), or no sparse path here
             return None, Conversion(p.name, shape, p.pattern, "dense", note="no sparse path for it here")
     except (RuntimeError, ValueError) as e:  # e.g. a shape the 2:4 kernels do not take: this layer stays dense

@@ -1,4 +1,6 @@
-"""backend="auto": time every candidate once per problem and keep the fastest, never one slower than dense.
+"""backend="auto": time every candidate once per problem and keep the fastest, never one slower than dense as the
+layer runs dense (fallback.py: on a weight rebuilt per call, the default, which keeps the layer small; or, with
+keep_dense, on a kept copy, exactly dense).
 
 On a GPU what is fastest depends on how the model runs. Called eagerly, every layer pays its host-side launch
 cost (tens of microseconds through Python), so at one row dense cuBLAS often wins although the sparse kernel is
@@ -8,7 +10,7 @@ the model will run in before its first forward (`with dispatch.mode("graph"): mo
 capturing); on the CPU there is only "eager".
 
 A problem is (kind, weight shape, block, stored density to 1/20, dtype, device, torch's CPU thread count, rows rounded
-up to a power of two):
+up to a power of two, mode, how dense runs):
 layers of one shape and sparsity share one measurement, and a new batch size only costs a measurement when it
 falls in a new bucket. Sparse wins only when it beats dense by `MARGIN`, so timing noise can not make a layer
 slower than it was dense; what wins depends on the machine (on a 2-core CPU, BSR wins only at small batch and high
@@ -45,11 +47,13 @@ class Problem:
     threads: int  # torch's CPU threads (0 on a GPU): what wins on one core may lose on two
     rows: int  # bucket: rows rounded up to a power of two
     mode: str = "eager"  # how the model runs: "eager" or "graph" (CUDA graphs, torch.compile's cudagraphs)
+    dense: str = "rebuilt"  # how the layer runs dense (fallback.py): on a weight "rebuilt" per call, or "kept"
 
     @classmethod
-    def of(cls, kind: str, shape, block: int, density: float, dtype, device: torch.device, rows: int) -> "Problem":
+    def of(cls, kind: str, shape, block: int, density: float, dtype, device: torch.device, rows: int,
+           dense: str = "rebuilt") -> "Problem":
         return cls(kind, tuple(shape), block, round(density * 20) / 20, dtype, device_name(device),
-                   _threads(device.type == "cpu"), bucket(rows), _mode_on(device))
+                   _threads(device.type == "cpu"), bucket(rows), _mode_on(device), dense)
 
 
 @dataclass
@@ -130,14 +134,14 @@ def busy() -> bool:
 
 
 def pick(module: torch.nn.Module, x: torch.Tensor, kind: str, shape, block: int, density: float,
-         candidates: Callable[[torch.Tensor], dict[str, Callable[[], object]]]) -> str:
+         candidates: Callable[[torch.Tensor], dict[str, Callable[[], object]]], dense: str = "rebuilt") -> str:
     """The backend `module` runs `x` on: remembered per module and `key`, so that a forward after the first costs
     one dictionary lookup; otherwise the problem's choice, measuring candidates(x as 2-D rows) (which must include
-    "dense") if the problem is new."""
+    "dense", run as Problem.dense says) if the problem is new."""
     remembered, k = memo(module), key(x, shape[1])
     winner = remembered.get(k)
     if winner is None:
-        problem = Problem.of(kind, shape, block, density, x.dtype, x.device, x.numel() // shape[1])
+        problem = Problem.of(kind, shape, block, density, x.dtype, x.device, x.numel() // shape[1], dense)
         choice = known(problem)
         if choice is None:
             choice = choose(problem, candidates(x.detach().reshape(-1, shape[1]).contiguous()), x.device)

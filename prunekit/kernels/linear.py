@@ -14,6 +14,7 @@ from ..masks import BUFFER, attach
 from ..targets import Conv1D
 from . import backends, dispatch
 from .cpu import workspace
+from .fallback import DenseFallback
 from .function import block_sparse_linear
 from .layout import BlockLayout, choose_block
 
@@ -54,7 +55,7 @@ def dense_mask(module: nn.Module) -> torch.Tensor | None:
     return module.prune_mask if isinstance(module, nn.Linear) else module.prune_mask.t()
 
 
-class BlockSparseLinear(nn.Module):
+class BlockSparseLinear(DenseFallback, nn.Module):
     """y = x W^T + b with W stored as `values` [nnzb, B, B], the blocks that hold a kept weight.
 
     The layout's index tensors are buffers (they move with .to() and live in state_dict). Kept weights of a stored
@@ -64,10 +65,11 @@ class BlockSparseLinear(nn.Module):
 
     backend: "auto" measures the usable backends against dense once per batch-size bucket and keeps the fastest
     (dispatch.py); or one of "cuda_ext", "cupy", "torch", "dense".
+    keep_dense: where it runs dense, keep the dense weight instead of rebuilding it per call (fallback.py).
     """
 
     def __init__(self, layout: BlockLayout, values: torch.Tensor, bias: torch.Tensor | None = None,
-                 backend: str = "auto", source: str = "Linear"):
+                 backend: str = "auto", source: str = "Linear", keep_dense: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.block = layout.in_features, layout.out_features, layout.block
         self.values = nn.Parameter(values)
@@ -76,6 +78,7 @@ class BlockSparseLinear(nn.Module):
             self.register_buffer(name, index)
         self.backend = backend
         self.source = source  # the class to revert to: "Linear" or "Conv1D"
+        self.init_fallback(keep_dense)
 
     @property
     def backend(self) -> str:
@@ -90,7 +93,7 @@ class BlockSparseLinear(nn.Module):
 
     @classmethod
     def from_dense(cls, linear: nn.Module, mask: torch.Tensor | None = None, block: int | None = None,
-                   backend: str = "auto") -> "BlockSparseLinear":
+                   backend: str = "auto", keep_dense: bool = False) -> "BlockSparseLinear":
         """From an nn.Linear (or GPT-2 Conv1D) and a keep-mask [out, in]: by default its prunekit mask, else its
         nonzero weights. block: 16, 32 or 64 for the kernels (any size for the torch backend); by default the
         largest that stores no more than the smallest does (layout.choose_block)."""
@@ -110,7 +113,7 @@ class BlockSparseLinear(nn.Module):
             within = layout.gather(keep)
             real = layout.gather(torch.ones_like(keep))  # False only on the padding of ragged edges
         module = cls(layout, values, None if bias is None else bias.detach().clone(), backend,
-                     "Linear" if isinstance(linear, nn.Linear) else "Conv1D")
+                     "Linear" if isinstance(linear, nn.Linear) else "Conv1D", keep_dense)
         module.values.requires_grad_(linear.weight.requires_grad)
         if module.bias is not None:
             module.bias.requires_grad_(bias.requires_grad)
@@ -147,18 +150,28 @@ class BlockSparseLinear(nn.Module):
         return state
 
     def dense_weight(self) -> torch.Tensor:
-        """The dense [out, in] weight, differentiable while training; otherwise rebuilt for each call and never kept,
-        so that the layer stays as small as its blocks wherever dense runs (the dispatch times dense with the rebuild
-        in it). On the CPU it is built into a workspace all layers share (valid until the next call); on a GPU into
-        memory the caching allocator takes back after the product."""
+        """The dense [out, in] weight: differentiable while training; otherwise what inference runs dense on
+        (fallback.py: rebuilt for this call, or the kept copy)."""
         if torch.is_grad_enabled() and self.values.requires_grad:
             return self.layout.scatter(self.values)
-        out = workspace(self.layout.padded, self.values.dtype) if self.values.device.type == "cpu" else None
+        return self.fallback_weight()
+
+    def build_dense(self, scratch: bool) -> torch.Tensor:
+        """The weight scattered from the blocks; scratch on the CPU: into a workspace all layers share (valid until
+        the next call); on a GPU into memory the caching allocator takes back after the product."""
+        out = workspace(self.layout.padded, self.values.dtype) if scratch and self.values.device.type == "cpu" else None
         return self.layout.scatter(self.values.detach(), out=out)
+
+    def dense_sources(self) -> tuple[torch.Tensor, ...]:
+        return self.values, *(self._buffers[name] for name in BlockLayout.INDEX_FIELDS)
+
+    def forget_choices(self) -> None:
+        super().forget_choices()
+        self.__dict__.pop(_RUNS, None)
 
     def choose(self, x: torch.Tensor) -> str:
         """The backend "auto" runs `x` on (measured the first time its problem is seen), each candidate timed as
-        forward would run it at inference (`runner`; dense with its weight rebuilt per call, as forward does)."""
+        forward would run it at inference (`runner`; dense on the weight fallback.py gives it)."""
         def candidates(x2):
             def timed(name):  # built on its first call, inside the timing's error handling
                 run = functools.cache(lambda: self.runner(name, x2))
@@ -166,8 +179,7 @@ class BlockSparseLinear(nn.Module):
 
             return {name: timed(name) for name in ("dense", *backends.usable(x.device, x.dtype, self.block))}
 
-        return dispatch.pick(self, x, "bsr", (self.out_features, self.in_features), self.block, self.layout.density,
-                             candidates)
+        return self.pick(x, "bsr", (self.out_features, self.in_features), self.block, self.layout.density, candidates)
 
     def path(self, x: torch.Tensor) -> str:
         """The backend forward runs `x` on: the named one, or auto's choice."""
@@ -214,4 +226,4 @@ class BlockSparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}, "
                 f"blocks={self.values.shape[0]} ({self.layout.density:.1%} stored), bias={self.bias is not None}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}" + (", keep_dense=True" if self.keep_dense else ""))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PrunekitError
-from . import dispatch
+from .fallback import DenseFallback
 
 
 def is_2_4(keep: torch.Tensor) -> bool:
@@ -27,9 +27,12 @@ def unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-class SemiStructuredLinear(nn.Module):
+class SemiStructuredLinear(DenseFallback, nn.Module):
     """y = x W^T + b with W (2:4-pruned) compressed for sparse tensor cores. backend: "auto" (measured against
-    dense per batch-size bucket), "semi_structured" or "dense"."""
+    dense per batch-size bucket), "semi_structured" or "dense". Where it runs dense it keeps a dense copy
+    (fallback.py: decompressing costs a product of its own)."""
+
+    REBUILDS = False
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str = "auto", source: str = "Linear"):
         super().__init__()
@@ -46,32 +49,26 @@ class SemiStructuredLinear(nn.Module):
         self.weight = nn.Parameter(to_sparse_semi_structured(weight.detach()), requires_grad=False)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.backend, self.source = backend, source
-        # Decompressing costs a product of its own, so where dense wins (a few rows) the layer keeps a dense copy,
-        # as a buffer so that convert's report counts it; it is not saved with the model.
-        self.register_buffer("dense_copy", None, persistent=False)
+        self.init_fallback(keep_dense=True)
 
-    def dense_weight(self) -> torch.Tensor:
-        if self.dense_copy is None:
-            self.dense_copy = self.weight.to_dense()
-        return self.dense_copy
+    def build_dense(self, scratch: bool) -> torch.Tensor:
+        return self.weight.to_dense()
+
+    def dense_sources(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight,)
 
     def choose(self, x: torch.Tensor) -> str:
         """The path "auto" runs `x` on. The dense copy stays once any batch size has run dense."""
-        had_copy = self.dense_copy is not None
-
         def candidates(x2):
-            dense = self.dense_weight()
+            dense = self.fallback_weight()
             return {"dense": lambda: F.linear(x2, dense, self.bias),
                     "semi_structured": lambda: F.linear(x2, self.weight, self.bias)}
 
-        winner = dispatch.pick(self, x, "2:4", (self.out_features, self.in_features), 4, 0.5, candidates)
-        if winner != "dense" and not had_copy:
-            self.dense_copy = None  # made only to time dense against
-        return winner
+        return self.pick(x, "2:4", (self.out_features, self.in_features), 4, 0.5, candidates)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.choose(x) if self.backend == "auto" else self.backend
-        return F.linear(x, self.dense_weight() if name == "dense" else self.weight, self.bias)
+        return F.linear(x, self.fallback_weight() if name == "dense" else self.weight, self.bias)
 
     def to_dense(self) -> nn.Module:
         """The equivalent nn.Linear (or Conv1D), masked where the compressed weight is zero."""

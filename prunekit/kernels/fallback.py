@@ -1,0 +1,80 @@
+"""How a compressed layer runs dense, where it does: "auto" runs a batch size dense when dense beat every sparse
+path there (backend="dense" always does), on a dense weight made from the compressed one.
+
+By default that weight is rebuilt for each call and given back after it, so the layer stays as small as its mask,
+and dense costs the rebuild on top of the product: on the CPU about 2% of a 512-token prefill, but 1.6-6x dense's
+time at one to eight rows, where the product itself is short (benchmarks/results/kernels_cpu.md, "rebuilt"). With
+`keep_dense=True` the layer builds it once, where dense first runs, and keeps it beside the compressed weight: it is
+then never slower than dense, and holds the dense bytes as well (a non-persistent buffer, `dense_copy`: convert's
+report counts it, state_dict leaves it out). The dispatch times dense the way the layer runs it, so its choices
+follow the setting. A 2:4 layer always keeps its copy: decompressing a semi-structured weight is a product of its own.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import PrunekitError
+from . import dispatch
+
+
+class DenseFallback:
+    """Mixin of the compressed layers (an nn.Module that calls `init_fallback` and defines `build_dense` and
+    `dense_sources`): the `keep_dense` setting, its `dense_copy` and the dispatch's choice made with it."""
+
+    REBUILDS = True  # whether the layer can rebuild its dense weight per call at a sensible cost
+
+    def init_fallback(self, keep_dense: bool) -> None:
+        self.register_buffer("dense_copy", None, persistent=False)
+        self.keep_dense = keep_dense
+
+    @property
+    def keep_dense(self) -> bool:
+        return self._keep_dense
+
+    @keep_dense.setter
+    def keep_dense(self, keep: bool) -> None:
+        if not isinstance(keep, bool):
+            raise PrunekitError(f"keep_dense must be True or False, got {keep!r}")
+        if not keep and not self.REBUILDS:
+            raise PrunekitError(f"a {type(self).__name__} always keeps its dense weight where it runs dense: "
+                                f"rebuilding it per call would cost a product of its own")
+        self._keep_dense = keep
+        self.dense_copy = None
+        self.forget_choices()  # they were timed with dense run the other way
+
+    def forget_choices(self) -> None:
+        dispatch.memo(self).clear()
+
+    def build_dense(self, scratch: bool) -> torch.Tensor:
+        """The dense [out, in] weight, detached; scratch: it may live in memory the next call reuses."""
+        raise NotImplementedError
+
+    def dense_sources(self) -> tuple[torch.Tensor, ...]:
+        """The tensors build_dense reads: a copy made from them is stale once one is changed or replaced."""
+        raise NotImplementedError
+
+    def fallback_weight(self) -> torch.Tensor:
+        """The dense weight inference runs on: without keep_dense, built for this call; with it, the kept copy, made
+        again where the compressed weight changed since (an optimizer step, load_state_dict, a new tensor)."""
+        if not self._keep_dense:
+            return self.build_dense(scratch=True)
+        if torch.compiler.is_compiling():  # (what a trace reads must not be checked or stored)
+            return self.dense_copy if self.dense_copy is not None else self.build_dense(scratch=False)
+        stamp = tuple((id(t), t._version) for t in self.dense_sources())
+        if self.dense_copy is None or self.__dict__.get("_dense_stamp") != stamp:
+            self.dense_copy = self.build_dense(scratch=False)
+            self.__dict__["_dense_stamp"] = stamp
+        return self.dense_copy
+
+    def pick(self, x: torch.Tensor, kind: str, shape, block: int, density: float, candidates) -> str:
+        """dispatch.pick for this layer, dense timed as it runs here. With keep_dense the copy exists from the moment a
+        batch size is chosen to run dense (so that what the layer holds does not depend on whether it measured or
+        reused another layer's measurement); one made only to time dense against, where a sparse path won, goes."""
+        had_copy = self.dense_copy is not None
+        winner = dispatch.pick(self, x, kind, shape, block, density, candidates,
+                               dense="kept" if self.keep_dense else "rebuilt")
+        if winner == "dense" and self.keep_dense:
+            self.fallback_weight()
+        elif winner != "dense" and not had_copy:
+            self.dense_copy = None
+        return winner

@@ -1,0 +1,140 @@
+"""How a compressed layer runs dense (prunekit/kernels/fallback.py): on a weight rebuilt for each call by default, or
+on a copy kept with keep_dense, which follows every change to the compressed weight, is counted and is not saved;
+and the dispatch times dense the way the layer runs it."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.kernels import BitmaskLinear, BlockSparseLinear, backends, dispatch
+from prunekit.kernels.convert import stored_bytes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+KINDS = ("bitmask", "block")
+
+
+@pytest.fixture(autouse=True)
+def fresh():
+    dispatch.forget()
+    yield
+    dispatch.forget()
+
+
+def masked_linear(kind: str):
+    """(an nn.Linear 96 -> 64, its keep-mask: unstructured for the bitmask, 32x32 blocks for the block layout)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 64)
+    if kind == "bitmask":
+        return linear, torch.rand(64, 96) > 0.6
+    return linear, (torch.rand(2, 3) > 0.4).repeat_interleave(32, 0).repeat_interleave(32, 1)
+
+
+def layer(kind: str, keep_dense: bool, backend: str = "dense"):
+    linear, keep = masked_linear(kind)
+    if kind == "bitmask":
+        return BitmaskLinear.from_dense(linear, keep, backend, keep_dense=keep_dense)
+    return BlockSparseLinear.from_dense(linear, keep, 32, backend, keep_dense=keep_dense)
+
+
+def reference(kind: str):
+    linear, keep = masked_linear(kind)
+    weight, bias = (linear.weight * keep).detach(), linear.bias.detach()
+    return weight, lambda x: x @ weight.t() + bias
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_dense_weight_is_kept_only_when_asked_counted_and_not_saved(kind):
+    weight, expected = reference(kind)
+    lean, kept = layer(kind, False), layer(kind, True)
+    small = stored_bytes(lean)
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(lean(x), expected(x))
+        torch.testing.assert_close(kept(x), expected(x))
+    assert lean.dense_copy is None and stored_bytes(lean) == small
+    assert torch.equal(kept.dense_copy, weight) and stored_bytes(kept) == small + weight.numel() * 4
+    assert "dense_copy" not in kept.state_dict() and "keep_dense=True" in repr(kept)
+    assert "keep_dense" not in repr(lean)
+    with pytest.raises(PrunekitError, match="keep_dense must be True or False"):
+        kept.keep_dense = "yes"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_kept_copy_follows_every_change_to_the_weights(kind):
+    """An in-place change, an optimizer step (masked, after a differentiable forward that does not use the copy), a
+    load_state_dict and a deep copy: each time the kept layer computes what the lean one, which rebuilds its weight
+    for every call, computes."""
+    lean, kept = layer(kind, False), layer(kind, True)
+    x = torch.randn(5, 96)
+
+    def agree():
+        with torch.no_grad():
+            torch.testing.assert_close(kept(x), lean(x), rtol=0, atol=0)
+
+    agree()
+    with torch.no_grad():
+        for module in (lean, kept):
+            module.values.mul_(2)
+    agree()
+    for module in (lean, kept):  # a training step on each, from the same weights and input
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+        module(x).square().sum().backward()
+        optimizer.step()
+    agree()
+    other = layer(kind, False).state_dict()
+    lean.load_state_dict(other)
+    kept.load_state_dict(other)
+    agree()
+    twin = copy.deepcopy(kept)
+    with torch.no_grad():
+        twin.values.zero_()
+        torch.testing.assert_close(twin(x), twin.bias.expand(5, -1))  # its own tensors, not kept's copy
+    agree()
+
+
+def test_auto_times_dense_as_the_layer_runs_it_and_keeps_a_copy_only_where_dense_won(monkeypatch):
+    """A sparse path that wins at one row and loses at 16. The kept layer's copy, built to time dense, is dropped where
+    the sparse path won and stays once a batch size runs dense; a lean layer of the same shape is measured apart
+    (dense costs it the rebuild), a kept layer that reuses a measurement makes its copy all the same, and changing
+    keep_dense forgets what the layer chose."""
+    monkeypatch.setattr(backends, "usable", lambda device, dtype, block: ["torch"])
+    measured = []
+
+    def timings(candidates, device, mode="eager", **_):
+        rows = candidates["dense"]().shape[0]
+        measured.append((rows, sorted(candidates)))
+        return {"dense": 1.0, "torch": 0.5 if rows == 1 else 2.0}, {}
+
+    monkeypatch.setattr(dispatch, "timings", timings)
+    kept, lean = layer("block", True, "auto"), layer("block", False, "auto")
+    one, many = torch.randn(1, 96), torch.randn(16, 96)
+    with torch.no_grad():
+        assert kept.choose(one) == "torch" and kept.dense_copy is None
+        assert kept.choose(many) == "dense" and kept.dense_copy is not None
+        assert kept.choose(one) == "torch" and kept.dense_copy is not None  # 16 rows will run dense again
+        assert lean.choose(many) == "dense" and lean.dense_copy is None
+        other = layer("block", True, "auto")  # the kept layer's measurement, reused: its copy is made all the same
+        assert other.choose(many) == "dense" and other.dense_copy is not None
+    assert measured == [(1, ["dense", "torch"]), (16, ["dense", "torch"]), (16, ["dense", "torch"])]
+    assert sorted(p.dense for p in dispatch.decisions()) == ["kept", "kept", "rebuilt"]
+    kept.keep_dense = False
+    assert kept.dense_copy is None and not dispatch.memo(kept) and not dispatch.memo(kept, "_prunekit_runs")
+    with torch.no_grad():
+        assert kept.choose(many) == "dense" and kept.dense_copy is None  # the lean layer's measurement
+    assert len(measured) == 3
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["after an eager call", "first call compiled"])
+def test_a_kept_dense_layer_compiles_to_one_graph(monkeypatch, warm):
+    monkeypatch.setattr(dispatch, "_threads", lambda on_cpu: 0)  # (see test_dispatch: not traceable on the CPU)
+    torch._dynamo.reset()
+    kept = layer("block", True)
+    _, expected = reference("block")
+    x = torch.randn(2, 3, 96)
+    with torch.no_grad():
+        if warm:
+            torch.testing.assert_close(kept(x), expected(x))
+        torch.testing.assert_close(torch.compile(kept, fullgraph=True)(x), expected(x))
+    assert (kept.dense_copy is not None) == warm  # a trace uses a copy that is there, and stores none
