@@ -126,6 +126,21 @@ def test_auto_times_dense_as_the_layer_runs_it_and_keeps_a_copy_only_where_dense
     assert len(measured) == 3
 
 
+def test_no_copy_is_made_while_a_cuda_graph_is_captured(monkeypatch):
+    """Captured kernels do not run until the graph replays, so a copy made during capture would hold no weights for
+    the eager calls after it: the layer runs on a weight built for the graph, and makes its copy on an eager call."""
+    kept = layer("block", True)
+    _, expected = reference("block")
+    x = torch.randn(5, 96)
+    with torch.no_grad(), monkeypatch.context() as m:
+        m.setattr(dispatch, "busy", lambda: True)
+        torch.testing.assert_close(kept(x), expected(x))
+        assert kept.dense_copy is None
+    with torch.no_grad():
+        torch.testing.assert_close(kept(x), expected(x))
+    assert kept.dense_copy is not None
+
+
 @pytest.mark.parametrize("warm", [True, False], ids=["after an eager call", "first call compiled"])
 def test_a_kept_dense_layer_compiles_to_one_graph(monkeypatch, warm):
     monkeypatch.setattr(dispatch, "_threads", lambda on_cpu: 0)  # (see test_dispatch: not traceable on the CPU)

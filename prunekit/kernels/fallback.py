@@ -61,9 +61,12 @@ class DenseFallback:
         if torch.compiler.is_compiling():  # (what a trace reads must not be checked or stored)
             return self.dense_copy if self.dense_copy is not None else self.build_dense(scratch=False)
         stamp = tuple((id(t), t._version) for t in self.dense_sources())
-        if self.dense_copy is None or self.__dict__.get("_dense_stamp") != stamp:
-            self.dense_copy = self.build_dense(scratch=False)
-            self.__dict__["_dense_stamp"] = stamp
+        if self.dense_copy is not None and self.__dict__.get("_dense_stamp") == stamp:
+            return self.dense_copy
+        if dispatch.busy():  # a CUDA graph being captured runs nothing now: a copy made here would hold no weights yet
+            return self.build_dense(scratch=False)
+        self.dense_copy = self.build_dense(scratch=False)
+        self.__dict__["_dense_stamp"] = stamp
         return self.dense_copy
 
     def pick(self, x: torch.Tensor, kind: str, shape, block: int, density: float, candidates) -> str:
