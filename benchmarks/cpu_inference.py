@@ -21,9 +21,11 @@ Wanda 50%, SparseGPT 2:4, Wanda 70% and Wanda in 32x32 blocks at 70%, saved comp
 dense model with save_pretrained). Each (model, dtype, mode) runs in a fresh process: load, a warm-up, the 512-token
 prefill of the eval split's first window (median of 3), then greedy decoding of 128 new tokens after it (tokens per
 second after the first), with the process's peak RSS. Modes: dense; sparse (load_pruned(sparse=True): compressed
-layers, auto dispatch); masked (load_pruned(sparse=False): the masked dense twin, whose tokens the sparse model's
-must equal). Targets (1 thread): decode >= 1.3x dense at 50% and 2:4, >= 1.6x at 70%; prefill no slower than
-dense; at 50% fp32, checkpoint <= 0.66x dense and the pruned layers' resident bytes <= 0.56x.
+layers, auto dispatch); kept (the same with keep_dense=True on every compressed layer: where auto runs a layer dense,
+at prefill, it keeps the dense weight instead of decompressing it per call); masked (load_pruned(sparse=False): the
+masked dense twin, whose tokens the sparse model's must equal). Targets (1 thread): decode >= 1.3x dense at 50% and
+2:4, >= 1.6x at 70%; prefill no slower than dense; at 50% fp32, checkpoint <= 0.66x dense and the pruned layers'
+resident bytes <= 0.56x (without keep_dense).
 """
 from __future__ import annotations
 
@@ -278,7 +280,10 @@ def load(path: Path, mode: str, dtype: str):
     if mode == "dense":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
     else:
-        model = prunekit.load_pruned(path, sparse=mode == "sparse").eval()
+        model = prunekit.load_pruned(path, sparse=mode in ("sparse", "kept")).eval()
+        for layer in model.modules():
+            if mode == "kept" and isinstance(layer, SPARSE_MODULES):
+                layer.keep_dense = True
     return model, data.eval_windows(AutoTokenizer.from_pretrained(path), 1, 512)
 
 
@@ -320,7 +325,7 @@ def worker(path: Path, mode: str, dtype: str, threads: int, new_tokens: int) -> 
             "layers": len(layers), "layer_bytes": sum(stored_bytes(m) for m in layers),
             "dense_layer_bytes": dense_layer_bytes, "peak_rss_mib": status_mib("VmHWM"),
             "checkpoint_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
-            **({"top2": top2(model, prompt, new_tokens)} if mode != "dense" else {})}
+            **({"top2": top2(model, prompt, new_tokens)} if mode in ("sparse", "masked") else {})}
 
 
 def margins_main(args) -> None:
@@ -328,7 +333,7 @@ def margins_main(args) -> None:
     out = args.out or RESULTS / "cpu_inference_model"
     doc = json.loads(out.with_suffix(".json").read_text())
     for row in doc["results"]:
-        if row["mode"] == "dense" or "top2" in row:
+        if row["mode"] not in ("sparse", "masked") or "top2" in row:
             continue
         torch.set_num_threads(row["threads"])
         model, prompt = load(WORK / f"{slug(row['model'])}-{row['dtype']}", row["mode"], row["dtype"])
@@ -346,7 +351,8 @@ def model_main(args) -> None:
     for threads in args.threads:
         for dtype in DTYPES:
             runs = [("dense", "dense", WORK / f"dense-{dtype}")]
-            runs += [(name, mode, WORK / f"{slug(name)}-{dtype}") for name in VARIANTS for mode in ("sparse", "masked")]
+            runs += [(name, mode, WORK / f"{slug(name)}-{dtype}") for name in VARIANTS
+                     for mode in ("sparse", "kept", "masked")]
             for name, mode, path in runs:
                 command = [sys.executable, __file__, "worker", str(path), mode, dtype, str(threads),
                            str(args.new_tokens)]
@@ -362,7 +368,7 @@ def model_main(args) -> None:
 
 
 def model_rows(doc: dict):
-    """(dtype, threads, dense row, [(variant, sparse row, masked row)])."""
+    """(dtype, threads, dense row, [(variant, sparse row, masked row, kept row)])."""
     res = doc["results"]
     for threads in sorted({r["threads"] for r in res}):
         for dtype in DTYPES:
@@ -370,7 +376,8 @@ def model_rows(doc: dict):
                                          and r["dtype"] == dtype and r["threads"] == threads), None)
             dense = pick("dense", "dense")
             if dense:
-                yield dtype, threads, dense, [(n, pick(n, "sparse"), pick(n, "masked")) for n in VARIANTS]
+                yield dtype, threads, dense, [(n, pick(n, "sparse"), pick(n, "masked"), pick(n, "kept"))
+                                              for n in VARIANTS]
 
 
 MODEL_FINDINGS = """Where the targets are missed, and why (this machine: AMD EPYC, Zen 4, no AMX): the torch profiler
@@ -413,7 +420,7 @@ def model_markdown(doc: dict) -> str:
                   f"MiB, weights resident {dense['resident_bytes'] / 2**20:.0f} MiB.", "",
                   "| pruned | decode tokens/s | decode | prefill | checkpoint | layers resident | peak RSS MiB | "
                   "masked twin decode | same tokens | targets |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for name, sparse, masked in variants:
+        for name, sparse, masked, _ in variants:
             if sparse is None:
                 continue
             t = model_targets(name, dtype, threads, dense, sparse)
@@ -426,6 +433,16 @@ def model_markdown(doc: dict) -> str:
                 f"{masked['tokens_per_second'] / dense['tokens_per_second']:.2f}x" if masked else "",
                 same_tokens(sparse, masked) if masked else "",
                 ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in t.items())]) + " |")
+        kept = [(name, sparse, row) for name, sparse, _, row in variants if sparse and row]
+        if kept:
+            lines += ["", "The same compressed models with `keep_dense=True` (the dense weight kept where a layer runs "
+                      "dense, at prefill, instead of decompressed per call):", "",
+                      "| pruned | decode | prefill | layers resident | peak RSS MiB | same tokens as without |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {name} | {row['tokens_per_second'] / dense['tokens_per_second']:.2f}x | "
+                      f"{dense['prefill_seconds'] / row['prefill_seconds']:.2f}x | "
+                      f"{row['layer_bytes'] / row['dense_layer_bytes']:.3f}x | {row['peak_rss_mib']:.0f} | "
+                      f"{'yes' if row['tokens'] == sparse['tokens'] else 'NO'} |" for name, sparse, row in kept]
         lines.append("")
     return "\n".join(lines) + "\n"
 
