@@ -9,7 +9,7 @@ random (exactly, in whole blocks) with 32x32 and 64x64 blocks. Peers in the same
 dense (F.linear of the masked weight), PyTorch's BSR (torch.sparse_bsr_tensor @ dense, Triton on the GPU) and, at
 50%, 2:4 semi-structured sparsity (to_sparse_semi_structured) of a 2:4-pruned weight of the same shape. Our kernel
 is timed as the layer runs it at inference (behind its bound operator), and so is the layer's own dense path by
-default, "rebuilt": unless told to keep its dense weight (keep_dense, prunekit/kernels/fallback.py), a
+default, "rebuilt": unless told to keep its dense weight (keep_dense, prunekit/kernels/sparse_layer.py), a
 BlockSparseLinear rebuilds it from its blocks for each call where it runs dense.
 
 Every path is timed in both of the ways a model runs (prunekit.kernels.dispatch.timings, the paths in turns,

@@ -308,10 +308,12 @@ def test_an_inference_call_after_the_first_is_the_operator_alone(monkeypatch, st
         assert calls == []
 
         module.backend = "standin"
+        known = dict(dispatch.memo(module, dispatch.RUNS))
         monkeypatch.setattr(dispatch, "busy", lambda: True)  # captured or traced: run, but remember nothing
-        module(x)
-        module(x)
-        assert len(calls) == 2 and not dispatch.memo(module, "_prunekit_runs")
+        forty = torch.randn(40, 90)
+        module(forty)
+        module(forty)
+        assert len(calls) == 2 and dispatch.memo(module, dispatch.RUNS) == known
 
 
 @pytest.mark.parametrize("warm", [True, False], ids=["after an eager call", "first call compiled"])
@@ -330,7 +332,7 @@ def test_a_layer_on_the_operator_compiles_to_one_graph(monkeypatch, standin, war
         if warm:
             torch.testing.assert_close(module(x), reference(x))
         torch.testing.assert_close(torch.compile(module, fullgraph=True)(x), reference(x))
-    assert bool(dispatch.memo(module, "_prunekit_runs")) == warm
+    assert bool(dispatch.memo(module, dispatch.RUNS)) == warm
 
 
 def test_auto_times_each_backend_as_inference_runs_it(monkeypatch, standin):

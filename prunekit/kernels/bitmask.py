@@ -19,9 +19,9 @@ from torch import nn
 
 from ..bits import pack_rows, unpack_rows
 from ..errors import MaskMismatchError, PrunekitError
-from . import cpu
-from .fallback import DenseFallback
+from . import cpu, dispatch
 from .linear import dense_mask, dense_module, dense_view
+from .sparse_layer import SparseLayer
 
 
 def compress(weight: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,13 +65,13 @@ def decompress(values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.T
     return values.new_zeros(shape).masked_scatter(keep, values)
 
 
-class BitmaskLinear(DenseFallback, nn.Module):
+class BitmaskLinear(SparseLayer, nn.Module):
     """y = x W^T + b with W held only as its bitmask layout: `values` (the parameter; it trains, and a pruned weight,
     having no value, stays zero), `bitmask` and `row_offsets` (buffers).
 
     backend: "auto" times prunekit's CPU kernel against the dense product once per batch-size bucket and keeps the
     faster (dispatch.py); "cpu" or "dense" to choose. Training runs the dense product, differentiable in `values`.
-    keep_dense: where it runs dense, keep the dense weight instead of decompressing it per call (fallback.py).
+    keep_dense: where it runs dense, keep the dense weight instead of decompressing it per call (sparse_layer.py).
     """
 
     BACKENDS = ("auto", "cpu", "dense")
@@ -147,7 +147,7 @@ class BitmaskLinear(DenseFallback, nn.Module):
         return self.values, self.bitmask, self.row_offsets
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        """The dense product: differentiable in values while training, else on fallback.py's weight."""
+        """The dense product: differentiable in values while training, else on sparse_layer.py's weight."""
         training = torch.is_grad_enabled() and (self.values.requires_grad or x.requires_grad)
         return F.linear(x, self.dense_weight() if training else self.fallback_weight(), self.bias)
 
@@ -165,8 +165,8 @@ class BitmaskLinear(DenseFallback, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (self.values.requires_grad or x.requires_grad):
             return self._dense(x)  # the kernel has no backward
-        name = self.choose(x) if self._backend == "auto" else self._backend
-        return self._kernel(x) if name == "cpu" else self._dense(x)
+        return dispatch.remembered(self, x, self.in_features, self._backend,
+                                   lambda: self._kernel if self.path(x) == "cpu" else self._dense)(x)
 
     def to_dense(self) -> nn.Module:
         """The equivalent nn.Linear (or Conv1D), with the prunekit mask of everything not kept."""

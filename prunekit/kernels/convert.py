@@ -107,7 +107,7 @@ def convert(model: nn.Module, backend: str = "auto", *, layout: str = "auto", bl
     training: leave out 2:4 semi-structured, whose compressed weight does not train.
     keep_dense: where a converted layer runs dense (at batch sizes where auto measured dense faster), keep its dense
         weight beside the compressed one: never slower than dense, but holding the dense bytes too. By default it
-        is rebuilt for each such call, so that the layer stays small (fallback.py says what that costs); 2:4 layers
+        is rebuilt for each such call, so that the layer stays small (sparse_layer.py says what that costs); 2:4 layers
         always keep it. The report counts what each layer holds after its measurements at `rows`.
 
     Every layer is checked (NaN or Inf in kept weights, a backend that cannot run it, a model converted already)

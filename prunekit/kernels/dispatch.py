@@ -1,5 +1,5 @@
 """backend="auto": time every candidate once per problem and keep the fastest, never one slower than dense as the
-layer runs dense (fallback.py: on a weight rebuilt per call, the default, which keeps the layer small; or, with
+layer runs dense (sparse_layer.py: on a weight rebuilt per call, the default, which keeps the layer small; or, with
 keep_dense, on a kept copy, exactly dense).
 
 On a GPU what is fastest depends on how the model runs. Called eagerly, every layer pays its host-side launch
@@ -47,7 +47,7 @@ class Problem:
     threads: int  # torch's CPU threads (0 on a GPU): what wins on one core may lose on two
     rows: int  # bucket: rows rounded up to a power of two
     mode: str = "eager"  # how the model runs: "eager" or "graph" (CUDA graphs, torch.compile's cudagraphs)
-    dense: str = "rebuilt"  # how the layer runs dense (fallback.py): on a weight "rebuilt" per call, or "kept"
+    dense: str = "rebuilt"  # how the layer runs dense (sparse_layer.py): on a weight "rebuilt" per call, or "kept"
 
     @classmethod
     def of(cls, kind: str, shape, block: int, density: float, dtype, device: torch.device, rows: int,
@@ -67,6 +67,7 @@ _cache: dict[Problem, Choice] = {}
 _mode = "eager"
 _generation = uuid.uuid4().hex  # renewed by forget(); a module's remembered choices (copied, pickled) need this one
 _MEMO = "_prunekit_dispatch"
+RUNS = "_prunekit_runs"  # a module's memo of what runs each batch-size bucket at inference (remembered)
 
 
 def device_name(device: torch.device) -> str:
@@ -125,6 +126,21 @@ def memo(module: torch.nn.Module, name: str = _MEMO) -> dict:
     if found is None or found[0] != _generation:
         found = module.__dict__[name] = (_generation, {})
     return found[1]
+
+
+def remembered(module: torch.nn.Module, x: torch.Tensor, in_features: int, backend: str,
+               build: Callable[[], Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function that runs `x` through `module` at inference, remembered per backend setting and `key` in
+    memo(module, RUNS), so that a call after the first is one lookup; build() makes it the first time (choosing, and
+    measuring if the problem is new). Nothing is remembered for an empty input (its bucket is one row's, which decode
+    will measure) or while busy()."""
+    runs, k = memo(module, RUNS), (backend, *key(x, in_features))
+    run = runs.get(k)
+    if run is None:
+        run = build()
+        if x.numel() and not busy():
+            runs[k] = run
+    return run
 
 
 def busy() -> bool:

@@ -14,11 +14,9 @@ from ..masks import BUFFER, attach
 from ..targets import Conv1D
 from . import backends, dispatch
 from .cpu import workspace
-from .fallback import DenseFallback
 from .function import block_sparse_linear
 from .layout import BlockLayout, choose_block
-
-_RUNS = "_prunekit_runs"  # BlockSparseLinear's forward per batch-size bucket (inference)
+from .sparse_layer import SparseLayer
 
 
 def dense_view(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -55,7 +53,7 @@ def dense_mask(module: nn.Module) -> torch.Tensor | None:
     return module.prune_mask if isinstance(module, nn.Linear) else module.prune_mask.t()
 
 
-class BlockSparseLinear(DenseFallback, nn.Module):
+class BlockSparseLinear(SparseLayer, nn.Module):
     """y = x W^T + b with W stored as `values` [nnzb, B, B], the blocks that hold a kept weight.
 
     The layout's index tensors are buffers (they move with .to() and live in state_dict). Kept weights of a stored
@@ -65,7 +63,7 @@ class BlockSparseLinear(DenseFallback, nn.Module):
 
     backend: "auto" measures the usable backends against dense once per batch-size bucket and keeps the fastest
     (dispatch.py); or one of "cuda_ext", "cupy", "torch", "dense".
-    keep_dense: where it runs dense, keep the dense weight instead of rebuilding it per call (fallback.py).
+    keep_dense: where it runs dense, keep the dense weight instead of rebuilding it per call (sparse_layer.py).
     """
 
     def __init__(self, layout: BlockLayout, values: torch.Tensor, bias: torch.Tensor | None = None,
@@ -89,7 +87,6 @@ class BlockSparseLinear(DenseFallback, nn.Module):
         if name != "auto" and not backends.known(name):
             raise PrunekitError(f"unknown backend {name!r}; use 'auto' or one of {', '.join(backends.NAMES)}")
         self._backend = name
-        self.__dict__.pop(_RUNS, None)
 
     @classmethod
     def from_dense(cls, linear: nn.Module, mask: torch.Tensor | None = None, block: int | None = None,
@@ -134,24 +131,19 @@ class BlockSparseLinear(DenseFallback, nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): new tensors
         self.__dict__.pop("_layout", None)
-        self.__dict__.pop(_RUNS, None)
+        self.__dict__.pop(dispatch.RUNS, None)
         return super()._apply(fn, recurse)
 
     def __setattr__(self, name, value):
         if name in BlockLayout.INDEX_FIELDS:
             self.__dict__.pop("_layout", None)
-        if name in BlockLayout.INDEX_FIELDS or name in ("values", "bias"):
-            self.__dict__.pop(_RUNS, None)
+        if name in BlockLayout.INDEX_FIELDS or name in ("values", "bias"):  # (a run binds them: Native.bind)
+            self.__dict__.pop(dispatch.RUNS, None)
         super().__setattr__(name, value)
-
-    def __getstate__(self):  # a copy builds its own runs: these are bound to this module's tensors
-        state = super().__getstate__()
-        state.pop(_RUNS, None)
-        return state
 
     def dense_weight(self) -> torch.Tensor:
         """The dense [out, in] weight: differentiable while training; otherwise what inference runs dense on
-        (fallback.py: rebuilt for this call, or the kept copy)."""
+        (sparse_layer.py: rebuilt for this call, or the kept copy)."""
         if torch.is_grad_enabled() and self.values.requires_grad:
             return self.layout.scatter(self.values)
         return self.fallback_weight()
@@ -165,13 +157,9 @@ class BlockSparseLinear(DenseFallback, nn.Module):
     def dense_sources(self) -> tuple[torch.Tensor, ...]:
         return self.values, *(self._buffers[name] for name in BlockLayout.INDEX_FIELDS)
 
-    def forget_choices(self) -> None:
-        super().forget_choices()
-        self.__dict__.pop(_RUNS, None)
-
     def choose(self, x: torch.Tensor) -> str:
         """The backend "auto" runs `x` on (measured the first time its problem is seen), each candidate timed as
-        forward would run it at inference (`runner`; dense on the weight fallback.py gives it)."""
+        forward would run it at inference (`runner`; dense on the weight sparse_layer.py gives it)."""
         def candidates(x2):
             def timed(name):  # built on its first call, inside the timing's error handling
                 run = functools.cache(lambda: self.runner(name, x2))
@@ -180,10 +168,6 @@ class BlockSparseLinear(DenseFallback, nn.Module):
             return {name: timed(name) for name in ("dense", *backends.usable(x.device, x.dtype, self.block))}
 
         return self.pick(x, "bsr", (self.out_features, self.in_features), self.block, self.layout.density, candidates)
-
-    def path(self, x: torch.Tensor) -> str:
-        """The backend forward runs `x` on: the named one, or auto's choice."""
-        return self.choose(x) if self._backend == "auto" else self._backend
 
     def product(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """forward's product on backend `name` (or "dense"), differentiable."""
@@ -204,15 +188,9 @@ class BlockSparseLinear(DenseFallback, nn.Module):
             return self.product(self.path(x))(x)
         if x.shape[-1] != self.in_features:  # (kernels take the width from x: a wrong one must not reach them)
             raise PrunekitError(f"input has {x.shape[-1]} features, this layer takes {self.in_features}")
-        # Inference: what runs x is remembered per batch-size bucket (dispatch.key), so that a call after the first
-        # is one lookup and the run, the thin operator itself where the backend has one.
-        runs, k = dispatch.memo(self, _RUNS), dispatch.key(x, self.in_features)
-        run = runs.get(k)
-        if run is None:
-            run = self.runner(self.path(x), x.reshape(-1, self.in_features))
-            if x.numel() and not dispatch.busy():  # (no rows: the bucket of one row, which decode will measure)
-                runs[k] = run
-        return run(x)
+        # (what runs is remembered per batch-size bucket: the thin operator itself where the backend has one)
+        return dispatch.remembered(self, x, self.in_features, self._backend,
+                                   lambda: self.runner(self.path(x), x.reshape(-1, self.in_features)))(x)
 
     def to_dense(self) -> nn.Module:
         """The equivalent nn.Linear (or Conv1D), with the prunekit mask of everything not kept."""

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PrunekitError
-from .fallback import DenseFallback
+from . import dispatch
+from .sparse_layer import SparseLayer
 
 
 def is_2_4(keep: torch.Tensor) -> bool:
@@ -27,10 +28,10 @@ def unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-class SemiStructuredLinear(DenseFallback, nn.Module):
+class SemiStructuredLinear(SparseLayer, nn.Module):
     """y = x W^T + b with W (2:4-pruned) compressed for sparse tensor cores. backend: "auto" (measured against
     dense per batch-size bucket), "semi_structured" or "dense". Where it runs dense it keeps a dense copy
-    (fallback.py: decompressing costs a product of its own)."""
+    (sparse_layer.py: decompressing costs a product of its own)."""
 
     REBUILDS = False
 
@@ -57,18 +58,22 @@ class SemiStructuredLinear(DenseFallback, nn.Module):
     def dense_sources(self) -> tuple[torch.Tensor, ...]:
         return (self.weight,)
 
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.fallback_weight(), self.bias)
+
+    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
     def choose(self, x: torch.Tensor) -> str:
         """The path "auto" runs `x` on. The dense copy stays once any batch size has run dense."""
         def candidates(x2):
-            dense = self.fallback_weight()
-            return {"dense": lambda: F.linear(x2, dense, self.bias),
-                    "semi_structured": lambda: F.linear(x2, self.weight, self.bias)}
+            return {"dense": lambda: self._dense(x2), "semi_structured": lambda: self._sparse(x2)}
 
         return self.pick(x, "2:4", (self.out_features, self.in_features), 4, 0.5, candidates)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = self.choose(x) if self.backend == "auto" else self.backend
-        return F.linear(x, self.fallback_weight() if name == "dense" else self.weight, self.bias)
+        return dispatch.remembered(self, x, self.in_features, self.backend,
+                                   lambda: self._dense if self.path(x) == "dense" else self._sparse)(x)
 
     def to_dense(self) -> nn.Module:
         """The equivalent nn.Linear (or Conv1D), masked where the compressed weight is zero."""

@@ -1,4 +1,4 @@
-"""How a compressed layer runs dense (prunekit/kernels/fallback.py): on a weight rebuilt for each call by default, or
+"""How a compressed layer runs dense (prunekit/kernels/sparse_layer.py): on a weight rebuilt for each call by default, or
 on a copy kept with keep_dense, which follows every change to the compressed weight, is counted and is not saved;
 and the dispatch times dense the way the layer runs it."""
 import copy
@@ -120,7 +120,7 @@ def test_auto_times_dense_as_the_layer_runs_it_and_keeps_a_copy_only_where_dense
     assert measured == [(1, ["dense", "torch"]), (16, ["dense", "torch"]), (16, ["dense", "torch"])]
     assert sorted(p.dense for p in dispatch.decisions()) == ["kept", "kept", "rebuilt"]
     kept.keep_dense = False
-    assert kept.dense_copy is None and not dispatch.memo(kept) and not dispatch.memo(kept, "_prunekit_runs")
+    assert kept.dense_copy is None and not dispatch.memo(kept) and not dispatch.memo(kept, dispatch.RUNS)
     with torch.no_grad():
         assert kept.choose(many) == "dense" and kept.dense_copy is None  # the lean layer's measurement
     assert len(measured) == 3
@@ -153,3 +153,26 @@ def test_a_kept_dense_layer_compiles_to_one_graph(monkeypatch, warm):
             torch.testing.assert_close(kept(x), expected(x))
         torch.testing.assert_close(torch.compile(kept, fullgraph=True)(x), expected(x))
     assert (kept.dense_copy is not None) == warm  # a trace uses a copy that is there, and stores none
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_call_after_the_first_of_a_bucket_chooses_nothing(monkeypatch, kind):
+    """Inference remembers per backend setting and batch-size bucket what runs; a copy remembers nothing of it."""
+    monkeypatch.setattr(backends, "usable", lambda device, dtype, block: ["torch"])
+    monkeypatch.setattr(dispatch, "timings", lambda candidates, device, mode="eager", **_: (
+        {name: 1.0 if name == "dense" else 0.5 for name in candidates}, {}))
+    auto = layer(kind, False, "auto")
+    _, expected = reference(kind)
+    x = torch.randn(2, 3, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(auto(x), expected(x))
+        with monkeypatch.context() as m:
+            m.setattr(type(auto), "choose", lambda *a: pytest.fail("chose again"))
+            five = x.reshape(6, 96)[:5]  # the bucket of six rows
+            torch.testing.assert_close(auto(five), expected(five))
+            auto.backend = "dense"
+            torch.testing.assert_close(auto(x), expected(x))
+            auto.backend = "auto"
+            torch.testing.assert_close(auto(x), expected(x))
+        assert len(dispatch.memo(auto, dispatch.RUNS)) == 2
+        assert not dispatch.memo(copy.deepcopy(auto), dispatch.RUNS)

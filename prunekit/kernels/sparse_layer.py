@@ -1,13 +1,19 @@
-"""How a compressed layer runs dense, where it does: "auto" runs a batch size dense when dense beat every sparse
-path there (backend="dense" always does), on a dense weight made from the compressed one.
+"""What the compressed layers (BitmaskLinear, BlockSparseLinear, SemiStructuredLinear) share: the path each batch
+size runs on, chosen by the dispatch and remembered, and how they run dense where they do.
 
-By default that weight is rebuilt for each call and given back after it, so the layer stays as small as its mask,
-and dense costs the rebuild on top of the product: on the CPU about 2% of a 512-token prefill, but 1.6-6x dense's
-time at one to eight rows, where the product itself is short (benchmarks/results/kernels_cpu.md, "rebuilt"). With
-`keep_dense=True` the layer builds it once, where dense first runs, and keeps it beside the compressed weight: it is
-then never slower than dense, and holds the dense bytes as well (a non-persistent buffer, `dense_copy`: convert's
-report counts it, state_dict leaves it out). The dispatch times dense the way the layer runs it, so its choices
-follow the setting. A 2:4 layer always keeps its copy: decompressing a semi-structured weight is a product of its own.
+Path: with backend="auto" the first inference call of a batch-size bucket asks the dispatch (measuring if the problem
+is new); the function that then runs is remembered per bucket (dispatch.remembered), so that a call after the first
+is a lookup and that function.
+
+Dense: "auto" runs a batch size dense when dense beat every sparse path there (backend="dense" always does), on a
+dense weight made from the compressed one. By default that weight is rebuilt for each call and given back after it,
+so the layer stays as small as its mask, and dense costs the rebuild on top of the product: on the CPU 2-16% of a
+512-row product, but 1.6-6x dense's time at one to eight rows, where the product itself is short
+(benchmarks/results/kernels_cpu.md, "rebuilt"). With `keep_dense=True` the layer builds it once, where a batch size
+is first chosen to run dense, and keeps it beside the compressed weight: never slower than dense, holding the dense
+bytes as well (a non-persistent buffer, `dense_copy`: convert's report counts it, state_dict leaves it out). The
+dispatch times dense the way the layer runs it, so its choices follow the setting. A 2:4 layer always keeps its
+copy: decompressing a semi-structured weight is a product of its own.
 """
 from __future__ import annotations
 
@@ -17,9 +23,9 @@ from ..errors import PrunekitError
 from . import dispatch
 
 
-class DenseFallback:
-    """Mixin of the compressed layers (an nn.Module that calls `init_fallback` and defines `build_dense` and
-    `dense_sources`): the `keep_dense` setting, its `dense_copy` and the dispatch's choice made with it."""
+class SparseLayer:
+    """Mixin of the compressed layers: an nn.Module with `backend` and `choose(x)` that calls `init_fallback` and
+    defines `build_dense` and `dense_sources`."""
 
     REBUILDS = True  # whether the layer can rebuild its dense weight per call at a sensible cost
 
@@ -44,6 +50,16 @@ class DenseFallback:
 
     def forget_choices(self) -> None:
         dispatch.memo(self).clear()
+        dispatch.memo(self, dispatch.RUNS).clear()
+
+    def __getstate__(self):  # a copy makes its own runs: they may be bound to this module's tensors
+        state = super().__getstate__()
+        state.pop(dispatch.RUNS, None)
+        return state
+
+    def path(self, x: torch.Tensor) -> str:
+        """The path forward runs `x` on: the named backend, or auto's choice."""
+        return self.choose(x) if self.backend == "auto" else self.backend
 
     def build_dense(self, scratch: bool) -> torch.Tensor:
         """The dense [out, in] weight, detached; scratch: it may live in memory the next call reuses."""
