@@ -17,6 +17,8 @@ copy: decompressing a semi-structured weight is a product of its own.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..errors import PrunekitError
@@ -52,9 +54,10 @@ class SparseLayer:
         dispatch.memo(self).clear()
         dispatch.memo(self, dispatch.RUNS).clear()
 
-    def __getstate__(self):  # a copy makes its own runs: they may be bound to this module's tensors
+    def __getstate__(self):  # a copy makes its own runs (they may be bound to this module's tensors) and dense copy
         state = super().__getstate__()
         state.pop(dispatch.RUNS, None)
+        state.pop("_made_from", None)
         return state
 
     def path(self, x: torch.Tensor) -> str:
@@ -76,13 +79,15 @@ class SparseLayer:
             return self.build_dense(scratch=True)
         if torch.compiler.is_compiling():  # (what a trace reads must not be checked or stored)
             return self.dense_copy if self.dense_copy is not None else self.build_dense(scratch=False)
-        stamp = tuple((id(t), t._version) for t in self.dense_sources())
-        if self.dense_copy is not None and self.__dict__.get("_dense_stamp") == stamp:
+        sources = self.dense_sources()
+        made_from = self.__dict__.get("_made_from", ())  # (weak reference, version) of each source, at the copy
+        if self.dense_copy is not None and len(made_from) == len(sources) and all(
+                ref() is t and version == t._version for (ref, version), t in zip(made_from, sources)):
             return self.dense_copy
         if dispatch.busy():  # a CUDA graph being captured runs nothing now: a copy made here would hold no weights yet
             return self.build_dense(scratch=False)
         self.dense_copy = self.build_dense(scratch=False)
-        self.__dict__["_dense_stamp"] = stamp
+        self.__dict__["_made_from"] = tuple((weakref.ref(t), t._version) for t in sources)
         return self.dense_copy
 
     def pick(self, x: torch.Tensor, kind: str, shape, block: int, density: float, candidates) -> str:
