@@ -64,8 +64,8 @@ def test_the_dense_weight_is_kept_only_when_asked_counted_and_not_saved(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_kept_copy_follows_every_change_to_the_weights(kind):
     """An in-place change, an optimizer step (masked, after a differentiable forward that does not use the copy), a
-    load_state_dict, a new values tensor and a deep copy: each time the kept layer computes what the lean one, which rebuilds its weight
-    for every call, computes."""
+    load_state_dict, a new values tensor and a deep copy: each time the kept layer computes what the lean one, which
+    rebuilds its weight for every call, computes."""
     lean, kept = layer(kind, False), layer(kind, True)
     x = torch.randn(5, 96)
 
