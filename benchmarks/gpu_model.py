@@ -13,7 +13,9 @@ masked dense model and the converted one:
   and as CUDA-graph replays of one captured decode step (what serving stacks do), tokens per second;
 - the generated tokens of the converted model against the masked dense model's, in each mode;
 - each bf16 model's decode logits against the masked model in float32, teacher-forced on the same tokens (where the
-  greedy tokens of two bf16 models part at a near-tie, this says whether the kernels are as exact as cuBLAS).
+  greedy tokens of two bf16 models part at a near-tie, this says whether the kernels are as exact as cuBLAS);
+- last, the converted model's prefill again with keep_dense=True on every converted layer (where auto runs a layer
+  dense, it keeps the dense weight instead of rebuilding it per call), and what its layers hold either way.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine_info import machine, versions  # noqa: E402
 
 import prunekit  # noqa: E402
-from prunekit.kernels import convert, dispatch  # noqa: E402
+from prunekit.kernels import SPARSE_MODULES, convert, dispatch  # noqa: E402
+from prunekit.kernels.convert import stored_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -241,10 +244,20 @@ def main(argv=None) -> None:
             doc["decode"][f"speedup {mode}"] = b["tokens_per_second"] / a["tokens_per_second"]
     if "tokens" in doc["decode"].get("dense eager", {}):
         doc["against_fp32"] = against_fp32(dense, sparse, prompt, doc["decode"]["dense eager"]["tokens"], device)
+    layers = [m for m in sparse.modules() if isinstance(m, SPARSE_MODULES)]
+    held = doc["converted"]["held"] = {"dense": sum(m.out_features * m.in_features * 2 for m in layers),
+                                       "lean": sum(stored_bytes(m) for m in layers)}
+    for layer in layers:
+        layer.keep_dense = True
+    with dispatch.mode("eager"):
+        doc["prefill"]["sparse kept"] = prefill_seconds(sparse, batch)
+    held["kept"] = sum(stored_bytes(m) for m in layers)
+    print(f"keep_dense: prefill {doc['prefill']['sparse kept'] * 1e3:.1f} ms; layers hold {held}", flush=True)
     for run in doc["decode"].values():
         if isinstance(run, dict):
             run.pop("logits", None)
     doc["prefill"]["speedup"] = doc["prefill"]["dense"] / doc["prefill"]["sparse"]
+    doc["prefill"]["speedup kept"] = doc["prefill"]["dense"] / doc["prefill"]["sparse kept"]
     doc["seconds"] = round(time.perf_counter() - started, 1)
     out = args.out or RESULTS / "kernels_cuda_model"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -266,6 +279,9 @@ def markdown(doc: dict) -> str:
              "| | masked dense | converted | speedup | tokens equal |", "|---|---|---|---|---|",
              f"| prefill {p['batch'][0]} x {p['batch'][1]} tokens (ms) | {p['dense'] * 1e3:.1f} | "
              f"{p['sparse'] * 1e3:.1f} | {p['speedup']:.2f}x | |"]
+    if "sparse kept" in p:
+        lines.append(f"| prefill, keep_dense=True (ms) | {p['dense'] * 1e3:.1f} | {p['sparse kept'] * 1e3:.1f} | "
+                     f"{p['speedup kept']:.2f}x | |")
     for mode in ("eager", "graph"):
         a, b = d.get(f"dense {mode}"), d.get(f"sparse {mode}")
         if a is None:
@@ -278,6 +294,10 @@ def markdown(doc: dict) -> str:
                    if "dense_top2_margin" in eq else "") + ")") if eq else "")
         sp = f"{d[f'speedup {mode}']:.2f}x" if f"speedup {mode}" in d else ""
         lines.append(f"| decode, {mode} (tokens/s) | {cell(a)} | {cell(b)} | {sp} | {same} |")
+    held = doc["converted"].get("held")
+    if held:
+        lines += ["", f"The converted layers hold {held['lean'] / held['dense']:.2f}x their dense bytes after prefill "
+                  f"and decode ({held['kept'] / held['dense']:.2f}x with keep_dense=True, after its prefill)."]
     exact = doc.get("against_fp32")
     if exact:
         lines += ["", "Against the masked model in float32, teacher-forced on the dense model's tokens (decode logits; "
