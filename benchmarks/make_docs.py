@@ -24,6 +24,7 @@ README = ROOT / "README.md"
 BEGIN = "<!-- headline results: benchmarks/make_docs.py -->"
 END = "<!-- end of headline results -->"
 LLAMA_7B = ([4096, 4096], [11008, 4096], [4096, 11008])  # the projection shapes of LLaMA-7B among the kernel rows
+sys.path.insert(0, str(Path(__file__).parent))  # (the benchmarks' own functions read their results' rows)
 
 
 def load(name: str) -> dict:
@@ -228,18 +229,25 @@ def cpu_inference_layers(doc: dict) -> list[str]:
 
 
 def kernels_cpu(doc: dict) -> list[str]:
-    paths = {"cpu": "prunekit's kernel", "torch": "PyTorch BSR", "rebuilt": "dense, rebuilt per call"}
+    from block_kernels import auto_speedup
+
+    paths = {"cpu": "prunekit's kernel", "torch": "PyTorch BSR", "rebuilt": "dense, rebuilt per call",
+             "auto": "auto, keep_dense", "auto_lean": "auto"}
     speedups = defaultdict(lambda: defaultdict(list))
     for r in rows_of(doc):
         seconds = r["seconds"].get("eager", {})
+        found = speedups[(r["block"], r["sparsity"], r["rows"])]
         for name in paths:
             if name in seconds:
-                speedups[(r["block"], r["sparsity"], r["rows"])][name].append(seconds["dense"] / seconds[name])
+                found[name].append(seconds["dense"] / seconds[name])
+            elif name.startswith("auto") and auto_speedup(r, "eager", name) is not None:
+                found[name].append(auto_speedup(r, "eager", name))
     rows = [[f"{b}x{b}", f"{s:.0%}", n] + [span(found[name]) if found[name] else "-" for name in paths]
             for (b, s, n), found in sorted(speedups.items())]
     return ["A block-sparse layer's paths against dense on the CPU (fp32, 1 thread), over the three LLaMA-7B shapes; "
             "\"dense, rebuilt per call\" is what a BlockSparseLinear pays where it runs dense, unless it keeps its "
-            "dense weight (keep_dense).", ""] + table(["block", "sparsity", "rows", *paths.values()], rows)
+            "dense weight (keep_dense); auto: the path the layer's dispatch picks, as the layer runs it.", ""] + \
+        table(["block", "sparsity", "rows", *paths.values()], rows)
 
 
 def cuda_speedups(doc: dict) -> dict:
@@ -402,12 +410,11 @@ def cpu_table() -> str:
 
 def missed_cpu_targets(doc: dict) -> str:
     """One sentence: which of the benchmark's targets this run missed, and where the profile that explains it is."""
-    sys.path.insert(0, str(Path(__file__).parent))
     from cpu_inference import model_rows, model_targets
 
     missed = defaultdict(list)
     for dtype, threads, dense, variants in model_rows(doc):
-        for name, sparse, _ in variants:
+        for name, sparse, *_ in variants:
             for target, met in model_targets(name, dtype, threads, dense, sparse).items():
                 if not met:
                     ratio = (sparse["tokens_per_second"] / dense["tokens_per_second"] if target.startswith("decode")
