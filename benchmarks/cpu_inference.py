@@ -37,6 +37,7 @@ import json
 import math
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -343,6 +344,29 @@ def margins_main(args) -> None:
     out.with_suffix(".md").write_text(model_markdown(doc))
 
 
+def prefill_main(args) -> None:
+    """One pruned model's prefill dense, compressed and compressed with keep_dense, timed in one process in turns
+    (forward by forward): differences of a few percent that runs in separate processes cannot resolve. Printed."""
+    from prunekit.generate import generate
+
+    torch.set_num_threads(1)
+    models = {}
+    for mode in ("dense", "sparse", "kept"):
+        path = WORK / (f"dense-{args.dtype}" if mode == "dense" else f"{slug(args.model)}-{args.dtype}")
+        models[mode], prompt = load(path, mode, args.dtype)
+        generate(models[mode], prompt, 2, warm_up=False)  # the dispatch measures 512 rows and 1 row here
+    seconds = {mode: [] for mode in models}
+    with torch.no_grad():
+        for _ in range(args.repeats):
+            for mode, model in models.items():
+                clock = time.perf_counter()
+                model(prompt)
+                seconds[mode].append(time.perf_counter() - clock)
+    median = {mode: statistics.median(times) for mode, times in seconds.items()}
+    print(f"{args.model} {args.dtype}, prefill of 512 tokens, median of {args.repeats} in turns: " + ", ".join(
+        f"{mode} {median[mode]:.3f} s ({median['dense'] / median[mode]:.3f}x dense)" for mode in models))
+
+
 def model_main(args) -> None:
     start = time.perf_counter()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -380,19 +404,6 @@ def model_rows(doc: dict):
                                               for n in VARIANTS]
 
 
-MODEL_FINDINGS = """Where the targets are missed, and why (this machine: AMD EPYC, Zen 4, no AMX): the torch profiler
-of one bf16 decode step of the 70% model (512 tokens of context, 1 thread) puts about 15 of its ~47 ms in the
-attention (aten::_scaled_dot_product_flash_attention_for_cpu, 0.5 ms per layer in bf16), 6.8 ms in the tied dense
-lm_head and 2.5 ms in the KV cache's concatenations; none of it shrinks with pruning, which caps bf16 decode near
-1.5x. Prefill runs 512 rows dense (auto measured the kernels slower there) on a weight decompressed for each call,
-since the layer never keeps its dense weight: the profiler of one bf16 2:4 prefill puts the same 693 ms in aten::mm
-for the compressed and the dense model, and the 21 ms between them (1.036 s against 1.015 s, 2%) in the
-decompression; bf16 prefill lands at 0.97-1.01x, fp32 (twice the matmul time, same decompression) at 1.00-1.02x. In
-bf16 the compressed and the masked model differ by rounding (the kernel sums in another order and rounds each output
-once), so greedy decoding can part at a near-tie. The masked twins run a mask pre-hook per layer call, which is why
-they decode below the dense model."""
-
-
 def model_targets(name: str, dtype: str, threads: int, dense: dict, sparse: dict) -> dict:
     out = {}
     if threads == 1:
@@ -412,7 +423,8 @@ def model_markdown(doc: dict) -> str:
         "process's from loading on (torch and transformers alone hold about 0.4 GB). Ratios are to the dense model "
         "of the same dtype in the same run of this script. Checkpoint: the safetensors files. Layers: the pruned "
         "layers' resident bytes over their dense bytes. Same tokens: the compressed model's 128 tokens equal "
-        "those of its masked dense twin (load_pruned(sparse=False)).", "", MODEL_FINDINGS, ""]
+        "those of its masked dense twin (load_pruned(sparse=False)).", ""] + (
+        [doc["findings"], ""] if doc.get("findings") else [])
     for dtype, threads, dense, variants in model_rows(doc):
         lines += [f"## {dtype}, {threads} thread{'s' if threads > 1 else ''}", "",
                   f"Dense: {dense['tokens_per_second']:.2f} tokens/s, prefill {dense['prefill_seconds']:.2f} s, "
@@ -508,6 +520,11 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--calibration-windows", type=int, default=64)
     p.set_defaults(run=model_main)
+    p = sub.add_parser("prefill", help="one pruned model's prefill: dense, compressed, keep_dense, in turns")
+    p.add_argument("model", choices=list(VARIANTS))
+    p.add_argument("dtype", choices=list(DTYPES))
+    p.add_argument("--repeats", type=int, default=5)
+    p.set_defaults(run=prefill_main)
     p = sub.add_parser("margins", help="add the top-2 record of each step to a model results file that lacks it")
     p.set_defaults(run=margins_main)
     for p in sub.choices.values():

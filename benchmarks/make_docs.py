@@ -216,6 +216,25 @@ def cpu_inference_model(doc: dict) -> list[str]:
                          "checkpoint fp32", "pruned layers in memory"], rows)
 
 
+def cpu_inference_keep_dense(doc: dict) -> list[str]:
+    from cpu_inference import model_rows
+
+    rows = []
+    for dtype, _, dense, variants in model_rows(doc):
+        for name, sparse, _, kept in variants:
+            if sparse and kept:
+                rows.append([name, dtype] + [
+                    f"{sparse[k] / dense[k]:.2f}x / {kept[k] / dense[k]:.2f}x" if k == "tokens_per_second" else
+                    f"{dense[k] / sparse[k]:.2f}x / {dense[k] / kept[k]:.2f}x"
+                    for k in ("tokens_per_second", "prefill_seconds")] + [
+                    f"{sparse['layer_bytes'] / sparse['dense_layer_bytes']:.2f}x / "
+                    f"{kept['layer_bytes'] / kept['dense_layer_bytes']:.2f}x"])
+    return [f"The same compressed SmolLM2-135M models on {doc['machine']['cpu']}, 1 thread, without / with "
+            "`keep_dense=True`, against dense. Prefill here is a median of 3 in separate processes, which moves by "
+            "about 10% between runs; the findings in the .md time it in turns in one process.", ""] + \
+        table(["pruned", "dtype", "decode", "prefill", "pruned layers in memory"], rows)
+
+
 def cpu_inference_layers(doc: dict) -> list[str]:
     speedups = defaultdict(list)
     for r in rows_of(doc):
@@ -312,6 +331,7 @@ SECTIONS = {  # result name -> (title, table)
     "tuning_seeds": ("Fine-tuning", tuning_seeds),
     "cpu_inference_model": ("CPU inference: a whole model", cpu_inference_model),
     "cpu_inference_layers": ("CPU inference: one layer", cpu_inference_layers),
+    "cpu_inference_model_keep_dense": ("CPU inference: keep_dense", cpu_inference_keep_dense),
     "kernels_cuda": ("GPU kernels: one layer", kernels_cuda),
     "kernels_cuda_model": ("GPU kernels: a whole model", kernels_cuda_model),
     "kernels_cpu": ("Block-sparse kernels on the CPU", kernels_cpu),

@@ -200,6 +200,8 @@ def test_explicit_backends_are_checked_before_any_swap(pruned):
         convert(pruned, backend="fast")
     with pytest.raises(PrunekitError, match="block must be one of"):
         convert(pruned, backend="cupy", block=8)
+    with pytest.raises(PrunekitError, match="keep_dense must be True or False, got 'yes'"):
+        convert(pruned, keep_dense="yes")
     assert not any(isinstance(m, BlockSparseLinear) for m in pruned.modules())
     torch.testing.assert_close(logits(pruned), before)
     with pytest.raises(PrunekitError, match="no masked Linear"):

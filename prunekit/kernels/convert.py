@@ -117,6 +117,8 @@ def convert(model: nn.Module, backend: str = "auto", *, layout: str = "auto", bl
         raise PrunekitError(f"unknown backend {backend!r}; choose from {', '.join(CHOICES)}")
     if layout not in LAYOUTS:
         raise PrunekitError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    if not isinstance(keep_dense, bool):
+        raise PrunekitError(f"keep_dense must be True or False, got {keep_dense!r}")
     if block is not None and block not in KERNEL_BLOCKS and backend not in ("torch", "dense"):
         raise PrunekitError(f"block must be one of {KERNEL_BLOCKS} for the kernels, got {block!r}")
     done = [name for name, m in model.named_modules() if isinstance(m, SPARSE_MODULES)]
