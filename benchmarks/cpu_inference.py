@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_inference.py layers              # one Linear: LLaMA-7B and SmolLM2 shapes (~10 min)
     python benchmarks/cpu_inference.py model               # SmolLM2-135M end to end (~30 min, pruning included)
+    python benchmarks/cpu_inference.py prefill "wanda 70%" bf16   # one pruned model's prefill, three ways in turns
 
 layers: weights of LLaMA-7B's shapes (4096x4096, 11008x4096, 4096x11008) and SmolLM2's (576x576, 1536x576,
 576x1536), [out, in]; 1 and 8 rows; fp32 and bf16; 1 and 2 threads; masks unstructured at 50/70/90% (exact per
@@ -25,7 +26,12 @@ layers, auto dispatch); kept (the same with keep_dense=True on every compressed 
 at prefill, it keeps the dense weight instead of decompressing it per call); masked (load_pruned(sparse=False): the
 masked dense twin, whose tokens the sparse model's must equal). Targets (1 thread): decode >= 1.3x dense at 50% and
 2:4, >= 1.6x at 70%; prefill no slower than dense; at 50% fp32, checkpoint <= 0.66x dense and the pruned layers'
-resident bytes <= 0.56x (without keep_dense).
+resident bytes <= 0.56x (without keep_dense). A run's JSON may carry "findings", what a profile after the run
+explained (added by hand); its .md shows them.
+
+prefill: one of the pruned models (from `model`'s checkpoints) dense, compressed and compressed with keep_dense, in
+one process, forward by forward in turns (median of --repeats): differences of a few percent that separate
+processes cannot resolve. Printed, for a run's findings.
 """
 from __future__ import annotations
 
