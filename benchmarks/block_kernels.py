@@ -12,6 +12,11 @@ is timed as the layer runs it at inference (behind its bound operator), and so i
 default, "rebuilt": unless told to keep its dense weight (keep_dense, prunekit/kernels/sparse_layer.py), a
 BlockSparseLinear rebuilds it from its blocks for each call where it runs dense.
 
+Every path goes through copies of its weights in turn, as many as hold twice the cache (a GPU's L2, the CPU's
+last-level cache; machine_info.in_turns), so that each call reads its weights from memory as a model's layers do: a
+layer called in a loop keeps them in cache (a 4096x4096 bf16 weight fits in an H100's or H200's 50 MB L2), which
+flatters whichever path reads more. (The dispatch's own measurement, in "auto_measured", times one layer alone.)
+
 Every path is timed in both of the ways a model runs (prunekit.kernels.dispatch.timings, the paths in turns,
 sample by sample): "graph", replays of a captured CUDA graph of 10 calls (device time: what CUDA graphs and
 torch.compile's cudagraphs pay), and "eager", the wall time of bursts of 10 calls (what a plain PyTorch loop pays,
@@ -57,7 +62,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine_info import load_average, machine, versions  # noqa: E402
+from machine_info import copies_beyond_cache, in_turns, load_average, machine, versions  # noqa: E402
 
 from prunekit.kernels import BlockLayout, BlockSparseLinear, backends, block_sparse_linear, dispatch  # noqa: E402
 
@@ -131,14 +136,15 @@ def run(device: str, backend_name: str | None, quick: bool, rows_only=None, vari
         g = torch.Generator().manual_seed(out_f + in_f)
         weight = (torch.randn(out_f, in_f, generator=g) / in_f ** 0.5).to(dtype).to(dev)
         inputs = {r: torch.randn(r, in_f, generator=g).to(dtype).to(dev) for r in rows_list}
+        copies = copies_beyond_cache(weight.nbytes, dev)  # every path goes through its copies in turn
         for block in BLOCKS:
             for sparsity in SPARSITIES:
                 keep = block_mask(out_f, in_f, block, sparsity, seed=block).to(dev)
-                masked = weight * keep
                 layout = BlockLayout.from_mask(keep, block)
-                values = layout.gather(masked)
-                bsr = BlockSparseLinear(layout, values.clone(), None, backend="auto")  # lean: dense rebuilt per call
-                kept = BlockSparseLinear(layout, values.clone(), None, backend="auto", keep_dense=True)
+                masked = [weight * keep for _ in range(copies)]
+                values = [layout.gather(m) for m in masked]
+                lean = [BlockSparseLinear(layout, v.clone(), None, backend="auto") for v in values]  # dense rebuilt
+                kept = [BlockSparseLinear(layout, v.clone(), None, backend="auto", keep_dense=True) for v in values]
                 for rows, x in inputs.items():
                     row = new_row(out_f, in_f, block, sparsity, rows, dtype)
                     if key(row) in done:
@@ -146,14 +152,19 @@ def run(device: str, backend_name: str | None, quick: bool, rows_only=None, vari
                         continue
                     # ours and the layer's dense fallback as the layer runs them at inference (BlockSparseLinear.runner:
                     # our kernel behind its bound operator; dense on a weight rebuilt from the blocks for each call)
-                    runs = {name: bsr.runner(name, x) for name in ("dense", *([ours] if ours else []))}
-                    paths = {"dense": lambda: F.linear(x, masked), "rebuilt": lambda: runs["dense"](x),
-                             "torch": lambda: block_sparse_linear(x, values, layout, None, backends.get("torch"))}
+                    names = ("dense", *([ours] if ours else []))
+                    runs = {name: [layer.runner(name, x) for layer in lean] for name in names}
+                    torch_bsr = backends.get("torch")
+                    paths = {"dense": in_turns([lambda x, m=m: F.linear(x, m) for m in masked], x),
+                             "rebuilt": in_turns(runs["dense"], x),
+                             "torch": in_turns([lambda x, v=v: block_sparse_linear(x, v, layout, None, torch_bsr)
+                                                for v in values], x)}
                     if ours:
-                        paths[ours] = lambda: runs[ours](x)
-                    measure(paths, F.linear(x, masked), row, dev, module=lambda: kept(x))
+                        paths[ours] = in_turns(runs[ours], x)
+                    reference = F.linear(x, masked[0])
+                    measure(paths, reference, row, dev, module=in_turns(kept, x), copies=copies)
                     for mode in row["seconds"]:
-                        for layer, field in ((kept, "auto"), (bsr, "auto_lean")):
+                        for layer, field in ((kept[0], "auto"), (lean[0], "auto_lean")):
                             with torch.no_grad(), dispatch.mode(mode):
                                 row[field][mode] = layer.choose(x)
                                 problem = dispatch.Problem.of("bsr", (out_f, in_f), block, layout.density, dtype,
@@ -162,8 +173,8 @@ def run(device: str, backend_name: str | None, quick: bool, rows_only=None, vari
                             row[f"{field}_measured"][mode] = choice.seconds if choice else {}
                     if variants and hasattr(backends.get(ours), "launch_forward"):
                         try:
-                            row["variants"] = time_variants(backends.get(ours), x, values, layout, F.linear(x, masked))
-                            row["tuned"] = backends.get(ours).planned(x, values, layout, None).name  # what ours ran
+                            row["variants"] = time_variants(backends.get(ours), x, values, layout, reference, copies)
+                            row["tuned"] = backends.get(ours).planned(x, values[0], layout, None).name  # what ran
                         except Exception as e:  # noqa: BLE001 - reported; the grid goes on
                             row["errors"]["variants"] = f"{type(e).__name__}: {str(e)[:200]}"
                     add(row)
@@ -172,16 +183,18 @@ def run(device: str, backend_name: str | None, quick: bool, rows_only=None, vari
     return results
 
 
-def time_variants(native, x: torch.Tensor, values: torch.Tensor, layout, ref: torch.Tensor) -> dict:
+def time_variants(native, x: torch.Tensor, values: list, layout, ref: torch.Tensor, copies: int) -> dict:
     """Graph-mode seconds of every launch that computes this product (launch.variants: splits, tc tiles), the
-    planned one first, through the Python launcher: what THREAD_BLOCKS and TC_SMALL_ROWS are tuned from."""
+    planned one first, through the Python launcher, on the copies of `values` in turn: what THREAD_BLOCKS and
+    TC_SMALL_ROWS are tuned from."""
     from prunekit.kernels import launch as plan
 
     capability = torch.cuda.get_device_capability(x.device)
     launches = plan.variants(x.shape[0], layout.grid[0], layout.block, x.dtype, capability, wgmma=native.wgmma(x.device))
-    paths = {v.name: (lambda v=v: native.launch_forward(v, x, values, layout, None)) for v in launches}
+    paths = {v.name: in_turns([lambda x, v=v, w=w: native.launch_forward(v, x, w, layout, None) for w in values], x)
+             for v in launches}
     row = {"seconds": {}, "errors": {}}
-    measure(paths, ref, row, x.device, modes=("graph",))
+    measure(paths, ref, row, x.device, modes=("graph",), copies=copies)
     if row["errors"]:
         raise AssertionError("; ".join(f"{name}: {e}" for name, e in row["errors"].items()))
     return {name: row["seconds"]["graph"].get(name) for name in paths}
@@ -193,16 +206,19 @@ def new_row(out_f: int, in_f: int, block, sparsity: float, rows: int, dtype: tor
             "auto_lean": {}, "auto_lean_measured": {}}
 
 
-def measure(paths: dict, ref: torch.Tensor, row: dict, device: torch.device, module=None, modes=None) -> None:
-    """Checks every path against the dense product, then times those that pass in each mode (the device's, or
-    `modes`) into row["seconds"][mode] (dispatch.timings: in turns; at least 0.3 s each on the CPU, 0.05 s on a GPU,
-    whose samples are bursts or graphs of 10 calls). `module`, the layer with its dispatch, is timed beside them but
-    is not a candidate for "fastest"."""
+def measure(paths: dict, ref: torch.Tensor, row: dict, device: torch.device, module=None, modes=None,
+            copies: int = 1) -> None:
+    """Checks every path (each going through `copies` copies of its weights in turn) against the dense product, on
+    every copy, then times those that pass in each mode (the device's, or `modes`) into row["seconds"][mode]
+    (dispatch.timings: in turns; at least 0.3 s each on the CPU, 0.05 s on a GPU, whose samples are bursts or graphs
+    of 10 calls). `module`, the layer with its dispatch, is timed beside them but is not a candidate for "fastest"."""
+    row["copies"] = copies
     ok = {}
     for name, fn in paths.items():
         try:
             with torch.no_grad():
-                check(fn(), ref, name)
+                for _ in range(copies):
+                    check(fn(), ref, name)
             ok[name] = fn
         except Exception as e:  # noqa: BLE001 - a peer that cannot run this point is reported
             row["errors"][name] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -211,7 +227,8 @@ def measure(paths: dict, ref: torch.Tensor, row: dict, device: torch.device, mod
         timed = dict(ok)
         if module is not None:
             with torch.no_grad(), dispatch.mode(mode):
-                module()  # its choice for this mode, measured before it is timed
+                for _ in range(copies):
+                    module()  # each copy's choice for this mode, made (or measured) before it is timed
             timed["module"] = module
         with torch.no_grad(), dispatch.mode(mode):
             seconds, errors = dispatch.timings(timed, device, min_seconds=least, max_rounds=200, mode=mode)
@@ -234,10 +251,11 @@ def two_four(weight: torch.Tensor, inputs: dict, done: dict, add) -> None:
             rows_todo[rows] = x
     if not rows_todo:
         return
-    masked = weight * two_four_mask(out_f, in_f, seed=1).to(weight.device)
+    copies = copies_beyond_cache(weight.nbytes, weight.device)
+    masked = [weight * two_four_mask(out_f, in_f, seed=1).to(weight.device) for _ in range(copies)]
     try:
-        layer = SemiStructuredLinear(masked, None, backend="semi_structured")
-        auto = SemiStructuredLinear(masked, None, backend="auto")
+        layers = [SemiStructuredLinear(m, None, backend="semi_structured") for m in masked]
+        auto = [SemiStructuredLinear(m, None, backend="auto") for m in masked]
     except Exception as e:  # noqa: BLE001
         error = f"{type(e).__name__}: {str(e)[:200]}"
         for r in rows_todo:
@@ -245,11 +263,12 @@ def two_four(weight: torch.Tensor, inputs: dict, done: dict, add) -> None:
         return
     for rows, x in rows_todo.items():
         row = new_row(out_f, in_f, "2:4", 0.5, rows, weight.dtype)
-        measure({"dense": lambda: F.linear(x, masked), "semi_structured": lambda: layer(x)}, F.linear(x, masked), row,
-                weight.device, module=lambda: auto(x))
+        paths = {"dense": in_turns([lambda x, m=m: F.linear(x, m) for m in masked], x),
+                 "semi_structured": in_turns(layers, x)}
+        measure(paths, F.linear(x, masked[0]), row, weight.device, module=in_turns(auto, x), copies=copies)
         for mode in row["seconds"]:
             with torch.no_grad(), dispatch.mode(mode):
-                row["auto"][mode] = auto.choose(x)
+                row["auto"][mode] = auto[0].choose(x)
         add(row)
 
 
@@ -336,7 +355,7 @@ def markdown(doc: dict) -> str:
              f"margin {doc['dispatch']['margin']}) for a layer with keep_dense=True, and that path's speedup here; "
              "auto, lean: the same for the default layer, which runs dense on a weight rebuilt per call; module: the "
              "keep_dense layer itself, dispatch included. Targets are listed in the script's docstring; met/MISSED "
-             "per point.", ""]
+             "per point." + copies_line(doc["results"]), ""]
     ours = doc.get("ours")
     peers = [p for p in ([ours] if ours else []) + ["rebuilt", "torch", "semi_structured"]
              if any(p in r["seconds"].get(mode, {}) or p in r["errors"] for r in doc["results"] for mode in modes)]
@@ -380,6 +399,15 @@ def markdown(doc: dict) -> str:
     if errors:
         lines += ["", "Errors:"] + [f"- {p}: {e}" for p, e in sorted(errors)]
     return "\n".join(lines) + "\n"
+
+
+def copies_line(results: list[dict]) -> str:
+    """Where the rows read their weights from, per shape (rows from before copies were kept say nothing)."""
+    found = {f"{r['shape'][0]}x{r['shape'][1]}": r["copies"] for r in results if "copies" in r}
+    if not found:
+        return ""
+    return (" Each path went through copies of its weights in turn, as many as hold twice the cache, so that every "
+            "call read them from memory (" + ", ".join(f"{shape}: {n}" for shape, n in found.items()) + ").")
 
 
 def plot(doc: dict, path: Path) -> None:

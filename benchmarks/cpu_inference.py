@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import itertools
 import json
 import math
 import re
@@ -54,7 +53,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine_info import load_average, machine, versions  # noqa: E402
+from machine_info import copies_beyond_cache, in_turns, load_average, machine, versions  # noqa: E402
 
 import prunekit  # noqa: E402
 from prunekit.kernels import BitmaskLinear, BlockSparseLinear, dispatch  # noqa: E402
@@ -99,28 +98,11 @@ def read_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def last_level_cache_bytes() -> int:
-    """The largest CPU cache (sysfs), or 32 MiB where it cannot be read."""
-    sizes = []
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = f.read_text().strip()
-        sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text))
-    return max(sizes, default=32 << 20)
-
-
-def in_turns(modules: list, x: torch.Tensor):
-    """A call of the next module in turn: copies of one layer whose weights together exceed the last-level cache, so
-    that each call reads its weight from memory, as a decoding model does (a layer timed alone in a loop would sit in
-    the cache, where a compressed layer often fits and its dense twin does not)."""
-    turns = itertools.cycle(modules)
-    return lambda: next(turns)(x)
-
-
 def layer_rows(shape, dtype_name: str, threads: int, rows_list, seed: int) -> list[dict]:
     dtype = DTYPES[dtype_name]
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(shape, generator=g).to(dtype)
-    copies = -(-2 * last_level_cache_bytes() // weight.nbytes)
+    copies = copies_beyond_cache(weight.nbytes, torch.device("cpu"))
     out = []
     for pattern in PATTERNS:
         keep = mask(pattern, shape, g)

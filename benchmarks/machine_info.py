@@ -1,9 +1,12 @@
-"""The machine and versions a benchmark ran on, for its results (shared by the benchmark scripts)."""
+"""The machine and versions a benchmark ran on, for its results, and how to time a layer as a model reads it (shared
+by the benchmark scripts)."""
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -43,3 +46,29 @@ def versions() -> dict:
     except ImportError:
         pass
     return out
+
+
+def cache_bytes(device: torch.device) -> int:
+    """The cache a layer's weights could sit in between calls: a GPU's L2, or the CPU's largest cache (sysfs; 32 MiB
+    where it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text))
+    return max(sizes, default=32 << 20)
+
+
+def copies_beyond_cache(weight_bytes: int, device: torch.device) -> int:
+    """How many copies of a weight together hold twice the cache (at least one)."""
+    return max(1, -(-2 * cache_bytes(device) // weight_bytes))
+
+
+def in_turns(calls: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A call of the next of `calls` (copies of one layer whose weights together exceed the cache) in turn, so that
+    each call reads its weights from memory, as a decoding model does: a layer timed alone in a loop sits in the
+    cache, where a compressed layer often fits and its dense twin does not (and on a GPU, a 4096x4096 bf16 weight
+    fits in an H100's L2)."""
+    turns = itertools.cycle(calls)
+    return lambda: next(turns)(x)

@@ -18,6 +18,7 @@ def bench(monkeypatch):
     monkeypatch.setattr(module, "SHAPES", [(96, 128)])
     monkeypatch.setattr(module, "BLOCKS", (32,))
     monkeypatch.setattr(module, "SPARSITIES", (0.5, 0.9))
+    monkeypatch.setattr(module, "copies_beyond_cache", lambda nbytes, device: 2)  # (a tiny weight would need thousands)
     yield module
     module.dispatch.forget()  # the grid's measurements stay out of other tests
 
@@ -27,6 +28,7 @@ def test_a_grid_cut_short_goes_on_from_its_rows_on_the_same_machine(bench, tmp_p
     bench.main(args)
     full = json.loads((tmp_path / "full.json").read_text())
     assert full["complete"] and [r["sparsity"] for r in full["results"]] == [0.5, 0.9]
+    assert all(r["copies"] == 2 for r in full["results"])  # each path went through two copies of its weights
 
     cut = dict(full, complete=False, results=full["results"][:1])  # what a run killed after one row leaves
     cut["results"][0]["seconds"]["eager"]["dense"] = 123.0  # a mark: this row must be kept, not measured again
