@@ -7,8 +7,8 @@ is a lookup and that function.
 
 Dense: "auto" runs a batch size dense when dense beat every sparse path there (backend="dense" always does), on a
 dense weight made from the compressed one. By default that weight is rebuilt for each call and given back after it,
-so the layer stays as small as its mask, and dense costs the rebuild on top of the product: on the CPU, 8-21% of a
-512-row fp32 product of LLaMA-7B's shapes, but 1.6-6x dense's time at one to eight rows, where the product itself is
+so the layer stays as small as its mask, and dense costs the rebuild on top of the product: on the CPU, 10-26% more
+than a 512-row fp32 product of LLaMA-7B's shapes, and 1.5-5.3x dense's time at one row, where the product itself is
 short (benchmarks/results/kernels_cpu.md, "rebuilt"). With `keep_dense=True` the layer builds it once, where a batch size
 is first chosen to run dense, and keeps it beside the compressed weight: never slower than dense, holding the dense
 bytes as well (a non-persistent buffer, `dense_copy`: convert's report counts it, state_dict leaves it out). The
