@@ -111,3 +111,18 @@ def without_checksums(path) -> None:
     manifest = json.loads((path / "prunekit.json").read_text())
     del manifest["integrity"]
     (path / "prunekit.json").write_text(json.dumps(manifest))
+
+
+def compiles_to_one_graph(monkeypatch, module, reference, x, warm: bool) -> None:
+    """torch.compile(module, fullgraph=True) computes reference(x), whether the module ran eagerly first (warm) or
+    is first called while traced. (As on a GPU: torch.get_num_threads, the CPU's part of the dispatch key, is not
+    traceable; on the CPU a compiled layer breaks the graph there, as it does at the CPU kernels, which are not
+    operators.)"""
+    from prunekit.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_threads", lambda on_cpu: 0)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        if warm:
+            torch.testing.assert_close(module(x), reference(x))
+        torch.testing.assert_close(torch.compile(module, fullgraph=True)(x), reference(x))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import compiles_to_one_graph
 from prunekit.errors import PrunekitError
 from prunekit.kernels import dispatch
 from prunekit.kernels import launch as plan
@@ -321,17 +322,8 @@ def test_a_layer_on_the_operator_compiles_to_one_graph(monkeypatch, standin, war
     """torch.compile(fullgraph=True) of a BlockSparseLinear whose backend has an operator: one graph, no break,
     whether the layer's run was remembered eagerly first or is built while tracing (not remembered then), and the
     same numbers as eager."""
-
-    # As on a GPU: torch.get_num_threads (the CPU's part of the dispatch key) is not traceable. On the CPU a compiled
-    # layer breaks the graph there, as it does at the CPU kernels, which are not operators.
-    monkeypatch.setattr(dispatch, "_threads", lambda on_cpu: 0)
-    torch._dynamo.reset()
     module, reference = ragged_layer("standin")
-    x = torch.randn(2, 3, 90)
-    with torch.no_grad():
-        if warm:
-            torch.testing.assert_close(module(x), reference(x))
-        torch.testing.assert_close(torch.compile(module, fullgraph=True)(x), reference(x))
+    compiles_to_one_graph(monkeypatch, module, reference, torch.randn(2, 3, 90), warm)
     assert bool(dispatch.memo(module, dispatch.RUNS)) == warm
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import compiles_to_one_graph
 from prunekit.errors import PrunekitError
 from prunekit.kernels import BitmaskLinear, BlockSparseLinear, backends, dispatch
 from prunekit.kernels.convert import stored_bytes
@@ -146,15 +147,8 @@ def test_no_copy_is_made_while_a_cuda_graph_is_captured(monkeypatch):
 
 @pytest.mark.parametrize("warm", [True, False], ids=["after an eager call", "first call compiled"])
 def test_a_kept_dense_layer_compiles_to_one_graph(monkeypatch, warm):
-    monkeypatch.setattr(dispatch, "_threads", lambda on_cpu: 0)  # (see test_dispatch: not traceable on the CPU)
-    torch._dynamo.reset()
     kept = layer("block", True)
-    _, expected = reference("block")
-    x = torch.randn(2, 3, 96)
-    with torch.no_grad():
-        if warm:
-            torch.testing.assert_close(kept(x), expected(x))
-        torch.testing.assert_close(torch.compile(kept, fullgraph=True)(x), expected(x))
+    compiles_to_one_graph(monkeypatch, kept, reference("block")[1], torch.randn(2, 3, 96), warm)
     assert (kept.dense_copy is not None) == warm  # a trace uses a copy that is there, and stores none
 
 
