@@ -151,6 +151,8 @@ def test_keep_dense_holds_the_dense_weight_where_auto_runs_dense_and_the_report_
         nnzb = int(masks[c.name].view(out_features // 16, 16, in_features // 16, 16).any(3).any(1).sum())
         blocks = nnzb * 16 * 16 * 4 + 4 * (4 * nnzb + out_features // 16 + in_features // 16 + 2)
         assert c.stored_bytes == blocks + (c.dense_bytes if keep_dense else 0)
+        assert c.copy_bytes == (c.dense_bytes if keep_dense else 0)
+    assert ("of that is the dense weight 14 layers keep where they run dense" in report.summary()) == keep_dense
     torch.testing.assert_close(logits(pruned), before, rtol=1e-4, atol=1e-4)
 
 

@@ -46,6 +46,7 @@ class Conversion:
     note: str = ""  # why a sparse candidate could not be built, if one could not
     dense_bytes: int = 0  # the layer's weight and bias, dense
     stored_bytes: int = 0  # what it holds now (dense_bytes plus its mask, if it stayed dense)
+    copy_bytes: int = 0  # of which a dense copy kept where it runs dense (keep_dense; 2:4 layers)
 
 
 class ConversionReport(list):
@@ -67,8 +68,11 @@ class ConversionReport(list):
 
     def summary(self) -> str:
         dense, stored = sum(c.dense_bytes for c in self), sum(c.stored_bytes for c in self)
+        copies = [c for c in self if c.copy_bytes]
+        kept = (f"; {sum(c.copy_bytes for c in copies) / 2**20:.1f} MiB of that is the dense weight {len(copies)} "
+                f"layers keep where they run dense") if copies else ""
         return (f"{self.converted} of {len(self)} masked layers converted; they hold {stored / 2**20:.1f} MiB "
-                f"against {dense / 2**20:.1f} MiB dense ({stored / max(dense, 1):.2f}x)")
+                f"against {dense / 2**20:.1f} MiB dense ({stored / max(dense, 1):.2f}x){kept}")
 
 
 @dataclass
@@ -139,6 +143,8 @@ def convert(model: nn.Module, backend: str = "auto", *, layout: str = "auto", bl
         weight, bias = dense_view(plan.module)
         conversion.dense_bytes = sum(t.numel() * t.element_size() for t in (weight, bias) if t is not None)
         conversion.stored_bytes = stored_bytes(new if new is not None else plan.module)
+        copy = getattr(new, "dense_copy", None)
+        conversion.copy_bytes = 0 if copy is None else tensor_bytes(copy)
         if new is not None:
             swaps.append((plan.name, new))
         report.append(conversion)
