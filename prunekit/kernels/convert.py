@@ -16,6 +16,7 @@ from .layout import KERNEL_BLOCKS, BlockLayout, choose_block
 from .linear import BlockSparseLinear, dense_mask, dense_view
 from .semi_structured import SemiStructuredLinear, is_2_4
 from .semi_structured import unsupported as semi_unsupported
+from .sparse_layer import check_keep_dense
 
 CHOICES = ("auto", "dense", "semi_structured") + backends.BSR_BACKENDS
 LAYOUTS = ("auto", "bitmask", "block")
@@ -121,8 +122,7 @@ def convert(model: nn.Module, backend: str = "auto", *, layout: str = "auto", bl
         raise PrunekitError(f"unknown backend {backend!r}; choose from {', '.join(CHOICES)}")
     if layout not in LAYOUTS:
         raise PrunekitError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
-    if not isinstance(keep_dense, bool):
-        raise PrunekitError(f"keep_dense must be True or False, got {keep_dense!r}")
+    check_keep_dense(keep_dense)
     if block is not None and block not in KERNEL_BLOCKS and backend not in ("torch", "dense"):
         raise PrunekitError(f"block must be one of {KERNEL_BLOCKS} for the kernels, got {block!r}")
     done = [name for name, m in model.named_modules() if isinstance(m, SPARSE_MODULES)]

@@ -154,14 +154,14 @@ def pick(module: torch.nn.Module, x: torch.Tensor, kind: str, shape, block: int,
     """The backend `module` runs `x` on: remembered per module and `key`, so that a forward after the first costs
     one dictionary lookup; otherwise the problem's choice, measuring candidates(x as 2-D rows) (which must include
     "dense", run as Problem.dense says) if the problem is new."""
-    remembered, k = memo(module), key(x, shape[1])
-    winner = remembered.get(k)
+    winners, k = memo(module), key(x, shape[1])
+    winner = winners.get(k)
     if winner is None:
         problem = Problem.of(kind, shape, block, density, x.dtype, x.device, x.numel() // shape[1], dense)
         choice = known(problem)
         if choice is None:
             choice = choose(problem, candidates(x.detach().reshape(-1, shape[1]).contiguous()), x.device)
-        remembered[k] = winner = choice.winner
+        winners[k] = winner = choice.winner
     return winner
 
 

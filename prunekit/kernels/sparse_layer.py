@@ -25,6 +25,11 @@ from ..errors import PrunekitError
 from . import dispatch
 
 
+def check_keep_dense(keep) -> None:
+    if not isinstance(keep, bool):
+        raise PrunekitError(f"keep_dense must be True or False, got {keep!r}")
+
+
 class SparseLayer:
     """Mixin of the compressed layers: an nn.Module with `backend` and `choose(x)` that calls `init_fallback` and
     defines `build_dense` and `dense_sources`."""
@@ -41,8 +46,7 @@ class SparseLayer:
 
     @keep_dense.setter
     def keep_dense(self, keep: bool) -> None:
-        if not isinstance(keep, bool):
-            raise PrunekitError(f"keep_dense must be True or False, got {keep!r}")
+        check_keep_dense(keep)
         if not keep and not self.REBUILDS:
             raise PrunekitError(f"a {type(self).__name__} always keeps its dense weight where it runs dense: "
                                 f"rebuilding it per call would cost a product of its own")
