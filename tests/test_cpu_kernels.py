@@ -195,6 +195,24 @@ def test_bad_layouts_are_refused():
         bitmask.compress(weight, keep[:, :10])
 
 
+def test_evict_flushes_each_storage_once_whole_and_keeps_the_data(monkeypatch):
+    weight = torch.randn(300, 70)
+    index = torch.arange(1000, dtype=torch.int32)
+    before = weight.clone(), index.clone()
+    assert cpu.evict([weight, weight[5:], index]) == (platform.machine() in ("x86_64", "AMD64"))
+    assert torch.equal(weight, before[0]) and torch.equal(index, before[1])
+    calls = []
+
+    class Recorder:
+        def evict(self, pointer, nbytes):
+            calls.append((pointer, nbytes))
+            return True
+
+    monkeypatch.setitem(cpu._state, "module", Recorder())
+    assert cpu.evict([weight, weight[5:], index, weight.to_sparse()])  # the view and the sparse tensor: skipped
+    assert calls == [(weight.data_ptr(), 300 * 70 * 4), (index.data_ptr(), 4000)]
+
+
 def test_the_installed_module_is_built_from_this_source():
     module = cpu._module()
     assert module.source_sha() == cpu_build.source_sha()

@@ -71,6 +71,36 @@ def test_dense_that_cannot_be_captured_is_an_error(monkeypatch):
         dispatch.choose(problem(mode="graph"), candidates("dense", "x"), CPU)
 
 
+def test_before_runs_ahead_of_every_sample_and_never_of_a_warm_up(monkeypatch):
+    events = []
+    monkeypatch.setattr(dispatch, "measure", lambda fn, device: (fn(), events.append("sample"), 1.0)[2])
+    found = {name: (lambda name=name: events.append(name)) for name in ("dense", "cpu")}
+    dispatch.timings(found, CPU, min_seconds=0, before=lambda: events.append("evict"))
+    assert events[:4] == ["dense", "cpu"] * 2  # the two warm-up calls each, nothing evicted
+    assert events[4:] == ["evict", "dense", "sample", "evict", "cpu", "sample"] * 3
+
+
+def test_the_cpu_times_a_layer_with_its_own_tensors_evicted_before_each_sample(monkeypatch):
+    """In a model, a layer's weights come from memory; timed alone they would sit in the cache (flattering dense,
+    which reads the most bytes). Each sample on the CPU starts with the layer's tensors flushed: its compressed
+    weight, index and bias, and the dense copy a kept layer times dense on, made in the warm-up."""
+    from prunekit.kernels import BitmaskLinear, cpu
+
+    flushed = []
+    monkeypatch.setattr(cpu, "evict", lambda tensors: flushed.append({t.data_ptr() for t in tensors}) or True)
+    samples = []
+    monkeypatch.setattr(dispatch, "measure", lambda fn, device: (fn(), samples.append(1), 1.0)[2])
+    linear, keep = torch.nn.Linear(64, 32), torch.rand(32, 64) > 0.5
+    layer = BitmaskLinear.from_dense(linear, keep, "auto", keep_dense=True).requires_grad_(False)
+    with torch.no_grad():
+        layer.choose(torch.randn(1, 64))
+    assert layer.dense_copy is not None  # a tie: dense won, so the copy made in the warm-up stays
+    own = {layer.values.data_ptr(), layer.bitmask.data_ptr(), layer.row_offsets.data_ptr(), layer.bias.data_ptr(),
+           layer.dense_copy.data_ptr()}
+    assert len(flushed) == len(samples) >= 6 and len(samples) % 2 == 0
+    assert flushed == [own] * len(samples)
+
+
 def test_mode_is_set_scoped_and_checked():
     assert dispatch.current_mode() == "eager"
     with dispatch.mode("graph"):
@@ -85,7 +115,7 @@ def test_pick_remembers_per_mode_on_the_module(monkeypatch):
     seen = []
     monkeypatch.setattr(dispatch, "_mode_on", lambda device: dispatch.current_mode())  # as on a GPU
 
-    def choose(problem, found, device):
+    def choose(problem, found, device, before=None):
         seen.append(problem.mode)
         return dispatch.Choice("cuda_ext" if problem.mode == "graph" else "dense")
 

@@ -143,6 +143,22 @@ def bitmask_dense(values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torc
     return out
 
 
+def evict(tensors) -> bool:
+    """Drops the memory of `tensors` (CPU tensors; each storage once) from the CPU's caches, so that their next read
+    comes from memory, as a model's weights do in decoding. False where it cannot: no x86 CPU, or no extension."""
+    module, seen = _module(), set()
+    if module is None:
+        return False
+    for t in tensors:
+        if t.device.type != "cpu" or t.layout != torch.strided or t.untyped_storage().data_ptr() in seen:
+            continue
+        storage = t.untyped_storage()
+        seen.add(storage.data_ptr())
+        if not module.evict(storage.data_ptr(), storage.nbytes()):
+            return False
+    return True
+
+
 _scratch = threading.local()
 
 

@@ -9,6 +9,13 @@ faster on the device; replayed as a CUDA graph (or compiled), only device time c
 the model will run in before its first forward (`with dispatch.mode("graph"): model(x)` as the warm-up before
 capturing); on the CPU there is only "eager".
 
+On the CPU each sample starts with the layer's own tensors flushed from the caches (cpu.evict, clflushopt on x86;
+elsewhere they stay): in a model a layer's weights come from memory, since the layers in between push them out,
+while a layer timed alone keeps them in cache, which flatters dense, the path that reads the most bytes. Timed in
+cache on an Intel host (300 MiB L3), a kept dense copy of SmolLM2's 576x576 and 192x576 projections beat the bitmask
+kernel at one row (41.1 against 41.0 us, 17.9 against 20.6), and decoding with keep_dense fell from 1.39x to 1.2-1.3x
+dense; flushed, dense took 95 and 37 us and lost. On a GPU the weights stay in L2 between samples (not done yet).
+
 A problem is (kind, weight shape, block, stored density to 1/20, dtype, device, torch's CPU thread count, rows rounded
 up to a power of two, mode, how dense runs):
 layers of one shape and sparsity share one measurement, and a new batch size only costs a measurement when it
@@ -153,16 +160,26 @@ def pick(module: torch.nn.Module, x: torch.Tensor, kind: str, shape, block: int,
          candidates: Callable[[torch.Tensor], dict[str, Callable[[], object]]], dense: str = "rebuilt") -> str:
     """The backend `module` runs `x` on: remembered per module and `key`, so that a forward after the first costs
     one dictionary lookup; otherwise the problem's choice, measuring candidates(x as 2-D rows) (which must include
-    "dense", run as Problem.dense says) if the problem is new."""
+    "dense", run as Problem.dense says) if the problem is new, on the CPU with `module`'s tensors evicted before each
+    sample."""
     winners, k = memo(module), key(x, shape[1])
     winner = winners.get(k)
     if winner is None:
         problem = Problem.of(kind, shape, block, density, x.dtype, x.device, x.numel() // shape[1], dense)
         choice = known(problem)
         if choice is None:
-            choice = choose(problem, candidates(x.detach().reshape(-1, shape[1]).contiguous()), x.device)
+            choice = choose(problem, candidates(x.detach().reshape(-1, shape[1]).contiguous()), x.device,
+                            before=_cold(module) if x.device.type == "cpu" else None)
         winners[k] = winner = choice.winner
     return winner
+
+
+def _cold(module: torch.nn.Module) -> Callable[[], object]:
+    """Evicts the tensors `module` holds (its own parameters and buffers: the compressed weight, its index, a kept
+    dense copy) from the CPU's caches: what pick runs before each sample on the CPU."""
+    from . import cpu
+
+    return lambda: cpu.evict([*module.parameters(recurse=False), *module.buffers(recurse=False)])
 
 
 def measure(fn: Callable[[], object], device: torch.device) -> float:
@@ -206,12 +223,14 @@ def graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], floa
 
 
 def timings(candidates: dict[str, Callable[[], object]], device: torch.device, min_seconds: float = MIN_SECONDS,
-            max_rounds: int = MAX_REPEATS, mode: str = "eager") -> tuple[dict, dict]:
+            max_rounds: int = MAX_REPEATS, mode: str = "eager",
+            before: Callable[[], object] | None = None) -> tuple[dict, dict]:
     """(median seconds per call, errors) per candidate, in `mode` (measure: eager; graphed: CUDA-graph replays). After
     two warm-up calls each (first calls pay for lazy compilation and first-use allocations; with one, a short
     measurement once saw PyTorch's BSR at 3x its settled time), the candidates take turns sample by sample, so that
     a burst of load from elsewhere on the machine slows all of them alike instead of whichever was being timed; at
-    least 3 rounds, then until `min_seconds` per candidate or `max_rounds`."""
+    least 3 rounds, then until `min_seconds` per candidate or `max_rounds`. `before()`, if given, runs before every
+    sample, untimed (pick: the layer's weights evicted from the caches)."""
     errors: dict[str, str] = {}
     samples: dict[str, list[float]] = {name: [] for name in candidates}
 
@@ -238,14 +257,18 @@ def timings(candidates: dict[str, Callable[[], object]], device: torch.device, m
     spent, rounds = 0.0, 0
     while rounds < 3 or (spent < min_seconds * len(samples) and rounds < max_rounds):
         for name in list(samples):
+            if before is not None:
+                before()
             attempt(name, lambda: samples[name].append(samplers[name]()))
             spent += samples[name][-1] if name in samples else 0.0
         rounds += 1
     return {name: statistics.median(times) for name, times in samples.items()}, errors
 
 
-def choose(problem: Problem, candidates: dict[str, Callable[[], object]], device: torch.device) -> Choice:
-    """The cached choice for `problem`, measuring `candidates` (which must include "dense") the first time."""
+def choose(problem: Problem, candidates: dict[str, Callable[[], object]], device: torch.device,
+           before: Callable[[], object] | None = None) -> Choice:
+    """The cached choice for `problem`, measuring `candidates` (which must include "dense") the first time, each
+    sample after `before()` (see timings)."""
     if problem in _cache:
         return _cache[problem]
     if "dense" not in candidates:
@@ -255,7 +278,7 @@ def choose(problem: Problem, candidates: dict[str, Callable[[], object]], device
                            f"up at this batch size before capturing (inside `with prunekit.kernels.dispatch.mode("
                            f"'graph'):` so that it is timed as graphs replay), or choose a backend explicitly")
     with torch.no_grad():
-        seconds, errors = timings(candidates, device, mode=problem.mode)
+        seconds, errors = timings(candidates, device, mode=problem.mode, before=before)
     choice = Choice("dense", seconds, errors)
     sparse = {n: t for n, t in seconds.items() if n != "dense"}
     if sparse:

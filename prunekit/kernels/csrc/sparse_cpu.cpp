@@ -29,6 +29,7 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define PK_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #define PK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,bmi,bmi2,popcnt,fma")))
 #define PK_AVX2 __attribute__((target("avx2,fma,bmi,bmi2,popcnt")))
@@ -719,6 +720,49 @@ static PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyLong_FromLong(detec
 
 static PyObject* py_source_sha(PyObject*, PyObject*) { return PyUnicode_FromString(PK_SOURCE_SHA); }
 
+#if PK_X86
+bool has_clflushopt() {
+  static const bool has = [] {
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (b & (1u << 23));
+  }();
+  return has;
+}
+
+__attribute__((target("clflushopt"))) void flush_lines_opt(uintptr_t line, uintptr_t end) {
+  for (; line < end; line += 64) _mm_clflushopt(reinterpret_cast<void*>(line));
+}
+
+// clflushopt where the CPU has it: clflush is ordered against every other flush, about 140 ns a line measured in a
+// KVM guest (a 4096x4096 fp32 weight: 40 ms); clflushopt lets the flushes overlap.
+void flush_lines(uintptr_t begin, uintptr_t end, bool opt) {
+  const uintptr_t first = begin & ~uintptr_t(63);
+  if (opt) {
+    flush_lines_opt(first, end);
+  } else {
+    for (uintptr_t line = first; line < end; line += 64) _mm_clflush(reinterpret_cast<const void*>(line));
+  }
+  _mm_mfence();  // (the flushes are done before whatever runs next reads)
+}
+#endif
+
+// Writes back and drops every cache line of [p, p + n) from every level of this machine's caches, so that the next
+// read comes from memory, as a model's weights do where the model outgrows the cache. Returns whether it
+// could (x86 only; elsewhere the lines stay).
+static PyObject* py_evict(PyObject*, PyObject* args) {
+  unsigned long long p;
+  long long n;
+  if (!PyArg_ParseTuple(args, "KL", &p, &n)) return nullptr;
+#if PK_X86
+  Py_BEGIN_ALLOW_THREADS
+  flush_lines(uintptr_t(p), uintptr_t(p) + uintptr_t(n), has_clflushopt());
+  Py_END_ALLOW_THREADS
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
 static PyObject* py_bitmask_linear(PyObject*, PyObject* args) {
   unsigned long long x, values, bits, offsets, bias, y;
   long long M, K, ldx, nnz, kb, N, ldy;
@@ -809,6 +853,7 @@ static PyMethodDef kMethods[] = {
     {"bitmask_linear", py_bitmask_linear, METH_VARARGS, "y = x W^T (+ b), W in the bitmask layout (raw pointers)."},
     {"block_linear", py_block_linear, METH_VARARGS, "y = x W^T (+ b), W in the block layout (raw pointers)."},
     {"bitmask_dense", py_bitmask_dense, METH_VARARGS, "The dense [N, K] weight of a bitmask layout (raw pointers)."},
+    {"evict", py_evict, METH_VARARGS, "Flushes [pointer, pointer + bytes) from the caches; False where it cannot."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_sparse_cpu", "prunekit's CPU sparse kernels.", -1,
