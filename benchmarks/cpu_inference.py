@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_inference.py layers              # one Linear: LLaMA-7B and SmolLM2 shapes (~10 min)
     python benchmarks/cpu_inference.py model               # SmolLM2-135M end to end (~30 min, pruning included)
-    python benchmarks/cpu_inference.py prefill "wanda 70%" bf16   # one pruned model's prefill, three ways in turns
+    python benchmarks/cpu_inference.py turns               # each pruned model three ways in one process (~15 min)
 
 layers: weights of LLaMA-7B's shapes (4096x4096, 11008x4096, 4096x11008) and SmolLM2's (576x576, 1536x576,
 576x1536), [out, in]; 1 and 8 rows; fp32 and bf16; 1 and 2 threads; masks unstructured at 50/70/90% (exact per
@@ -29,9 +29,11 @@ masked dense twin, whose tokens the sparse model's must equal). Targets (1 threa
 resident bytes <= 0.56x (without keep_dense). A run's JSON may carry "findings", what a profile after the run
 explained (added by hand); its .md shows them.
 
-prefill: one of the pruned models (from `model`'s checkpoints) dense, compressed and compressed with keep_dense, in
-one process, forward by forward in turns (median of --repeats): differences of a few percent that separate
-processes cannot resolve. Printed, for a run's findings.
+turns: each pruned model of `model` (its checkpoints; --models to choose) against dense, compressed and compressed
+with keep_dense, the three in one process and in turns: the 512-token prefill forward by forward, then greedy
+decoding of --new-tokens after it run by run (median of --repeats each), since decode and prefill move by about 10%
+between processes on a shared host, more than what keep_dense changes. Same targets as `model` for the compressed
+models.
 """
 from __future__ import annotations
 
@@ -332,27 +334,73 @@ def margins_main(args) -> None:
     out.with_suffix(".md").write_text(model_markdown(doc))
 
 
-def prefill_main(args) -> None:
-    """One pruned model's prefill dense, compressed and compressed with keep_dense, timed in one process in turns
-    (forward by forward): differences of a few percent that runs in separate processes cannot resolve. Printed."""
+def turns_main(args) -> None:
     from prunekit.generate import generate
 
+    start = time.perf_counter()
     torch.set_num_threads(1)
-    models = {}
-    for mode in ("dense", "sparse", "kept"):
-        path = WORK / (f"dense-{args.dtype}" if mode == "dense" else f"{slug(args.model)}-{args.dtype}")
-        models[mode], prompt = load(path, mode, args.dtype)
-        generate(models[mode], prompt, 2, warm_up=False)  # the dispatch measures 512 rows and 1 row here
-    seconds = {mode: [] for mode in models}
-    with torch.no_grad():
-        for _ in range(args.repeats):
-            for mode, model in models.items():
-                clock = time.perf_counter()
-                model(prompt)
-                seconds[mode].append(time.perf_counter() - clock)
-    median = {mode: statistics.median(times) for mode, times in seconds.items()}
-    print(f"{args.model} {args.dtype}, prefill of 512 tokens, median of {args.repeats} in turns: " + ", ".join(
-        f"{mode} {median[mode]:.3f} s ({median['dense'] / median[mode]:.3f}x dense)" for mode in models))
+    results = []
+    for dtype in DTYPES:
+        for name in args.models:
+            models = {}
+            for mode in ("dense", "sparse", "kept"):
+                path = WORK / (f"dense-{dtype}" if mode == "dense" else f"{slug(name)}-{dtype}")
+                models[mode], prompt = load(path, mode, dtype)
+                generate(models[mode], prompt, 2, warm_up=False)  # the dispatch measures 512 rows and 1 row here
+            runs = {mode: {"model": name, "mode": mode, "dtype": dtype, "prefill_seconds": [],
+                           "tokens_per_second": []} for mode in models}
+            for _ in range(args.repeats):
+                for mode, model in models.items():
+                    with torch.no_grad():
+                        clock = time.perf_counter()
+                        model(prompt)
+                        runs[mode]["prefill_seconds"].append(time.perf_counter() - clock)
+                    decoded = generate(model, prompt, args.new_tokens, warm_up=False)
+                    runs[mode]["tokens_per_second"].append(decoded.tokens_per_second)
+                    runs[mode]["tokens"] = decoded.tokens.tolist()
+            del models
+            results += runs.values()
+            median = {mode: {k: statistics.median(run[k]) for k in ("prefill_seconds", "tokens_per_second")}
+                      for mode, run in runs.items()}
+            print(f"{name} {dtype}: " + ", ".join(
+                f"{mode} decode {m['tokens_per_second'] / median['dense']['tokens_per_second']:.3f}x, prefill "
+                f"{median['dense']['prefill_seconds'] / m['prefill_seconds']:.3f}x" for mode, m in median.items()),
+                flush=True)
+    write(args, "cpu_inference_turns", results, start, turns_markdown)
+
+
+def turns_markdown(doc: dict) -> str:
+    lines = preamble(doc, "SmolLM2-135M on the CPU: dense, compressed and keep_dense in turns") + [
+        "Each pruned model with the dense model in one process, the three taking turns: the eval split's first "
+        "512-token window's forward pass (prefill), then greedy decoding of "
+        f"{len(doc['results'][0]['tokens'])} new tokens after it (tokens per second after the first); medians of "
+        f"{len(doc['results'][0]['prefill_seconds'])} turns. Ratios to dense (> 1: faster). Compressed: "
+        "load_pruned(sparse=True), auto dispatch; keep_dense: the same with every compressed layer's keep_dense on.",
+        ""] + ([doc["findings"], ""] if doc.get("findings") else [])
+    median = lambda row, k: statistics.median(row[k])  # noqa: E731
+    for dtype in DTYPES:
+        rows = [r for r in doc["results"] if r["dtype"] == dtype]
+        if not rows:
+            continue
+        lines += [f"## {dtype}, 1 thread", "", "| pruned | dense tokens/s | decode | decode, keep_dense | dense prefill s "
+                  "| prefill | prefill, keep_dense | same tokens | targets |", "|---|---|---|---|---|---|---|---|---|"]
+        for name in VARIANTS:
+            found = {r["mode"]: r for r in rows if r["model"] == name}
+            if len(found) < 3:
+                continue
+            sparse, kept = found["sparse"], found["kept"]
+            speed = {mode: {k: median(r, k) for k in ("prefill_seconds", "tokens_per_second")}
+                     for mode, r in found.items()}
+            decode = lambda m: speed[m]["tokens_per_second"] / speed["dense"]["tokens_per_second"]  # noqa: E731
+            prefill = lambda m: speed["dense"]["prefill_seconds"] / speed[m]["prefill_seconds"]  # noqa: E731
+            lines.append(f"| {name} | {speed['dense']['tokens_per_second']:.2f} | {decode('sparse'):.2f}x | "
+                         f"{decode('kept'):.2f}x | {speed['dense']['prefill_seconds']:.3f} | {prefill('sparse'):.3f}x | "
+                         f"{prefill('kept'):.3f}x | {'yes' if sparse['tokens'] == kept['tokens'] else 'NO'} | "
+                         + ", ".join(f"{k} {'met' if v else 'MISSED'}"
+                                     for k, v in speed_targets(name, speed["dense"], speed["sparse"]).items()) + " |")
+        lines.append("")
+    lines.append("Same tokens: the compressed model with and without keep_dense generate the same tokens.")
+    return "\n".join(lines) + "\n"
 
 
 def model_main(args) -> None:
@@ -392,12 +440,15 @@ def model_rows(doc: dict):
                                               for n in VARIANTS]
 
 
+def speed_targets(name: str, dense: dict, sparse: dict) -> dict:
+    """The decode and prefill targets (1 thread), from rows with tokens_per_second and prefill_seconds."""
+    return {f"decode >= {DECODE_TARGET[name]}x":
+            sparse["tokens_per_second"] / dense["tokens_per_second"] >= DECODE_TARGET[name],
+            "prefill no slower": dense["prefill_seconds"] / sparse["prefill_seconds"] >= 1.0}
+
+
 def model_targets(name: str, dtype: str, threads: int, dense: dict, sparse: dict) -> dict:
-    out = {}
-    if threads == 1:
-        out[f"decode >= {DECODE_TARGET[name]}x"] = sparse["tokens_per_second"] / dense["tokens_per_second"] >= \
-            DECODE_TARGET[name]
-        out["prefill no slower"] = dense["prefill_seconds"] / sparse["prefill_seconds"] >= 1.0
+    out = speed_targets(name, dense, sparse) if threads == 1 else {}
     if name == "wanda 50%" and dtype == "fp32":
         out["checkpoint <= 0.66x"] = sparse["checkpoint_bytes"] / dense["checkpoint_bytes"] <= 0.66
         out["layers resident <= 0.56x"] = sparse["layer_bytes"] / sparse["dense_layer_bytes"] <= 0.56
@@ -508,11 +559,11 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--calibration-windows", type=int, default=64)
     p.set_defaults(run=model_main)
-    p = sub.add_parser("prefill", help="one pruned model's prefill: dense, compressed, keep_dense, in turns")
-    p.add_argument("model", choices=list(VARIANTS))
-    p.add_argument("dtype", choices=list(DTYPES))
+    p = sub.add_parser("turns", help="pruned models' prefill and decode: dense, compressed, keep_dense, in turns")
+    p.add_argument("--models", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--repeats", type=int, default=5)
-    p.set_defaults(run=prefill_main)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.set_defaults(run=turns_main)
     p = sub.add_parser("margins", help="add the top-2 record of each step to a model results file that lacks it")
     p.set_defaults(run=margins_main)
     for p in sub.choices.values():

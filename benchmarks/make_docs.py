@@ -235,6 +235,26 @@ def cpu_inference_keep_dense(doc: dict) -> list[str]:
         table(["pruned", "dtype", "decode", "prefill", "pruned layers in memory"], rows)
 
 
+def cpu_inference_turns(doc: dict) -> list[str]:
+    from cpu_inference import VARIANTS
+
+    found = {(r["model"], r["mode"], r["dtype"]): r for r in rows_of(doc)}
+    rows = []
+    for dtype in ("fp32", "bf16"):
+        for name in VARIANTS:
+            if (name, "kept", dtype) not in found:
+                continue
+            speed = {mode: {k: statistics.median(found[(name, mode, dtype)][k])
+                            for k in ("tokens_per_second", "prefill_seconds")} for mode in ("dense", "sparse", "kept")}
+            decode = [speed[m]["tokens_per_second"] / speed["dense"]["tokens_per_second"] for m in ("sparse", "kept")]
+            prefill = [speed["dense"]["prefill_seconds"] / speed[m]["prefill_seconds"] for m in ("sparse", "kept")]
+            rows.append([name, dtype, f"{decode[0]:.2f}x / {decode[1]:.2f}x", f"{prefill[0]:.3f}x / {prefill[1]:.3f}x"])
+    return [f"The compressed SmolLM2-135M models without / with `keep_dense=True` against dense, the three in one "
+            f"process taking turns (medians of {len(rows_of(doc)[0]['prefill_seconds'])}), on "
+            f"{doc['machine']['cpu']}, 1 thread: differences of a few percent that separate processes cannot resolve.",
+            ""] + table(["pruned", "dtype", "decode", "prefill"], rows)
+
+
 def cpu_inference_layers(doc: dict) -> list[str]:
     speedups = defaultdict(list)
     for r in rows_of(doc):
@@ -332,6 +352,7 @@ SECTIONS = {  # result name -> (title, table)
     "cpu_inference_model": ("CPU inference: a whole model", cpu_inference_model),
     "cpu_inference_layers": ("CPU inference: one layer", cpu_inference_layers),
     "cpu_inference_model_keep_dense": ("CPU inference: keep_dense", cpu_inference_keep_dense),
+    "cpu_inference_turns": ("CPU inference: keep_dense, in turns", cpu_inference_turns),
     "kernels_cuda": ("GPU kernels: one layer", kernels_cuda),
     "kernels_cuda_model": ("GPU kernels: a whole model", kernels_cuda_model),
     "kernels_cpu": ("Block-sparse kernels on the CPU", kernels_cpu),
