@@ -63,6 +63,23 @@ def test_the_dense_weight_is_kept_only_when_asked_counted_and_not_saved(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_a_trainable_bias_beside_frozen_weights_gets_its_gradient(kind, backend):
+    """Fine-tuning only the biases (BitFit) of a converted model: the bitmask layer ran its kernel, which has no
+    backward, whenever its values were frozen, so the bias silently got no gradient."""
+    weight, _ = reference(kind)
+    sparse = layer(kind, False, backend)
+    sparse.values.requires_grad_(False)
+    x = torch.randn(5, 96)
+    y = sparse(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    torch.testing.assert_close(y, x @ weight.t() + sparse.bias.detach())
+    torch.testing.assert_close(sparse.bias.grad, dy.sum(0))
+    assert sparse.values.grad is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_the_kept_copy_follows_every_change_to_the_weights(kind):
     """An in-place change, an optimizer step (masked, after a differentiable forward that does not use the copy), a
     load_state_dict, a new values tensor and a deep copy: each time the kept layer computes what the lean one, which

@@ -20,6 +20,7 @@ from torch import nn
 from ..bits import pack_rows, unpack_rows
 from ..errors import MaskMismatchError, PrunekitError
 from . import cpu, dispatch
+from .function import needs_grad
 from .linear import dense_mask, dense_module, dense_view
 from .sparse_layer import SparseLayer
 
@@ -163,7 +164,7 @@ class BitmaskLinear(SparseLayer, nn.Module):
         return self.pick(x, "bitmask", self.shape, 0, self.density, candidates)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (self.values.requires_grad or x.requires_grad):
+        if needs_grad(x, self.values, self.bias):
             return self._dense(x)  # the kernel has no backward
         return dispatch.remembered(self, x, self.in_features, self._backend,
                                    lambda: self._kernel if self.path(x) == "cpu" else self._dense)(x)

@@ -7,6 +7,12 @@ import torch
 from .layout import BlockLayout
 
 
+def needs_grad(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """Whether a product of `x` with `tensors` (a layer's weight and bias; None for none) must build an autograd
+    graph: grad mode on and any of them requiring grad. The kernels that inference runs have no backward."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in tensors))
+
+
 class _BlockSparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, bias, layout: BlockLayout, backend):
@@ -39,7 +45,7 @@ def block_sparse_linear(x: torch.Tensor, values: torch.Tensor, layout: BlockLayo
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:  # rows may be strided (the kernels take a row stride), elements may not
         x2 = x2.contiguous()
-    if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)):
+    if needs_grad(x, values, bias):
         y = _BlockSparseLinear.apply(x2, values, bias, layout, backend)
     else:  # inference: no autograd node to build (a few microseconds a call, which decode pays per layer)
         y = backend.forward(x2, values, layout, bias)

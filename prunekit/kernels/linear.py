@@ -14,7 +14,7 @@ from ..masks import BUFFER, attach
 from ..targets import Conv1D
 from . import backends, dispatch
 from .cpu import workspace
-from .function import block_sparse_linear
+from .function import block_sparse_linear, needs_grad
 from .layout import BlockLayout, choose_block
 from .sparse_layer import SparseLayer
 
@@ -183,8 +183,7 @@ class BlockSparseLinear(SparseLayer, nn.Module):
         return (bind and bind(x2, self.values, self.layout, self.bias)) or self.product(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad
-                                        or (self.bias is not None and self.bias.requires_grad)):
+        if needs_grad(x, self.values, self.bias):
             return self.product(self.path(x))(x)
         if x.shape[-1] != self.in_features:  # (kernels take the width from x: a wrong one must not reach them)
             raise PrunekitError(f"input has {x.shape[-1]} features, this layer takes {self.in_features}")
