@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_inference.py layers              # one Linear: LLaMA-7B and SmolLM2 shapes (~10 min)
     python benchmarks/cpu_inference.py model               # SmolLM2-135M end to end (~30 min, pruning included)
-    python benchmarks/cpu_inference.py turns               # each pruned model three ways in one process (~15 min)
+    python benchmarks/cpu_inference.py turns               # each pruned model three ways in one process (~6 min)
 
 layers: weights of LLaMA-7B's shapes (4096x4096, 11008x4096, 4096x11008) and SmolLM2's (576x576, 1536x576,
 576x1536), [out, in]; 1 and 8 rows; fp32 and bf16; 1 and 2 threads; masks unstructured at 50/70/90% (exact per
@@ -335,9 +335,12 @@ def margins_main(args) -> None:
 
 
 def turns_main(args) -> None:
+    """Each pruned model against dense, compressed and keep_dense in one process, in turns (see the docstring)."""
     from prunekit.generate import generate
 
     start = time.perf_counter()
+    WORK.mkdir(parents=True, exist_ok=True)
+    prepare(WORK, args.calibration_windows)
     torch.set_num_threads(1)
     results = []
     for dtype in DTYPES:
@@ -563,6 +566,7 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--calibration-windows", type=int, default=64, help="for pruning, where `model` has not yet")
     p.set_defaults(run=turns_main)
     p = sub.add_parser("margins", help="add the top-2 record of each step to a model results file that lacks it")
     p.set_defaults(run=margins_main)
