@@ -12,9 +12,10 @@ capturing); on the CPU there is only "eager".
 On the CPU each sample starts with the layer's own tensors flushed from the caches (cpu.evict, clflushopt on x86;
 elsewhere they stay): in a model a layer's weights come from memory, since the layers in between push them out,
 while a layer timed alone keeps them in cache, which flatters dense, the path that reads the most bytes. Timed in
-cache on an Intel host (300 MiB L3), a kept dense copy of SmolLM2's 576x576 and 192x576 projections beat the bitmask
-kernel at one row (41.1 against 41.0 us, 17.9 against 20.6), and decoding with keep_dense fell from 1.39x to 1.2-1.3x
-dense; flushed, dense took 95 and 37 us and lost. On a GPU the weights stay in L2 between samples (not done yet).
+cache on an Intel host (300 MiB L3), the kept dense copies of SmolLM2's 576x576 and 192x576 projections ran at one
+row: the bitmask kernel tied (41.0 against 41.1 us, inside the margin) or lost (20.6 against 17.9), and decoding with
+keep_dense fell from 1.39x to 1.2-1.3x dense; flushed, dense took 95 and 37 us and lost. On a GPU the weights stay in
+L2 between samples (not done yet).
 
 A problem is (kind, weight shape, block, stored density to 1/20, dtype, device, torch's CPU thread count, rows rounded
 up to a power of two, mode, how dense runs):
