@@ -80,6 +80,26 @@ def test_a_trainable_bias_beside_frozen_weights_gets_its_gradient(kind, backend)
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("keep_dense", [False, True])
+def test_frozen_layers_pass_the_input_gradient_through_two_of_them(kind, keep_dense):
+    """Gradients through frozen compressed layers (an adapter or a prompt trained before them): the block layer ran
+    dense on the workspace every layer shares, autograd kept it for the input's gradient, and the next layer's call
+    overwrote it (a RuntimeError at backward). Two layers on the dense path, against the masked dense product."""
+    weight, _ = reference(kind)
+    first, second = layer(kind, keep_dense, "dense"), layer(kind, keep_dense, "dense")
+    for module in (first, second):
+        module.values.requires_grad_(False)
+    bias = first.bias.detach()
+    with torch.no_grad():  # the second maps 96 -> 64: feed it through a 64 -> 96 view of the first's output
+        lift = torch.randn(64, 96)
+    x = torch.randn(5, 96, requires_grad=True)
+    second(first(x) @ lift).sum().backward()
+    reference_x = x.detach().clone().requires_grad_(True)
+    (((reference_x @ weight.t() + bias) @ lift) @ weight.t() + bias).sum().backward()
+    torch.testing.assert_close(x.grad, reference_x.grad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_the_kept_copy_follows_every_change_to_the_weights(kind):
     """An in-place change, an optimizer step (masked, after a differentiable forward that does not use the copy), a
     load_state_dict, a new values tensor and a deep copy: each time the kept layer computes what the lean one, which

@@ -149,8 +149,8 @@ class BitmaskLinear(SparseLayer, nn.Module):
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         """The dense product: differentiable in values while training, else on sparse_layer.py's weight."""
-        training = torch.is_grad_enabled() and (self.values.requires_grad or x.requires_grad)
-        return F.linear(x, self.dense_weight() if training else self.fallback_weight(), self.bias)
+        training = torch.is_grad_enabled() and self.values.requires_grad
+        return F.linear(x, self.dense_weight() if training else self.fallback_weight(needs_grad(x)), self.bias)
 
     def choose(self, x: torch.Tensor) -> str:
         """The backend "auto" runs `x` on (measured the first time its problem is seen)."""

@@ -141,12 +141,12 @@ class BlockSparseLinear(SparseLayer, nn.Module):
             self.__dict__.pop(dispatch.RUNS, None)
         super().__setattr__(name, value)
 
-    def dense_weight(self) -> torch.Tensor:
+    def dense_weight(self, saved: bool = False) -> torch.Tensor:
         """The dense [out, in] weight: differentiable while training; otherwise what inference runs dense on
-        (sparse_layer.py: rebuilt for this call, or the kept copy)."""
+        (sparse_layer.py: rebuilt for this call, or the kept copy; saved: not scratch, autograd keeps it)."""
         if torch.is_grad_enabled() and self.values.requires_grad:
             return self.layout.scatter(self.values)
-        return self.fallback_weight()
+        return self.fallback_weight(saved)
 
     def build_dense(self, scratch: bool) -> torch.Tensor:
         """The weight scattered from the blocks; scratch on the CPU: into a workspace all layers share (valid until
@@ -172,7 +172,7 @@ class BlockSparseLinear(SparseLayer, nn.Module):
     def product(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """forward's product on backend `name` (or "dense"), differentiable."""
         if name == "dense":
-            return lambda x: F.linear(x, self.dense_weight(), self.bias)
+            return lambda x: F.linear(x, self.dense_weight(needs_grad(x)), self.bias)
         backend = backends.get(name)
         return lambda x: block_sparse_linear(x, self.values, self.layout, self.bias, backend)
 

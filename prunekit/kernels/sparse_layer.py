@@ -76,11 +76,13 @@ class SparseLayer:
         """The tensors build_dense reads: a copy made from them is stale once one is changed or replaced."""
         raise NotImplementedError
 
-    def fallback_weight(self) -> torch.Tensor:
+    def fallback_weight(self, saved: bool = False) -> torch.Tensor:
         """The dense weight inference runs on: without keep_dense, built for this call; with it, the kept copy, made
-        again where the compressed weight changed since (an optimizer step, load_state_dict, a new tensor)."""
+        again where the compressed weight changed since (an optimizer step, load_state_dict, a new tensor).
+        saved: autograd keeps the weight for the input's gradient, so it must not be scratch that the next layer's
+        call overwrites."""
         if not self._keep_dense:
-            return self.build_dense(scratch=True)
+            return self.build_dense(scratch=not saved)
         if torch.compiler.is_compiling():  # (what a trace reads must not be checked or stored)
             return self.dense_copy if self.dense_copy is not None else self.build_dense(scratch=False)
         sources = self.dense_sources()
