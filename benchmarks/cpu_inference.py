@@ -363,13 +363,27 @@ def turns_main(args) -> None:
                     runs[mode]["tokens"] = decoded.tokens.tolist()
             del models
             results += runs.values()
-            median = {mode: {k: statistics.median(run[k]) for k in ("prefill_seconds", "tokens_per_second")}
-                      for mode, run in runs.items()}
+            median = turns_medians(runs)
             print(f"{name} {dtype}: " + ", ".join(
                 f"{mode} decode {m['tokens_per_second'] / median['dense']['tokens_per_second']:.3f}x, prefill "
                 f"{median['dense']['prefill_seconds'] / m['prefill_seconds']:.3f}x" for mode, m in median.items()),
                 flush=True)
     write(args, "cpu_inference_turns", results, start, turns_markdown)
+
+
+def turns_medians(runs: dict) -> dict:
+    """Per mode, the median prefill seconds and tokens per second of its turns."""
+    return {mode: {k: statistics.median(run[k]) for k in ("prefill_seconds", "tokens_per_second")}
+            for mode, run in runs.items()}
+
+
+def turns_rows(doc: dict):
+    """(dtype, variant, its rows per mode, their medians) for each variant a `turns` run measured all three ways."""
+    for dtype in DTYPES:
+        for name in VARIANTS:
+            found = {r["mode"]: r for r in doc["results"] if r["dtype"] == dtype and r["model"] == name}
+            if len(found) == 3:
+                yield dtype, name, found, turns_medians(found)
 
 
 def turns_markdown(doc: dict) -> str:
@@ -380,29 +394,21 @@ def turns_markdown(doc: dict) -> str:
         f"{len(doc['results'][0]['prefill_seconds'])} turns. Ratios to dense (> 1: faster). Compressed: "
         "load_pruned(sparse=True), auto dispatch; keep_dense: the same with every compressed layer's keep_dense on.",
         ""] + ([doc["findings"], ""] if doc.get("findings") else [])
-    median = lambda row, k: statistics.median(row[k])  # noqa: E731
-    for dtype in DTYPES:
-        rows = [r for r in doc["results"] if r["dtype"] == dtype]
-        if not rows:
-            continue
-        lines += [f"## {dtype}, 1 thread", "", "| pruned | dense tokens/s | decode | decode, keep_dense | dense prefill s "
-                  "| prefill | prefill, keep_dense | same tokens | targets |", "|---|---|---|---|---|---|---|---|---|"]
-        for name in VARIANTS:
-            found = {r["mode"]: r for r in rows if r["model"] == name}
-            if len(found) < 3:
-                continue
-            sparse, kept = found["sparse"], found["kept"]
-            speed = {mode: {k: median(r, k) for k in ("prefill_seconds", "tokens_per_second")}
-                     for mode, r in found.items()}
-            decode = lambda m: speed[m]["tokens_per_second"] / speed["dense"]["tokens_per_second"]  # noqa: E731
-            prefill = lambda m: speed["dense"]["prefill_seconds"] / speed[m]["prefill_seconds"]  # noqa: E731
-            lines.append(f"| {name} | {speed['dense']['tokens_per_second']:.2f} | {decode('sparse'):.2f}x | "
-                         f"{decode('kept'):.2f}x | {speed['dense']['prefill_seconds']:.3f} | {prefill('sparse'):.3f}x | "
-                         f"{prefill('kept'):.3f}x | {'yes' if sparse['tokens'] == kept['tokens'] else 'NO'} | "
-                         + ", ".join(f"{k} {'met' if v else 'MISSED'}"
-                                     for k, v in speed_targets(name, speed["dense"], speed["sparse"]).items()) + " |")
-        lines.append("")
-    lines.append("Same tokens: the compressed model with and without keep_dense generate the same tokens.")
+    section = None
+    for dtype, name, found, speed in turns_rows(doc):
+        if dtype != section:
+            lines += ([""] if section else []) + [
+                f"## {dtype}, 1 thread", "", "| pruned | dense tokens/s | decode | decode, keep_dense | dense prefill s "
+                "| prefill | prefill, keep_dense | same tokens | targets |", "|---|---|---|---|---|---|---|---|---|"]
+            section = dtype
+        decode = lambda m: speed[m]["tokens_per_second"] / speed["dense"]["tokens_per_second"]  # noqa: E731
+        prefill = lambda m: speed["dense"]["prefill_seconds"] / speed[m]["prefill_seconds"]  # noqa: E731
+        lines.append(f"| {name} | {speed['dense']['tokens_per_second']:.2f} | {decode('sparse'):.2f}x | "
+                     f"{decode('kept'):.2f}x | {speed['dense']['prefill_seconds']:.3f} | {prefill('sparse'):.3f}x | "
+                     f"{prefill('kept'):.3f}x | {'yes' if found['sparse']['tokens'] == found['kept']['tokens'] else 'NO'}"
+                     " | " + ", ".join(f"{k} {'met' if v else 'MISSED'}"
+                                       for k, v in speed_targets(name, speed["dense"], speed["sparse"]).items()) + " |")
+    lines += ["", "Same tokens: the compressed model with and without keep_dense generate the same tokens."]
     return "\n".join(lines) + "\n"
 
 
