@@ -150,9 +150,11 @@ def evict(tensors) -> bool:
     if module is None:
         return False
     for t in tensors:
-        if t.device.type != "cpu" or t.layout != torch.strided or t.untyped_storage().data_ptr() in seen:
+        if t.device.type != "cpu" or t.layout != torch.strided:
             continue
         storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
         seen.add(storage.data_ptr())
         if not module.evict(storage.data_ptr(), storage.nbytes()):
             return False
