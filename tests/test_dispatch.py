@@ -113,7 +113,7 @@ def test_mode_is_set_scoped_and_checked():
 
 def test_pick_remembers_per_mode_on_the_module(monkeypatch):
     seen = []
-    monkeypatch.setattr(dispatch, "_mode_on", lambda device: dispatch.current_mode())  # as on a GPU
+    monkeypatch.setattr(dispatch, "_mode_on", lambda cuda: dispatch.current_mode())  # as on a GPU
 
     def choose(problem, found, device, before=None):
         seen.append(problem.mode)

@@ -80,6 +80,37 @@ def test_a_trainable_bias_beside_frozen_weights_gets_its_gradient(kind, backend)
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_remembered_kernel_run_reads_no_parameter_and_follows_every_change(monkeypatch, kind):
+    """A call after the first of a bucket runs the kernel on tensors bound to its run: each read of a parameter or
+    buffer goes through nn.Module.__getattr__, about half a microsecond, and decoding makes hundreds of calls per
+    token. The run still follows the layer: weights changed in place or given new memory through .data, every bound
+    attribute replaced (a new mask), .to() another dtype."""
+    sparse = layer(kind, False, "cpu")
+    weight, expected = reference(kind)
+    bias = sparse.bias.detach().clone()
+    x = torch.randn(2, 3, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), expected(x))
+        with monkeypatch.context() as m:
+            m.setattr(type(sparse), "__getattr__", lambda self, name: pytest.fail(f"read {name} through __getattr__"))
+            torch.testing.assert_close(sparse(x), expected(x))
+        sparse.values.mul_(2)
+        torch.testing.assert_close(sparse(x), 2 * (expected(x) - bias) + bias)
+        sparse.values.data = sparse.values.data / 2  # (new memory under the same Parameter)
+        torch.testing.assert_close(sparse(x), expected(x))
+
+        linear, keep = masked_linear(kind)
+        other = type(sparse).from_dense(linear, ~keep, *(() if kind == "bitmask" else (32,)), "cpu")
+        for name in type(sparse).BINDS:
+            setattr(sparse, name, getattr(other, name))
+        torch.testing.assert_close(sparse(x), x @ (linear.weight * ~keep).t() + linear.bias)
+
+        sparse.to(torch.bfloat16)
+        torch.testing.assert_close(sparse(x.bfloat16()), other(x.bfloat16()))
+        assert sparse(x.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("keep_dense", [False, True])
 def test_frozen_layers_pass_the_input_gradient_through_two_of_them(kind, keep_dense):
     """Gradients through frozen compressed layers (an adapter or a prompt trained before them): the block layer ran

@@ -13,13 +13,15 @@ the CPU kernels (cpu.py) turn into speed. Unstructured and N:M masks use it; blo
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..bits import pack_rows, unpack_rows
 from ..errors import MaskMismatchError, PrunekitError
-from . import cpu, dispatch
+from . import cpu
 from .function import needs_grad
 from .linear import dense_mask, dense_module, dense_view
 from .sparse_layer import SparseLayer
@@ -76,6 +78,7 @@ class BitmaskLinear(SparseLayer, nn.Module):
     """
 
     BACKENDS = ("auto", "cpu", "dense")
+    BINDS = ("values", "bitmask", "row_offsets", "bias")
 
     def __init__(self, values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor,
                  shape: tuple[int, int], bias: torch.Tensor | None = None, backend: str = "auto",
@@ -134,9 +137,6 @@ class BitmaskLinear(SparseLayer, nn.Module):
     def dense_weight(self) -> torch.Tensor:
         return decompress(self.values, self.bitmask, self.row_offsets, self.shape)
 
-    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu.bitmask_linear(x, self.values, self.bitmask, self.row_offsets, self.bias, self.shape)
-
     def build_dense(self, scratch: bool) -> torch.Tensor:
         """The weight decompressed (scratch, on the CPU: into the workspace all layers share)."""
         if scratch and self.values.is_cpu and cpu.unsupported(self.values.dtype) is None:
@@ -152,22 +152,31 @@ class BitmaskLinear(SparseLayer, nn.Module):
         training = torch.is_grad_enabled() and self.values.requires_grad
         return F.linear(x, self.dense_weight() if training else self.fallback_weight(needs_grad(x)), self.bias)
 
+    def runner(self, name: str, x2: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What inference runs on path `name` ("cpu" or "dense"; sparse_layer.py): the kernel on this layer's
+        tensors, bound, or the dense product."""
+        if name == "dense":
+            return self._dense
+        values, bitmask, row_offsets, bias, shape = self.values, self.bitmask, self.row_offsets, self.bias, self.shape
+        return lambda x: cpu.bitmask_linear(x, values, bitmask, row_offsets, bias, shape)
+
     def choose(self, x: torch.Tensor) -> str:
-        """The backend "auto" runs `x` on (measured the first time its problem is seen)."""
+        """The backend "auto" runs `x` on (measured the first time its problem is seen, each path as forward runs
+        it: `runner`)."""
 
         def candidates(x2):
             found = {"dense": lambda: self._dense(x2)}
             if x.device.type == "cpu" and cpu.unsupported(x.dtype) is None:
-                found["cpu"] = lambda: self._kernel(x2)
+                kernel = self.runner("cpu")
+                found["cpu"] = lambda: kernel(x2)
             return found
 
         return self.pick(x, "bitmask", self.shape, 0, self.density, candidates)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if needs_grad(x, self.values, self.bias):
+        if self.trains(x):
             return self._dense(x)  # the kernel has no backward
-        return dispatch.remembered(self, x, self.in_features, self._backend,
-                                   lambda: self._kernel if self.path(x) == "cpu" else self._dense)(x)
+        return self.infer(x)
 
     def to_dense(self) -> nn.Module:
         """The equivalent nn.Linear (or Conv1D), with the prunekit mask of everything not kept."""

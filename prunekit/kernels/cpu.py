@@ -89,13 +89,14 @@ def _operands(x: torch.Tensor, values: torch.Tensor, in_features: int,
               out_features: int) -> tuple[torch.Tensor, int, int, torch.Tensor]:
     """(x with unit element stride, its rows, its row stride, the output [..., out]) after the checks that raw
     pointers need. Kept lean: a decoding model calls this a few hundred times per token."""
+    shape = x.shape
     if x.dtype != values.dtype:
         raise TypeError(f"input is {x.dtype} but the weight is {values.dtype}")
     if not (x.is_cpu and values.is_cpu):
         raise ValueError(f"the CPU kernels take CPU tensors; got input on {x.device}, weight on {values.device}")
-    if x.shape[-1] != in_features:
-        raise ValueError(f"input has {x.shape[-1]} features, the layer takes {in_features}")
-    y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
+    if shape[-1] != in_features:
+        raise ValueError(f"input has {shape[-1]} features, the layer takes {in_features}")
+    y = x.new_empty((*shape[:-1], out_features))  # (torch.empty's dtype= costs more than the product at one row)
     if x.is_contiguous():
         return x, x.numel() // in_features, in_features, y
     x2 = x.reshape(-1, in_features)
@@ -193,6 +194,10 @@ class CpuBSR:
 
     def forward(self, x, values, layout: BlockLayout, bias):
         return block_linear(x, values, layout, bias)
+
+    def bind(self, x2, values, layout: BlockLayout, bias):
+        """The inference forward as a function of the input alone (any leading dimensions), as Native.bind."""
+        return lambda x: block_linear(x, values, layout, bias)
 
     def grad_input(self, dy, values, layout: BlockLayout):
         return dy @ layout.scatter(values)

@@ -61,7 +61,7 @@ class Problem:
     def of(cls, kind: str, shape, block: int, density: float, dtype, device: torch.device, rows: int,
            dense: str = "rebuilt") -> "Problem":
         return cls(kind, tuple(shape), block, round(density * 20) / 20, dtype, device_name(device),
-                   _threads(device.type == "cpu"), bucket(rows), _mode_on(device), dense)
+                   _threads(device.type == "cpu"), bucket(rows), _mode_on(device.type == "cuda"), dense)
 
 
 @dataclass
@@ -114,8 +114,8 @@ def mode(name: str):
         set_mode(previous)
 
 
-def _mode_on(device: torch.device) -> str:
-    return _mode if device.type == "cuda" else "eager"  # the CPU has no graphs to replay
+def _mode_on(cuda: bool) -> str:
+    return _mode if cuda else "eager"  # the CPU has no graphs to replay
 
 
 def _threads(on_cpu: bool) -> int:
@@ -124,7 +124,8 @@ def _threads(on_cpu: bool) -> int:
 
 def key(x: torch.Tensor, in_features: int) -> tuple:
     """What a module remembers its choices by: the bucket of x's rows, x's dtype, torch's CPU threads, the mode."""
-    return bucket(x.numel() // in_features), x.dtype, _threads(x.is_cpu), _mode_on(x.device)
+    # (not x.device, which makes an object per call)
+    return bucket(x.numel() // in_features), x.dtype, _threads(x.is_cpu), _mode_on(x.is_cuda)
 
 
 def memo(module: torch.nn.Module, name: str = _MEMO) -> dict:

@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import PrunekitError
 from ..masks import BUFFER, attach
 from ..targets import Conv1D
-from . import backends, dispatch
+from . import backends
 from .cpu import workspace
 from .function import block_sparse_linear, needs_grad
 from .layout import BlockLayout, choose_block
@@ -65,6 +65,8 @@ class BlockSparseLinear(SparseLayer, nn.Module):
     (dispatch.py); or one of "cuda_ext", "cupy", "torch", "dense".
     keep_dense: where it runs dense, keep the dense weight instead of rebuilding it per call (sparse_layer.py).
     """
+
+    BINDS = ("values", "bias", *BlockLayout.INDEX_FIELDS)
 
     def __init__(self, layout: BlockLayout, values: torch.Tensor, bias: torch.Tensor | None = None,
                  backend: str = "auto", source: str = "Linear", keep_dense: bool = False):
@@ -131,14 +133,11 @@ class BlockSparseLinear(SparseLayer, nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): new tensors
         self.__dict__.pop("_layout", None)
-        self.__dict__.pop(dispatch.RUNS, None)
         return super()._apply(fn, recurse)
 
     def __setattr__(self, name, value):
         if name in BlockLayout.INDEX_FIELDS:
             self.__dict__.pop("_layout", None)
-        if name in BlockLayout.INDEX_FIELDS or name in ("values", "bias"):  # (a run binds them: Native.bind)
-            self.__dict__.pop(dispatch.RUNS, None)
         super().__setattr__(name, value)
 
     def dense_weight(self, saved: bool = False) -> torch.Tensor:
@@ -178,18 +177,16 @@ class BlockSparseLinear(SparseLayer, nn.Module):
 
     def runner(self, name: str, x2: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """What inference runs on backend `name` (or "dense") for the bucket of x2's rows (x2 2-D): the backend's
-        operator with everything but the input bound (Native.bind) where it has one, else `product`."""
+        product with everything but the input bound (Native.bind, CpuBSR.bind) where it has one, else `product`."""
         bind = getattr(backends.get(name), "bind", None) if name != "dense" else None
         return (bind and bind(x2, self.values, self.layout, self.bias)) or self.product(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if needs_grad(x, self.values, self.bias):
+        if self.trains(x):
             return self.product(self.path(x))(x)
         if x.shape[-1] != self.in_features:  # (kernels take the width from x: a wrong one must not reach them)
             raise PrunekitError(f"input has {x.shape[-1]} features, this layer takes {self.in_features}")
-        # (what runs is remembered per batch-size bucket: the thin operator itself where the backend has one)
-        return dispatch.remembered(self, x, self.in_features, self._backend,
-                                   lambda: self.runner(self.path(x), x.reshape(-1, self.in_features)))(x)
+        return self.infer(x)
 
     def to_dense(self) -> nn.Module:
         """The equivalent nn.Linear (or Conv1D), with the prunekit mask of everything not kept."""

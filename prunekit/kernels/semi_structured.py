@@ -4,12 +4,13 @@ dense rate (Mishra et al., "Accelerating Sparse Deep Neural Networks", 2021). CU
 (the compressed weight does not train); the dispatch keeps dense where it is faster."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PrunekitError
-from . import dispatch
 from .sparse_layer import SparseLayer
 
 
@@ -34,6 +35,7 @@ class SemiStructuredLinear(SparseLayer, nn.Module):
     (sparse_layer.py: decompressing costs a product of its own)."""
 
     REBUILDS = False
+    BINDS = ("weight", "bias")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str = "auto", source: str = "Linear"):
         super().__init__()
@@ -61,19 +63,23 @@ class SemiStructuredLinear(SparseLayer, nn.Module):
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.fallback_weight(), self.bias)
 
-    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def runner(self, name: str, x2: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What inference runs on path `name` ("semi_structured" or "dense"; sparse_layer.py)."""
+        if name == "dense":
+            return self._dense
+        weight, bias = self.weight, self.bias
+        return lambda x: F.linear(x, weight, bias)
 
     def choose(self, x: torch.Tensor) -> str:
         """The path "auto" runs `x` on. The dense copy stays once any batch size has run dense."""
         def candidates(x2):
-            return {"dense": lambda: self._dense(x2), "semi_structured": lambda: self._sparse(x2)}
+            sparse = self.runner("semi_structured")
+            return {"dense": lambda: self._dense(x2), "semi_structured": lambda: sparse(x2)}
 
         return self.pick(x, "2:4", (self.out_features, self.in_features), 4, 0.5, candidates)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dispatch.remembered(self, x, self.in_features, self.backend,
-                                   lambda: self._dense if self.path(x) == "dense" else self._sparse)(x)
+        return self.infer(x)
 
     def to_dense(self) -> nn.Module:
         """The equivalent nn.Linear (or Conv1D), masked where the compressed weight is zero."""

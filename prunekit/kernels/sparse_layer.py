@@ -2,8 +2,9 @@
 size runs on, chosen by the dispatch and remembered, and how they run dense where they do.
 
 Path: with backend="auto" the first inference call of a batch-size bucket asks the dispatch (measuring if the problem
-is new); the function that then runs is remembered per bucket (dispatch.remembered), so that a call after the first
-is a lookup and that function.
+is new); the function that then runs (`runner`: the kernel with the layer's tensors bound) is remembered per bucket
+(dispatch.remembered), so that a call after the first is a lookup and that function. Setting a bound attribute, or
+.to(), forgets it.
 
 Dense: "auto" runs a batch size dense when dense beat every sparse path there (backend="dense" always does), on a
 dense weight made from the compressed one. By default that weight is rebuilt for each call and given back after it,
@@ -18,11 +19,13 @@ copy: decompressing a semi-structured weight is a product of its own.
 from __future__ import annotations
 
 import weakref
+from typing import Callable
 
 import torch
 
 from ..errors import PrunekitError
 from . import dispatch
+from .function import needs_grad
 
 
 def check_keep_dense(keep) -> None:
@@ -31,10 +34,39 @@ def check_keep_dense(keep) -> None:
 
 
 class SparseLayer:
-    """Mixin of the compressed layers: an nn.Module with `backend` and `choose(x)` that calls `init_fallback` and
-    defines `build_dense` and `dense_sources`."""
+    """Mixin of the compressed layers: an nn.Module with `in_features`, `backend` and `choose(x)` that calls
+    `init_fallback` and defines `runner`, `build_dense` and `dense_sources` (and, to use `trains`, `values` and
+    `bias`)."""
 
     REBUILDS = True  # whether the layer can rebuild its dense weight per call at a sensible cost
+    BINDS: tuple[str, ...] = ()  # the attributes a run from `runner` holds: setting one forgets the runs
+
+    def runner(self, name: str, x2: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What inference runs on path `name` for the bucket of x2's rows (x2 2-D): a function of the input alone,
+        with this layer's tensors bound, so that a call reads no module attribute (each read of a parameter or
+        buffer goes through nn.Module.__getattr__, about half a microsecond, and decoding makes hundreds of calls
+        per token)."""
+        raise NotImplementedError
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """forward at inference: the run remembered for x's batch-size bucket (made the first time: auto's choice,
+        measured if the problem is new)."""
+        return dispatch.remembered(self, x, self.in_features, self.backend,
+                                   lambda: self.runner(self.path(x), x.reshape(-1, self.in_features)))(x)
+
+    def trains(self, x: torch.Tensor) -> bool:
+        """Whether a forward of x builds an autograd graph (function.needs_grad); under no_grad without reading a
+        parameter (see runner)."""
+        return torch.is_grad_enabled() and needs_grad(x, self.values, self.bias)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): new tensors, which bound runs do not hold
+        self.__dict__.pop(dispatch.RUNS, None)
+        return super()._apply(fn, recurse)
+
+    def __setattr__(self, name, value):
+        if name in self.BINDS:
+            self.__dict__.pop(dispatch.RUNS, None)
+        super().__setattr__(name, value)
 
     def init_fallback(self, keep_dense: bool) -> None:
         self.register_buffer("dense_copy", None, persistent=False)
