@@ -1,7 +1,7 @@
-"""What a BlockSparseLinear forward costs on the host beyond its kernel: wall time per eager call of the
-prunekit::bsr_linear operator alone and of the module around it (2-D and [batch, tokens, features] input), beside
-torch's own nn.Linear. At one row on a GPU the kernel takes a few microseconds, so this host path decides whether an
-eager sparse layer can beat cuBLAS at all.
+"""What a compressed layer's forward costs on the host beyond its kernel. First BlockSparseLinear's: wall time per
+eager call of the prunekit::bsr_linear operator alone and of the module around it (2-D and [batch, tokens, features]
+input), beside torch's own nn.Linear. At one row on a GPU the kernel takes a few microseconds, so this host path
+decides whether an eager sparse layer can beat cuBLAS at all.
 
     python benchmarks/call_overhead.py                  # the CPU, with a stand-in operator (host cost only)
     python benchmarks/call_overhead.py --device cuda    # a GPU, with the compiled extension
@@ -10,13 +10,18 @@ On the CPU the operator is a stand-in of the same schema, registered with torch.
 allocates its output: what it measures is the dispatcher's cost and the module's, no arithmetic. nn.Linear there is
 64 x 64, so that its time is also nearly all host cost. On a GPU both are the real 4096 x 4096 bf16 layer at one
 row (32x32 blocks, 70% pruned), each call queued behind the last and timed over many, as eager decoding runs them.
-The best of --repeats rounds is reported. Written to results/call_overhead_<device>.{json,md}.
+
+The CPU then times its own kernels' layers, BitmaskLinear and BlockSparseLinear on prunekit's CPU kernel, 64 x 64
+fp32 at one row, beside nn.Linear of that size: host cost and about a microsecond of product, which a decoding model
+pays a few hundred times per token. The best of --repeats rounds is reported. Written to
+results/call_overhead_<device>.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine_info import machine, versions  # noqa: E402
 
-from prunekit.kernels import backends  # noqa: E402
+from prunekit.kernels import BitmaskLinear, backends  # noqa: E402
 from prunekit.kernels.linear import BlockSparseLinear  # noqa: E402
 from prunekit.kernels.native import Native, output_like, stand_in  # noqa: E402
 
@@ -63,6 +68,19 @@ def per_call(fn, calls: int, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / calls * 1e6
+
+
+def cpu_layers() -> dict:
+    """{name: call} of the CPU kernels' layers and nn.Linear, 64 x 64 fp32 at one row ([1, 1, 64], as a model
+    decodes), the compressed ones 70% pruned and set to the kernel."""
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 64)
+    keep = torch.rand(64, 64) >= PRUNED
+    blocks = torch.eye(2, dtype=torch.bool).repeat_interleave(32, 0).repeat_interleave(32, 1)
+    layers = {"nn.Linear 64x64": dense, "BitmaskLinear 64x64, 70%": BitmaskLinear.from_dense(dense, keep, "cpu"),
+              "BlockSparseLinear 64x64, 32x32 blocks, 50%": BlockSparseLinear.from_dense(dense, blocks, 32, "cpu")}
+    x = torch.randn(1, 1, 64)
+    return {f"{name}, [1, 1, 64]": (lambda layer=layer: layer(x)) for name, layer in layers.items()}
 
 
 def main() -> None:
@@ -102,24 +120,33 @@ def main() -> None:
             if standin_backend.calls != before + 1:
                 raise SystemExit("BlockSparseLinear did not run the operator: this would time something else")
         best = {name: min(per_call(fn, args.calls, device) for _ in range(args.repeats)) for name, fn in calls.items()}
-    for name, us in best.items():
+        ours = cpu_layers() if device.type == "cpu" else {}
+        kernels = {name: min(per_call(fn, args.calls, device) for _ in range(args.repeats)) for name, fn in ours.items()}
+    for name, us in {**best, **kernels}.items():
         print(f"{name:34s} {us:7.2f} us", flush=True)
 
-    command = "python benchmarks/call_overhead.py" + (" --device cuda" if device.type == "cuda" else "")
+    command = "python " + shlex.join(["benchmarks/call_overhead.py"] + sys.argv[1:])
     result = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": info, "versions": versions(), "calls": args.calls, "repeats": args.repeats,
-              "operator": backend.name, "us_per_call": best, "note": args.note}
+              "operator": backend.name, "us_per_call": best, "cpu_kernel_layers_us_per_call": kernels,
+              "note": args.note}
     out = args.out or RESULTS / f"call_overhead_{device.type}"
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     operator = best["operator alone"]
-    lines = [f"# Host cost of a BlockSparseLinear call ({device.type}, operator: {backend.name})", "",
+    lines = [f"# Host cost of a compressed layer's call ({device.type}, operator: {backend.name})", "",
              f"Command: `{command}`  ", f"Machine: {info.get('gpu', info['cpu'])}  ", f"Date: {result['date']}", "",
              "| call | us per call | beyond the operator |", "|---|---|---|"]
     lines += [f"| {name} | {us:.2f} | {us - operator:+.2f} |" for name, us in best.items()]
     lines += ["", "The layer is 4096 x 4096 bf16 with 32x32 blocks, 70% pruned, at one row"
               + (" (nn.Linear is the same layer, dense)." if device.type == "cuda" else
                  "; the operator is a stand-in that only allocates its output, and nn.Linear is 64 x 64, so every "
-                 "time here is host cost.")] + (["", args.note] if args.note else [])
+                 "time here is host cost.")]
+    if kernels:
+        linear = next(iter(kernels.values()))
+        lines += ["", "The CPU kernels' layers at one row, 64 x 64 fp32 (host cost and about a microsecond of product):",
+                  "", "| call | us per call | beyond nn.Linear |", "|---|---|---|"]
+        lines += [f"| {name} | {us:.2f} | {us - linear:+.2f} |" for name, us in kernels.items()]
+    lines += ["", args.note] if args.note else []
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out}.md")
 

@@ -60,7 +60,7 @@ def test_the_variant_table_marks_the_fastest_and_the_one_the_backend_tuned_to(be
 
 def test_the_call_overhead_benchmark_times_the_module_through_the_operator(tmp_path):
     """benchmarks/call_overhead.py on the CPU: its stand-in operator is what the module runs (it checks), and every
-    call is reported with its cost beyond the operator's."""
+    call is reported with its cost beyond the operator's; the CPU kernels' layers beside nn.Linear, beyond its."""
     import subprocess
     import sys
 
@@ -74,6 +74,12 @@ def test_the_call_overhead_benchmark_times_the_module_through_the_operator(tmp_p
     assert all(0 < us < 1e4 for us in times.values())
     table = out.with_suffix(".md").read_text()
     assert f"| BlockSparseLinear, [1, 4096] | {times['BlockSparseLinear, [1, 4096]']:.2f} |" in table
+    ours = result["cpu_kernel_layers_us_per_call"]
+    assert list(ours) == ["nn.Linear 64x64, [1, 1, 64]", "BitmaskLinear 64x64, 70%, [1, 1, 64]",
+                          "BlockSparseLinear 64x64, 32x32 blocks, 50%, [1, 1, 64]"]
+    bitmask = ours["BitmaskLinear 64x64, 70%, [1, 1, 64]"]
+    linear = ours["nn.Linear 64x64, [1, 1, 64]"]
+    assert f"| BitmaskLinear 64x64, 70%, [1, 1, 64] | {bitmask:.2f} | {bitmask - linear:+.2f} |" in table
 
 
 def test_each_auto_pick_is_credited_with_the_path_its_layer_runs(bench):
