@@ -113,14 +113,9 @@ def without_checksums(path) -> None:
     (path / "prunekit.json").write_text(json.dumps(manifest))
 
 
-def compiles_to_one_graph(monkeypatch, module, reference, x, warm: bool) -> None:
+def compiles_to_one_graph(module, reference, x, warm: bool) -> None:
     """torch.compile(module, fullgraph=True) computes reference(x), whether the module ran eagerly first (warm) or
-    is first called while traced. (As on a GPU: torch.get_num_threads, the CPU's part of the dispatch key, is not
-    traceable; on the CPU a compiled layer breaks the graph there, as it does at the CPU kernels, which are not
-    operators.)"""
-    from prunekit.kernels import dispatch
-
-    monkeypatch.setattr(dispatch, "_threads", lambda on_cpu: 0)
+    is first called while traced."""
     torch._dynamo.reset()
     with torch.no_grad():
         if warm:

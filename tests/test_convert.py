@@ -289,6 +289,19 @@ def test_a_2_4_layer_keeps_its_dense_copy_only_where_dense_runs_and_counts_it(mo
         layer.keep_dense = False
 
 
+@pytest.mark.parametrize("granularity", ["unstructured", "block16x16"])
+def test_a_model_converted_for_the_cpu_kernels_compiles_to_one_graph(granularity):
+    """torch.compile(fullgraph=True) of a converted model: every compressed layer is an operator call in one graph
+    (before, the kernels' raw pointers broke it at each layer: 18 graphs for this model), with the eager logits."""
+    model = tiny("llama")
+    prunekit.prune(model, Budget(sparsity=0.5, granularity=granularity), importance="magnitude", progress=False)
+    report = convert(model, backend="cpu")
+    assert report.converted > 0
+    eager = logits(model)
+    torch._dynamo.reset()
+    torch.testing.assert_close(logits(torch.compile(model, fullgraph=True)), eager)
+
+
 def test_gpt2_conv1d_layers_convert_and_revert():
     model = tiny("gpt2")
     prunekit.prune(model, Budget(sparsity=0.5, granularity="block16x16"), importance="magnitude", progress=False)

@@ -348,12 +348,12 @@ def test_an_inference_call_after_the_first_is_the_operator_alone(monkeypatch, st
 
 
 @pytest.mark.parametrize("warm", [True, False], ids=["after an eager call", "first call compiled"])
-def test_a_layer_on_the_operator_compiles_to_one_graph(monkeypatch, standin, warm):
+def test_a_layer_on_the_operator_compiles_to_one_graph(standin, warm):
     """torch.compile(fullgraph=True) of a BlockSparseLinear whose backend has an operator: one graph, no break,
     whether the layer's run was remembered eagerly first or is built while tracing (not remembered then), and the
     same numbers as eager."""
     module, reference = ragged_layer("standin")
-    compiles_to_one_graph(monkeypatch, module, reference, torch.randn(2, 3, 90), warm)
+    compiles_to_one_graph(module, reference, torch.randn(2, 3, 90), warm)
     assert bool(dispatch.memo(module, dispatch.RUNS)) == warm
 
 

@@ -213,10 +213,35 @@ def test_no_copy_is_made_while_a_cuda_graph_is_captured(monkeypatch):
     assert kept.dense_copy is not None
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", ["cpu", "dense"])
 @pytest.mark.parametrize("warm", [True, False], ids=["after an eager call", "first call compiled"])
-def test_a_kept_dense_layer_compiles_to_one_graph(monkeypatch, warm):
+def test_a_layer_on_the_cpu_kernel_or_rebuilt_dense_compiles_to_one_graph(kind, backend, warm):
+    """The CPU kernels take raw pointers, which torch.compile cannot follow: in a compiled graph the layer calls its
+    product as an operator (prunekit_cpu::bitmask_linear, ::block_linear) and decompresses with torch ops, so a
+    compiled model is one graph, not one between every two compressed layers. Eager calls skip the operator's
+    dispatcher."""
+    compiles_to_one_graph(layer(kind, False, backend), reference(kind)[1], torch.randn(2, 3, 96), warm)
+
+
+def test_auto_says_to_run_eagerly_first_where_a_whole_graph_is_compiled_before_it_measured():
+    """Auto measures on a layer's first call at a batch size, which a trace cannot do: compiled with fullgraph=True
+    before any eager call, the error says so (it was dynamo's "Unsupported method call"); without fullgraph the
+    measurement runs eagerly between graphs, as before."""
+    sparse = layer("bitmask", False, "auto")
+    x = torch.randn(2, 3, 96)
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.raises(Exception, match="run the model once eagerly at this batch size"):
+        torch.compile(sparse, fullgraph=True)(x)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(sparse)(x), reference("bitmask")[1](x))
+    assert dispatch.decisions()
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["after an eager call", "first call compiled"])
+def test_a_kept_dense_layer_compiles_to_one_graph(warm):
     kept = layer("block", True)
-    compiles_to_one_graph(monkeypatch, kept, reference("block")[1], torch.randn(2, 3, 96), warm)
+    compiles_to_one_graph(kept, reference("block")[1], torch.randn(2, 3, 96), warm)
     assert (kept.dense_copy is not None) == warm  # a trace uses a copy that is there, and stores none
 
 

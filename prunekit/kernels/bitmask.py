@@ -61,8 +61,7 @@ def check(values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor
 
 def decompress(values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor, shape) -> torch.Tensor:
     """The dense [out, in] weight (differentiable in `values` where grad is on; the kernel's otherwise)."""
-    if (values.device.type == "cpu" and not (torch.is_grad_enabled() and values.requires_grad)
-            and cpu.unsupported(values.dtype) is None):
+    if values.device.type == "cpu" and not (torch.is_grad_enabled() and values.requires_grad) and cpu.usable(values.dtype):
         return cpu.bitmask_dense(values, bitmask, row_offsets, tuple(shape))
     keep = unpack_rows(bitmask, shape[1])
     return values.new_zeros(shape).masked_scatter(keep, values)
@@ -139,7 +138,7 @@ class BitmaskLinear(SparseLayer, nn.Module):
 
     def build_dense(self, scratch: bool) -> torch.Tensor:
         """The weight decompressed (scratch, on the CPU: into the workspace all layers share)."""
-        if scratch and self.values.is_cpu and cpu.unsupported(self.values.dtype) is None:
+        if scratch and self.values.is_cpu and cpu.usable(self.values.dtype):
             return cpu.bitmask_dense(self.values.detach(), self.bitmask, self.row_offsets, self.shape,
                                      out=cpu.workspace(self.shape, self.values.dtype))
         return decompress(self.values.detach(), self.bitmask, self.row_offsets, self.shape)
@@ -157,8 +156,7 @@ class BitmaskLinear(SparseLayer, nn.Module):
         tensors, bound, or the dense product."""
         if name == "dense":
             return self._dense
-        values, bitmask, row_offsets, bias, shape = self.values, self.bitmask, self.row_offsets, self.bias, self.shape
-        return lambda x: cpu.bitmask_linear(x, values, bitmask, row_offsets, bias, shape)
+        return cpu.bitmask_product(self.values, self.bitmask, self.row_offsets, self.bias, self.shape)
 
     def choose(self, x: torch.Tensor) -> str:
         """The backend "auto" runs `x` on (measured the first time its problem is seen, each path as forward runs

@@ -85,6 +85,12 @@ def unsupported(dtype: torch.dtype) -> str | None:
     return reason
 
 
+def usable(dtype: torch.dtype) -> bool:
+    """Whether the extension can be called now on weights of `dtype`: it is loaded and takes them, and torch.compile
+    is not tracing (it cannot follow raw pointers; the products are operators there, see _traceable)."""
+    return unsupported(dtype) is None and not torch.compiler.is_compiling()
+
+
 def _operands(x: torch.Tensor, values: torch.Tensor, in_features: int,
               out_features: int) -> tuple[torch.Tensor, int, int, torch.Tensor]:
     """(x with unit element stride, its rows, its row stride, the output [..., out]) after the checks that raw
@@ -113,7 +119,11 @@ def bitmask_linear(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor,
                    bias: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
     """x [..., in] -> [..., out] with the [out, in] weight given by its kept `values`, `bitmask` [out, ceil(in / 8)]
     and `row_offsets` (bitmask.py)."""
-    out_features, in_features = shape
+    return _bitmask_linear(x, values, bitmask, row_offsets, bias, shape[1], shape[0])
+
+
+def _bitmask_linear(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor,
+                    bias: torch.Tensor | None, in_features: int, out_features: int) -> torch.Tensor:
     x2, rows, ldx, y = _operands(x, values, in_features, out_features)
     dt = DTYPES[values.dtype]
     _ext().bitmask_linear(x2.data_ptr(), rows, in_features, ldx, dt, values.data_ptr(), dt, values.numel(),
@@ -125,12 +135,48 @@ def bitmask_linear(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor,
 def block_linear(x: torch.Tensor, values: torch.Tensor, layout: BlockLayout,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., in] -> [..., out] with W given by its stored blocks `values` [nnzb, B, B] and `layout`."""
-    x2, rows, ldx, y = _operands(x, values, layout.in_features, layout.out_features)
+    return _block_linear(x, values, layout.row_ptr, layout.col_idx, bias, layout.in_features, layout.out_features,
+                         layout.block)
+
+
+def _block_linear(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                  bias: torch.Tensor | None, in_features: int, out_features: int, block: int) -> torch.Tensor:
+    x2, rows, ldx, y = _operands(x, values, in_features, out_features)
     dt = DTYPES[values.dtype]
-    _ext().block_linear(x2.data_ptr(), rows, layout.in_features, ldx, dt, values.data_ptr(), dt, layout.block,
-                        layout.row_ptr.data_ptr(), layout.col_idx.data_ptr(), layout.out_features, *_bias(bias),
-                        y.data_ptr(), layout.out_features, dt, _isa_code(), torch.get_num_threads())
+    _ext().block_linear(x2.data_ptr(), rows, in_features, ldx, dt, values.data_ptr(), dt, block, row_ptr.data_ptr(),
+                        col_idx.data_ptr(), out_features, *_bias(bias), y.data_ptr(), out_features, dt, _isa_code(),
+                        torch.get_num_threads())
     return y
+
+
+# The kernels as torch operators, for torch.compile: in its graph each is one opaque call, where the extension's raw
+# pointers would break the graph at every layer. Eager calls go straight to the extension: through the dispatcher
+# and back into Python a call costs about 14 us more, longer than a one-row product of a small layer. (A namespace
+# of their own: the CUDA extension defines prunekit's with TORCH_LIBRARY, which must be the namespace's only one.)
+_bitmask_op = torch.library.custom_op(
+    "prunekit_cpu::bitmask_linear", mutates_args=(),
+    schema="(Tensor x, Tensor values, Tensor bitmask, Tensor row_offsets, Tensor? bias, int in_features, "
+           "int out_features) -> Tensor")(_bitmask_linear)
+_block_op = torch.library.custom_op(
+    "prunekit_cpu::block_linear", mutates_args=(),
+    schema="(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? bias, int in_features, "
+           "int out_features, int block) -> Tensor")(_block_linear)
+# (their fakes: the output, unfilled, for tracing)
+_bitmask_op.register_fake(lambda x, values, bitmask, row_offsets, bias, in_features, out_features: x.new_empty(
+    *x.shape[:-1], out_features))
+_block_op.register_fake(lambda x, values, row_ptr, col_idx, bias, in_features, out_features, block: x.new_empty(
+    *x.shape[:-1], out_features))
+
+
+def _traceable(op, direct, *fixed):
+    """x -> direct(x, *fixed), or op(x, *fixed) while torch.compile traces."""
+    return lambda x: op(x, *fixed) if torch.compiler.is_compiling() else direct(x, *fixed)
+
+
+def bitmask_product(values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor, bias: torch.Tensor | None,
+                    shape: tuple[int, int]):
+    """x -> bitmask_linear(x, ...) with everything but x bound (and an operator in a compiled graph)."""
+    return _traceable(_bitmask_op, _bitmask_linear, values, bitmask, row_offsets, bias, shape[1], shape[0])
 
 
 def bitmask_dense(values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor, shape: tuple[int, int],
@@ -196,8 +242,10 @@ class CpuBSR:
         return block_linear(x, values, layout, bias)
 
     def bind(self, x2, values, layout: BlockLayout, bias):
-        """The inference forward as a function of the input alone (any leading dimensions), as Native.bind."""
-        return lambda x: block_linear(x, values, layout, bias)
+        """The inference forward as a function of the input alone (any leading dimensions), as Native.bind (and an
+        operator in a compiled graph)."""
+        return _traceable(_block_op, _block_linear, values, layout.row_ptr, layout.col_idx, bias, layout.in_features,
+                          layout.out_features, layout.block)
 
     def grad_input(self, dy, values, layout: BlockLayout):
         return dy @ layout.scatter(values)

@@ -119,7 +119,12 @@ def _mode_on(cuda: bool) -> str:
 
 
 def _threads(on_cpu: bool) -> int:
-    return torch.get_num_threads() if on_cpu else 0
+    return _cpu_threads() if on_cpu else 0
+
+
+@torch.compiler.assume_constant_result  # (torch.compile cannot trace it: its value at tracing goes into the graph)
+def _cpu_threads() -> int:
+    return torch.get_num_threads()
 
 
 def key(x: torch.Tensor, in_features: int) -> tuple:
@@ -279,6 +284,11 @@ def choose(problem: Problem, candidates: dict[str, Callable[[], object]], device
         raise RuntimeError(f"no measurement yet for {problem} and a CUDA graph is being captured; warm the model "
                            f"up at this batch size before capturing (inside `with prunekit.kernels.dispatch.mode("
                            f"'graph'):` so that it is timed as graphs replay), or choose a backend explicitly")
+    if torch.compiler.is_compiling():  # (where the graph may break, torch.compile then runs this eagerly: it measures)
+        raise RuntimeError(f"no measurement yet for a {problem.kind} layer {problem.shape} at {problem.rows} rows "
+                           f"and torch.compile is tracing with fullgraph=True; run "
+                           f"the model once eagerly at this batch size before compiling it, so that auto measures "
+                           f"then, or choose a backend explicitly")
     with torch.no_grad():
         seconds, errors = timings(candidates, device, mode=problem.mode, before=before)
     choice = Choice("dense", seconds, errors)
