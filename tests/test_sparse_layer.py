@@ -86,7 +86,7 @@ def test_a_remembered_kernel_run_reads_no_parameter_and_follows_every_change(mon
     token. The run still follows the layer: weights changed in place or given new memory through .data, every bound
     attribute replaced (a new mask), .to() another dtype."""
     sparse = layer(kind, False, "cpu")
-    weight, expected = reference(kind)
+    _, expected = reference(kind)
     bias = sparse.bias.detach().clone()
     x = torch.randn(2, 3, 96)
     with torch.no_grad():
