@@ -119,9 +119,10 @@ def main() -> None:
             module(x)
             if standin_backend.calls != before + 1:
                 raise SystemExit("BlockSparseLinear did not run the operator: this would time something else")
-        best = {name: min(per_call(fn, args.calls, device) for _ in range(args.repeats)) for name, fn in calls.items()}
-        ours = cpu_layers() if device.type == "cpu" else {}
-        kernels = {name: min(per_call(fn, args.calls, device) for _ in range(args.repeats)) for name, fn in ours.items()}
+        def best_of(fns: dict) -> dict:
+            return {name: min(per_call(fn, args.calls, device) for _ in range(args.repeats)) for name, fn in fns.items()}
+
+        best, kernels = best_of(calls), best_of(cpu_layers() if device.type == "cpu" else {})
     for name, us in {**best, **kernels}.items():
         print(f"{name:34s} {us:7.2f} us", flush=True)
 

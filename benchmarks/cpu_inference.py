@@ -363,11 +363,8 @@ def turns_main(args) -> None:
                     runs[mode]["tokens"] = decoded.tokens.tolist()
             del models
             results += runs.values()
-            median = turns_medians(runs)
-            print(f"{name} {dtype}: " + ", ".join(
-                f"{mode} decode {m['tokens_per_second'] / median['dense']['tokens_per_second']:.3f}x, prefill "
-                f"{median['dense']['prefill_seconds'] / m['prefill_seconds']:.3f}x" for mode, m in median.items()),
-                flush=True)
+            print(f"{name} {dtype}: " + ", ".join(f"{mode} decode {decode:.3f}x, prefill {prefill:.3f}x" for mode, (
+                decode, prefill) in turns_ratios(turns_medians(runs)).items()), flush=True)
     write(args, "cpu_inference_turns", results, start, turns_markdown)
 
 
@@ -375,6 +372,13 @@ def turns_medians(runs: dict) -> dict:
     """Per mode, the median prefill seconds and tokens per second of its turns."""
     return {mode: {k: statistics.median(run[k]) for k in ("prefill_seconds", "tokens_per_second")}
             for mode, run in runs.items()}
+
+
+def turns_ratios(median: dict) -> dict:
+    """Per mode, (decode, prefill) against dense from turns_medians (> 1: faster)."""
+    dense = median["dense"]
+    return {mode: (m["tokens_per_second"] / dense["tokens_per_second"], dense["prefill_seconds"] / m["prefill_seconds"])
+            for mode, m in median.items()}
 
 
 def turns_rows(doc: dict):
@@ -401,11 +405,10 @@ def turns_markdown(doc: dict) -> str:
                 f"## {dtype}, 1 thread", "", "| pruned | dense tokens/s | decode | decode, keep_dense | dense prefill s "
                 "| prefill | prefill, keep_dense | same tokens | targets |", "|---|---|---|---|---|---|---|---|---|"]
             section = dtype
-        decode = lambda m: speed[m]["tokens_per_second"] / speed["dense"]["tokens_per_second"]  # noqa: E731
-        prefill = lambda m: speed["dense"]["prefill_seconds"] / speed[m]["prefill_seconds"]  # noqa: E731
-        lines.append(f"| {name} | {speed['dense']['tokens_per_second']:.2f} | {decode('sparse'):.2f}x | "
-                     f"{decode('kept'):.2f}x | {speed['dense']['prefill_seconds']:.3f} | {prefill('sparse'):.3f}x | "
-                     f"{prefill('kept'):.3f}x | {'yes' if found['sparse']['tokens'] == found['kept']['tokens'] else 'NO'}"
+        ratio = turns_ratios(speed)
+        lines.append(f"| {name} | {speed['dense']['tokens_per_second']:.2f} | {ratio['sparse'][0]:.2f}x | "
+                     f"{ratio['kept'][0]:.2f}x | {speed['dense']['prefill_seconds']:.3f} | {ratio['sparse'][1]:.3f}x | "
+                     f"{ratio['kept'][1]:.3f}x | {'yes' if found['sparse']['tokens'] == found['kept']['tokens'] else 'NO'}"
                      " | " + ", ".join(f"{k} {'met' if v else 'MISSED'}"
                                        for k, v in speed_targets(name, speed["dense"], speed["sparse"]).items()) + " |")
     lines += ["", "Same tokens: the compressed model with and without keep_dense generate the same tokens."]

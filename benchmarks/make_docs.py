@@ -236,13 +236,12 @@ def cpu_inference_keep_dense(doc: dict) -> list[str]:
 
 
 def cpu_inference_turns(doc: dict) -> list[str]:
-    from cpu_inference import turns_rows
+    from cpu_inference import turns_ratios, turns_rows
 
     rows = []
     for dtype, name, _, speed in turns_rows(doc):
-        decode = [speed[m]["tokens_per_second"] / speed["dense"]["tokens_per_second"] for m in ("sparse", "kept")]
-        prefill = [speed["dense"]["prefill_seconds"] / speed[m]["prefill_seconds"] for m in ("sparse", "kept")]
-        rows.append([name, dtype, f"{decode[0]:.2f}x / {decode[1]:.2f}x", f"{prefill[0]:.3f}x / {prefill[1]:.3f}x"])
+        (decode, prefill), (kept_decode, kept_prefill) = (turns_ratios(speed)[m] for m in ("sparse", "kept"))
+        rows.append([name, dtype, f"{decode:.2f}x / {kept_decode:.2f}x", f"{prefill:.3f}x / {kept_prefill:.3f}x"])
     return [f"The compressed SmolLM2-135M models without / with `keep_dense=True` against dense, the three in one "
             f"process taking turns (medians of {len(rows_of(doc)[0]['prefill_seconds'])}), on "
             f"{doc['machine']['cpu']}, 1 thread: differences of a few percent that separate processes cannot resolve.",
