@@ -15,7 +15,8 @@ BlockSparseLinear rebuilds it from its blocks for each call where it runs dense.
 Every path goes through copies of its weights in turn, as many as hold twice the cache (a GPU's L2, the CPU's
 last-level cache; machine_info.in_turns), so that each call reads its weights from memory as a model's layers do: a
 layer called in a loop keeps them in cache (a 4096x4096 bf16 weight fits in an H100's or H200's 50 MB L2), which
-flatters whichever path reads more. (The dispatch's own measurement, in "auto_measured", times one layer alone.)
+flatters whichever path reads more. (The dispatch's own measurement, in "auto_measured", times one layer alone,
+on a GPU no faster than with the L2 flushed: dispatch.cold_device.)
 
 Every path is timed in both of the ways a model runs (prunekit.kernels.dispatch.timings, the paths in turns,
 sample by sample): "graph", replays of a captured CUDA graph of 10 calls (device time: what CUDA graphs and

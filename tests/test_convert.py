@@ -113,14 +113,14 @@ def test_auto_swaps_only_where_sparse_beats_dense_and_falls_back_per_batch(prune
     seconds.update({"dense": lambda rows: 1.0, "torch": lambda rows: 0.5 if rows == 1 else 2.0})
     original = dispatch.choose
 
-    def choose(problem, candidates, device, before=None):
+    def choose(problem, candidates, device, **kw):
         wrapped = {}
         for name, fn in candidates.items():
             def run(fn=fn, name=name):
                 measure.current = name
                 return fn()
             wrapped[name] = run
-        return original(problem, wrapped, device, before)
+        return original(problem, wrapped, device, **kw)
 
     monkeypatch.setattr(dispatch, "measure", lambda fn, device: measure(fn, device))
     monkeypatch.setattr(dispatch, "choose", choose)

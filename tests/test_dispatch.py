@@ -80,6 +80,50 @@ def test_before_runs_ahead_of_every_sample_and_never_of_a_warm_up(monkeypatch):
     assert events[4:] == ["evict", "dense", "sample", "evict", "cpu", "sample"] * 3
 
 
+def test_a_floor_is_sampled_in_turns_after_the_rounds_and_is_the_least_a_candidate_is_credited(monkeypatch):
+    """On a GPU a layer timed alone keeps its weights in L2, where a model's layers read them from memory: each
+    candidate's time is at least the median of FLOOR_SAMPLES samples of `floor` (pick: cold_device), taken in turns
+    after the rounds. Here the kernel replays at half of dense's time in cache but not from memory, and loses."""
+    monkeypatch.setattr(dispatch, "measure", lambda fn, device: {"dense": 1.0, "cuda_ext": 0.5}[fn()])
+    floors, sampled = {"dense": [0.9, 0.2, 0.95], "cuda_ext": [0.99, 0.98, 5.0]}, []
+
+    def floor(fn):
+        name = fn()
+        sampled.append(name)
+        return floors[name][sampled.count(name) - 1]
+
+    seconds, _ = dispatch.timings(candidates("dense", "cuda_ext"), CPU, min_seconds=0, floor=floor)
+    assert sampled == ["dense", "cuda_ext"] * dispatch.FLOOR_SAMPLES
+    assert seconds == {"dense": 1.0, "cuda_ext": 0.99}  # medians: 0.9 under dense's 1.0; 0.99 over 0.5
+    sampled.clear()
+    assert dispatch.choose(problem(), candidates("dense", "cuda_ext"), CPU, floor=floor).winner == "dense"
+    assert dispatch.choose(problem(rows=4), candidates("dense", "cuda_ext"), CPU).winner == "cuda_ext"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_layer_is_timed_with_its_weight_from_memory():
+    """cold_device flushes the L2 before the call it times: a 16 MiB bf16 weight, which an H100's or H200's L2
+    holds, then takes longer than it does timed the same way in cache, and at least its bytes at 6 TB/s (above
+    an H200's 4.8)."""
+    weight = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    call = lambda: torch.nn.functional.linear(x, weight)
+    cold = sorted(dispatch.cold_device(weight.device)(call) for _ in range(5))[2]
+
+    def in_cache() -> float:  # (the same timing without the flush)
+        call()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(dispatch.SLEEP_CYCLES)
+        begin.record()
+        call()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3
+
+    hot = sorted(in_cache() for _ in range(5))[2]
+    assert weight.nbytes / 6e12 < cold < 1e-3 and hot < cold
+
+
 def test_the_cpu_times_a_layer_with_its_own_tensors_evicted_before_each_sample(monkeypatch):
     """In a model, a layer's weights come from memory; timed alone they would sit in the cache (flattering dense,
     which reads the most bytes). Each sample on the CPU starts with the layer's tensors flushed: its compressed
@@ -115,7 +159,7 @@ def test_pick_remembers_per_mode_on_the_module(monkeypatch):
     seen = []
     monkeypatch.setattr(dispatch, "_mode_on", lambda cuda: dispatch.current_mode())  # as on a GPU
 
-    def choose(problem, found, device, before=None):
+    def choose(problem, found, device, **_):
         seen.append(problem.mode)
         return dispatch.Choice("cuda_ext" if problem.mode == "graph" else "dense")
 
@@ -172,45 +216,55 @@ def test_few_block_rows_are_split_among_more_thread_blocks():
                                                       (256, 1, 1))
 
 
-def test_a_gpu_tunes_the_kernel_once_per_bucket_to_the_fastest_variant_as_graphs_replay(monkeypatch):
-    """On a GPU the first forward of a batch-size bucket times every variant of the planned kernel (here tc and tcw,
-    tiles of 128 and 256 rows) in graph mode and keeps the fastest that runs, for every row count of the bucket and
-    for the thin operator too; it waits while a graph is captured, and dispatch.forget() forgets it. Eager timings
-    rank the variants the other way round, so tuning in the wrong mode fails here."""
+GRAPH = {"pk_tc_bf16_b64_m128_n": 4.0, "pk_tc_bf16_b64_m256_n": 3.0, "pk_tcw_bf16_b64_m128": 2.0,
+         "pk_tcw_bf16_b64_m256": 1.0}  # graph-mode seconds of the tc and tcw variants (tcw 256 will fail to run)
+
+
+def tuning(monkeypatch, floor: dict):
+    """A recording backend on an sm_90 "GPU" whose variants replay in GRAPH's times (eager: the other way round), tcw
+    at 256 rows failing to run, and whose device time with L2 flushed is `floor`'s (0 where absent); returns
+    (native, the launches so far, run(rows), busy: a flag standing for a graph being captured, its values, layout)."""
     from prunekit.kernels import native as native_module
 
     launched = []
     native = Native("recorder", lambda name, grid, block, params, stream: launched.append((name, grid)),
                     capability=lambda device: (9, 0), stream=lambda device: 0, wgmma=lambda device: True)
-    graph = {"pk_tc_bf16_b64_m128_n": 4.0, "pk_tc_bf16_b64_m256_n": 3.0, "pk_tcw_bf16_b64_m128": 2.0,
-             "pk_tcw_bf16_b64_m256": 1.0}
 
     def graphed(fn, device):
         fn()
         name = launched[-1][0]
         if name == "pk_tcw_bf16_b64_m256":
             raise RuntimeError("launch failed")  # the fastest, but it does not run: not chosen
-        return lambda: graph[name]
+        return lambda: GRAPH[name]
 
     def measure(fn, device):
         fn()
-        return 5.0 - graph[launched[-1][0]]
+        return 5.0 - GRAPH[launched[-1][0]]
 
     busy = [False]
     monkeypatch.setattr(dispatch, "graphed", graphed)
     monkeypatch.setattr(dispatch, "measure", measure)
+    monkeypatch.setattr(dispatch, "cold_device", lambda device: lambda fn: (fn(), floor.get(launched[-1][0], 0))[1])
     monkeypatch.setattr(native_module, "tunes", lambda x: True)
     monkeypatch.setattr(dispatch, "busy", lambda: busy[0])
     layout = BlockLayout.from_mask(torch.ones(4 * 64, 2 * 64, dtype=torch.bool), 64)
     values = torch.zeros(layout.nnzb, 64, 64, dtype=torch.bfloat16)
     run = lambda rows: native.forward(torch.zeros(rows, 128, dtype=torch.bfloat16), values, layout, None)
+    return native, launched, run, busy, values, layout
 
+
+def test_a_gpu_tunes_the_kernel_once_per_bucket_to_the_fastest_variant_as_graphs_replay(monkeypatch):
+    """On a GPU the first forward of a batch-size bucket times every variant of the planned kernel (here tc and tcw,
+    tiles of 128 and 256 rows) in graph mode and keeps the fastest that runs, for every row count of the bucket and
+    for the thin operator too; it waits while a graph is captured, and dispatch.forget() forgets it. Eager timings
+    rank the variants the other way round, so tuning in the wrong mode fails here."""
+    native, launched, run, busy, values, layout = tuning(monkeypatch, floor={})
     run(300)
-    assert {name for name, _ in launched} == set(graph) and launched[-1] == ("pk_tcw_bf16_b64_m128", (4, 3, 1))
+    assert {name for name, _ in launched} == set(GRAPH) and launched[-1] == ("pk_tcw_bf16_b64_m128", (4, 3, 1))
     launched.clear()
     run(500)  # the same bucket (512 rows): no timing, the tuned kernel over 4 tiles of rows
     assert launched == [("pk_tcw_bf16_b64_m128", (4, 4, 1))]
-    names = sorted(graph)
+    names = sorted(GRAPH)
     native.kernel_index = names.index
     x = torch.zeros(400, 128, dtype=torch.bfloat16)
     assert native.operator_plan(x, values, layout, None) == (names.index("pk_tcw_bf16_b64_m128"), 128, 128, 1)
@@ -228,6 +282,14 @@ def test_a_gpu_tunes_the_kernel_once_per_bucket_to_the_fastest_variant_as_graphs
     launched.clear()
     run(300)
     assert len(launched) > 1 and launched[-1][0] == "pk_tcw_bf16_b64_m128"
+
+
+def test_tuning_holds_each_variant_to_its_device_time_with_the_l2_flushed(monkeypatch):
+    """A variant replayed in a loop keeps its weights in L2; in a model they come from memory. Here tcw at 128 rows
+    replays fastest (2.0) but takes 3.5 with L2 flushed: tc at 256 rows (3.0) is kept."""
+    native, launched, run, *_ = tuning(monkeypatch, floor={"pk_tcw_bf16_b64_m128": 3.5})
+    run(300)
+    assert launched[-1][0] == "pk_tc_bf16_b64_m256_n"
 
 
 def test_tuning_is_for_gpus_and_can_be_turned_off(monkeypatch):

@@ -14,8 +14,10 @@ elsewhere they stay): in a model a layer's weights come from memory, since the l
 while a layer timed alone keeps them in cache, which flatters dense, the path that reads the most bytes. Timed in
 cache on an Intel host (300 MiB L3), the kept dense copies of SmolLM2's 576x576 and 192x576 projections ran at one
 row: the bitmask kernel tied (41.0 against 41.1 us, inside the margin) or lost (20.6 against 17.9), and decoding with
-keep_dense fell from 1.39x to 1.2-1.3x dense; flushed, dense took 95 and 37 us and lost. On a GPU the weights stay in
-L2 between samples (not done yet).
+keep_dense fell from 1.39x to 1.2-1.3x dense; flushed, dense took 95 and 37 us and lost. A GPU's L2 cannot be
+flushed of one layer's tensors alone, nor between the calls of a burst or a graph, so there each candidate's time is
+at least its device time with the whole L2 flushed first (cold_device, a few samples per candidate): a 4096x4096
+bf16 weight fits in an H100's or H200's 50 MB L2, where a layer timed alone in a loop keeps it.
 
 A problem is (kind, weight shape, block, stored density to 1/20, dtype, device, torch's CPU thread count, rows rounded
 up to a power of two, mode, how dense runs):
@@ -41,6 +43,8 @@ MARGIN = 0.95  # sparse must take under 95% of dense's time
 MIN_SECONDS = 0.05  # timing per candidate: at least this long ...
 MAX_REPEATS = 50  # ... and at most this many rounds after the warm-up
 BURST = 10  # GPU calls per sample: a burst (eager) or a captured graph (graph) of this many
+FLOOR_SAMPLES = 3  # on a GPU, samples per candidate of its device time with L2 flushed (cold_device)
+SLEEP_CYCLES = 1_000_000  # about 0.5 ms of GPU clock: the device waits while the host queues what cold_device times
 MODES = ("eager", "graph")
 
 
@@ -175,8 +179,9 @@ def pick(module: torch.nn.Module, x: torch.Tensor, kind: str, shape, block: int,
         problem = Problem.of(kind, shape, block, density, x.dtype, x.device, x.numel() // shape[1], dense)
         choice = known(problem)
         if choice is None:
+            cpu = x.device.type == "cpu"
             choice = choose(problem, candidates(x.detach().reshape(-1, shape[1]).contiguous()), x.device,
-                            before=_cold(module) if x.device.type == "cpu" else None)
+                            before=_cold(module) if cpu else None, floor=None if cpu else cold_device(x.device))
         winners[k] = winner = choice.winner
     return winner
 
@@ -202,6 +207,31 @@ def measure(fn: Callable[[], object], device: torch.device) -> float:
     clock = time.perf_counter()
     fn()
     return time.perf_counter() - clock
+
+
+def cold_device(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """A sampler of the device seconds of one call of fn with the GPU's L2 flushed just before it, as a model's layer
+    reads its weights from memory: the layers in between push them out. The flush reads twice the L2's size, so it
+    leaves clean lines (a write would leave dirty ones, whose write-back the call would pay). The device then sleeps
+    while the host queues the call, so that no host-side gap between its kernels is timed (a floor: what eager
+    launches add, measure sees)."""
+    size, flush = 2 * torch.cuda.get_device_properties(device).L2_cache_size, None
+
+    def sample(fn: Callable[[], object]) -> float:
+        nonlocal flush
+        with torch.cuda.device(device):
+            if flush is None:  # (on first use: choose may yet refuse to measure, under graph capture)
+                flush = torch.zeros(size, dtype=torch.uint8, device=device)
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            flush.amax()
+            torch.cuda._sleep(SLEEP_CYCLES)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+        return begin.elapsed_time(end) / 1e3
+
+    return sample
 
 
 def graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], float]:
@@ -230,14 +260,16 @@ def graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], floa
 
 
 def timings(candidates: dict[str, Callable[[], object]], device: torch.device, min_seconds: float = MIN_SECONDS,
-            max_rounds: int = MAX_REPEATS, mode: str = "eager",
-            before: Callable[[], object] | None = None) -> tuple[dict, dict]:
+            max_rounds: int = MAX_REPEATS, mode: str = "eager", before: Callable[[], object] | None = None,
+            floor: Callable[[Callable[[], object]], float] | None = None) -> tuple[dict, dict]:
     """(median seconds per call, errors) per candidate, in `mode` (measure: eager; graphed: CUDA-graph replays). After
     two warm-up calls each (first calls pay for lazy compilation and first-use allocations; with one, a short
     measurement once saw PyTorch's BSR at 3x its settled time), the candidates take turns sample by sample, so that
     a burst of load from elsewhere on the machine slows all of them alike instead of whichever was being timed; at
     least 3 rounds, then until `min_seconds` per candidate or `max_rounds`. `before()`, if given, runs before every
-    sample, untimed (pick: the layer's weights evicted from the caches)."""
+    sample, untimed (pick: the layer's weights evicted from the caches). `floor(fn)`, if given, samples a time
+    a call takes at least (pick on a GPU: cold_device), FLOOR_SAMPLES times per candidate in turns after the rounds;
+    a candidate's time is then the larger of the two medians."""
     errors: dict[str, str] = {}
     samples: dict[str, list[float]] = {name: [] for name in candidates}
 
@@ -269,13 +301,21 @@ def timings(candidates: dict[str, Callable[[], object]], device: torch.device, m
             attempt(name, lambda: samples[name].append(samplers[name]()))
             spent += samples[name][-1] if name in samples else 0.0
         rounds += 1
-    return {name: statistics.median(times) for name, times in samples.items()}, errors
+    seconds = {name: statistics.median(times) for name, times in samples.items()}
+    if floor is not None:
+        floors: dict[str, list[float]] = {name: [] for name in seconds}
+        for _ in range(FLOOR_SAMPLES):
+            for name in floors:
+                floors[name].append(floor(candidates[name]))
+        seconds = {name: max(t, statistics.median(floors[name])) for name, t in seconds.items()}
+    return seconds, errors
 
 
 def choose(problem: Problem, candidates: dict[str, Callable[[], object]], device: torch.device,
-           before: Callable[[], object] | None = None) -> Choice:
+           before: Callable[[], object] | None = None,
+           floor: Callable[[Callable[[], object]], float] | None = None) -> Choice:
     """The cached choice for `problem`, measuring `candidates` (which must include "dense") the first time, each
-    sample after `before()` (see timings)."""
+    sample after `before()`, none faster than `floor` says (see timings)."""
     if problem in _cache:
         return _cache[problem]
     if "dense" not in candidates:
@@ -290,7 +330,7 @@ def choose(problem: Problem, candidates: dict[str, Callable[[], object]], device
                            f"the model once eagerly at this batch size before compiling it, so that auto measures "
                            f"then, or choose a backend explicitly")
     with torch.no_grad():
-        seconds, errors = timings(candidates, device, mode=problem.mode, before=before)
+        seconds, errors = timings(candidates, device, mode=problem.mode, before=before, floor=floor)
     choice = Choice("dense", seconds, errors)
     sparse = {n: t for n, t in seconds.items() if n != "dense"}
     if sparse:

@@ -100,11 +100,13 @@ class Native:
     def fastest(self, launches: list[plan.Launch], x: torch.Tensor, values: torch.Tensor, layout: BlockLayout,
                 bias: torch.Tensor | None) -> plan.Launch:
         """The launch of `launches` whose replays in a CUDA graph take least time (dispatch.timings in graph mode:
-        host costs are the operator's whatever the kernel, so device time decides); one that fails to run is not
-        chosen, and if none runs the planner's (the first) stays."""
+        host costs are the operator's whatever the kernel, so device time decides), none faster than with its
+        weights from memory (dispatch.cold_device); one that fails to run is not chosen, and if none runs the
+        planner's (the first) stays."""
         runs = {v.name: (lambda v=v: self.launch_forward(v, x, values, layout, bias)) for v in launches}
         with torch.no_grad():
-            seconds, _ = dispatch.timings(runs, x.device, min_seconds=TUNE_SECONDS, mode="graph")
+            seconds, _ = dispatch.timings(runs, x.device, min_seconds=TUNE_SECONDS, mode="graph",
+                                          floor=dispatch.cold_device(x.device))
         best = min(seconds, key=seconds.get, default=launches[0].name)
         return next(v for v in launches if v.name == best)
 
