@@ -1,6 +1,7 @@
 """The CUDA sources compile where CI can compile them, though it cannot run them: with nvcc for sm_80, sm_90 and
 sm_90a (whose wgmma code ptxas assembles; linked into the extension's binding, which must import and list every
-kernel), and through NVRTC when CuPy is installed. Skipped where nvcc or CuPy is missing."""
+kernel), and through NVRTC when CuPy is installed (as CuPy loads them on Hopper: sm_90a). Skipped where nvcc or
+CuPy is missing."""
 import importlib.util
 import os
 import shutil
@@ -78,18 +79,51 @@ def test_the_torch_operator_compiles(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def test_nvrtc_compiles_the_same_sources():
+def nvrtc_or_skip():
     pytest.importorskip("cupy")
-    from prunekit.kernels.cupy_loader import compile_ptx
+    from cupy_backends.cuda.libs import nvrtc
 
     try:
-        ptx = compile_ptx("80")
+        nvrtc.getVersion()
     except Exception as e:  # noqa: BLE001 - NVRTC's library may be missing beside CuPy
-        if "nvrtc" in str(e).lower() and "could not" not in str(e).lower():
-            pytest.skip(f"NVRTC is not usable here: {e}")
-        raise
+        pytest.skip(f"NVRTC is not usable here: {e}")
+
+
+def test_nvrtc_compiles_the_same_sources_with_wgmma_for_sm90a():
+    """What CuPy runs on an H100 or H200: every kernel, and the tcw kernels on wgmma (CuPy's own RawModule
+    compiles for sm_90, where they are stubs)."""
+    nvrtc_or_skip()
+    from prunekit.kernels.cupy_loader import compile_kernels
+
+    ptx = compile_kernels("90a", cubin=False).decode()
     for name in entry_points():
         assert f".entry {name}(" in ptx, name
+    assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx
+
+
+def test_nvrtc_targets_sm90a_on_hopper_and_ptx_where_it_is_older_than_the_gpu():
+    from prunekit.kernels.cupy_loader import nvrtc_target
+
+    cuda13 = (75, 80, 86, 87, 88, 89, 90, 100, 103, 110, 120, 121)
+    assert nvrtc_target((9, 0), cuda13) == ("90a", True)
+    assert nvrtc_target((8, 6), cuda13) == ("86", True)
+    assert nvrtc_target((10, 3), cuda13) == ("103", True)
+    assert nvrtc_target((12, 0), (75, 80, 86, 89, 90)) == ("90", False)  # the driver compiles the PTX
+    assert nvrtc_target((8, 9), (75, 80, 86, 90)) == ("86", False)
+
+
+def test_the_cubin_is_compiled_once_and_cached_by_source_and_target(monkeypatch, tmp_path):
+    nvrtc_or_skip()
+    from prunekit.kernels import cupy_loader
+
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
+    made = []
+    monkeypatch.setattr(cupy_loader, "compile_kernels", lambda target, cubin: made.append(target) or target.encode())
+    first = cupy_loader.compiled("90a", True)
+    assert cupy_loader.compiled("90a", True) == first and made == ["90a"] and first.read_bytes() == b"90a"
+    assert first.suffix == ".cubin" and cupy_loader.compiled("90", False).suffix == ".ptx" and made == ["90a", "90"]
+    monkeypatch.setattr(cupy_loader, "kernel_source", lambda: "// another source")
+    assert cupy_loader.compiled("90a", True) != first and made == ["90a", "90", "90a"]
 
 
 def test_cupy_backend_says_how_to_get_it_when_missing(monkeypatch):

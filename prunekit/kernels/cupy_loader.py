@@ -1,13 +1,21 @@
-"""The same kernels without a compiler: cuda_ext/bsr_kernels.cuh compiled at run time by NVRTC through CuPy's
-RawModule, for machines with CuPy (`pip install prunekit[cuda]`) but no nvcc or no compiled extension."""
+"""The same kernels without a compiler: cuda_ext/bsr_kernels.cuh compiled at run time by NVRTC and loaded through
+CuPy's RawModule, for machines with CuPy (`pip install prunekit[cuda]`) but no nvcc or no compiled extension.
+
+prunekit runs NVRTC itself (compile) rather than through RawModule(code=...), because CuPy compiles for sm_90 where
+the GPU is an H100 or H200, and Hopper's warpgroup MMA (the tcw prefill kernel) is only in code built for sm_90a.
+The result is cached on disk like the CPU extension (cpu_build.cache_dir), keyed by the source, the options and the
+NVRTC version."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
+from .cpu_build import cache_dir
 from .native import Native
 from .sources import directory, kernel_source
 
@@ -81,29 +89,61 @@ def _missing_headers(log: str) -> str:
             f"{log.strip()[-300:]}")
 
 
-def compile_ptx(arch: str = "80") -> str:
-    """PTX of every kernel for compute capability `arch`, through NVRTC alone: needs no GPU, which is how the
-    tests check that the sources compile for CuPy here. Raises RuntimeError with NVRTC's log."""
+def nvrtc_target(capability: tuple[int, int], supported: tuple[int, ...]) -> tuple[str, bool]:
+    """(architecture, cubin?) that NVRTC compiles for on a GPU of this compute capability: a cubin for sm_90a on
+    Hopper (with wgmma), sm_<major><minor> elsewhere; where this NVRTC (whose `supported` architectures are given)
+    is older than the GPU, PTX for the newest it knows, which the driver compiles on loading (as CuPy does)."""
+    number = capability[0] * 10 + capability[1]
+    if number in supported:
+        return f"{number}a" if number == 90 else str(number), True
+    return str(max(a for a in supported if a <= number)), False
+
+
+def compile_kernels(target: str, cubin: bool) -> bytes:
+    """Every kernel compiled by NVRTC alone for `target` (nvrtc_target's first element): a cubin for sm_<target>, or PTX for
+    compute_<target>. Needs no GPU, which is how the tests check the sources here. Raises RuntimeError with NVRTC's
+    log."""
     from cupy_backends.cuda.libs import nvrtc
 
     program = nvrtc.createProgram(kernel_source(), "bsr_kernels.cu", (), ())
     try:
-        # as CuPy's RawModule compiles (it adds the execution-space flag itself)
+        # (--device-as-default-execution-space: as CuPy's RawModule compiles)
         nvrtc.compileProgram(program, OPTIONS + include_options() + ("--device-as-default-execution-space",
-                                                                     f"-arch=compute_{arch}"))
-        ptx = nvrtc.getPTX(program)
+                                                                     f"-arch={'sm' if cubin else 'compute'}_{target}"))
+        code = nvrtc.getCUBIN(program) if cubin else nvrtc.getPTX(program)
     except nvrtc.NVRTCError:
-        raise RuntimeError(_missing_headers(nvrtc.getProgramLog(program))) from None
+        raise RuntimeError(f"NVRTC could not compile prunekit's kernels for {target}: "
+                           f"{_missing_headers(nvrtc.getProgramLog(program))}") from None
     finally:
         nvrtc.destroyProgram(program)
-    return ptx.decode() if isinstance(ptx, bytes) else ptx
+    return code.encode() if isinstance(code, str) else code
+
+
+def compiled(target: str, cubin: bool) -> Path:
+    """The cached compile_kernels(target, cubin), compiled first if there is none."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    key = hashlib.sha256(f"{kernel_source()}|{OPTIONS}|{nvrtc.getVersion()}|{target}|{cubin}".encode()).hexdigest()
+    path = cache_dir() / "cupy" / f"bsr_kernels_{key[:16]}.{'cubin' if cubin else 'ptx'}"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        code = compile_kernels(target, cubin)
+        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as scratch:
+            scratch.write(code)
+        os.replace(scratch.name, path)  # atomic: a concurrent compile finds a whole file or none
+    return path
 
 
 @functools.lru_cache(maxsize=None)
-def _module():
+def _module(device: int):
+    """The kernels loaded for GPU `device` (those of one compute capability share a file)."""
     import cupy
+    from cupy_backends.cuda.libs import nvrtc
 
-    return cupy.RawModule(code=kernel_source(), options=OPTIONS + include_options())
+    capability = cupy.cuda.runtime.getDeviceProperties(device)
+    target, cubin = nvrtc_target((capability["major"], capability["minor"]), tuple(nvrtc.getSupportedArchs()))
+    with cupy.cuda.Device(device):
+        return cupy.RawModule(path=str(compiled(target, cubin)))
 
 
 def cupy_backend() -> Native:
@@ -119,27 +159,26 @@ def cupy_backend() -> Native:
     kinds = [np.uint64] * 9 + [np.int64] * 6  # PkParams: nine pointers, six integers
 
     @functools.lru_cache(maxsize=None)
-    def function(name: str):
+    def function(device: int, name: str):
         """(kernel, dynamic shared memory bytes), the limit raised where a kernel needs more than the default."""
-        try:
-            module = _module()
-            kernel = module.get_function(name)
-        except cupy.cuda.compiler.CompileException as e:
-            raise RuntimeError(f"CuPy could not compile prunekit's kernels: {_missing_headers(str(e))}") from None
-        smem = int(cupy.ndarray((), cupy.int32, module.get_global(f"{name}_smem")).get())
+        module = _module(device)
+        kernel = module.get_function(name)
+        with cupy.cuda.Device(device):
+            smem = int(cupy.ndarray((), cupy.int32, module.get_global(f"{name}_smem")).get())
         if smem > 48 * 1024:
             kernel.max_dynamic_shared_size_bytes = smem
         return kernel, smem
 
     def launch(name, grid, block, params, stream):
         args = tuple(kind(v) for kind, v in zip(kinds, plan.unpack(params)))
-        kernel, smem = function(name)
+        kernel, smem = function(cupy.cuda.runtime.getDevice(), name)  # (the current GPU: torch's, as it launches)
         with cupy.cuda.ExternalStream(stream):
             kernel(tuple(grid), tuple(block), args, shared_mem=smem)
 
     @functools.lru_cache(maxsize=None)
-    def wgmma(device) -> bool:  # CuPy compiles for compute_XX, without sm_90a's wgmma, unless told otherwise
-        with cupy.cuda.Device(device.index):  # None: the current one
-            return int(cupy.ndarray((), cupy.int32, _module().get_global("pk_wgmma_built")).get()) == 1
+    def wgmma(device) -> bool:  # whether the loaded code has wgmma (built for sm_90a)
+        index = cupy.cuda.runtime.getDevice() if device.index is None else device.index
+        with cupy.cuda.Device(index):
+            return int(cupy.ndarray((), cupy.int32, _module(index).get_global("pk_wgmma_built")).get()) == 1
 
     return Native("cupy", launch, wgmma=wgmma)
