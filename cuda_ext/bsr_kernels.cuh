@@ -212,10 +212,6 @@ __device__ __forceinline__ bool aligned16(const void* ptr) {
   return (reinterpret_cast<unsigned long long>(ptr) & 15ull) == 0;
 }
 
-__device__ __forceinline__ bool aligned32(const void* ptr) {
-  return (reinterpret_cast<unsigned long long>(ptr) & 31ull) == 0;
-}
-
 __device__ __forceinline__ uint4 zero16() {
   uint4 u;
   u.x = u.y = u.z = u.w = 0u;  // all-zero bits are +0 in fp32, fp16 and bf16
@@ -364,10 +360,20 @@ __device__ __forceinline__ void skinny(const PkParams& p) {
 // bt: grid (block rows x SPLIT, ceil(M / 16)), 512 threads (16 warps), fp16/bf16. Few rows leave each warp little
 // to do per block, so the time goes to load latency: many warps per block row keep more loads in flight, their lanes
 // fetch the column indices of the next 32 blocks at once (x's loads need them), and with SPLIT > 1 each of SPLIT
-// thread blocks takes B / SPLIT of a block row's output features (more thread blocks where block rows are few).
+// thread blocks takes B / SPLIT of a block row's output features (more thread blocks where block rows are few). A
+// warp issues the loads of G 16-column steps of D blocks (their weights and x) before their MMAs, so that it waits
+// on memory once per D blocks, or per G steps of one: loading and multiplying 16 columns at a time, as it did, made
+// a 32-wide block two round trips and a 64-wide one four. G and D are what about 32 registers of loads in flight a
+// lane allow (all four steps of a 64-wide block at once took its two-way split from 64 registers a thread to 94: one
+// thread block an SM, not two).
 template <typename T, int B, int SPLIT>
 struct Bt {
   static constexpr int WARPS = 16, THREADS = 32 * WARPS, MT = 16, CB = B / SPLIT, FB = CB / 16, HALF = WARPS / 2;
+  static constexpr int KK = B / 16;                   // 16-column steps of a block
+  static constexpr int STEP_REGS = (FB + 1) * 4;      // a step's weight and x fragments, registers per lane
+  static constexpr int clamp(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
+  static constexpr int G = clamp(32 / STEP_REGS, 1, KK);
+  static constexpr int D = G < KK ? 1 : clamp(32 / (KK * STEP_REGS), 1, 4);
   static constexpr int RED_BYTES = HALF * MT * CB * 4;  // partial sums of half the warps, [warp][MT][CB] fp32
   static constexpr int BYTES = RED_BYTES + WARPS * 256 * 2;  // and one staged 16 x 16 x^T fragment per warp
   static_assert(FB >= 1 && BYTES <= 48 * 1024, "bt tile does not fit");
@@ -388,10 +394,10 @@ __device__ __forceinline__ void bt(const PkParams& p) {
     const int n0 = (blockIdx.x % SPLIT) * S::CB;  // this thread block's first output feature of the block row
     const T* x = static_cast<const T*>(p.x);
     const T* values = static_cast<const T*>(p.values);
-    // x^T fragments load straight from x where 16 whole rows are there and every row starts 32-byte aligned;
-    // otherwise through a zero-padded copy, 16 bytes per lane where rows are 16-byte aligned
-    const bool direct = aligned32(p.x) && p.ldx % 16 == 0 && m0 + S::MT <= p.M;
     const bool vec_ok = aligned16(p.x) && p.ldx % 8 == 0;
+    // x^T reaches the MMA through the warp's scratch: lane l loads row l / 2, columns 8 (l % 2) .. + 8 of a 16 x 16
+    // tile (zeros past the rows and columns there are), kept as (k, m) at scratch[16 m + k]
+    const int xr = lane / 2, xc = (lane % 2) * 8;
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[S::FB];
 #pragma unroll
@@ -401,27 +407,38 @@ __device__ __forceinline__ void bt(const PkParams& p) {
     for (int base = p.row_ptr[j] + warp; base < end; base += 32 * S::WARPS) {
       int column;
       const int count = column_window(p.col_idx, base, S::WARPS, end, lane, column);
-      for (int u = 0; u < count; ++u) {
-        const T* blk = values + (long long)(base + u * S::WARPS) * B * B + (long long)n0 * B;
-        const long long c0 = (long long)__shfl_sync(0xffffffffu, column, u) * B;
+      for (int u = 0; u < count; u += S::D) {
 #pragma unroll
-        for (int kk = 0; kk < B; kk += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af[S::FB];  // W: (n, k) at blk[n * B + k]
+        for (int g0 = 0; g0 < S::KK; g0 += S::G) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af[S::D][S::G][S::FB];  // W: blk[n * B + k]
+          uint4 xs[S::D][S::G];
 #pragma unroll
-          for (int a = 0; a < S::FB; ++a) wmma::load_matrix_sync(af[a], blk + a * 16 * B + kk, B);
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;  // x^T: (k, m) at x[m * ldx + k]
-          const long long k0 = c0 + kk;
-          if (direct && k0 + 16 <= p.K) {
-            wmma::load_matrix_sync(bf, x + m0 * p.ldx + k0, static_cast<unsigned>(p.ldx));
-          } else {  // lane l: row l / 2, columns 8 (l % 2) .. + 8; (k, m) at scratch[16 m + k]
-            const int r = lane / 2, h = (lane % 2) * 8;
-            *reinterpret_cast<uint4*>(scratch + r * 16 + h) = load16<T>(x, m0 + r, p.M, k0 + h, p.K, p.ldx, vec_ok);
-            __syncwarp();
-            wmma::load_matrix_sync(bf, scratch, 16);
-            __syncwarp();
+          for (int d = 0; d < S::D; ++d) {
+            if (u + d >= count) break;  // (count is the same in every lane)
+            const T* blk = values + (long long)(base + (u + d) * S::WARPS) * B * B + (long long)n0 * B;
+            const long long c0 = (long long)__shfl_sync(0xffffffffu, column, u + d) * B;
+#pragma unroll
+            for (int g = 0; g < S::G; ++g) {
+              const int k = (g0 + g) * 16;
+#pragma unroll
+              for (int a = 0; a < S::FB; ++a) wmma::load_matrix_sync(af[d][g][a], blk + a * 16 * B + k, B);
+              xs[d][g] = load16<T>(x, m0 + xr, p.M, c0 + k + xc, p.K, p.ldx, vec_ok);
+            }
           }
 #pragma unroll
-          for (int a = 0; a < S::FB; ++a) wmma::mma_sync(acc[a], af[a], bf, acc[a]);
+          for (int d = 0; d < S::D; ++d) {
+            if (u + d >= count) break;
+#pragma unroll
+            for (int g = 0; g < S::G; ++g) {
+              *reinterpret_cast<uint4*>(scratch + xr * 16 + xc) = xs[d][g];
+              __syncwarp();
+              wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;  // x^T: (k, m)
+              wmma::load_matrix_sync(bf, scratch, 16);
+              __syncwarp();
+#pragma unroll
+              for (int a = 0; a < S::FB; ++a) wmma::mma_sync(acc[a], af[d][g][a], bf, acc[a]);
+            }
+          }
         }
       }
     }
