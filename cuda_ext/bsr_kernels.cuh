@@ -267,11 +267,18 @@ __device__ __forceinline__ void write_out(const PkParams& p, long long m, long l
   static_cast<T*>(p.out)[m * p.ldo + n] = Cvt<T>::from_f(value);
 }
 
+// Registers per lane the skinny and bt kernels give to loads in flight: a warp issues the loads of as many blocks
+// as fit (or of as many 16-column steps of one) before it uses the first, so that it waits on memory once per batch.
+// The compiler does not do this by itself: unrolled, each block's loads still followed the previous block's
+// arithmetic in the SASS, one round trip a block. More registers would cost thread blocks per SM.
+constexpr int IN_FLIGHT_REGS = 32;
+constexpr int clamp(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
 // ---------------------------------------------------------------------------------------------------------------
 // skinny: grid (block rows x SPLIT, ceil(M / MT)), 32 x WARPS threads. At one row the time is latency, not
 // bandwidth (the H200 ran 4096 x 4096 and 11008 x 4096 at 70% in about the same 6-7 us): each warp's blocks come in
-// dependent rounds, so more warps on a block row (16 at one row), four blocks' loads in flight a warp, and the column
-// indices fetched 32 at a time by the lanes, ahead of the loads of x that need them. With SPLIT > 1, SPLIT thread
+// dependent rounds, so more warps on a block row (16 at one row), the loads of D blocks issued together (up to four:
+// IN_FLIGHT_REGS), and the column indices fetched 32 at a time by the lanes, ahead of the loads of x that need them. With SPLIT > 1, SPLIT thread
 // blocks share a block row, each taking B / SPLIT of every block's rows (output features): for 64-wide blocks that
 // quarters the slabs a warp must cover, so four times the warps split the row's blocks, and a layer of 64 block rows
 // fills more than half of the GPU.
@@ -285,7 +292,8 @@ struct Skinny {
   static constexpr int RS = RP * Q;                        // rows of a slab: what one warp reads of each block
   static constexpr int SLABS = CR / RS;
   static constexpr int WARPS = MT == 1 ? 16 : 8, THREADS = 32 * WARPS;
-  static constexpr int UNROLL = MT == 1 ? 4 : 2;           // blocks in flight a warp (more rows: more registers)
+  static constexpr bool X_AHEAD = MT * 4 <= IN_FLIGHT_REGS;  // x's rows loaded with the weights (not 16 of them)
+  static constexpr int D = clamp(IN_FLIGHT_REGS / ((Q + (X_AHEAD ? MT : 0)) * 4), 1, 4);  // blocks loaded at once
   static constexpr int GROUPS = WARPS / SLABS;             // warps on the same slab, splitting the row's blocks
   static_assert(VR >= 1 && VR <= 32 && Q >= 1 && SLABS <= WARPS, "block size and dtype do not fit the skinny layout");
 };
@@ -313,23 +321,40 @@ __device__ __forceinline__ void skinny(const PkParams& p) {
   for (int base = p.row_ptr[j] + group; base < end; base += 32 * S::GROUPS) {
     int column;
     const int count = column_window(p.col_idx, base, S::GROUPS, end, lane, column);
-#pragma unroll(S::UNROLL)
-    for (int u = 0; u < count; ++u) {
-      const long long i = base + u * S::GROUPS;
-      const T* blk = values + i * B * B + (long long)(r0 + slab * S::RS + rr) * B + kc * S::VEC;
-      float w[S::Q][S::VEC];
+    for (int u = 0; u < count; u += S::D) {
+      uint4 wq[S::D][S::Q], xq[S::D][S::X_AHEAD ? MT : 1];  // the loads of D blocks, issued before any is used
+      long long k0[S::D];
 #pragma unroll
-      for (int q = 0; q < S::Q; ++q) unpack16<T>(__ldg(reinterpret_cast<const uint4*>(blk + q * S::RP * B)), w[q]);
-      const long long k0 = (long long)__shfl_sync(0xffffffffu, column, u) * B + kc * S::VEC;
+      for (int d = 0; d < S::D; ++d) {
+        if (u + d >= count) break;  // (count is the same in every lane)
+        const long long i = base + (u + d) * S::GROUPS;
+        const T* blk = values + i * B * B + (long long)(r0 + slab * S::RS + rr) * B + kc * S::VEC;
 #pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        if (m0 + m >= p.M) break;
-        float xv[S::VEC];
-        unpack16<T>(load16<T>(x, m0 + m, p.M, k0, p.K, p.ldx, vec_ok), xv);
+        for (int q = 0; q < S::Q; ++q) wq[d][q] = __ldg(reinterpret_cast<const uint4*>(blk + q * S::RP * B));
+        k0[d] = (long long)__shfl_sync(0xffffffffu, column, u + d) * B + kc * S::VEC;
+        if constexpr (S::X_AHEAD)
 #pragma unroll
-        for (int q = 0; q < S::Q; ++q)
+          for (int m = 0; m < MT; ++m) xq[d][m] = load16<T>(x, m0 + m, p.M, k0[d], p.K, p.ldx, vec_ok);
+      }
 #pragma unroll
-          for (int v = 0; v < S::VEC; ++v) acc[q][m] += w[q][v] * xv[v];
+      for (int d = 0; d < S::D; ++d) {
+        if (u + d >= count) break;
+        float w[S::Q][S::VEC];
+#pragma unroll
+        for (int q = 0; q < S::Q; ++q) unpack16<T>(wq[d][q], w[q]);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          if (m0 + m >= p.M) break;
+          float xv[S::VEC];
+          if constexpr (S::X_AHEAD)
+            unpack16<T>(xq[d][m], xv);
+          else
+            unpack16<T>(load16<T>(x, m0 + m, p.M, k0[d], p.K, p.ldx, vec_ok), xv);
+#pragma unroll
+          for (int q = 0; q < S::Q; ++q)
+#pragma unroll
+            for (int v = 0; v < S::VEC; ++v) acc[q][m] += w[q][v] * xv[v];
+        }
       }
     }
   }
@@ -371,9 +396,8 @@ struct Bt {
   static constexpr int WARPS = 16, THREADS = 32 * WARPS, MT = 16, CB = B / SPLIT, FB = CB / 16, HALF = WARPS / 2;
   static constexpr int KK = B / 16;                   // 16-column steps of a block
   static constexpr int STEP_REGS = (FB + 1) * 4;      // a step's weight and x fragments, registers per lane
-  static constexpr int clamp(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
-  static constexpr int G = clamp(32 / STEP_REGS, 1, KK);
-  static constexpr int D = G < KK ? 1 : clamp(32 / (KK * STEP_REGS), 1, 4);
+  static constexpr int G = clamp(IN_FLIGHT_REGS / STEP_REGS, 1, KK);
+  static constexpr int D = G < KK ? 1 : clamp(IN_FLIGHT_REGS / (KK * STEP_REGS), 1, 4);
   static constexpr int RED_BYTES = HALF * MT * CB * 4;  // partial sums of half the warps, [warp][MT][CB] fp32
   static constexpr int BYTES = RED_BYTES + WARPS * 256 * 2;  // and one staged 16 x 16 x^T fragment per warp
   static_assert(FB >= 1 && BYTES <= 48 * 1024, "bt tile does not fit");
