@@ -278,10 +278,10 @@ constexpr int clamp(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi :
 // skinny: grid (block rows x SPLIT, ceil(M / MT)), 32 x WARPS threads. At one row the time is latency, not
 // bandwidth (the H200 ran 4096 x 4096 and 11008 x 4096 at 70% in about the same 6-7 us): each warp's blocks come in
 // dependent rounds, so more warps on a block row (16 at one row), the loads of D blocks issued together (up to four:
-// IN_FLIGHT_REGS), and the column indices fetched 32 at a time by the lanes, ahead of the loads of x that need them. With SPLIT > 1, SPLIT thread
-// blocks share a block row, each taking B / SPLIT of every block's rows (output features): for 64-wide blocks that
-// quarters the slabs a warp must cover, so four times the warps split the row's blocks, and a layer of 64 block rows
-// fills more than half of the GPU.
+// IN_FLIGHT_REGS), and the column indices fetched 32 at a time by the lanes, ahead of the loads of x that need them.
+// With SPLIT > 1, SPLIT thread blocks share a block row, each taking B / SPLIT of every block's rows (output
+// features): for 64-wide blocks that quarters the slabs a warp must cover, so four times the warps split the row's
+// blocks, and a layer of 64 block rows fills more than half of the GPU.
 template <typename T, int B, int MT, int SPLIT>
 struct Skinny {
   static constexpr int VEC = 16 / sizeof(T);

@@ -1,7 +1,7 @@
 """The same kernels without a compiler: cuda_ext/bsr_kernels.cuh compiled at run time by NVRTC and loaded through
 CuPy's RawModule, for machines with CuPy (`pip install prunekit[cuda]`) but no nvcc or no compiled extension.
 
-prunekit runs NVRTC itself (compile) rather than through RawModule(code=...), because CuPy compiles for sm_90 where
+prunekit runs NVRTC itself (compile_kernels) rather than through RawModule(code=...), because CuPy compiles for sm_90 where
 the GPU is an H100 or H200, and Hopper's warpgroup MMA (the tcw prefill kernel) is only in code built for sm_90a.
 The result is cached on disk like the CPU extension (cpu_build.cache_dir), keyed by the source, the options and the
 NVRTC version."""
@@ -100,9 +100,9 @@ def nvrtc_target(capability: tuple[int, int], supported: tuple[int, ...]) -> tup
 
 
 def compile_kernels(target: str, cubin: bool) -> bytes:
-    """Every kernel compiled by NVRTC alone for `target` (nvrtc_target's first element): a cubin for sm_<target>, or PTX for
-    compute_<target>. Needs no GPU, which is how the tests check the sources here. Raises RuntimeError with NVRTC's
-    log."""
+    """Every kernel compiled by NVRTC alone for `target` (nvrtc_target's first element): a cubin for sm_<target>, or
+    PTX for compute_<target>. Needs no GPU, which is how the tests check the sources here. Raises RuntimeError with
+    NVRTC's log."""
     from cupy_backends.cuda.libs import nvrtc
 
     program = nvrtc.createProgram(kernel_source(), "bsr_kernels.cu", (), ())
