@@ -466,29 +466,30 @@ __device__ __forceinline__ void bt(const PkParams& p) {
         }
       }
     }
-    // Tree reduction: warps [h, 2h) hand their sums to warps [0, h). C^T (n, m) is kept as red[m * CB + n].
-    for (int h = S::HALF; h >= 1; h /= 2) {
-      if (warp >= h && warp < 2 * h)
+    // Reduction in two barriers (a tree of halvings took nine): warps [0, HALF) leave their sums in slots of red,
+    // warps [HALF, WARPS) add theirs to one slot each, then every thread adds up one element's HALF slots. Slot h
+    // keeps C^T (n, m) at red[h * MT * CB + m * CB + n].
+    float* slot = red + (warp % S::HALF) * S::MT * S::CB;
+    if (warp < S::HALF)
 #pragma unroll
-        for (int a = 0; a < S::FB; ++a)
-          wmma::store_matrix_sync(red + (warp - h) * S::MT * S::CB + a * 16, acc[a], S::CB, wmma::mem_col_major);
-      __syncthreads();
-      if (warp < h)
-#pragma unroll
-        for (int a = 0; a < S::FB; ++a) {
-          wmma::fragment<wmma::accumulator, 16, 16, 16, float> other;
-          wmma::load_matrix_sync(other, red + warp * S::MT * S::CB + a * 16, S::CB, wmma::mem_col_major);
-#pragma unroll
-          for (int e = 0; e < other.num_elements; ++e) acc[a].x[e] += other.x[e];
-        }
-      __syncthreads();
-    }
-    if (warp == 0)
-#pragma unroll
-      for (int a = 0; a < S::FB; ++a) wmma::store_matrix_sync(red + a * 16, acc[a], S::CB, wmma::mem_col_major);
+      for (int a = 0; a < S::FB; ++a) wmma::store_matrix_sync(slot + a * 16, acc[a], S::CB, wmma::mem_col_major);
     __syncthreads();
-    for (int e = threadIdx.x; e < S::MT * S::CB; e += S::THREADS)
-      write_out<T>(p, m0 + e / S::CB, j * B + n0 + e % S::CB, red[e]);
+    if (warp >= S::HALF)
+#pragma unroll
+      for (int a = 0; a < S::FB; ++a) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> other;
+        wmma::load_matrix_sync(other, slot + a * 16, S::CB, wmma::mem_col_major);
+#pragma unroll
+        for (int e = 0; e < other.num_elements; ++e) acc[a].x[e] += other.x[e];
+        wmma::store_matrix_sync(slot + a * 16, acc[a], S::CB, wmma::mem_col_major);
+      }
+    __syncthreads();
+    for (int e = threadIdx.x; e < S::MT * S::CB; e += S::THREADS) {
+      float sum = 0.f;
+#pragma unroll
+      for (int h = 0; h < S::HALF; ++h) sum += red[h * S::MT * S::CB + e];
+      write_out<T>(p, m0 + e / S::CB, j * B + n0 + e % S::CB, sum);
+    }
   }
 }
 
