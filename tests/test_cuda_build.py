@@ -126,6 +126,37 @@ def test_the_cubin_is_compiled_once_and_cached_by_source_and_target(monkeypatch,
     assert cupy_loader.compiled("90a", True) != first and made == ["90a", "90", "90a"]
 
 
+def test_cupy_loads_the_cubin_for_the_device_s_capability(monkeypatch, tmp_path):
+    """The wiring a GPU would run: the device's compute capability as CuPy reports it ("90") picks the sm_90a cubin,
+    which RawModule loads from its cached path, once per device."""
+    nvrtc_or_skip()
+    import cupy
+
+    from prunekit.kernels import cupy_loader
+
+    class Gpu:
+        def __init__(self, index):
+            self.compute_capability = {0: "90", 1: "86"}[index]
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    asked, loaded = [], []
+    monkeypatch.setattr(cupy.cuda, "Device", Gpu)
+    monkeypatch.setattr(cupy, "RawModule", lambda path: loaded.append(path) or path)
+    monkeypatch.setattr(cupy_loader, "compiled", lambda target, cubin: asked.append((target, cubin)) or tmp_path / target)
+    cupy_loader._module.cache_clear()
+    try:
+        assert cupy_loader._module(0) == str(tmp_path / "90a") and cupy_loader._module(1) == str(tmp_path / "86")
+        cupy_loader._module(0)
+    finally:
+        cupy_loader._module.cache_clear()
+    assert asked == [("90a", True), ("86", True)] and len(loaded) == 2
+
+
 def test_cupy_backend_says_how_to_get_it_when_missing(monkeypatch):
     from prunekit.kernels import backends, cupy_loader
 

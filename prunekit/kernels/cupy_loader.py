@@ -140,9 +140,10 @@ def _module(device: int):
     import cupy
     from cupy_backends.cuda.libs import nvrtc
 
-    capability = cupy.cuda.runtime.getDeviceProperties(device)
-    target, cubin = nvrtc_target((capability["major"], capability["minor"]), tuple(nvrtc.getSupportedArchs()))
-    with cupy.cuda.Device(device):
+    gpu = cupy.cuda.Device(device)
+    number = int(gpu.compute_capability)  # "90" on an H100 (as CuPy's own compiler reads it)
+    target, cubin = nvrtc_target(divmod(number, 10), tuple(nvrtc.getSupportedArchs()))
+    with gpu:
         return cupy.RawModule(path=str(compiled(target, cubin)))
 
 
