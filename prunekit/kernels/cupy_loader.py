@@ -163,8 +163,8 @@ def cupy_backend() -> Native:
     def function(device: int, name: str):
         """(kernel, dynamic shared memory bytes), the limit raised where a kernel needs more than the default."""
         module = _module(device)
-        kernel = module.get_function(name)
-        with cupy.cuda.Device(device):
+        with cupy.cuda.Device(device):  # (RawModule loads its file into the current device's context)
+            kernel = module.get_function(name)
             smem = int(cupy.ndarray((), cupy.int32, module.get_global(f"{name}_smem")).get())
         if smem > 48 * 1024:
             kernel.max_dynamic_shared_size_bytes = smem
