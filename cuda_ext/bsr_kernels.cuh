@@ -19,7 +19,7 @@
 //   shared memory. Accumulates in fp32 for every dtype.
 // - bt (fp16/bf16, 2-64 rows: batched decode, speculative decoding): tensor cores on the transposed product,
 //   out^T = W x^T, so that a block's output features fill the mma's 16-row side and 16 rows of x the other
-//   (the "swap AB" of small-batch GEMM); 16 warps split a block row's blocks and meet in a tree reduction.
+//   (the "swap AB" of small-batch GEMM); 16 warps split a block row's blocks and add up in shared memory.
 // - tc (fp16/bf16 on sm_80+, more rows, compute-bound: prefill, training): a TM x B tile per thread block on
 //   tensor cores (mma.sync m16n8k16 fed by ldmatrix, fp32 accumulation), each warp a quarter of its rows across the
 //   whole block, the operands of the next steps (up to 32 columns of a block each) streamed into a four-stage
