@@ -164,7 +164,7 @@ class BitmaskLinear(SparseLayer, nn.Module):
 
         def candidates(x2):
             found = {"dense": lambda: self._dense(x2)}
-            if x.device.type == "cpu" and cpu.unsupported(x.dtype) is None:
+            if x.is_cpu and cpu.usable(x.dtype):
                 kernel = self.runner("cpu")
                 found["cpu"] = lambda: kernel(x2)
             return found
