@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import compiles_to_one_graph
 from prunekit.errors import PrunekitError
-from prunekit.kernels import BitmaskLinear, BlockSparseLinear, backends, dispatch
+from prunekit.kernels import BitmaskLinear, BlockSparseLinear, SemiStructuredLinear, backends, dispatch
 from prunekit.kernels.convert import stored_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -266,3 +266,33 @@ def test_a_call_after_the_first_of_a_bucket_chooses_nothing(monkeypatch, kind):
             torch.testing.assert_close(auto(x), expected(x))
         assert len(dispatch.memo(auto, dispatch.RUNS)) == 2
         assert not dispatch.memo(copy.deepcopy(auto), dispatch.RUNS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_unknown_backend_is_refused_when_made_or_set_and_the_old_one_stays(kind):
+    name = type(layer(kind, False)).__name__
+    taken = {"bitmask": "auto, cpu, dense", "block": "auto, cuda_ext, cupy, cpu, torch, dense"}[kind]
+    with pytest.raises(PrunekitError, match=f"unknown backend 'fast' for a {name}; choose from {taken}$"):
+        layer(kind, False, backend="fast")
+    made = layer(kind, False)
+    with pytest.raises(PrunekitError, match="unknown backend 'fast'"):
+        made.backend = "fast"
+    assert made.backend == "dense"
+    made.backend = "auto"
+    assert made.backend == "auto"
+
+
+def test_a_2_4_layer_checks_its_backend_before_anything_else():  # (and so on a CPU, where it cannot be made)
+    weight = torch.tensor([[1.0, 0.0, 2.0, 0.0]]).repeat(64, 16)
+    with pytest.raises(PrunekitError, match="unknown backend 'cpu' for a SemiStructuredLinear; choose from auto, "
+                                            "semi_structured, dense$"):
+        SemiStructuredLinear(weight, None, backend="cpu")
+
+
+def test_a_block_layer_takes_a_backend_registered_after_it_was_made(monkeypatch):
+    made = layer("block", False)
+    with pytest.raises(PrunekitError, match="unknown backend 'mine'"):
+        made.backend = "mine"
+    monkeypatch.setattr(backends, "_loaded", {**backends._loaded, "mine": object()})
+    made.backend = "mine"
+    assert made.backend == "mine"

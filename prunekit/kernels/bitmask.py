@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..bits import pack_rows, unpack_rows
-from ..errors import MaskMismatchError, PrunekitError
+from ..errors import MaskMismatchError
 from . import cpu
 from .function import needs_grad
 from .linear import dense_mask, dense_module, dense_view
@@ -92,16 +92,6 @@ class BitmaskLinear(SparseLayer, nn.Module):
         self.backend = backend
         self.source = source  # the class to revert to: "Linear" or "Conv1D"
         self.init_fallback(keep_dense)
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str) -> None:
-        if name not in self.BACKENDS:
-            raise PrunekitError(f"unknown backend {name!r} for a BitmaskLinear; choose from {', '.join(self.BACKENDS)}")
-        self._backend = name
 
     @classmethod
     def from_dense(cls, linear: nn.Module, mask: torch.Tensor | None = None, backend: str = "auto",

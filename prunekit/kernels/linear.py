@@ -67,6 +67,7 @@ class BlockSparseLinear(SparseLayer, nn.Module):
     """
 
     BINDS = ("values", "bias", *BlockLayout.INDEX_FIELDS)
+    BACKENDS = ("auto", *backends.NAMES)
 
     def __init__(self, layout: BlockLayout, values: torch.Tensor, bias: torch.Tensor | None = None,
                  backend: str = "auto", source: str = "Linear", keep_dense: bool = False):
@@ -80,15 +81,9 @@ class BlockSparseLinear(SparseLayer, nn.Module):
         self.source = source  # the class to revert to: "Linear" or "Conv1D"
         self.init_fallback(keep_dense)
 
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str) -> None:
-        if name != "auto" and not backends.known(name):
-            raise PrunekitError(f"unknown backend {name!r}; use 'auto' or one of {', '.join(backends.NAMES)}")
-        self._backend = name
+    @classmethod
+    def takes(cls, name: str) -> bool:  # and backends registered since (backends.register)
+        return name == "auto" or backends.known(name)
 
     @classmethod
     def from_dense(cls, linear: nn.Module, mask: torch.Tensor | None = None, block: int | None = None,

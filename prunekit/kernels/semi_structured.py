@@ -35,23 +35,23 @@ class SemiStructuredLinear(SparseLayer, nn.Module):
     (sparse_layer.py: decompressing costs a product of its own)."""
 
     REBUILDS = False
+    BACKENDS = ("auto", "semi_structured", "dense")
     BINDS = ("weight", "bias")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str = "auto", source: str = "Linear"):
         super().__init__()
+        self.backend = backend  # checked before any work
         from torch.sparse import to_sparse_semi_structured
 
         reason = unsupported(weight.device, weight.dtype)
         if reason:
             raise PrunekitError(reason)
-        if backend not in ("auto", "semi_structured", "dense"):
-            raise PrunekitError(f"backend must be 'auto', 'semi_structured' or 'dense', got {backend!r}")
         if not is_2_4(weight != 0):
             raise PrunekitError("the weight is not 2:4 sparse (more than 2 nonzeros in a group of 4 inputs)")
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(to_sparse_semi_structured(weight.detach()), requires_grad=False)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        self.backend, self.source = backend, source
+        self.source = source
         self.init_fallback(keep_dense=True)
 
     def build_dense(self, scratch: bool) -> torch.Tensor:

@@ -39,6 +39,7 @@ class SparseLayer:
     `bias`)."""
 
     REBUILDS = True  # whether the layer can rebuild its dense weight per call at a sensible cost
+    BACKENDS: tuple[str, ...] = ()  # what `backend` may name, "auto" first
     BINDS: tuple[str, ...] = ()  # the attributes a run from `runner` holds: setting one forgets the runs
 
     def runner(self, name: str, x2: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -67,6 +68,21 @@ class SparseLayer:
         if name in self.BINDS:
             self.__dict__.pop(dispatch.RUNS, None)
         super().__setattr__(name, value)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if not self.takes(name):
+            raise PrunekitError(f"unknown backend {name!r} for a {type(self).__name__}; "
+                                f"choose from {', '.join(self.BACKENDS)}")
+        self._backend = name
+
+    @classmethod
+    def takes(cls, name: str) -> bool:
+        return name in cls.BACKENDS
 
     def init_fallback(self, keep_dense: bool) -> None:
         self.register_buffer("dense_copy", None, persistent=False)
