@@ -34,9 +34,9 @@ def check_keep_dense(keep) -> None:
 
 
 class SparseLayer:
-    """Mixin of the compressed layers: an nn.Module with `in_features`, `backend` and `choose(x)` that calls
-    `init_fallback` and defines `runner`, `build_dense` and `dense_sources` (and, to use `trains`, `values` and
-    `bias`)."""
+    """Mixin of the compressed layers: an nn.Module with `in_features` and `choose(x)` that names the backends it
+    takes (BACKENDS, or `takes` where it takes more), sets `backend`, calls `init_fallback` and defines `runner`,
+    `build_dense` and `dense_sources` (and, to use `trains`, `values` and `bias`)."""
 
     REBUILDS = True  # whether the layer can rebuild its dense weight per call at a sensible cost
     BACKENDS: tuple[str, ...] = ()  # what `backend` may name, "auto" first
