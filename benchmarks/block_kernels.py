@@ -487,7 +487,9 @@ def main(argv=None) -> None:
         doc["seconds"] = round(time.perf_counter() - start + (earlier["seconds"] if earlier else 0.0), 1)
         doc["ours"] = next((p for r in results for m in r["seconds"].values() for p in m
                             if p in ("cuda_ext", "cupy", "cpu")), None)
-        out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+        partial = out.with_suffix(".json.partial")  # then renamed: a run killed while writing keeps the last rows
+        partial.write_text(json.dumps(doc, indent=1))
+        partial.replace(out.with_suffix(".json"))
         out.with_suffix(".md").write_text(markdown(doc))
 
     done = {key(r): r for r in earlier["results"]} if earlier else None

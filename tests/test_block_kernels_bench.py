@@ -29,6 +29,7 @@ def test_a_grid_cut_short_goes_on_from_its_rows_on_the_same_machine(bench, tmp_p
     full = json.loads((tmp_path / "full.json").read_text())
     assert full["complete"] and [r["sparsity"] for r in full["results"]] == [0.5, 0.9]
     assert all(r["copies"] == 2 for r in full["results"])  # each path went through two copies of its weights
+    assert not list(tmp_path.glob("*.partial"))  # each save wrote aside, then renamed over the json
 
     cut = dict(full, complete=False, results=full["results"][:1])  # what a run killed after one row leaves
     cut["results"][0]["seconds"]["eager"]["dense"] = 123.0  # a mark: this row must be kept, not measured again
